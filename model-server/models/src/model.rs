@@ -1,0 +1,342 @@
+//! [`CausalLm`]: one causal language model of either architecture, with its outputs —
+//! full-sequence logits, per-token log-probs with a response mask, and a scalar reward head read
+//! at each sequence's last real token — plus loading from HF folders and random init.
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::gpt2::{self, Gpt2};
+use crate::layers::{LayerCache, embed};
+use crate::opt::{self, Opt};
+use crate::weights::{Init, REWARD_HEAD_TENSOR, Weights};
+
+#[derive(Debug, Clone)]
+enum Body {
+    Gpt2(Gpt2),
+    Opt(Opt),
+}
+
+/// Names, shapes and initialisers of the parameters of `config` (no reward head).
+pub fn parameter_layout(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    match config {
+        ModelConfig::Gpt2(c) => gpt2::layout(c),
+        ModelConfig::Opt(c) => opt::layout(c),
+    }
+}
+
+/// Where the device and dtype of a model come from.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A right-padded batch of token sequences.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// `[batch, max_len]` u32 ids, right-padded.
+    pub ids: Tensor,
+    /// Number of real tokens of each row.
+    pub lengths: Vec<usize>,
+}
+
+impl PaddedBatch {
+    /// Right-pads `sequences` with `pad_id`. Every sequence must be non-empty.
+    pub fn new(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        if sequences.is_empty() {
+            return Err(ModelError::InvalidInput("empty batch".into()));
+        }
+        if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence {i} has no tokens"
+            )));
+        }
+        let max_len = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(sequences.len() * max_len);
+        for seq in sequences {
+            flat.extend_from_slice(seq);
+            flat.extend(std::iter::repeat_n(pad_id, max_len - seq.len()));
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(flat, (sequences.len(), max_len), device)?,
+            lengths: sequences.iter().map(Vec::len).collect(),
+        })
+    }
+}
+
+/// A GPT-2 or OPT causal LM, optionally with a scalar reward head.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: ModelConfig,
+    body: Body,
+    lm_head: Tensor,
+    reward_head: Option<Tensor>,
+    weights: Weights,
+    device: Device,
+    dtype: DType,
+}
+
+impl CausalLm {
+    /// Loads `config.json` and the weights of an HF checkpoint folder.
+    pub fn from_folder(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::from_folder(dir, &config, options.dtype, &options.device)?;
+        Self::from_weights(config, weights)
+    }
+
+    /// A freshly initialised model (see [`Weights::random_init`]).
+    pub fn random_init(config: ModelConfig, seed: u64, options: &LoadOptions) -> Result<Self> {
+        config.validate()?;
+        let weights = Weights::random_init(&config, seed, options.dtype, &options.device)?;
+        Self::from_weights(config, weights)
+    }
+
+    /// Builds the model from named tensors. A tensor named [`REWARD_HEAD_TENSOR`] becomes the
+    /// reward head; an untied `lm_head.weight` is used when `tie_word_embeddings` is false.
+    pub fn from_weights(config: ModelConfig, weights: Weights) -> Result<Self> {
+        config.validate()?;
+        let body = match &config {
+            ModelConfig::Gpt2(c) => Body::Gpt2(Gpt2::load(c, &weights)?),
+            ModelConfig::Opt(c) => Body::Opt(Opt::load(c, &weights)?),
+        };
+        let tied = match &config {
+            ModelConfig::Gpt2(c) => c.tie_word_embeddings,
+            ModelConfig::Opt(c) => c.tie_word_embeddings,
+        };
+        let lm_head = if tied {
+            match &body {
+                Body::Gpt2(m) => m.token_embeddings().clone(),
+                Body::Opt(m) => m.token_embeddings().clone(),
+            }
+        } else {
+            weights.get(
+                "lm_head.weight",
+                &[config.vocab_size(), config.output_dim()],
+            )?
+        };
+        let reward_head = if weights.contains(REWARD_HEAD_TENSOR) {
+            Some(weights.get(REWARD_HEAD_TENSOR, &[1, config.output_dim()])?)
+        } else {
+            None
+        };
+        let device = lm_head.device().clone();
+        let dtype = lm_head.dtype();
+        Ok(Self {
+            config,
+            body,
+            lm_head,
+            reward_head,
+            weights,
+            device,
+            dtype,
+        })
+    }
+
+    /// Adds a fresh reward head, `Linear(hidden, 1, bias=False)` with PyTorch's default
+    /// uniform(-1/sqrt(hidden), 1/sqrt(hidden)) init, as the reference reward model. Returns the
+    /// model rebuilt with the head (weights are shared, not copied).
+    pub fn with_fresh_reward_head(self, seed: u64) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let hidden = self.config.output_dim();
+        let bound = 1.0 / (hidden as f32).sqrt();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..hidden)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let head = Tensor::from_vec(values, (1, hidden), &self.device)?.to_dtype(self.dtype)?;
+        let mut weights = self.weights;
+        weights.insert(REWARD_HEAD_TENSOR, head);
+        Self::from_weights(self.config, weights)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn architecture(&self) -> Architecture {
+        self.config.architecture()
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The named tensors the model was built from (shared storage).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+    pub fn has_reward_head(&self) -> bool {
+        self.reward_head.is_some()
+    }
+    pub fn num_layers(&self) -> usize {
+        match &self.body {
+            Body::Gpt2(m) => m.num_layers(),
+            Body::Opt(m) => m.num_layers(),
+        }
+    }
+
+    fn check_ids(&self, ids: &Tensor, past: usize) -> Result<()> {
+        let (_, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(ModelError::InvalidInput("sequence has no tokens".into()));
+        }
+        let max = self.config.max_positions();
+        if past + t > max {
+            return Err(ModelError::SequenceTooLong { len: past + t, max });
+        }
+        let max_id = ids
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()?;
+        if max_id as usize >= self.config.vocab_size() {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {max_id} is outside the vocabulary of {} tokens",
+                self.config.vocab_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[b, t, output_dim]` for ids `[b, t]` (u32).
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_ids(ids, 0)?;
+        match &self.body {
+            Body::Gpt2(m) => m.forward(ids, 0, None),
+            Body::Opt(m) => m.forward(ids, 0, None),
+        }
+    }
+
+    /// Vocabulary logits `[b, t, vocab]` from hidden states.
+    pub fn logits_from_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let logits = hidden.reshape((b * t, h))?.matmul(&self.lm_head.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size()))?)
+    }
+
+    /// Vocabulary logits `[b, t, vocab]` for ids `[b, t]`.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.logits_from_hidden(&self.hidden_states(ids)?)
+    }
+
+    /// Per-token log-probs `[b, t-1]`: entry `i` is `log p(ids[i+1] | ids[..=i])`. Entries past
+    /// a row's length are meaningless and must be masked by the caller.
+    pub fn token_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids)?;
+        token_logprobs_from_logits(&self.logits_from_hidden(&hidden)?, ids)
+    }
+
+    /// Reward of each row: the head applied to the hidden state of the last real token
+    /// (`lengths[i] - 1`). Returns `[b]`.
+    pub fn rewards_from_hidden(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let head = self
+            .reward_head
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("this model has no reward head".into()))?;
+        let (b, t, _) = hidden.dims3()?;
+        if lengths.len() != b {
+            return Err(ModelError::InvalidInput(format!(
+                "{} lengths for a batch of {b}",
+                lengths.len()
+            )));
+        }
+        if let Some(bad) = lengths.iter().find(|&&l| l == 0 || l > t) {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence length {bad} outside 1..={t}"
+            )));
+        }
+        let last: Vec<u32> = lengths.iter().map(|&l| (l - 1) as u32).collect();
+        let index = Tensor::from_vec(last, (b, 1), hidden.device())?;
+        // Scores at every position, then one gather: cheap next to the body and differentiable.
+        let per_position = hidden.broadcast_matmul(&head.t()?)?.squeeze(2)?;
+        Ok(per_position.gather(&index, 1)?.squeeze(1)?)
+    }
+
+    /// Rewards `[b]` of a right-padded batch.
+    pub fn rewards(&self, batch: &PaddedBatch) -> Result<Tensor> {
+        let hidden = self.hidden_states(&batch.ids)?;
+        self.rewards_from_hidden(&hidden, &batch.lengths)
+    }
+
+    /// A fresh KV cache for incremental decoding.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![LayerCache::default(); self.num_layers()],
+            len: 0,
+        }
+    }
+
+    /// Logits `[b, t, vocab]` of `ids` appended after what `cache` already holds.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_ids(ids, cache.len)?;
+        let (_, t) = ids.dims2()?;
+        let hidden = match &self.body {
+            Body::Gpt2(m) => m.forward(ids, cache.len, Some(&mut cache.layers)),
+            Body::Opt(m) => m.forward(ids, cache.len, Some(&mut cache.layers)),
+        }?;
+        cache.len += t;
+        self.logits_from_hidden(&hidden)
+    }
+
+    /// The token embedding of `ids` (for tests of tying).
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        embed(&self.lm_head, ids)
+    }
+
+    /// Saves the model as an HF folder: `config.json` and `model.safetensors` (with the reward
+    /// head under [`REWARD_HEAD_TENSOR`] when present). Tokenizer files are the caller's.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let config_path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&self.config.to_hf_json()).map_err(|e| {
+            ModelError::Config {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
+        self.weights
+            .save_safetensors(&self.config, &dir.join("model.safetensors"))
+    }
+}
+
+/// Log-probs of each next token: `log_softmax(logits)[:, :-1]` gathered at `ids[:, 1:]`,
+/// `[b, t-1]`.
+pub fn token_logprobs_from_logits(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if t < 2 {
+        return Ok(Tensor::zeros((b, 0), logits.dtype(), logits.device())?);
+    }
+    let log_probs = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
+    Ok(log_probs.gather(&targets, 2)?.squeeze(2)?)
+}
+
+/// Per-layer key/value cache of an incremental decode.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

@@ -1,0 +1,332 @@
+//! Tokenization as the reference pipeline does it: loading an HF tokenizer (`tokenizer.json`, or
+//! GPT-2-style `vocab.json` + `merges.txt`), the special-token behaviour of each architecture
+//! (OPT prepends `</s>`, GPT-2 adds nothing), the prompt/response split of an HH dialogue, and
+//! truncation to `max_ctx`.
+//!
+//! Truncation rule (the official code's): a sequence longer than `max_ctx` keeps its **last**
+//! `max_ctx` tokens. For a dialogue, the response mask is recomputed after truncation: if the
+//! response alone is shorter than `max_ctx`, the last `len(response)` positions are response;
+//! otherwise every kept position is.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+
+/// The marker that starts the assistant's turn; the response begins after its last occurrence.
+pub const ASSISTANT_MARKER: &str = "\n\nAssistant:";
+
+/// Special tokens recognised in text when building a tokenizer from `vocab.json` +
+/// `merges.txt` (each only if the vocabulary has it).
+const KNOWN_SPECIAL_TOKENS: &[&str] = &["<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>"];
+
+/// A tokenizer that encodes exactly as the reference `AutoTokenizer` does with its default
+/// special tokens.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// A BOS id this wrapper prepends: set for `vocab.json` + `merges.txt` folders whose
+    /// `tokenizer_config.json` has `add_bos_token` (OPT's), as transformers does.
+    bos_to_prepend: Option<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("bos_to_prepend", &self.bos_to_prepend)
+            .finish()
+    }
+}
+
+fn tokenizer_error(dir: &Path, reason: impl ToString) -> ModelError {
+    ModelError::Tokenizer {
+        dir: dir.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+impl TextTokenizer {
+    /// Loads the tokenizer files of an HF folder of a model with `config`.
+    pub fn from_folder(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let tokenizer_json = dir.join("tokenizer.json");
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        let mut tokenizer = if tokenizer_json.is_file() {
+            // tokenizer.json is complete: its post-processor already says which special tokens
+            // are added (transformers ignores `add_bos_token` when this file exists).
+            let inner =
+                Tokenizer::from_file(&tokenizer_json).map_err(|e| tokenizer_error(dir, e))?;
+            Self {
+                inner,
+                bos_to_prepend: None,
+            }
+        } else if vocab.is_file() && merges.is_file() {
+            let inner = byte_level_bpe(dir, &vocab, &merges)?;
+            let settings = TokenizerSettings::read(dir, config.architecture())?;
+            let bos_to_prepend = if settings.add_bos_token {
+                Some(inner.token_to_id(&settings.bos_token).ok_or_else(|| {
+                    tokenizer_error(
+                        dir,
+                        format!(
+                            "bos token `{}` is not in the vocabulary",
+                            settings.bos_token
+                        ),
+                    )
+                })?)
+            } else {
+                None
+            };
+            Self {
+                inner,
+                bos_to_prepend,
+            }
+        } else {
+            return Err(tokenizer_error(
+                dir,
+                "no tokenizer.json and no vocab.json + merges.txt",
+            ));
+        };
+        tokenizer
+            .inner
+            .with_truncation(None)
+            .map_err(|e| tokenizer_error(dir, e))?;
+        tokenizer.inner.with_padding(None);
+        Ok(tokenizer)
+    }
+
+    /// Wraps a tokenizer built in code (e.g. trained on a corpus).
+    pub fn from_tokenizer(inner: Tokenizer, bos_to_prepend: Option<u32>) -> Self {
+        Self {
+            inner,
+            bos_to_prepend,
+        }
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` with the tokenizer's default special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::InvalidInput(format!("cannot tokenize text: {e}")))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        ids.extend(self.bos_to_prepend);
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::InvalidInput(format!("cannot decode ids: {e}")))
+    }
+
+    /// Encodes a whole text and keeps its last `max_ctx` tokens. Returns the ids and whether
+    /// anything was cut.
+    pub fn encode_truncated(&self, text: &str, max_ctx: usize) -> Result<(Vec<u32>, bool)> {
+        let ids = self.encode(text)?;
+        Ok(keep_last(ids, max_ctx))
+    }
+
+    /// Encodes an HH dialogue as the reference preference pipeline does: prompt (up to and
+    /// including the last `"\n\nAssistant:"`) and response encoded separately, each with the
+    /// default special tokens, concatenated, then truncated (see the module docs).
+    pub fn encode_dialogue(&self, text: &str, max_ctx: usize) -> Result<EncodedDialogue> {
+        let (prompt, response) = split_dialogue(text).ok_or_else(|| {
+            ModelError::InvalidInput(format!(
+                "dialogue has no {ASSISTANT_MARKER:?} marker: {:?}",
+                preview(text)
+            ))
+        })?;
+        let prompt_ids = self.encode(prompt)?;
+        let response_ids = self.encode(response)?;
+        Ok(EncodedDialogue::assemble(prompt_ids, response_ids, max_ctx))
+    }
+}
+
+/// A dialogue's token ids with a per-token response mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedDialogue {
+    pub ids: Vec<u32>,
+    /// `response_mask[i]` is true when `ids[i]` belongs to the response.
+    pub response_mask: Vec<bool>,
+    pub truncated: bool,
+}
+
+impl EncodedDialogue {
+    /// Concatenates prompt and response ids and applies the truncation rule.
+    pub fn assemble(prompt_ids: Vec<u32>, response_ids: Vec<u32>, max_ctx: usize) -> Self {
+        let response_len = response_ids.len();
+        let mut ids = prompt_ids;
+        let prompt_len = ids.len();
+        ids.extend(response_ids);
+        if ids.len() > max_ctx {
+            let (ids, _) = keep_last(ids, max_ctx);
+            let response_kept = response_len.min(max_ctx);
+            let mut response_mask = vec![false; max_ctx - response_kept];
+            response_mask.extend(std::iter::repeat_n(true, response_kept));
+            Self {
+                ids,
+                response_mask,
+                truncated: true,
+            }
+        } else {
+            let mut response_mask = vec![false; prompt_len];
+            response_mask.extend(std::iter::repeat_n(true, response_len));
+            Self {
+                ids,
+                response_mask,
+                truncated: false,
+            }
+        }
+    }
+
+    /// Mask over next-token log-probs (length n-1): entry `i` is whether `ids[i+1]` is a
+    /// response token.
+    pub fn logprob_mask(&self) -> Vec<bool> {
+        self.response_mask.iter().skip(1).copied().collect()
+    }
+}
+
+/// Splits an HH dialogue at the last `"\n\nAssistant:"`: `(prompt including the marker,
+/// response)`.
+pub fn split_dialogue(text: &str) -> Option<(&str, &str)> {
+    let at = text.rfind(ASSISTANT_MARKER)? + ASSISTANT_MARKER.len();
+    Some((&text[..at], &text[at..]))
+}
+
+fn keep_last(ids: Vec<u32>, max_ctx: usize) -> (Vec<u32>, bool) {
+    if ids.len() > max_ctx {
+        let cut = ids.len() - max_ctx;
+        (ids[cut..].to_vec(), true)
+    } else {
+        (ids, false)
+    }
+}
+
+fn preview(text: &str) -> String {
+    text.chars().take(60).collect()
+}
+
+/// The special-token settings of a `vocab.json` + `merges.txt` folder (`tokenizer_config.json`).
+/// Without that file the architecture decides: OPT prepends `</s>`, GPT-2 adds nothing.
+struct TokenizerSettings {
+    add_bos_token: bool,
+    bos_token: String,
+}
+
+impl TokenizerSettings {
+    fn read(dir: &Path, architecture: Architecture) -> Result<Self> {
+        let mut settings = match architecture {
+            Architecture::Gpt2 => Self {
+                add_bos_token: false,
+                bos_token: "<|endoftext|>".into(),
+            },
+            Architecture::Opt => Self {
+                add_bos_token: true,
+                bos_token: "</s>".into(),
+            },
+        };
+        let path: PathBuf = dir.join("tokenizer_config.json");
+        if !path.is_file() {
+            return Ok(settings);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(add) = value.get("add_bos_token").and_then(|v| v.as_bool()) {
+            settings.add_bos_token = add;
+        }
+        // `bos_token` is a string or an AddedToken object with a `content` field.
+        let bos = value.get("bos_token").and_then(|v| {
+            v.as_str().map(str::to_string).or_else(|| {
+                v.get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string)
+            })
+        });
+        if let Some(bos) = bos {
+            settings.bos_token = bos;
+        }
+        Ok(settings)
+    }
+}
+
+/// Builds the GPT-2 byte-level BPE from `vocab.json` + `merges.txt`.
+fn byte_level_bpe(dir: &Path, vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+    let to_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| tokenizer_error(dir, "path is not UTF-8"))
+    };
+    let bpe = BPE::from_file(&to_str(vocab)?, &to_str(merges)?)
+        .build()
+        .map_err(|e| tokenizer_error(dir, e))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
+    let specials: Vec<AddedToken> = KNOWN_SPECIAL_TOKENS
+        .iter()
+        .filter(|t| tokenizer.token_to_id(t).is_some())
+        .map(|t| AddedToken::from(t.to_string(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| tokenizer_error(dir, e))?;
+    Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_at_the_last_marker() {
+        let text = "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b";
+        let (prompt, response) = split_dialogue(text).unwrap();
+        assert!(prompt.ends_with("more\n\nAssistant:"));
+        assert_eq!(response, " b");
+        assert!(split_dialogue("no marker").is_none());
+    }
+
+    #[test]
+    fn assemble_without_truncation_masks_the_response() {
+        let d = EncodedDialogue::assemble(vec![1, 2, 3], vec![4, 5], 10);
+        assert_eq!(d.ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(d.response_mask, vec![false, false, false, true, true]);
+        assert_eq!(d.logprob_mask(), vec![false, false, true, true]);
+        assert!(!d.truncated);
+    }
+
+    #[test]
+    fn truncation_keeps_the_end_and_the_response() {
+        let d = EncodedDialogue::assemble(vec![1, 2, 3, 4], vec![5, 6], 4);
+        assert_eq!(d.ids, vec![3, 4, 5, 6]);
+        assert_eq!(d.response_mask, vec![false, false, true, true]);
+        assert!(d.truncated);
+        let long = EncodedDialogue::assemble(vec![1, 2], vec![3, 4, 5, 6, 7], 3);
+        assert_eq!(long.ids, vec![5, 6, 7]);
+        assert_eq!(long.response_mask, vec![true, true, true]);
+    }
+
+    #[test]
+    fn keep_last_cuts_from_the_front() {
+        assert_eq!(keep_last(vec![1, 2, 3], 2), (vec![2, 3], true));
+        assert_eq!(keep_last(vec![1, 2], 2), (vec![1, 2], false));
+    }
+}

@@ -1,0 +1,51 @@
+//! Shared helpers for the cross-crate tests: fixture locations and reference files.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `tests/fixtures/` of this repository.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The reference checkpoints written by `tools/make_reference_fixtures.py`.
+pub const REFERENCE_MODELS: &[&str] = &["gpt2", "opt-pre-ln", "opt-post-ln"];
+
+pub fn reference_model_dir(name: &str) -> PathBuf {
+    fixtures_dir().join("reference").join(name)
+}
+
+/// The shared HH-RLHF harmless single-turn data beside the checkout.
+pub fn shared_data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/hh-harmless-single-turn")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReferenceText {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f64>,
+    pub last_hidden: Vec<Vec<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub tokenizer_class: String,
+    pub texts: Vec<ReferenceText>,
+}
+
+/// Reads `reference.json` of a reference checkpoint.
+pub fn load_reference(name: &str) -> Reference {
+    let path = reference_model_dir(name).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Largest absolute difference between two equally long sequences.
+pub fn max_abs_diff(a: impl IntoIterator<Item = f64>, b: impl IntoIterator<Item = f64>) -> f64 {
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
