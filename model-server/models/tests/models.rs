@@ -1,0 +1,232 @@
+//! Behaviour of the models that does not need reference fixtures: gradients reach every
+//! trainable tensor, padding and batching do not change per-sequence results, cached decoding
+//! equals full re-forwards, and saved folders reload to the same weights.
+
+use superficial_models::generation::{
+    GenerationConfig, SamplingConfig, generate, greedy_without_cache,
+};
+use superficial_models::{CausalLm, LoadOptions, ModelConfig, PaddedBatch, Tensor, Weights};
+
+const ARCHITECTURES: &[&str] = &["tiny-gpt2", "tiny-opt", "tiny-opt-post-ln"];
+
+fn tiny(preset: &str, seed: u64) -> CausalLm {
+    CausalLm::random_init(
+        ModelConfig::preset(preset).unwrap(),
+        seed,
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+fn sequences() -> Vec<Vec<u32>> {
+    // Id 0 appears inside sequences on purpose: it is a real token (GPT-2's "!"), never padding.
+    vec![
+        vec![5, 0, 17, 300, 2, 9, 0],
+        vec![1, 2, 3],
+        vec![0],
+        vec![44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54],
+    ]
+}
+
+#[test]
+fn every_trainable_tensor_receives_a_nonzero_gradient() {
+    for preset in ARCHITECTURES {
+        let model = tiny(preset, 1).with_fresh_reward_head(2).unwrap();
+        let config = model.config().clone();
+        let (weights, vars) = model.weights().clone().into_trainable().unwrap();
+        let model = CausalLm::from_weights(config, weights).unwrap();
+        let batch = PaddedBatch::new(&sequences(), 1, model.device()).unwrap();
+        let hidden = model.hidden_states(&batch.ids).unwrap();
+        // Language-model and reward paths together, so the head and the tied embedding count.
+        let lm = model
+            .logits_from_hidden(&hidden)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let reward = model
+            .rewards_from_hidden(&hidden, &batch.lengths)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let loss = (lm + reward).unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(!vars.is_empty());
+        for (name, var) in &vars {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{preset}: no gradient for {name}"));
+            let norm = grad
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{preset}: gradient of {name} is {norm}"
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_and_padded_results_equal_unpadded_ones() {
+    for preset in ARCHITECTURES {
+        let model = tiny(preset, 3).with_fresh_reward_head(4).unwrap();
+        let seqs = sequences();
+        // Pad with a token that also occurs in the data: results must not depend on the pad id.
+        let batch = PaddedBatch::new(&seqs, 0, model.device()).unwrap();
+        let rewards: Vec<f32> = model.rewards(&batch).unwrap().to_vec1().unwrap();
+        let logprobs: Vec<Vec<f32>> = model.token_logprobs(&batch.ids).unwrap().to_vec2().unwrap();
+        for (i, seq) in seqs.iter().enumerate() {
+            let single = PaddedBatch::new(std::slice::from_ref(seq), 0, model.device()).unwrap();
+            let reward: Vec<f32> = model.rewards(&single).unwrap().to_vec1().unwrap();
+            assert!((reward[0] - rewards[i]).abs() < 1e-5, "{preset} row {i}");
+            let lp: Vec<Vec<f32>> = model
+                .token_logprobs(&single.ids)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (a, b) in lp[0].iter().zip(&logprobs[i]) {
+                assert!((a - b).abs() < 1e-5, "{preset} row {i}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reward_is_read_at_the_last_real_token() {
+    let model = tiny("tiny-gpt2", 5).with_fresh_reward_head(6).unwrap();
+    // [a, 0, b] and its prefix [a, 0]: the reward of the prefix is read at the `0` token, which
+    // an `ids != 0` rule would skip.
+    let full = PaddedBatch::new(&[vec![7, 0, 9]], 3, model.device()).unwrap();
+    let prefix = PaddedBatch::new(&[vec![7, 0]], 3, model.device()).unwrap();
+    let hidden = model.hidden_states(&full.ids).unwrap();
+    let at_zero = model
+        .rewards_from_hidden(&hidden, &[2])
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let prefix_reward = model.rewards(&prefix).unwrap().to_vec1::<f32>().unwrap();
+    assert!((at_zero[0] - prefix_reward[0]).abs() < 1e-6);
+    let last = model.rewards(&full).unwrap().to_vec1::<f32>().unwrap();
+    assert!((last[0] - at_zero[0]).abs() > 1e-6);
+}
+
+#[test]
+fn cached_greedy_decoding_equals_full_reforward() {
+    for preset in ARCHITECTURES {
+        let model = tiny(preset, 7);
+        let prompt = [3u32, 14, 15, 92, 65];
+        let config = GenerationConfig {
+            max_new_tokens: 12,
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop_tokens: vec![],
+        };
+        let cached = generate(&model, &prompt, &config, |_| true).unwrap();
+        let uncached = greedy_without_cache(&model, &prompt, 12).unwrap();
+        assert_eq!(cached, uncached, "{preset}");
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_seed_dependent() {
+    let model = tiny("tiny-opt", 8);
+    let run = |seed| {
+        let config = GenerationConfig {
+            max_new_tokens: 20,
+            sampling: SamplingConfig {
+                temperature: 1.5,
+                top_k: 50,
+                top_p: 0.95,
+                seed,
+            },
+            stop_tokens: vec![],
+        };
+        generate(&model, &[4, 5, 6], &config, |_| true).unwrap()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn too_long_and_out_of_vocab_inputs_are_errors() {
+    let model = tiny("tiny-gpt2", 9);
+    let max = model.config().max_positions();
+    let long = Tensor::zeros((1, max + 1), candle_core::DType::U32, model.device()).unwrap();
+    let err = model.hidden_states(&long).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}", max + 1)) && err.contains(&max.to_string()),
+        "{err}"
+    );
+    let bad = Tensor::new(&[[1u32, 100_000]], model.device()).unwrap();
+    let err = model.hidden_states(&bad).unwrap_err().to_string();
+    assert!(err.contains("100000"), "{err}");
+}
+
+#[test]
+fn saved_folder_reloads_to_identical_weights_and_outputs() {
+    for preset in ARCHITECTURES {
+        let model = tiny(preset, 10).with_fresh_reward_head(11).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        model.save_folder(dir.path()).unwrap();
+        let back = CausalLm::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+        assert!(back.has_reward_head());
+        assert_eq!(
+            model.weights().content_hash().unwrap(),
+            back.weights().content_hash().unwrap(),
+            "{preset}"
+        );
+        let batch = PaddedBatch::new(&sequences(), 1, model.device()).unwrap();
+        let a: Vec<f32> = model.rewards(&batch).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = back.rewards(&batch).unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn missing_tensor_error_names_the_tensor_and_file() {
+    let model = tiny("tiny-opt", 12);
+    let dir = tempfile::tempdir().unwrap();
+    model.save_folder(dir.path()).unwrap();
+    // Drop one tensor from the saved file.
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("model.decoder.layers.1.fc2.bias");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = CausalLm::from_folder(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("decoder.layers.1.fc2.bias") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn random_init_is_deterministic_in_the_seed() {
+    let config = ModelConfig::preset("tiny-gpt2").unwrap();
+    let device = candle_core::Device::Cpu;
+    let a = Weights::random_init(&config, 1, candle_core::DType::F32, &device).unwrap();
+    let b = Weights::random_init(&config, 1, candle_core::DType::F32, &device).unwrap();
+    let c = Weights::random_init(&config, 2, candle_core::DType::F32, &device).unwrap();
+    assert_eq!(a.content_hash().unwrap(), b.content_hash().unwrap());
+    assert_ne!(a.content_hash().unwrap(), c.content_hash().unwrap());
+    // GPT-2 style init: embeddings have std close to 0.02.
+    let wte = a.get("wte.weight", &[512, 32]).unwrap();
+    let std = wte
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt();
+    assert!((std - 0.02).abs() < 0.002, "{std}");
+}
