@@ -1,1 +1,151 @@
-fn main() {}
+//! `eval-client`: evaluation commands over the w2s.v1 gRPC API. With `--server URL` it talks to
+//! a running model server; without, it starts one in-process on a loopback ephemeral port,
+//! loads what it needs, and stops it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use model_server::{ServerConfig, Session, config::NamedSource};
+use serde::Serialize;
+use w2s_proto::v1 as pb;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "eval-client",
+    version,
+    about = "Evaluation client of the superficial model server."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Per-token log-probs of a text under the model in an HF folder, as one JSON object:
+    /// {"model", "token_ids", "logprobs"} where logprobs[i] = log p(token_ids[i+1] | ..).
+    Logprobs(LogprobsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LogprobsArgs {
+    /// HF checkpoint folder (config.json, weights, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to score.
+    #[arg(long)]
+    text: String,
+    /// URL of a running model server (e.g. http://127.0.0.1:50051); the folder must lie in its
+    /// model root. Without it, an in-process server is used.
+    #[arg(long, env = "W2S_SERVER")]
+    server: Option<String>,
+    /// Longest sequence allowed (0 = the model's context).
+    #[arg(long, default_value_t = 0)]
+    max_ctx: u32,
+    /// Keep the last max-ctx tokens of a longer text instead of failing.
+    #[arg(long)]
+    truncate: bool,
+}
+
+#[derive(Serialize)]
+struct LogprobsOutput {
+    model: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Logprobs(args) => logprobs(args).await,
+    }
+}
+
+/// Registered name of a model folder: its directory name.
+fn model_name(dir: &Path) -> Result<String> {
+    let name = dir.file_name().and_then(|n| n.to_str()).with_context(|| {
+        format!(
+            "{}: cannot derive a model name from this path",
+            dir.display()
+        )
+    })?;
+    Ok(name.to_string())
+}
+
+async fn logprobs(args: LogprobsArgs) -> Result<()> {
+    let dir = args
+        .model
+        .canonicalize()
+        .with_context(|| format!("model folder {}", args.model.display()))?;
+    if !dir.join("config.json").is_file() {
+        bail!("{}: not an HF model folder (no config.json)", dir.display());
+    }
+    let name = model_name(&dir)?;
+    let mut config = ServerConfig::ephemeral();
+    if args.server.is_none() {
+        config.models.push(NamedSource {
+            name: name.clone(),
+            value: dir.display().to_string(),
+        });
+    }
+    let session = Session::open(args.server.as_deref(), config)
+        .await
+        .context("opening a model-server session")?;
+    if !session.is_embedded() {
+        ensure_loaded(&session, &name, &dir).await?;
+    }
+    let response = session
+        .client
+        .token_logprobs(pb::TokenLogprobsRequest {
+            model: name.clone(),
+            texts: vec![args.text],
+            split_dialogue: false,
+            max_ctx: args.max_ctx,
+            truncate: args.truncate,
+        })
+        .await
+        .context("TokenLogprobs")?;
+    session.close().await?;
+    let sequence = response
+        .sequences
+        .into_iter()
+        .next()
+        .context("server returned no sequence")?;
+    let output = LogprobsOutput {
+        model: name,
+        token_ids: sequence.token_ids,
+        logprobs: sequence.logprobs,
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    Ok(())
+}
+
+/// Loads `dir` under `name` on a remote server unless a model of that name from the same
+/// folder is already resident.
+async fn ensure_loaded(session: &Session, name: &str, dir: &Path) -> Result<()> {
+    let source = dir.display().to_string();
+    let models = session.client.list_models().await?;
+    if let Some(existing) = models.iter().find(|m| m.name == name) {
+        if existing.source == source {
+            return Ok(());
+        }
+        bail!(
+            "the server already has a model named `{name}` from {}, not {source}",
+            existing.source
+        );
+    }
+    session
+        .client
+        .load_model(pb::LoadModelRequest {
+            name: name.to_string(),
+            source: Some(pb::load_model_request::Source::Path(source)),
+            role: String::new(),
+            reward_head: false,
+            seed: 0,
+        })
+        .await
+        .with_context(|| format!("loading {}", dir.display()))?;
+    Ok(())
+}

@@ -24,7 +24,7 @@ pub mod opt;
 pub mod tokenizer;
 pub mod weights;
 
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, DeviceLocation, Tensor};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch};

@@ -270,6 +270,27 @@ impl CausalLm {
         self.rewards_from_hidden(&hidden, &batch.lengths)
     }
 
+    /// Per-token log-probs of each sequence (length `len - 1` each), computed as one
+    /// right-padded batch.
+    pub fn sequence_logprobs(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
+        let rows: Vec<Vec<f32>> = self
+            .token_logprobs(&batch.ids)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        Ok(rows
+            .into_iter()
+            .zip(&batch.lengths)
+            .map(|(row, len)| row[..len - 1].to_vec())
+            .collect())
+    }
+
+    /// Reward of each sequence, computed as one right-padded batch.
+    pub fn sequence_rewards(&self, sequences: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
+        Ok(self.rewards(&batch)?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
     /// A fresh KV cache for incremental decoding.
     pub fn new_cache(&self) -> KvCache {
         KvCache {

@@ -150,6 +150,22 @@ impl TextTokenizer {
                 preview(text)
             ))
         })?;
+        self.encode_prompt_response(prompt, response, max_ctx)
+    }
+
+    /// Encodes an already split prompt and response (see [`Self::encode_dialogue`]).
+    pub fn encode_prompt_response(
+        &self,
+        prompt: &str,
+        response: &str,
+        max_ctx: usize,
+    ) -> Result<EncodedDialogue> {
+        if response.is_empty() {
+            return Err(ModelError::InvalidInput(format!(
+                "empty response after prompt {:?}",
+                preview(prompt)
+            )));
+        }
         let prompt_ids = self.encode(prompt)?;
         let response_ids = self.encode(response)?;
         Ok(EncodedDialogue::assemble(prompt_ids, response_ids, max_ctx))

@@ -1,0 +1,137 @@
+//! Server configuration: every flag has an environment-variable twin, and the whole struct is
+//! validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+/// `NAME=VALUE` as given to `--model` and `--preset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedSource {
+    pub name: String,
+    pub value: String,
+}
+
+impl FromStr for NamedSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=VALUE, got `{s}`"))?;
+        if name.is_empty() || value.is_empty() {
+            return Err(format!(
+                "expected NAME=VALUE with both parts non-empty, got `{s}`"
+            ));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+/// The model server's settings.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "model-server",
+    version,
+    about = "Serves weak and strong GPT-2/OPT models over gRPC (package w2s.v1)."
+)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port. Only loopback addresses are accepted.
+    #[arg(long, env = "W2S_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Load an HF checkpoint folder at start-up: NAME=DIR (repeatable; comma-separated in the env var).
+    #[arg(long = "model", env = "W2S_MODELS", value_delimiter = ',')]
+    pub models: Vec<NamedSource>,
+    /// Load a built-in random-init preset at start-up: NAME=PRESET (repeatable).
+    #[arg(long = "preset", env = "W2S_PRESETS", value_delimiter = ',')]
+    pub presets: Vec<NamedSource>,
+    /// Folder that LoadModel paths must lie in (symlinks resolved).
+    #[arg(long, env = "W2S_MODEL_ROOT", default_value = ".")]
+    pub model_root: PathBuf,
+    /// Device for tensors: `cpu` or `cuda:N` (CUDA needs a build with the `cuda` feature).
+    #[arg(long, env = "W2S_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "W2S_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Requests that may wait for the device; beyond this the server answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "W2S_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+    /// Largest forward pass, in padded tokens (rows x longest row).
+    #[arg(long, env = "W2S_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+    /// Seed for random initialisation of start-up presets.
+    #[arg(long, env = "W2S_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults, listening on an ephemeral loopback port.
+    pub fn ephemeral() -> Self {
+        let mut config = Self::parse_from(["model-server"]);
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on non-loopback address {}: this version has no authentication, bind 127.0.0.1 or ::1",
+                self.listen
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("max_message_bytes must be at least 1024".into());
+        }
+        if self.queue_capacity == 0 || self.max_batch_tokens == 0 {
+            return Err("queue_capacity and max_batch_tokens must be positive".into());
+        }
+        let mut names: Vec<&str> = self
+            .models
+            .iter()
+            .chain(&self.presets)
+            .map(|m| m.name.as_str())
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("model name `{}` is given twice", w[0]));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_and_validate() {
+        let config = ServerConfig::parse_from([
+            "model-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "weak=/tmp/a",
+            "--preset",
+            "strong=tiny-gpt2",
+        ]);
+        assert_eq!(config.models[0].name, "weak");
+        assert_eq!(config.presets[0].value, "tiny-gpt2");
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn non_loopback_and_duplicate_names_are_refused() {
+        let config = ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1"]);
+        assert!(config.validate().unwrap_err().contains("non-loopback"));
+        let config =
+            ServerConfig::parse_from(["model-server", "--model", "a=x", "--preset", "a=tiny-opt"]);
+        assert!(config.validate().unwrap_err().contains("twice"));
+        assert!("noequals".parse::<NamedSource>().is_err());
+    }
+}

@@ -1,0 +1,74 @@
+//! The server's error type and its one mapping to gRPC status codes.
+
+use superficial_models::ModelError;
+use tonic::{Code, Status};
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+    #[error("a model named `{0}` is already loaded")]
+    AlreadyLoaded(String),
+    #[error("invalid `{field}`: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("path `{0}` is outside the server's model root")]
+    OutsideRoot(String),
+    #[error("path `{0}` does not exist")]
+    PathNotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("server is overloaded: the request queue is full ({0} waiting)")]
+    Overloaded(usize),
+    #[error("the model worker has stopped")]
+    WorkerGone,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl ServiceError {
+    pub fn invalid(field: impl Into<String>, reason: impl ToString) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The gRPC code of this error: the single place where that decision is made.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::UnknownModel(_) | ServiceError::PathNotFound(_) => Code::NotFound,
+            ServiceError::AlreadyLoaded(_) => Code::AlreadyExists,
+            ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+            ServiceError::OutsideRoot(_) => Code::PermissionDenied,
+            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::WorkerGone => Code::Unavailable,
+            ServiceError::Model(e) => match e {
+                ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    Code::NotFound
+                }
+                ModelError::SequenceTooLong { .. }
+                | ModelError::InvalidInput(_)
+                | ModelError::Config { .. }
+                | ModelError::UnknownModelType { .. }
+                | ModelError::InvalidConfig(_)
+                | ModelError::NoWeights { .. }
+                | ModelError::WeightsFile { .. }
+                | ModelError::MissingTensor { .. }
+                | ModelError::TensorShape { .. }
+                | ModelError::Tokenizer { .. } => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+pub type ServiceResult<T> = std::result::Result<T, ServiceError>;
