@@ -183,7 +183,8 @@ mod tests {
         let y = ln.forward(&x).unwrap().to_vec2::<f32>().unwrap();
         // mean 3, biased variance (4+1+0+9)/4 = 3.5
         let s = (3.5f32 + 1e-5).sqrt();
-        let expected = [-2.0 / s, 2.0 * -1.0 / s, 1.0, 3.0 / s];
+        // gain 2 on the second element, bias 1 on the third
+        let expected = [-2.0 / s, -2.0 / s, 1.0, 3.0 / s];
         for (a, b) in y[0].iter().zip(expected) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
