@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::config::{Architecture, ModelConfig};
@@ -131,6 +132,32 @@ impl TextTokenizer {
         self.inner
             .decode(ids, false)
             .map_err(|e| ModelError::InvalidInput(format!("cannot decode ids: {e}")))
+    }
+
+    /// Writes `tokenizer.json` (with the BOS rule made explicit in its post-processor) and a
+    /// minimal `tokenizer_config.json`, so that this project and `transformers` load the folder
+    /// to the same encoder.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut inner = self.inner.clone();
+        if let Some(bos) = self.bos_to_prepend {
+            let token = inner
+                .id_to_token(bos)
+                .ok_or_else(|| tokenizer_error(dir, format!("bos id {bos} has no token")))?;
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{token} $A"))
+                .map_err(|e| tokenizer_error(dir, e))?
+                .special_tokens(vec![(token, bos)])
+                .build()
+                .map_err(|e| tokenizer_error(dir, e))?;
+            inner.with_post_processor(Some(template));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        inner
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| tokenizer_error(dir, e))?;
+        let config = serde_json::json!({ "tokenizer_class": "GPT2Tokenizer" });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, config.to_string()).map_err(|e| ModelError::io(&path, e))
     }
 
     /// Encodes a whole text and keeps its last `max_ctx` tokens. Returns the ids and whether

@@ -1,0 +1,393 @@
+//! Training examples and objectives: turns a minibatch of examples into the model forward
+//! passes and the loss of §1.7 of the paper spec. Implicit conflict needs no objective: it is
+//! data mixing, done by the experiment layer.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use superficial_models::{CausalLm, EncodedDialogue, PaddedBatch};
+
+use crate::error::{Result, TrainError};
+use crate::losses::{PreferenceBatch, preference_pair_loss, reward_pair_loss};
+
+/// One training example; which kind an objective needs is checked before training.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// A token sequence for next-token pretraining.
+    Tokens(Vec<u32>),
+    /// A reward-model pair in slot order, with its training target (hard or soft) and the
+    /// ground truth `slot_c_is_human_choice` used by the explicit conflict.
+    RewardPair {
+        slot_c: Vec<u32>,
+        slot_r: Vec<u32>,
+        target: f32,
+        slot_c_is_human_choice: bool,
+    },
+    /// A dialogue whose response is the SFT target.
+    Sft(EncodedDialogue),
+    /// A preference pair in training order (c' preferred over r'); `chosen_is_human_choice`
+    /// says whether c' is the human-chosen response; `reference` holds the frozen reference
+    /// policy's summed response log-probs of (c', r') for DPO.
+    Preference {
+        chosen: EncodedDialogue,
+        rejected: EncodedDialogue,
+        chosen_is_human_choice: bool,
+        reference: Option<[f64; 2]>,
+    },
+}
+
+impl Example {
+    /// Number of real tokens the example feeds through the model.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Example::Tokens(ids) => ids.len(),
+            Example::RewardPair { slot_c, slot_r, .. } => slot_c.len() + slot_r.len(),
+            Example::Sft(d) => d.ids.len(),
+            Example::Preference {
+                chosen, rejected, ..
+            } => chosen.ids.len() + rejected.ids.len(),
+        }
+    }
+}
+
+/// What a training run minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Objective {
+    /// Mean next-token cross-entropy over all real tokens (sandbox pretraining).
+    CausalLm,
+    /// Pairwise BCE on reward margins; `explicit_alpha` adds the reward-mechanism conflict.
+    Reward { explicit_alpha: Option<f64> },
+    /// Response-only NLL: per-sequence token mean, then batch mean.
+    Sft,
+    /// SimPO (β 2, γ 1 in the paper); `reverse_alpha` adds the explicit conflict.
+    Simpo {
+        beta: f64,
+        gamma: f64,
+        reverse_alpha: Option<f64>,
+    },
+    /// DPO against a frozen reference (β 0.1); `reverse_alpha` adds the explicit conflict.
+    Dpo {
+        beta: f64,
+        reverse_alpha: Option<f64>,
+    },
+}
+
+/// The loss of one minibatch plus what the step log reports.
+pub struct LossOutput {
+    pub loss: Tensor,
+    /// Pairs whose prediction agrees with the training target (pair objectives only).
+    pub correct: usize,
+    pub judged: usize,
+}
+
+impl Objective {
+    /// The paper's SimPO (β = 2, γ = 1).
+    pub fn simpo(reverse_alpha: Option<f64>) -> Self {
+        Objective::Simpo {
+            beta: 2.0,
+            gamma: 1.0,
+            reverse_alpha,
+        }
+    }
+
+    /// The paper's DPO (β = 0.1).
+    pub fn dpo(reverse_alpha: Option<f64>) -> Self {
+        Objective::Dpo {
+            beta: 0.1,
+            reverse_alpha,
+        }
+    }
+
+    /// Whether the model needs a reward head.
+    pub fn needs_reward_head(&self) -> bool {
+        matches!(self, Objective::Reward { .. })
+    }
+
+    /// Checks that every example is of the kind this objective trains on.
+    pub fn validate(&self, examples: &[Example]) -> Result<()> {
+        for (i, example) in examples.iter().enumerate() {
+            let ok = match (self, example) {
+                (Objective::CausalLm, Example::Tokens(ids)) => ids.len() >= 2,
+                (
+                    Objective::Reward { .. },
+                    Example::RewardPair {
+                        slot_c,
+                        slot_r,
+                        target,
+                        ..
+                    },
+                ) => !slot_c.is_empty() && !slot_r.is_empty() && (0.0..=1.0).contains(target),
+                (Objective::Sft, Example::Sft(d)) => d.logprob_mask().iter().any(|m| *m),
+                (
+                    Objective::Simpo { .. },
+                    Example::Preference {
+                        chosen, rejected, ..
+                    },
+                ) => has_response(chosen) && has_response(rejected),
+                (
+                    Objective::Dpo { .. },
+                    Example::Preference {
+                        chosen,
+                        rejected,
+                        reference,
+                        ..
+                    },
+                ) => has_response(chosen) && has_response(rejected) && reference.is_some(),
+                _ => false,
+            };
+            if !ok {
+                return Err(TrainError::InvalidData(format!(
+                    "example {i} does not fit objective {self:?} (wrong kind, empty sequence or response, target outside [0, 1], or missing DPO reference)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward passes and loss of a minibatch.
+    pub fn loss(&self, model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
+        match *self {
+            Objective::CausalLm => causal_lm_loss(model, batch),
+            Objective::Reward { explicit_alpha } => reward_loss(model, batch, explicit_alpha),
+            Objective::Sft => sft_loss(model, batch),
+            Objective::Simpo {
+                beta,
+                gamma,
+                reverse_alpha,
+            } => preference_loss(model, batch, beta, gamma, reverse_alpha, Pooling::Mean),
+            Objective::Dpo {
+                beta,
+                reverse_alpha,
+            } => preference_loss(model, batch, beta, 0.0, reverse_alpha, Pooling::Sum),
+        }
+    }
+}
+
+fn has_response(d: &EncodedDialogue) -> bool {
+    d.logprob_mask().iter().any(|m| *m)
+}
+
+/// How response log-probs are pooled into one score per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Sum,
+}
+
+/// Masked response log-probs of dialogues, pooled per sequence: `[n]`, differentiable.
+pub fn pooled_response_logprobs(
+    model: &CausalLm,
+    dialogues: &[&EncodedDialogue],
+    pooling: Pooling,
+) -> Result<Tensor> {
+    let sequences: Vec<Vec<u32>> = dialogues.iter().map(|d| d.ids.clone()).collect();
+    let batch = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
+    let logprobs = model.token_logprobs(&batch.ids)?;
+    let width = logprobs.dim(1)?;
+    let mut mask = Vec::with_capacity(dialogues.len() * width);
+    let mut counts = Vec::with_capacity(dialogues.len());
+    for d in dialogues {
+        let m = d.logprob_mask();
+        counts.push(m.iter().filter(|x| **x).count().max(1) as f32);
+        mask.extend(m.iter().map(|&x| if x { 1f32 } else { 0.0 }));
+        mask.extend(std::iter::repeat_n(0f32, width - m.len()));
+    }
+    let mask = Tensor::from_vec(mask, (dialogues.len(), width), model.device())?
+        .to_dtype(logprobs.dtype())?;
+    let sums = logprobs.mul(&mask)?.sum(1)?;
+    Ok(match pooling {
+        Pooling::Sum => sums,
+        Pooling::Mean => {
+            let counts = Tensor::from_vec(counts, dialogues.len(), model.device())?
+                .to_dtype(sums.dtype())?;
+            sums.div(&counts)?
+        }
+    })
+}
+
+fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
+    let sequences: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|e| match e {
+            Example::Tokens(ids) => ids.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
+    let logprobs = model.token_logprobs(&padded.ids)?;
+    let width = logprobs.dim(1)?;
+    let mut mask = Vec::with_capacity(sequences.len() * width);
+    for len in &padded.lengths {
+        mask.extend((0..width).map(|i| if i + 1 < *len { 1f32 } else { 0.0 }));
+    }
+    let real: f32 = mask.iter().sum();
+    let mask = Tensor::from_vec(mask, (sequences.len(), width), model.device())?
+        .to_dtype(logprobs.dtype())?;
+    let loss = (logprobs.mul(&mask)?.sum_all()?.neg()? / real.max(1.0) as f64)?;
+    Ok(LossOutput {
+        loss,
+        correct: 0,
+        judged: 0,
+    })
+}
+
+fn reward_loss(
+    model: &CausalLm,
+    batch: &[Example],
+    explicit_alpha: Option<f64>,
+) -> Result<LossOutput> {
+    let n = batch.len();
+    let mut sequences = Vec::with_capacity(2 * n);
+    let mut targets = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    for example in batch {
+        if let Example::RewardPair {
+            slot_c,
+            slot_r,
+            target,
+            slot_c_is_human_choice,
+        } = example
+        {
+            sequences.push(slot_c.clone());
+            sequences.push(slot_r.clone());
+            targets.push(*target);
+            labels.push(if *slot_c_is_human_choice { 1f32 } else { 0.0 });
+        }
+    }
+    let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
+    let rewards = model.rewards(&padded)?.reshape((n, 2))?;
+    let margins = (rewards.narrow(1, 0, 1)? - rewards.narrow(1, 1, 1)?)?.squeeze(1)?;
+    let dtype = margins.dtype();
+    let targets_t = Tensor::from_vec(targets.clone(), n, model.device())?.to_dtype(dtype)?;
+    let labels_t = Tensor::from_vec(labels, n, model.device())?.to_dtype(dtype)?;
+    let loss = reward_pair_loss(&margins, &targets_t, explicit_alpha.map(|a| (&labels_t, a)))?;
+    let margin_values: Vec<f32> = margins.detach().to_dtype(DType::F32)?.to_vec1()?;
+    let correct = margin_values
+        .iter()
+        .zip(&targets)
+        .filter(|(z, t)| (**z >= 0.0) == (**t >= 0.5))
+        .count();
+    Ok(LossOutput {
+        loss,
+        correct,
+        judged: n,
+    })
+}
+
+fn sft_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
+    let dialogues: Vec<&EncodedDialogue> = batch
+        .iter()
+        .filter_map(|e| match e {
+            Example::Sft(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let means = pooled_response_logprobs(model, &dialogues, Pooling::Mean)?;
+    Ok(LossOutput {
+        loss: means.mean_all()?.neg()?,
+        correct: 0,
+        judged: 0,
+    })
+}
+
+fn preference_loss(
+    model: &CausalLm,
+    batch: &[Example],
+    beta: f64,
+    gamma: f64,
+    reverse_alpha: Option<f64>,
+    pooling: Pooling,
+) -> Result<LossOutput> {
+    let n = batch.len();
+    let mut dialogues = Vec::with_capacity(2 * n);
+    let mut human = Vec::with_capacity(n);
+    let mut references = Vec::with_capacity(2 * n);
+    for example in batch {
+        if let Example::Preference {
+            chosen,
+            rejected,
+            chosen_is_human_choice,
+            reference,
+        } = example
+        {
+            dialogues.push(chosen);
+            dialogues.push(rejected);
+            human.push(if *chosen_is_human_choice { 1f32 } else { 0.0 });
+            if let Some([c, r]) = reference {
+                references.push(*c as f32);
+                references.push(*r as f32);
+            }
+        }
+    }
+    let scores = pooled_response_logprobs(model, &dialogues, pooling)?.reshape((n, 2))?;
+    let chosen = scores.narrow(1, 0, 1)?.squeeze(1)?;
+    let rejected = scores.narrow(1, 1, 1)?.squeeze(1)?;
+    let dtype = chosen.dtype();
+    let human = Tensor::from_vec(human, n, model.device())?.to_dtype(dtype)?;
+    let reference = if pooling == Pooling::Sum {
+        let refs = Tensor::from_vec(references, (n, 2), model.device())?.to_dtype(dtype)?;
+        Some((
+            refs.narrow(1, 0, 1)?.squeeze(1)?,
+            refs.narrow(1, 1, 1)?.squeeze(1)?,
+        ))
+    } else {
+        None
+    };
+    let loss = preference_pair_loss(
+        &PreferenceBatch {
+            chosen: &chosen,
+            rejected: &rejected,
+            reference: reference.as_ref().map(|(c, r)| (c, r)),
+            chosen_is_human: &human,
+        },
+        beta,
+        gamma,
+        reverse_alpha,
+    )?;
+    let deltas: Vec<f32> = (&chosen - &rejected)?
+        .detach()
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    Ok(LossOutput {
+        loss,
+        correct: deltas.iter().filter(|d| **d >= 0.0).count(),
+        judged: n,
+    })
+}
+
+/// Fills the frozen-reference sums of DPO examples with `reference` (the post-SFT policy),
+/// `batch_size` examples at a time. The reference runs without gradient tracking, so it costs no
+/// gradient memory, and it is computed once instead of at every step.
+pub fn attach_reference_logprobs(
+    reference: &CausalLm,
+    examples: &mut [Example],
+    batch_size: usize,
+) -> Result<()> {
+    for chunk in examples.chunks_mut(batch_size.max(1)) {
+        let dialogues: Vec<&EncodedDialogue> = chunk
+            .iter()
+            .flat_map(|e| match e {
+                Example::Preference {
+                    chosen, rejected, ..
+                } => vec![chosen, rejected],
+                _ => Vec::new(),
+            })
+            .collect();
+        if dialogues.is_empty() {
+            continue;
+        }
+        let sums: Vec<f32> = pooled_response_logprobs(reference, &dialogues, Pooling::Sum)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let mut values = sums.chunks(2);
+        for example in chunk.iter_mut() {
+            if let Example::Preference { reference, .. } = example
+                && let Some(pair) = values.next()
+            {
+                *reference = Some([pair[0] as f64, pair[1] as f64]);
+            }
+        }
+    }
+    Ok(())
+}
