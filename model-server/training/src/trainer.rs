@@ -273,7 +273,7 @@ impl TrainingRun {
             seed: self.config.seed,
             fingerprint: self.fingerprint.clone(),
         };
-        checkpoint::save(dir, &state, &weights, &self.optimizer.moments())
+        checkpoint::save(dir, &state, &weights, &self.optimizer.moments()?)
     }
 
     /// Restores the checkpoint in `dir` if there is one; returns whether it did. A checkpoint
