@@ -1,11 +1,18 @@
 //! The Rust client library of `w2s.v1`, used by `trainer` and `eval-client`: connect to a
-//! running server by URL, or start one in-process on a loopback ephemeral port ("embedded").
+//! running server by URL (optionally with a bearer token and TLS), or start one in-process on a
+//! loopback ephemeral port ("embedded").
 
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use w2s_proto::v1 as pb;
+use w2s_proto::v1::datasets_client::DatasetsClient;
 use w2s_proto::v1::inference_client::InferenceClient;
 use w2s_proto::v1::models_client::ModelsClient;
+use w2s_proto::v1::training_client::TrainingClient;
 
+use crate::auth::AddBearer;
 use crate::config::ServerConfig;
 use crate::server::{RunningServer, StartError};
 
@@ -17,27 +24,60 @@ pub enum ClientError {
         url: String,
         source: tonic::transport::Error,
     },
-    #[error("invalid server URL `{0}`")]
-    Url(String),
+    #[error("invalid client settings: {0}")]
+    Settings(String),
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("embedded server: {0}")]
     Embedded(#[from] StartError),
 }
 
+/// How to reach a server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Bearer token sent with every call.
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for `https://` URLs.
+    pub tls_ca: Option<PathBuf>,
+    /// Name expected in the server certificate (defaults to the URL's host).
+    pub tls_domain: Option<String>,
+}
+
+type AuthChannel = InterceptedService<Channel, AddBearer>;
+
 /// A connection to a model server.
 #[derive(Clone)]
 pub struct W2sClient {
-    pub models: ModelsClient<Channel>,
-    pub inference: InferenceClient<Channel>,
-    max_message_bytes: usize,
+    pub models: ModelsClient<AuthChannel>,
+    pub inference: InferenceClient<AuthChannel>,
+    pub datasets: DatasetsClient<AuthChannel>,
+    pub training: TrainingClient<AuthChannel>,
 }
 
+/// Largest message the client sends or accepts.
+const CLIENT_MESSAGE_LIMIT: usize = 256 * 1024 * 1024;
+
 impl W2sClient {
-    /// Connects to `url` (e.g. `http://127.0.0.1:50051`).
+    /// Connects to `url` (e.g. `http://127.0.0.1:50051`) without token or TLS.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|_| ClientError::Url(url.to_string()))?;
+        Self::connect_with(url, &ClientOptions::default()).await
+    }
+
+    /// Connects with a token and/or TLS settings.
+    pub async fn connect_with(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|_| ClientError::Settings(format!("invalid server URL `{url}`")))?;
+        if let Some(ca) = &options.tls_ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Settings(format!("{}: {e}", ca.display())))?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(domain) = &options.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::Settings(format!("TLS: {e}")))?;
+        }
         let channel = endpoint
             .connect()
             .await
@@ -45,30 +85,32 @@ impl W2sClient {
                 url: url.to_string(),
                 source,
             })?;
-        let limit = 256 * 1024 * 1024;
+        let auth = AddBearer::new(options.token.as_deref()).map_err(ClientError::Settings)?;
+        let limit = CLIENT_MESSAGE_LIMIT;
         Ok(Self {
-            models: ModelsClient::new(channel.clone())
+            models: ModelsClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
-            inference: InferenceClient::new(channel)
+            inference: InferenceClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
-            max_message_bytes: limit,
+            datasets: DatasetsClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            training: TrainingClient::with_interceptor(channel, auth)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
         })
     }
 
-    /// The largest message this client sends or accepts.
-    pub fn max_message_bytes(&self) -> usize {
-        self.max_message_bytes
-    }
-
     pub async fn list_models(&self) -> Result<Vec<pb::ModelInfo>, ClientError> {
-        let response = self
+        Ok(self
             .models
             .clone()
             .list_models(pb::ListModelsRequest {})
-            .await?;
-        Ok(response.into_inner().models)
+            .await?
+            .into_inner()
+            .models)
     }
 
     pub async fn load_model(
@@ -101,6 +143,65 @@ impl W2sClient {
             .await?
             .into_inner())
     }
+
+    /// Uploads rows as one dataset (streamed in order after a header).
+    pub async fn upload_dataset(
+        &self,
+        name: &str,
+        rows: Vec<pb::upload_dataset_request::Item>,
+    ) -> Result<pb::DatasetInfo, ClientError> {
+        let mut messages = vec![pb::UploadDatasetRequest {
+            item: Some(pb::upload_dataset_request::Item::Header(
+                pb::DatasetHeader {
+                    name: name.to_string(),
+                },
+            )),
+        }];
+        messages.extend(
+            rows.into_iter()
+                .map(|item| pb::UploadDatasetRequest { item: Some(item) }),
+        );
+        let stream = tokio_stream::iter(messages);
+        Ok(self
+            .datasets
+            .clone()
+            .upload_dataset(stream)
+            .await?
+            .into_inner())
+    }
+
+    /// Starts a job and follows it to its end, calling `on_event` for each event; returns the
+    /// final job state.
+    pub async fn run_job(
+        &self,
+        request: pb::StartJobRequest,
+        mut on_event: impl FnMut(&pb::JobEvent),
+    ) -> Result<pb::JobInfo, ClientError> {
+        let job = self.training.clone().start_job(request).await?.into_inner();
+        self.follow_job(&job.id, &mut on_event).await
+    }
+
+    /// Follows an existing job to its end.
+    pub async fn follow_job(
+        &self,
+        id: &str,
+        on_event: &mut impl FnMut(&pb::JobEvent),
+    ) -> Result<pb::JobInfo, ClientError> {
+        let mut stream = self
+            .training
+            .clone()
+            .watch_job(pb::WatchJobRequest { id: id.to_string() })
+            .await?
+            .into_inner();
+        let mut last = None;
+        while let Some(event) = stream.message().await? {
+            on_event(&event);
+            last = event.job;
+        }
+        last.ok_or_else(|| {
+            ClientError::Settings(format!("job {id}: the watch stream ended without events"))
+        })
+    }
 }
 
 /// Either a connection to an external server or an in-process one that this value owns.
@@ -113,14 +214,26 @@ impl Session {
     /// Connects to `server` when given; otherwise starts an embedded server with `config`
     /// (its listen address is forced to an ephemeral loopback port).
     pub async fn open(server: Option<&str>, config: ServerConfig) -> Result<Self, ClientError> {
+        Self::open_with(server, &ClientOptions::default(), config).await
+    }
+
+    /// As [`Session::open`], with token/TLS settings for an external server.
+    pub async fn open_with(
+        server: Option<&str>,
+        options: &ClientOptions,
+        config: ServerConfig,
+    ) -> Result<Self, ClientError> {
         match server {
             Some(url) => Ok(Self {
-                client: W2sClient::connect(url).await?,
+                client: W2sClient::connect_with(url, options).await?,
                 embedded: None,
             }),
             None => {
                 let mut config = config;
                 config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                config.token = None;
+                config.tls_cert = None;
+                config.tls_key = None;
                 let running = RunningServer::start(config).await?;
                 let client = W2sClient::connect(&running.url()).await?;
                 Ok(Self {

@@ -40,9 +40,28 @@ impl FromStr for NamedSource {
     about = "Serves weak and strong GPT-2/OPT models over gRPC (package w2s.v1)."
 )]
 pub struct ServerConfig {
-    /// Address to listen on; port 0 picks a free port. Only loopback addresses are accepted.
+    /// Address to listen on; port 0 picks a free port. A non-loopback address needs --token
+    /// (or --insecure).
     #[arg(long, env = "W2S_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Bearer token every w2s.v1 call must carry (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Allow a non-loopback listen address without a token.
+    #[arg(long, env = "W2S_INSECURE")]
+    pub insecure: bool,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "W2S_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, env = "W2S_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics); off when not given.
+    #[arg(long, env = "W2S_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Folder for uploaded datasets and training jobs (created if missing).
+    #[arg(long, env = "W2S_DATA_DIR", default_value = "w2s-data")]
+    pub data_dir: PathBuf,
     /// Load an HF checkpoint folder at start-up: NAME=DIR (repeatable; comma-separated in the env var).
     #[arg(long = "model", env = "W2S_MODELS", value_delimiter = ',')]
     pub models: Vec<NamedSource>,
@@ -64,32 +83,52 @@ pub struct ServerConfig {
     /// Largest forward pass, in padded tokens (rows x longest row).
     #[arg(long, env = "W2S_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
+    /// Most concurrent requests merged into one batch; 1 turns dynamic batching off.
+    #[arg(long, env = "W2S_MAX_BATCH_REQUESTS", default_value_t = 64)]
+    pub max_batch_requests: usize,
+    /// Default checkpoint interval of training jobs, in steps.
+    #[arg(long, env = "W2S_CHECKPOINT_EVERY", default_value_t = 25)]
+    pub checkpoint_every: usize,
     /// Seed for random initialisation of start-up presets.
     #[arg(long, env = "W2S_SEED", default_value_t = 0)]
     pub seed: u64,
 }
 
 impl ServerConfig {
-    /// A configuration with defaults, listening on an ephemeral loopback port.
+    /// A configuration with defaults, listening on an ephemeral loopback port, with its data
+    /// folder under the system temporary directory (unique per call).
     pub fn ephemeral() -> Self {
         let mut config = Self::parse_from(["model-server"]);
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.data_dir =
+            std::env::temp_dir().join(format!("w2s-embedded-{}-{n}", std::process::id()));
         config
     }
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() {
+        if !self.listen.ip().is_loopback() && self.token.is_none() && !self.insecure {
             return Err(format!(
-                "refusing to listen on non-loopback address {}: this version has no authentication, bind 127.0.0.1 or ::1",
+                "refusing to listen on non-loopback address {} without --token (or --insecure)",
                 self.listen
             ));
+        }
+        if self
+            .token
+            .as_deref()
+            .is_some_and(|t| t.is_empty() || !t.is_ascii())
+        {
+            return Err("the token must be non-empty printable ASCII".into());
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());
         }
-        if self.queue_capacity == 0 || self.max_batch_tokens == 0 {
-            return Err("queue_capacity and max_batch_tokens must be positive".into());
+        if self.queue_capacity == 0 || self.max_batch_tokens == 0 || self.max_batch_requests == 0 {
+            return Err(
+                "queue_capacity, max_batch_tokens and max_batch_requests must be positive".into(),
+            );
         }
         let mut names: Vec<&str> = self
             .models
@@ -129,6 +168,12 @@ mod tests {
     fn non_loopback_and_duplicate_names_are_refused() {
         let config = ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1"]);
         assert!(config.validate().unwrap_err().contains("non-loopback"));
+        let config =
+            ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1", "--token", "t"]);
+        config.validate().unwrap();
+        let config =
+            ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1", "--insecure"]);
+        config.validate().unwrap();
         let config =
             ServerConfig::parse_from(["model-server", "--model", "a=x", "--preset", "a=tiny-opt"]);
         assert!(config.validate().unwrap_err().contains("twice"));

@@ -9,6 +9,14 @@ use tonic::{Code, Status};
 pub enum ServiceError {
     #[error("unknown model `{0}`")]
     UnknownModel(String),
+    #[error("unknown dataset `{0}`")]
+    UnknownDataset(String),
+    #[error("unknown job `{0}`")]
+    UnknownJob(String),
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("a model named `{0}` is already loaded")]
     AlreadyLoaded(String),
     #[error("invalid `{field}`: {reason}")]
@@ -38,7 +46,12 @@ impl ServiceError {
     /// The gRPC code of this error: the single place where that decision is made.
     pub fn code(&self) -> Code {
         match self {
-            ServiceError::UnknownModel(_) | ServiceError::PathNotFound(_) => Code::NotFound,
+            ServiceError::UnknownModel(_)
+            | ServiceError::UnknownDataset(_)
+            | ServiceError::UnknownJob(_)
+            | ServiceError::PathNotFound(_) => Code::NotFound,
+            ServiceError::Unauthenticated => Code::Unauthenticated,
+            ServiceError::Internal(_) => Code::Internal,
             ServiceError::AlreadyLoaded(_) => Code::AlreadyExists,
             ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
             ServiceError::OutsideRoot(_) => Code::PermissionDenied,

@@ -1,20 +1,31 @@
-//! Assembling and running the gRPC server: worker thread, start-up models, health, reflection,
-//! graceful shutdown. [`RunningServer`] is also the in-process ("embedded") mode of the clients.
+//! Assembling and running the gRPC server: device worker, start-up models, job recovery,
+//! health, reflection, authentication, TLS, metrics, graceful shutdown. [`RunningServer`] is
+//! also the in-process ("embedded") mode of the clients.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+use w2s_proto::v1::datasets_server::DatasetsServer;
 use w2s_proto::v1::inference_server::InferenceServer;
 use w2s_proto::v1::models_server::ModelsServer;
+use w2s_proto::v1::training_server::TrainingServer;
 
+use crate::auth::RequireBearer;
 use crate::config::ServerConfig;
-use crate::service::{InferenceService, ModelsService, ServiceState};
-use crate::worker::{LoadSpec, ModelSource, WorkerConfig, WorkerHandle, parse_device};
+use crate::datasets::DatasetStore;
+use crate::jobs::{JobPaths, JobSpec, JobStatus, read_json};
+use crate::metrics::{self, Metrics};
+use crate::service::{
+    DatasetsService, InferenceService, ModelsService, ServiceState, TrainingService,
+};
+use crate::worker::{JobTable, LoadSpec, ModelSource, WorkerConfig, WorkerHandle, parse_device};
 
 /// Errors of starting a server.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +37,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot prepare the data folder {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
     #[error("cannot load start-up model `{name}`: {source}")]
@@ -33,6 +49,8 @@ pub enum StartError {
         name: String,
         source: crate::error::ServiceError,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("reflection service: {0}")]
     Reflection(String),
     #[error("server stopped with an error: {0}")]
@@ -42,22 +60,45 @@ pub enum StartError {
 /// A server running on the current tokio runtime.
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_task: Option<JoinHandle<()>>,
+    state: ServiceState,
 }
 
 impl RunningServer {
-    /// Binds, loads the start-up models, and starts serving. Returns once the server accepts
-    /// connections and reports SERVING.
+    /// Binds, loads the start-up models, re-queues unfinished jobs, and starts serving.
+    /// Returns once the server accepts connections and reports SERVING.
     pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
         let device = parse_device(&config.device).map_err(StartError::Config)?;
-        let worker = WorkerHandle::spawn(WorkerConfig {
-            device,
-            dtype: superficial_models::DType::F32,
-            queue_capacity: config.queue_capacity,
-            max_batch_tokens: config.max_batch_tokens,
-        })
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let datasets =
+            DatasetStore::new(&config.data_dir).map_err(|source| StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        let metrics = Arc::new(Metrics::default());
+        let jobs: JobTable = Arc::new(Mutex::new(Default::default()));
+        let (events, _) = broadcast::channel(1024);
+        let worker = WorkerHandle::spawn(
+            WorkerConfig {
+                device,
+                dtype: superficial_models::DType::F32,
+                queue_capacity: config.queue_capacity,
+                max_batch_tokens: config.max_batch_tokens,
+                max_batch_requests: config.max_batch_requests,
+                data_dir: config.data_dir.clone(),
+                checkpoint_every: config.checkpoint_every,
+            },
+            jobs.clone(),
+            events.clone(),
+            metrics.clone(),
+        )
         .map_err(StartError::Worker)?;
 
         let listener =
@@ -71,6 +112,23 @@ impl RunningServer {
             addr: config.listen,
             source,
         })?;
+        let (metrics_addr, metrics_task) = match config.metrics_listen {
+            Some(metrics_listen) => {
+                let listener =
+                    metrics::bind(metrics_listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: metrics_listen,
+                            source,
+                        })?;
+                let bound = listener.local_addr().ok();
+                (
+                    bound,
+                    Some(tokio::spawn(metrics::serve(listener, metrics.clone()))),
+                )
+            }
+            None => (None, None),
+        };
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -79,6 +137,11 @@ impl RunningServer {
         let state = ServiceState {
             worker: worker.clone(),
             model_root: config.model_root.clone(),
+            data_dir: config.data_dir.clone(),
+            datasets,
+            jobs: jobs.clone(),
+            events,
+            metrics: metrics.clone(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)
@@ -86,20 +149,39 @@ impl RunningServer {
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let limit = config.max_message_bytes;
+        let auth = RequireBearer::new(config.token.as_deref());
         let models = ModelsServer::new(ModelsService(state.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        let inference = InferenceServer::new(InferenceService(state))
+        let inference = InferenceServer::new(InferenceService(state.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let datasets = DatasetsServer::new(DatasetsService(state.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let training = TrainingServer::new(TrainingService(state.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 
+        let mut builder = Server::builder();
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+            };
+            let identity = Identity::from_pem(read(cert)?, read(key)?);
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(
-            Server::builder()
+            builder
                 .add_service(health_service)
                 .add_service(reflection)
-                .add_service(models)
-                .add_service(inference)
+                .add_service(InterceptedService::new(models, auth.clone()))
+                .add_service(InterceptedService::new(inference, auth.clone()))
+                .add_service(InterceptedService::new(datasets, auth.clone()))
+                .add_service(InterceptedService::new(training, auth))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = shutdown_rx.await;
                 }),
@@ -132,17 +214,27 @@ impl RunningServer {
                     source,
                 })?;
         }
+        recover_jobs(&config, &state).await;
         health_reporter
             .set_serving::<InferenceServer<InferenceService>>()
             .await;
         health_reporter
             .set_serving::<ModelsServer<ModelsService>>()
             .await;
+        health_reporter
+            .set_serving::<DatasetsServer<DatasetsService>>()
+            .await;
+        health_reporter
+            .set_serving::<TrainingServer<TrainingService>>()
+            .await;
         info!(%addr, "model-server listening on {addr}");
         Ok(Self {
             addr,
+            metrics_addr,
             shutdown: Some(shutdown_tx),
             task,
+            metrics_task,
+            state,
         })
     }
 
@@ -151,17 +243,35 @@ impl RunningServer {
         self.addr
     }
 
+    /// The bound metrics address, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The server's metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+
     /// `http://ADDR`, for clients.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting connections, lets in-flight requests finish, and waits.
+    /// Graceful shutdown: stop accepting, let in-flight requests finish, checkpoint the running
+    /// training job, stop the worker.
     pub async fn shutdown(mut self) -> Result<(), StartError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        match self.task.await {
+        let served = self.task.await;
+        if let Err(e) = self.state.worker.shutdown().await {
+            warn!("worker shutdown: {e}");
+        }
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        match served {
             Ok(result) => Ok(result?),
             Err(join) => Err(StartError::Config(format!("server task failed: {join}"))),
         }
@@ -175,5 +285,54 @@ impl RunningServer {
         signal.await;
         info!("shutting down");
         self.shutdown().await
+    }
+}
+
+/// Loads every job's state from the data folder; unfinished jobs are queued again and resume
+/// from their last checkpoint.
+async fn recover_jobs(config: &ServerConfig, state: &ServiceState) {
+    let Ok(entries) = std::fs::read_dir(config.data_dir.join("jobs")) else {
+        return;
+    };
+    let mut unfinished = Vec::new();
+    for entry in entries.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let paths = JobPaths::new(&config.data_dir, &id);
+        let (Ok(spec), Ok(status)) = (
+            read_json::<JobSpec>(&paths.spec()),
+            read_json::<JobStatus>(&paths.state()),
+        ) else {
+            warn!(job = %id, "skipping a job folder without readable spec.json/state.json");
+            continue;
+        };
+        if let Ok(mut table) = state.jobs.lock() {
+            table.insert(id.clone(), status.clone());
+        }
+        if !status.state.is_terminal() {
+            unfinished.push(spec);
+        }
+    }
+    unfinished.sort_by(|a, b| a.id.cmp(&b.id));
+    for spec in unfinished {
+        let id = spec.id.clone();
+        let rows = spec
+            .dataset_ids
+            .iter()
+            .map(|d| state.datasets.rows(d).map(|(_, rows)| rows))
+            .collect::<Result<Vec<_>, _>>();
+        let result = match rows {
+            Ok(rows) => state
+                .worker
+                .start_job(spec, rows.concat())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => info!(job = %id, "re-queued unfinished job"),
+            Err(e) => warn!(job = %id, "cannot resume job: {e}"),
+        }
     }
 }

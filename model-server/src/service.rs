@@ -1,19 +1,30 @@
-//! The tonic services of `w2s.v1`: translate protobuf messages to worker jobs and back. No
-//! tensor work happens here.
+//! The tonic services of `w2s.v1`: translate protobuf messages to worker commands and back,
+//! record metrics per RPC, and map errors through [`ServiceError`]. No tensor work happens here.
 
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
+use superficial_models::generation::SamplingConfig;
 use superficial_models::{Architecture, ModelConfig};
-use tonic::{Request, Response, Status};
+use superficial_training::Schedule;
+use tokio::sync::broadcast;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 use w2s_proto::v1 as pb;
 
-use crate::error::ServiceError;
+use crate::datasets::{DatasetMeta, DatasetStore, Row, RowKind};
+use crate::error::{ServiceError, ServiceResult};
+use crate::jobs::{
+    Hyperparameters, JobEvent, JobPaths, JobSpec, JobState, JobStatus, ObjectiveKind,
+};
+use crate::metrics::Metrics;
 use crate::paths::resolve_in_root;
 use crate::worker::{
-    LoadSpec, LogprobsJob, ModelSource, ModelSummary, Pair, PairScoring, ScoreJob, StageTimes,
-    WorkerHandle,
+    GenerateJob, GenerationEvent, JobTable, JudgeKind, LoadSpec, LogprobsJob, ModelSource,
+    ModelSummary, Pair, PairScoring, PairsJob, ScoreJob, StageTimes, TextsJob, WorkerHandle,
 };
 
 /// Shared state of the services.
@@ -21,10 +32,92 @@ use crate::worker::{
 pub struct ServiceState {
     pub worker: WorkerHandle,
     pub model_root: PathBuf,
+    pub data_dir: PathBuf,
+    pub datasets: DatasetStore,
+    pub jobs: JobTable,
+    pub events: broadcast::Sender<JobEvent>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ServiceState {
+    /// Records the outcome of an RPC and converts the error.
+    fn finish<T>(
+        &self,
+        rpc: &str,
+        started: Instant,
+        result: ServiceResult<T>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        self.metrics.observe_request(rpc, code, started.elapsed());
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    /// Records a failed RPC and converts the error.
+    fn fail(&self, rpc: &str, started: Instant, error: ServiceError) -> Status {
+        self.metrics
+            .observe_request(rpc, error.code(), started.elapsed());
+        Status::from(error)
+    }
+
+    fn model_source(
+        &self,
+        source: Option<pb::load_model_request::Source>,
+    ) -> ServiceResult<ModelSource> {
+        use pb::load_model_request::Source;
+        match source {
+            Some(Source::Path(path)) => Ok(ModelSource::Folder(resolve_in_root(
+                &self.model_root,
+                &path,
+            )?)),
+            Some(Source::Preset(preset)) => {
+                if ModelConfig::preset(&preset).is_none() {
+                    return Err(ServiceError::invalid(
+                        "preset",
+                        format!(
+                            "unknown preset `{preset}` (known: {})",
+                            ModelConfig::PRESETS.join(", ")
+                        ),
+                    ));
+                }
+                Ok(ModelSource::Preset(preset))
+            }
+            Some(Source::Job(id)) => {
+                let status = self.job_status(&id)?;
+                if status.state != JobState::Succeeded {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "job {id} has not succeeded (state {:?})",
+                        status.state
+                    )));
+                }
+                Ok(ModelSource::Job {
+                    folder: JobPaths::new(&self.data_dir, &id).model(),
+                    id,
+                })
+            }
+            None => Err(ServiceError::invalid(
+                "source",
+                "give a path, a preset or a job",
+            )),
+        }
+    }
+
+    fn job_status(&self, id: &str) -> ServiceResult<JobStatus> {
+        self.jobs
+            .lock()
+            .map_err(|_| ServiceError::Internal("job table poisoned".into()))?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownJob(id.to_string()))
+    }
 }
 
 pub struct ModelsService(pub ServiceState);
 pub struct InferenceService(pub ServiceState);
+pub struct DatasetsService(pub ServiceState);
+pub struct TrainingService(pub ServiceState);
 
 fn model_info(summary: ModelSummary) -> pb::ModelInfo {
     let architecture = match summary.config.architecture() {
@@ -38,7 +131,7 @@ fn model_info(summary: ModelSummary) -> pb::ModelInfo {
         parameter_count: summary.parameter_count,
         dtype: summary.dtype,
         device: summary.device,
-        source: summary.source,
+        source: summary.source.to_string(),
         content_hash: summary.content_hash,
         has_reward_head: summary.has_reward_head,
         max_positions: summary.config.max_positions() as u32,
@@ -56,11 +149,21 @@ fn timing(times: StageTimes, started: Instant) -> pb::Timing {
     }
 }
 
-fn require_model(model: &str) -> Result<(), ServiceError> {
-    if model.is_empty() {
-        Err(ServiceError::invalid("model", "must name a loaded model"))
+fn require(field: &str, value: &str) -> ServiceResult<()> {
+    if value.is_empty() {
+        Err(ServiceError::invalid(field, "must not be empty"))
     } else {
         Ok(())
+    }
+}
+
+fn sampling(params: Option<pb::SamplingParams>) -> SamplingConfig {
+    let p = params.unwrap_or_default();
+    SamplingConfig {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+        seed: p.seed,
     }
 }
 
@@ -68,12 +171,18 @@ fn require_model(model: &str) -> Result<(), ServiceError> {
 impl pb::models_server::Models for ModelsService {
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.0.worker.list().await?;
-        Ok(Response::new(pb::ListModelsResponse {
-            models: models.into_iter().map(model_info).collect(),
-        }))
+        let started = Instant::now();
+        let result = self
+            .0
+            .worker
+            .list()
+            .await
+            .map(|models| pb::ListModelsResponse {
+                models: models.into_iter().map(model_info).collect(),
+            });
+        self.0.finish("ListModels", started, result)
     }
 
     #[instrument(skip_all, fields(name = %request.get_ref().name))]
@@ -81,48 +190,82 @@ impl pb::models_server::Models for ModelsService {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
+        let started = Instant::now();
         let request = request.into_inner();
-        let source = match request.source {
-            Some(pb::load_model_request::Source::Path(path)) => {
-                ModelSource::Folder(resolve_in_root(&self.0.model_root, &path)?)
-            }
-            Some(pb::load_model_request::Source::Preset(preset)) => {
-                if ModelConfig::preset(&preset).is_none() {
-                    return Err(ServiceError::invalid(
-                        "preset",
-                        format!(
-                            "unknown preset `{preset}` (known: {})",
-                            ModelConfig::PRESETS.join(", ")
-                        ),
-                    )
-                    .into());
-                }
-                ModelSource::Preset(preset)
-            }
-            None => return Err(ServiceError::invalid("source", "give a path or a preset").into()),
-        };
-        let summary = self
-            .0
-            .worker
-            .load(LoadSpec {
-                name: request.name,
-                source,
-                role: request.role,
-                reward_head: request.reward_head,
-                seed: request.seed,
-            })
-            .await?;
-        Ok(Response::new(model_info(summary)))
+        let result = async {
+            let source = self.0.model_source(request.source)?;
+            let summary = self
+                .0
+                .worker
+                .load(LoadSpec {
+                    name: request.name,
+                    source,
+                    role: request.role,
+                    reward_head: request.reward_head,
+                    seed: request.seed,
+                })
+                .await?;
+            Ok(model_info(summary))
+        }
+        .await;
+        self.0.finish("LoadModel", started, result)
     }
 
     async fn unload_model(
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        self.0.worker.unload(request.into_inner().name).await?;
-        Ok(Response::new(pb::UnloadModelResponse {}))
+        let started = Instant::now();
+        let result = self
+            .0
+            .worker
+            .unload(request.into_inner().name)
+            .await
+            .map(|_| pb::UnloadModelResponse {});
+        self.0.finish("UnloadModel", started, result)
+    }
+
+    async fn export_model(
+        &self,
+        request: Request<pb::ExportModelRequest>,
+    ) -> Result<Response<pb::ExportModelResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            require("name", &request.name)?;
+            require("path", &request.path)?;
+            let dir = confine_new_path(&self.0.model_root, &request.path)?;
+            self.0.worker.export(request.name, dir.clone()).await?;
+            Ok(pb::ExportModelResponse {
+                path: dir.display().to_string(),
+            })
+        }
+        .await;
+        self.0.finish("ExportModel", started, result)
     }
 }
+
+/// A destination that may not exist yet: its parent must resolve inside the root.
+fn confine_new_path(root: &std::path::Path, requested: &str) -> ServiceResult<PathBuf> {
+    let path = std::path::Path::new(requested);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "..")
+        .ok_or_else(|| ServiceError::invalid("path", "must end in a folder name"))?;
+    let parent = path
+        .parent()
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let parent = if parent.is_empty() {
+        ".".to_string()
+    } else {
+        parent
+    };
+    Ok(resolve_in_root(root, &parent)?.join(name))
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceService {
@@ -133,52 +276,61 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::ScorePairsResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        require_model(&request.model)?;
-        let scoring = match pb::PairScoring::try_from(request.scoring) {
-            Ok(pb::PairScoring::Reward) => PairScoring::Reward,
-            Ok(pb::PairScoring::MeanLogprob) => PairScoring::MeanLogprob,
-            Ok(pb::PairScoring::SumLogprob) => PairScoring::SumLogprob,
-            _ => {
-                return Err(ServiceError::invalid(
-                    "scoring",
-                    "choose PAIR_SCORING_REWARD, _MEAN_LOGPROB or _SUM_LOGPROB",
-                )
-                .into());
-            }
-        };
-        if request.pairs.is_empty() {
-            return Err(ServiceError::invalid("pairs", "must not be empty").into());
-        }
-        let job = ScoreJob {
-            model: request.model,
-            pairs: request
-                .pairs
-                .into_iter()
-                .map(|p| Pair {
-                    prompt: p.prompt,
-                    chosen: p.chosen,
-                    rejected: p.rejected,
-                })
-                .collect(),
-            scoring,
-            max_ctx: request.max_ctx as usize,
-        };
-        let (scores, times) = self.0.worker.score(job).await?;
-        Ok(Response::new(pb::ScorePairsResponse {
-            scores: scores
-                .into_iter()
-                .map(|s| {
-                    let margin = s.chosen - s.rejected;
-                    pb::PairScore {
-                        chosen: s.chosen,
-                        rejected: s.rejected,
-                        margin,
-                        p_chosen: sigmoid(margin),
+        let result = async {
+            require("model", &request.model)?;
+            let scoring = match pb::PairScoring::try_from(request.scoring) {
+                Ok(pb::PairScoring::Reward) => PairScoring::Reward,
+                Ok(pb::PairScoring::MeanLogprob) => PairScoring::MeanLogprob,
+                Ok(pb::PairScoring::SumLogprob) => PairScoring::SumLogprob,
+                Ok(pb::PairScoring::Dpo) => {
+                    require("reference_model", &request.reference_model)?;
+                    PairScoring::Dpo {
+                        reference: request.reference_model.clone(),
                     }
-                })
-                .collect(),
-            timing: Some(timing(times, started)),
-        }))
+                }
+                _ => {
+                    return Err(ServiceError::invalid(
+                        "scoring",
+                        "choose PAIR_SCORING_REWARD, _MEAN_LOGPROB, _SUM_LOGPROB or _DPO",
+                    ));
+                }
+            };
+            if request.pairs.is_empty() {
+                return Err(ServiceError::invalid("pairs", "must not be empty"));
+            }
+            let job = ScoreJob {
+                model: request.model,
+                pairs: request
+                    .pairs
+                    .into_iter()
+                    .map(|p| Pair {
+                        prompt: p.prompt,
+                        chosen: p.chosen,
+                        rejected: p.rejected,
+                    })
+                    .collect(),
+                scoring,
+                max_ctx: request.max_ctx as usize,
+            };
+            let (scores, times) = self.0.worker.score(job).await?;
+            Ok(pb::ScorePairsResponse {
+                scores: scores
+                    .into_iter()
+                    .map(|s| {
+                        let margin = s.chosen - s.rejected;
+                        pb::PairScore {
+                            chosen: s.chosen,
+                            rejected: s.rejected,
+                            margin,
+                            p_chosen: sigmoid(margin),
+                        }
+                    })
+                    .collect(),
+                timing: Some(timing(times, started)),
+            })
+        }
+        .await;
+        self.0.finish("ScorePairs", started, result)
     }
 
     #[instrument(skip_all, fields(model = %request.get_ref().model))]
@@ -188,31 +340,536 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::TokenLogprobsResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        require_model(&request.model)?;
-        if request.texts.is_empty() {
-            return Err(ServiceError::invalid("texts", "must not be empty").into());
+        let result = async {
+            require("model", &request.model)?;
+            if request.texts.is_empty() {
+                return Err(ServiceError::invalid("texts", "must not be empty"));
+            }
+            let job = LogprobsJob {
+                model: request.model,
+                texts: request.texts,
+                split_dialogue: request.split_dialogue,
+                max_ctx: request.max_ctx as usize,
+                truncate: request.truncate,
+            };
+            let (sequences, times) = self.0.worker.logprobs(job).await?;
+            Ok(pb::TokenLogprobsResponse {
+                sequences: sequences
+                    .into_iter()
+                    .map(|s| pb::SequenceLogprobs {
+                        token_ids: s.token_ids,
+                        logprobs: s.logprobs,
+                        response_mask: s.response_mask,
+                        truncated: s.truncated,
+                    })
+                    .collect(),
+                timing: Some(timing(times, started)),
+            })
         }
-        let job = LogprobsJob {
-            model: request.model,
-            texts: request.texts,
-            split_dialogue: request.split_dialogue,
-            max_ctx: request.max_ctx as usize,
-            truncate: request.truncate,
-        };
-        let (sequences, times) = self.0.worker.logprobs(job).await?;
-        Ok(Response::new(pb::TokenLogprobsResponse {
-            sequences: sequences
-                .into_iter()
-                .map(|s| pb::SequenceLogprobs {
-                    token_ids: s.token_ids,
-                    logprobs: s.logprobs,
-                    response_mask: s.response_mask,
-                    truncated: s.truncated,
-                })
-                .collect(),
-            timing: Some(timing(times, started)),
-        }))
+        .await;
+        self.0.finish("TokenLogprobs", started, result)
     }
+
+    async fn score_texts(
+        &self,
+        request: Request<pb::ScoreTextsRequest>,
+    ) -> Result<Response<pb::ScoreTextsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            require("model", &request.model)?;
+            if request.texts.is_empty() {
+                return Err(ServiceError::invalid("texts", "must not be empty"));
+            }
+            let (rewards, times) = self
+                .0
+                .worker
+                .score_texts(TextsJob {
+                    model: request.model,
+                    texts: request.texts,
+                    max_ctx: request.max_ctx as usize,
+                })
+                .await?;
+            Ok(pb::ScoreTextsResponse {
+                rewards,
+                timing: Some(timing(times, started)),
+            })
+        }
+        .await;
+        self.0.finish("ScoreTexts", started, result)
+    }
+
+    type GenerateStream = EventStream<pb::GenerateResponse>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let opened = (|| {
+            require("model", &request.model)?;
+            require("prompt", &request.prompt)?;
+            if request.max_new_tokens == 0 {
+                return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
+            }
+            let sampling = sampling(request.sampling);
+            sampling
+                .validate()
+                .map_err(|e| ServiceError::invalid("sampling", e))?;
+            self.0.worker.generate(GenerateJob {
+                model: request.model,
+                prompt: request.prompt,
+                max_new_tokens: request.max_new_tokens as usize,
+                sampling,
+                stop_at_eos: request.stop_at_eos.unwrap_or(true),
+            })
+        })();
+        let receiver = match opened {
+            Ok(r) => r,
+            Err(e) => return Err(self.0.fail("Generate", started, e)),
+        };
+        let metrics = self.0.metrics.clone();
+        let stream =
+            tokio_stream::wrappers::ReceiverStream::new(receiver).map(move |event| match event {
+                Ok(GenerationEvent::Token { id, text }) => Ok(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Token(pb::GeneratedToken {
+                        id,
+                        text,
+                    })),
+                }),
+                Ok(GenerationEvent::Done {
+                    token_ids,
+                    text,
+                    times,
+                }) => {
+                    metrics.observe_request("Generate", tonic::Code::Ok, started.elapsed());
+                    Ok(pb::GenerateResponse {
+                        event: Some(pb::generate_response::Event::Done(pb::GenerationDone {
+                            token_ids,
+                            text,
+                            timing: Some(timing(times, started)),
+                        })),
+                    })
+                }
+                Err(e) => {
+                    metrics.observe_request("Generate", e.code(), started.elapsed());
+                    Err(Status::from(e))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn generate_pairs(
+        &self,
+        request: Request<pb::GeneratePairsRequest>,
+    ) -> Result<Response<pb::GeneratePairsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            require("policy", &request.policy)?;
+            require("judge", &request.judge)?;
+            if request.prompts.is_empty() {
+                return Err(ServiceError::invalid("prompts", "must not be empty"));
+            }
+            if request.max_new_tokens == 0 {
+                return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
+            }
+            let judge_kind = match pb::JudgeKind::try_from(request.judge_kind) {
+                Ok(pb::JudgeKind::Reward) => JudgeKind::Reward,
+                Ok(pb::JudgeKind::MeanLogprob) => JudgeKind::MeanLogprob,
+                Ok(pb::JudgeKind::SumLogprob) => JudgeKind::SumLogprob,
+                _ => {
+                    return Err(ServiceError::invalid(
+                        "judge_kind",
+                        "choose JUDGE_KIND_REWARD, _MEAN_LOGPROB or _SUM_LOGPROB",
+                    ));
+                }
+            };
+            let sampling = sampling(request.sampling);
+            sampling
+                .validate()
+                .map_err(|e| ServiceError::invalid("sampling", e))?;
+            let (pairs, times) = self
+                .0
+                .worker
+                .generate_pairs(PairsJob {
+                    policy: request.policy,
+                    judge: request.judge,
+                    judge_kind,
+                    prompts: request.prompts,
+                    samples_per_prompt: request.samples_per_prompt as usize,
+                    max_new_tokens: request.max_new_tokens as usize,
+                    sampling,
+                })
+                .await?;
+            Ok(pb::GeneratePairsResponse {
+                pairs: pairs
+                    .into_iter()
+                    .map(|p| pb::GeneratedPair {
+                        prompt_index: p.prompt_index as u32,
+                        prompt: p.prompt,
+                        chosen: p.chosen,
+                        rejected: p.rejected,
+                        chosen_score: p.chosen_score,
+                        rejected_score: p.rejected_score,
+                        soft_label: sigmoid(p.chosen_score - p.rejected_score),
+                    })
+                    .collect(),
+                timing: Some(timing(times, started)),
+            })
+        }
+        .await;
+        self.0.finish("GeneratePairs", started, result)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::datasets_server::Datasets for DatasetsService {
+    async fn upload_dataset(
+        &self,
+        request: Request<Streaming<pb::UploadDatasetRequest>>,
+    ) -> Result<Response<pb::DatasetInfo>, Status> {
+        let started = Instant::now();
+        let mut stream = request.into_inner();
+        let result = async {
+            let mut name = String::new();
+            let mut rows = Vec::new();
+            let mut index = 0usize;
+            while let Some(message) = stream.next().await {
+                let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
+                use pb::upload_dataset_request::Item;
+                match message.item {
+                    Some(Item::Header(header)) if index == 0 && rows.is_empty() => {
+                        name = header.name
+                    }
+                    Some(Item::Header(_)) => {
+                        return Err(ServiceError::invalid(
+                            "header",
+                            "only the first message may be a header",
+                        ));
+                    }
+                    Some(Item::Pair(p)) => rows.push(Row::Pair {
+                        prompt: p.prompt,
+                        chosen: p.chosen,
+                        rejected: p.rejected,
+                        label: p.label.unwrap_or(1.0),
+                        chosen_is_human_choice: p.chosen_is_human_choice.unwrap_or(true),
+                    }),
+                    Some(Item::Text(t)) => rows.push(Row::Text { text: t.text }),
+                    Some(Item::Prompt(p)) => rows.push(Row::Prompt { prompt: p.prompt }),
+                    None => {
+                        return Err(ServiceError::invalid(
+                            format!("rows[{}]", rows.len()),
+                            "empty message",
+                        ));
+                    }
+                }
+                index += 1;
+            }
+            let store = self.0.datasets.clone();
+            let meta = tokio::task::spawn_blocking(move || store.store(&name, &rows))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            Ok(dataset_info(meta))
+        }
+        .await;
+        self.0.finish("UploadDataset", started, result)
+    }
+
+    async fn list_datasets(
+        &self,
+        _: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let started = Instant::now();
+        let store = self.0.datasets.clone();
+        let result = tokio::task::spawn_blocking(move || store.list())
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))
+            .and_then(|r| r)
+            .map(|list| pb::ListDatasetsResponse {
+                datasets: list.into_iter().map(dataset_info).collect(),
+            });
+        self.0.finish("ListDatasets", started, result)
+    }
+}
+
+fn dataset_info(meta: DatasetMeta) -> pb::DatasetInfo {
+    pb::DatasetInfo {
+        id: meta.id,
+        name: meta.name,
+        kind: match meta.kind {
+            RowKind::Pairs => pb::RowKind::Pairs,
+            RowKind::Texts => pb::RowKind::Texts,
+            RowKind::Prompts => pb::RowKind::Prompts,
+        } as i32,
+        rows: meta.rows,
+        content_hash: meta.content_hash,
+    }
+}
+
+/// Protobuf view of a job.
+pub fn job_info(status: &JobStatus) -> pb::JobInfo {
+    pb::JobInfo {
+        id: status.id.clone(),
+        state: match status.state {
+            JobState::Queued => pb::JobState::Queued,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        } as i32,
+        objective: match status.objective {
+            ObjectiveKind::CausalLm => pb::ObjectiveKind::CausalLm,
+            ObjectiveKind::Reward => pb::ObjectiveKind::Reward,
+            ObjectiveKind::Sft => pb::ObjectiveKind::Sft,
+            ObjectiveKind::Simpo => pb::ObjectiveKind::Simpo,
+            ObjectiveKind::Dpo => pb::ObjectiveKind::Dpo,
+        } as i32,
+        base_model: status.base_model.clone(),
+        output_model: status.output_model.clone(),
+        step: status.step as u64,
+        total_steps: status.total_steps as u64,
+        error: status.error.clone().unwrap_or_default(),
+        final_metrics: status.final_loss.map(|loss| pb::JobMetrics {
+            loss,
+            accuracy: status.final_accuracy.unwrap_or(0.0),
+            has_accuracy: status.final_accuracy.is_some(),
+        }),
+    }
+}
+
+fn job_event(event: &JobEvent) -> pb::JobEvent {
+    pb::JobEvent {
+        job: Some(job_info(&event.status)),
+        step: event.step.as_ref().map(|s| pb::StepEvent {
+            step: s.step as u64,
+            total_steps: s.total_steps as u64,
+            loss: s.loss,
+            learning_rate: s.lr,
+            grad_norm: s.grad_norm,
+            accuracy: s.accuracy,
+            tokens_per_second: s.tokens_per_second,
+            eta_seconds: s.eta_seconds,
+        }),
+    }
+}
+
+/// A readable, unique job id.
+fn new_job_id(objective: ObjectiveKind, output: &str) -> String {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let clean: String = output
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    format!(
+        "job-{}-{clean}-{:x}",
+        format!("{objective:?}").to_lowercase(),
+        stamp & 0xffff_ffff_ffff
+    )
+}
+
+#[tonic::async_trait]
+impl pb::training_server::Training for TrainingService {
+    async fn start_job(
+        &self,
+        request: Request<pb::StartJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let objective = match pb::ObjectiveKind::try_from(request.objective) {
+                Ok(pb::ObjectiveKind::CausalLm) => ObjectiveKind::CausalLm,
+                Ok(pb::ObjectiveKind::Reward) => ObjectiveKind::Reward,
+                Ok(pb::ObjectiveKind::Sft) => ObjectiveKind::Sft,
+                Ok(pb::ObjectiveKind::Simpo) => ObjectiveKind::Simpo,
+                Ok(pb::ObjectiveKind::Dpo) => ObjectiveKind::Dpo,
+                _ => {
+                    return Err(ServiceError::invalid(
+                        "objective",
+                        "choose an OBJECTIVE_KIND",
+                    ));
+                }
+            };
+            require("base_model", &request.base_model)?;
+            let h = request
+                .hyperparameters
+                .ok_or_else(|| ServiceError::invalid("hyperparameters", "required"))?;
+            let schedule = match pb::LrSchedule::try_from(h.schedule) {
+                Ok(pb::LrSchedule::Constant) => Schedule::Constant,
+                Ok(pb::LrSchedule::CosineToZero) => Schedule::CosineToZero,
+                Ok(pb::LrSchedule::WarmupConstant) => Schedule::LinearWarmupConstant {
+                    warmup_frac: h.warmup_frac.unwrap_or(0.1),
+                },
+                _ => {
+                    return Err(ServiceError::invalid(
+                        "hyperparameters.schedule",
+                        "choose an LR_SCHEDULE",
+                    ));
+                }
+            };
+            let models = self.0.worker.list().await?;
+            let base = models
+                .iter()
+                .find(|m| m.name == request.base_model)
+                .ok_or_else(|| ServiceError::UnknownModel(request.base_model.clone()))?;
+            if models.iter().any(|m| m.name == request.output_model) {
+                return Err(ServiceError::AlreadyLoaded(request.output_model.clone()));
+            }
+            let positive = |x: f64| (x > 0.0).then_some(x);
+            let spec = JobSpec {
+                id: new_job_id(objective, &request.output_model),
+                objective,
+                base_model: base.name.clone(),
+                base_source: base.source.clone(),
+                base_reward_head: base.reward_head_requested
+                    || (objective == ObjectiveKind::Reward),
+                base_seed: base.seed,
+                dataset_ids: request.dataset_ids.clone(),
+                hyper: Hyperparameters {
+                    lr: h.lr,
+                    batch_size: h.batch_size as usize,
+                    minibatch_size: if h.minibatch_size == 0 {
+                        h.batch_size as usize
+                    } else {
+                        h.minibatch_size as usize
+                    },
+                    epochs: h.epochs.max(1) as usize,
+                    schedule,
+                    weight_decay: h.weight_decay,
+                    max_grad_norm: positive(h.max_grad_norm),
+                    max_ctx: if h.max_ctx == 0 {
+                        base.config.max_positions()
+                    } else {
+                        h.max_ctx as usize
+                    },
+                    seed: h.seed,
+                    shuffle: h.shuffle,
+                    beta: positive(h.beta),
+                    gamma: positive(h.gamma),
+                    conflict_alpha: positive(h.conflict_alpha),
+                    orient_slots: h.orient_slots,
+                    checkpoint_every: h.checkpoint_every as usize,
+                },
+                output_model: request.output_model,
+            };
+            spec.validate()?;
+            let store = self.0.datasets.clone();
+            let ids = spec.dataset_ids.clone();
+            let rows = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<Row>> {
+                let mut rows = Vec::new();
+                for id in &ids {
+                    rows.extend(store.rows(id)?.1);
+                }
+                Ok(rows)
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            let status = self.0.worker.start_job(spec, rows).await?;
+            Ok(job_info(&status))
+        }
+        .await;
+        self.0.finish("StartJob", started, result)
+    }
+
+    type WatchJobStream = EventStream<pb::JobEvent>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let started = Instant::now();
+        let id = request.into_inner().id;
+        // Subscribe before reading the state so that no event falls between the two.
+        let mut events = self.0.events.subscribe();
+        let current = match self.0.job_status(&id) {
+            Ok(s) => s,
+            Err(e) => return Err(self.0.fail("WatchJob", started, e)),
+        };
+        self.0
+            .metrics
+            .observe_request("WatchJob", tonic::Code::Ok, started.elapsed());
+        let stream = async_stream(move |tx| async move {
+            let first = JobEvent {
+                status: current.clone(),
+                step: None,
+            };
+            if tx.send(Ok(job_event(&first))).await.is_err() || current.state.is_terminal() {
+                return;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(event) if event.status.id == id => {
+                        let terminal = event.status.state.is_terminal();
+                        if tx.send(Ok(job_event(&event))).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("server is shutting down")))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let started = Instant::now();
+        let id = request.into_inner().id;
+        let result = async {
+            self.0.job_status(&id)?;
+            Ok(job_info(&self.0.worker.cancel_job(id).await?))
+        }
+        .await;
+        self.0.finish("CancelJob", started, result)
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .0
+            .jobs
+            .lock()
+            .map_err(|_| ServiceError::Internal("job table poisoned".into()))
+            .map(|table| pb::ListJobsResponse {
+                jobs: table.values().map(job_info).collect(),
+            });
+        self.0.finish("ListJobs", started, result)
+    }
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<T, F, Fut>(body: F) -> EventStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Numerically stable logistic function.

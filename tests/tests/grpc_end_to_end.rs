@@ -120,6 +120,7 @@ async fn serves_models_logprobs_and_scores() {
             pairs: vec![pair.clone()],
             scoring: pb::PairScoring::MeanLogprob as i32,
             max_ctx: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -151,6 +152,7 @@ async fn serves_models_logprobs_and_scores() {
             pairs: vec![pair.clone(), pair.clone()],
             scoring: pb::PairScoring::Reward as i32,
             max_ctx: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -162,6 +164,7 @@ async fn serves_models_logprobs_and_scores() {
             pairs: vec![pair.clone()],
             scoring: pb::PairScoring::Reward as i32,
             max_ctx: 0,
+            ..Default::default()
         })
         .await;
     assert_eq!(code_of(no_head), Code::FailedPrecondition);
@@ -207,11 +210,12 @@ async fn errors_map_to_the_documented_codes() {
         .unwrap();
     assert_eq!(kept.sequences[0].token_ids.len(), 8);
     assert!(kept.sequences[0].truncated);
-    // A preset has no tokenizer: texts cannot be scored.
-    assert_eq!(
-        code_of(client.token_logprobs(logprobs("tiny", "hi", false)).await),
-        Code::FailedPrecondition
-    );
+    // A preset tokenizes bytes: "hi" is two tokens.
+    let bytes = client
+        .token_logprobs(logprobs("tiny", "hi", false))
+        .await
+        .unwrap();
+    assert_eq!(bytes.sequences[0].token_ids, vec![104, 105]);
     // A dialogue without the assistant marker, when split is asked for.
     let mut split = logprobs("gpt2-ref", "no marker here", false);
     split.split_dialogue = true;

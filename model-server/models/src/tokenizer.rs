@@ -100,6 +100,26 @@ impl TextTokenizer {
         Ok(tokenizer)
     }
 
+    /// A byte-level tokenizer with no merges: token `i` is byte `i` (GPT-2's byte-to-unicode
+    /// alphabet, so it saves as an ordinary `tokenizer.json`). Built-in presets use it, so any
+    /// model can take text without tokenizer files.
+    pub fn bytes() -> Result<Self> {
+        let vocab: tokenizers::models::bpe::Vocab = (0u32..256)
+            .map(|b| (byte_to_unicode(b as u8).to_string(), b))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(|e| tokenizer_error(Path::new("<bytes>"), e))?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::new(false, true, true)));
+        Ok(Self {
+            inner,
+            bos_to_prepend: None,
+        })
+    }
+
     /// Wraps a tokenizer built in code (e.g. trained on a corpus).
     pub fn from_tokenizer(inner: Tokenizer, bos_to_prepend: Option<u32>) -> Self {
         Self {
@@ -334,9 +354,33 @@ fn byte_level_bpe(dir: &Path, vocab: &Path, merges: &Path) -> Result<Tokenizer> 
     Ok(tokenizer)
 }
 
+/// GPT-2's reversible byte-to-unicode map (printable bytes map to themselves).
+fn byte_to_unicode(byte: u8) -> char {
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    if printable(byte) {
+        return char::from(byte);
+    }
+    let offset = (0..byte).filter(|b| !printable(*b)).count() as u32;
+    char::from_u32(256 + offset).unwrap_or('?')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_tokenizer_maps_each_byte_to_its_value() {
+        let t = TextTokenizer::bytes().unwrap();
+        assert_eq!(t.vocab_size(), 256);
+        assert_eq!(t.encode("Az !").unwrap(), vec![65, 122, 32, 33]);
+        assert_eq!(t.encode("é").unwrap(), vec![0xC3, 0xA9]);
+        assert_eq!(
+            t.decode(&t.encode("héllo\n\nAssistant:").unwrap()).unwrap(),
+            "héllo\n\nAssistant:"
+        );
+    }
 
     #[test]
     fn split_is_at_the_last_marker() {
