@@ -1387,13 +1387,12 @@ impl Worker {
         status.state = JobState::Running;
         status.step = metrics.step;
         status.total_steps = metrics.total_steps;
+        if metrics.step.is_multiple_of(every.max(1)) && !finished {
+            self.persist(&paths, &status);
+        }
+        self.publish(&status, Some(update));
         if finished {
             self.finish_head_job(metrics.loss, metrics.accuracy);
-        } else {
-            if metrics.step.is_multiple_of(every.max(1)) {
-                self.persist(&paths, &status);
-            }
-            self.publish(&status, Some(update));
         }
     }
 

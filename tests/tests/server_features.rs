@@ -1,0 +1,835 @@
+//! The model server's full API over loopback gRPC with tiny preset models: every RPC, the
+//! error codes, training jobs (including one interrupted by a server restart), dynamic
+//! batching, concurrency, metrics, authentication and TLS.
+
+use std::time::Duration;
+
+use model_server::{ClientOptions, RunningServer, ServerConfig, W2sClient};
+use tonic::Code;
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::load_model_request::Source;
+use w2s_proto::v1::upload_dataset_request::Item;
+
+fn config(data_dir: &std::path::Path) -> ServerConfig {
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = data_dir.to_path_buf();
+    config.model_root = data_dir.to_path_buf();
+    config
+}
+
+fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
+    pb::LoadModelRequest {
+        name: name.into(),
+        source: Some(Source::Preset(preset.into())),
+        role: "test".into(),
+        reward_head,
+        seed: 7,
+    }
+}
+
+fn code_of<T: std::fmt::Debug>(result: Result<T, model_server::ClientError>) -> Code {
+    match result {
+        Err(model_server::ClientError::Rpc(status)) => status.code(),
+        other => panic!("expected an RPC error, got {other:?}"),
+    }
+}
+
+fn dialogue(i: usize, answer: &str) -> String {
+    format!("\n\nHuman: question {i}?\n\nAssistant: {answer} {i}")
+}
+
+fn pair_rows(n: usize) -> Vec<Item> {
+    (0..n)
+        .map(|i| {
+            Item::Pair(pb::PairRow {
+                prompt: String::new(),
+                chosen: dialogue(i, "a helpful and harmless answer"),
+                rejected: dialogue(i, "no"),
+                label: Some(if i % 4 == 0 { 0.3 } else { 0.9 }),
+                chosen_is_human_choice: Some(i % 3 != 0),
+            })
+        })
+        .collect()
+}
+
+fn hyper(batch: u32, epochs: u32) -> pb::TrainingHyperparameters {
+    pb::TrainingHyperparameters {
+        lr: 1e-3,
+        batch_size: batch,
+        minibatch_size: batch / 2,
+        epochs,
+        schedule: pb::LrSchedule::WarmupConstant as i32,
+        max_ctx: 96,
+        seed: 3,
+        shuffle: true,
+        checkpoint_every: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rpc_works_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    client
+        .load_model(preset("policy", "tiny-gpt2", false))
+        .await
+        .unwrap();
+    let judge = client
+        .load_model(preset("judge", "tiny-opt", true))
+        .await
+        .unwrap();
+    assert!(judge.has_reward_head);
+
+    // ScoreTexts equals ScorePairs(reward) sides.
+    let texts = vec![dialogue(1, "yes"), dialogue(1, "no")];
+    let rewards = client
+        .inference
+        .clone()
+        .score_texts(pb::ScoreTextsRequest {
+            model: "judge".into(),
+            texts: texts.clone(),
+            max_ctx: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pair = pb::PreferencePair {
+        prompt: String::new(),
+        chosen: texts[0].clone(),
+        rejected: texts[1].clone(),
+    };
+    let scored = client
+        .score_pairs(pb::ScorePairsRequest {
+            model: "judge".into(),
+            pairs: vec![pair.clone()],
+            scoring: pb::PairScoring::Reward as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!((scored.scores[0].chosen - rewards.rewards[0]).abs() < 1e-6);
+    assert!((scored.scores[0].rejected - rewards.rewards[1]).abs() < 1e-6);
+
+    // DPO scoring of a model against itself is exactly zero.
+    let dpo = client
+        .score_pairs(pb::ScorePairsRequest {
+            model: "policy".into(),
+            pairs: vec![pair.clone()],
+            scoring: pb::PairScoring::Dpo as i32,
+            reference_model: "policy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dpo.scores[0].margin, 0.0);
+
+    // Generation streams tokens, then a final message; the same seed gives the same text.
+    let generate = |seed| {
+        let client = client.clone();
+        async move {
+            let mut stream = client
+                .inference
+                .clone()
+                .generate(pb::GenerateRequest {
+                    model: "policy".into(),
+                    prompt: "\n\nHuman: hi\n\nAssistant:".into(),
+                    max_new_tokens: 12,
+                    sampling: Some(pb::SamplingParams {
+                        temperature: 1.0,
+                        top_k: 20,
+                        top_p: 0.9,
+                        seed,
+                    }),
+                    stop_at_eos: Some(false),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (mut tokens, mut done) = (Vec::new(), None);
+            while let Some(message) = stream.message().await.unwrap() {
+                match message.event.unwrap() {
+                    pb::generate_response::Event::Token(t) => tokens.push(t.id),
+                    pb::generate_response::Event::Done(d) => done = Some(d),
+                }
+            }
+            let done = done.expect("a final message");
+            assert_eq!(done.token_ids, tokens);
+            assert!(done.timing.is_some());
+            tokens
+        }
+    };
+    let a = generate(5).await;
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, generate(5).await);
+
+    // Preference-pair generation: k = 3 samples give 2 pairs per prompt, best first.
+    let pairs = client
+        .inference
+        .clone()
+        .generate_pairs(pb::GeneratePairsRequest {
+            policy: "policy".into(),
+            judge: "judge".into(),
+            judge_kind: pb::JudgeKind::Reward as i32,
+            prompts: vec![
+                "\n\nHuman: a?\n\nAssistant:".into(),
+                "\n\nHuman: b?\n\nAssistant:".into(),
+            ],
+            samples_per_prompt: 3,
+            max_new_tokens: 8,
+            sampling: Some(pb::SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 1,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pairs.pairs.len(), 4);
+    for p in &pairs.pairs {
+        assert!(p.chosen_score >= p.rejected_score);
+        assert!(p.soft_label >= 0.5 && p.soft_label < 1.0);
+    }
+
+    // Datasets: upload, list; the same rows give the same id.
+    let info = client.upload_dataset("pairs", pair_rows(16)).await.unwrap();
+    assert_eq!((info.rows, info.kind), (16, pb::RowKind::Pairs as i32));
+    assert_eq!(
+        client
+            .upload_dataset("again", pair_rows(16))
+            .await
+            .unwrap()
+            .id,
+        info.id
+    );
+    let listed = client
+        .datasets
+        .clone()
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.datasets.len(), 1);
+
+    // A SimPO job, watched to the end; its model is registered and loadable by job id.
+    let mut steps = Vec::new();
+    let job = client
+        .run_job(
+            pb::StartJobRequest {
+                objective: pb::ObjectiveKind::Simpo as i32,
+                base_model: "policy".into(),
+                dataset_ids: vec![info.id.clone()],
+                hyperparameters: Some(pb::TrainingHyperparameters {
+                    conflict_alpha: 0.5,
+                    ..hyper(8, 2)
+                }),
+                output_model: "policy-simpo".into(),
+            },
+            |event| {
+                if let Some(step) = &event.step {
+                    steps.push(step.clone());
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(steps.len(), 4);
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.loss.is_finite() && s.tokens_per_second > 0.0 && s.accuracy.is_some())
+    );
+    assert_eq!(steps.last().unwrap().eta_seconds, 0.0);
+    let models = client.list_models().await.unwrap();
+    let trained = models.iter().find(|m| m.name == "policy-simpo").unwrap();
+    let original = models.iter().find(|m| m.name == "policy").unwrap();
+    assert_ne!(trained.content_hash, original.content_hash);
+    let from_job = client
+        .load_model(pb::LoadModelRequest {
+            name: "again".into(),
+            source: Some(Source::Job(job.id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(from_job.content_hash, trained.content_hash);
+    let jobs = client
+        .training
+        .clone()
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(jobs.jobs.len(), 1);
+
+    // Export, then load the exported folder by path inside the model root.
+    client
+        .models
+        .clone()
+        .export_model(pb::ExportModelRequest {
+            name: "policy-simpo".into(),
+            path: "exported".into(),
+        })
+        .await
+        .unwrap();
+    let reloaded = client
+        .load_model(pb::LoadModelRequest {
+            name: "reloaded".into(),
+            source: Some(Source::Path("exported".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(reloaded.content_hash, trained.content_hash);
+    client
+        .models
+        .clone()
+        .unload_model(pb::UnloadModelRequest {
+            name: "reloaded".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !client
+            .list_models()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "reloaded")
+    );
+
+    // A reward job with the reward-mechanism conflict and slot orientation, then a cancelled job.
+    let reward = client
+        .run_job(
+            pb::StartJobRequest {
+                objective: pb::ObjectiveKind::Reward as i32,
+                base_model: "policy".into(),
+                dataset_ids: vec![info.id.clone()],
+                hyperparameters: Some(pb::TrainingHyperparameters {
+                    conflict_alpha: 0.5,
+                    orient_slots: true,
+                    schedule: pb::LrSchedule::CosineToZero as i32,
+                    ..hyper(8, 1)
+                }),
+                output_model: "policy-rm".into(),
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(reward.state, pb::JobState::Succeeded as i32, "{reward:?}");
+    let long = client
+        .training
+        .clone()
+        .start_job(pb::StartJobRequest {
+            objective: pb::ObjectiveKind::Sft as i32,
+            base_model: "policy".into(),
+            dataset_ids: vec![info.id.clone()],
+            hyperparameters: Some(hyper(2, 500)),
+            output_model: "never".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .training
+        .clone()
+        .cancel_job(pb::CancelJobRequest {
+            id: long.id.clone(),
+        })
+        .await
+        .unwrap();
+    let ended = client.follow_job(&long.id, &mut |_| {}).await.unwrap();
+    assert_eq!(ended.state, pb::JobState::Cancelled as i32);
+
+    // Reflection lists every service without a proto file.
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(
+        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
+            list,
+        ),
+    ) = response.message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "w2s.v1.Models",
+        "w2s.v1.Inference",
+        "w2s.v1.Datasets",
+        "w2s.v1.Training",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing from {names:?}"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn error_codes_auth_deadlines_and_overload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.token = Some("s3cret".into());
+    cfg.queue_capacity = 2;
+    let server = RunningServer::start(cfg).await.unwrap();
+    let anonymous = W2sClient::connect(&server.url()).await.unwrap();
+    assert_eq!(
+        code_of(anonymous.list_models().await),
+        Code::Unauthenticated
+    );
+    let options = ClientOptions {
+        token: Some("s3cret".into()),
+        ..Default::default()
+    };
+    let client = W2sClient::connect_with(&server.url(), &options)
+        .await
+        .unwrap();
+    client
+        .load_model(preset("m", "tiny-gpt2", false))
+        .await
+        .unwrap();
+
+    // A row-level validation error names the row.
+    let mut rows = pair_rows(3);
+    rows.push(Item::Pair(pb::PairRow {
+        chosen: "no marker".into(),
+        rejected: "x".into(),
+        ..Default::default()
+    }));
+    match client.upload_dataset("bad", rows).await {
+        Err(model_server::ClientError::Rpc(status)) => {
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(status.message().contains("rows[3]"), "{}", status.message());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Unknown dataset and job.
+    let start = pb::StartJobRequest {
+        objective: pb::ObjectiveKind::Sft as i32,
+        base_model: "m".into(),
+        dataset_ids: vec!["ds-0000000000000000".into()],
+        hyperparameters: Some(hyper(2, 1)),
+        output_model: "out".into(),
+    };
+    assert_eq!(
+        code_of(
+            client
+                .training
+                .clone()
+                .start_job(start.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(model_server::ClientError::from)
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            client
+                .training
+                .clone()
+                .cancel_job(pb::CancelJobRequest { id: "job-x".into() })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(model_server::ClientError::from)
+        ),
+        Code::NotFound
+    );
+    // Wrong row kind for the objective names the row; bad hyperparameters name the field.
+    let texts = client
+        .upload_dataset(
+            "texts",
+            vec![
+                Item::Text(pb::TextRow {
+                    text: "plain".into(),
+                }),
+                Item::Text(pb::TextRow {
+                    text: "more".into(),
+                }),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut wrong = start.clone();
+    wrong.objective = pb::ObjectiveKind::Reward as i32;
+    wrong.dataset_ids = vec![texts.id.clone()];
+    let job = client
+        .training
+        .clone()
+        .start_job(wrong)
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = client.follow_job(&job.id, &mut |_| {}).await.unwrap();
+    assert_eq!(ended.state, pb::JobState::Failed as i32);
+    assert!(ended.error.contains("rows[0]"), "{}", ended.error);
+    let mut bad = start.clone();
+    bad.dataset_ids = vec![texts.id.clone()];
+    bad.hyperparameters = Some(pb::TrainingHyperparameters {
+        minibatch_size: 3,
+        ..hyper(2, 1)
+    });
+    match client.training.clone().start_job(bad).await {
+        Err(status) => {
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(
+                status.message().contains("minibatch_size"),
+                "{}",
+                status.message()
+            );
+        }
+        Ok(r) => panic!("{r:?}"),
+    }
+
+    // Overload: with a queue of 2, a burst of slow requests is partly refused, never failed.
+    let long_text = "word ".repeat(20);
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let client = client.clone();
+        let text = long_text.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .token_logprobs(pb::TokenLogprobsRequest {
+                    model: "m".into(),
+                    texts: vec![text; 8],
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    let mut codes = Vec::new();
+    for task in tasks {
+        codes.push(match task.await.unwrap() {
+            Ok(_) => Code::Ok,
+            Err(model_server::ClientError::Rpc(s)) => s.code(),
+            Err(e) => panic!("{e}"),
+        });
+    }
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, Code::Ok | Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    assert!(
+        codes.contains(&Code::ResourceExhausted) && codes.contains(&Code::Ok),
+        "{codes:?}"
+    );
+
+    // Deadlines: a request that cannot finish in time ends with a deadline error.
+    let mut request = tonic::Request::new(pb::TokenLogprobsRequest {
+        model: "m".into(),
+        texts: vec![long_text.clone(); 512],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(1));
+    let status = client
+        .inference
+        .clone()
+        .token_logprobs(request)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+async fn simpo_job_to_end(data_dir: &std::path::Path, interrupt_after: Option<u64>) -> String {
+    let spec = |dataset: &str| pb::StartJobRequest {
+        objective: pb::ObjectiveKind::Dpo as i32,
+        base_model: "base".into(),
+        dataset_ids: vec![dataset.to_string()],
+        hyperparameters: Some(pb::TrainingHyperparameters {
+            conflict_alpha: 0.5,
+            ..hyper(4, 3)
+        }),
+        output_model: "trained".into(),
+    };
+    let server = RunningServer::start(config(data_dir)).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    client
+        .load_model(preset("base", "tiny-opt-post-ln", false))
+        .await
+        .unwrap();
+    let dataset = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
+    let job = client
+        .training
+        .clone()
+        .start_job(spec(&dataset.id))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(stop) = interrupt_after else {
+        let ended = client.follow_job(&job.id, &mut |_| {}).await.unwrap();
+        assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+        let hash = client
+            .list_models()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "trained")
+            .unwrap()
+            .content_hash;
+        server.shutdown().await.unwrap();
+        return hash;
+    };
+    // Watch until `stop` steps are done, then restart the server under the running job.
+    let mut stream = client
+        .training
+        .clone()
+        .watch_job(pb::WatchJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if event.step.as_ref().is_some_and(|s| s.step >= stop) {
+            break;
+        }
+    }
+    drop(stream);
+    server.shutdown().await.unwrap();
+    let server = RunningServer::start(config(data_dir)).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    let mut first_step = None;
+    let ended = client
+        .follow_job(&job.id, &mut |e| {
+            if let Some(s) = &e.step {
+                first_step.get_or_insert(s.step);
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+    assert!(
+        first_step.unwrap_or(u64::MAX) > stop,
+        "resumed at {first_step:?}, stopped after {stop}"
+    );
+    let hash = client
+        .list_models()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == "trained")
+        .unwrap()
+        .content_hash;
+    server.shutdown().await.unwrap();
+    hash
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_interrupted_by_a_server_restart_resumes_to_the_same_model() {
+    let uninterrupted = tempfile::tempdir().unwrap();
+    let interrupted = tempfile::tempdir().unwrap();
+    let expected = simpo_job_to_end(uninterrupted.path(), None).await;
+    let resumed = simpo_job_to_end(interrupted.path(), Some(2)).await;
+    assert_eq!(resumed, expected);
+}
+
+async fn logprobs_of(server: &RunningServer, texts: &[String], concurrent: bool) -> Vec<Vec<f32>> {
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    let request = |text: String| pb::TokenLogprobsRequest {
+        model: "m".into(),
+        texts: vec![text],
+        ..Default::default()
+    };
+    if concurrent {
+        let tasks: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let client = client.clone();
+                let r = request(t.clone());
+                tokio::spawn(async move { client.token_logprobs(r).await.unwrap() })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.unwrap().sequences[0].logprobs.clone());
+        }
+        out
+    } else {
+        let mut out = Vec::new();
+        for t in texts {
+            out.push(
+                client
+                    .token_logprobs(request(t.clone()))
+                    .await
+                    .unwrap()
+                    .sequences[0]
+                    .logprobs
+                    .clone(),
+            );
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut batched_config = config(&dir.path().join("a"));
+    batched_config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let batched = RunningServer::start(batched_config).await.unwrap();
+    let mut single_config = config(&dir.path().join("b"));
+    single_config.max_batch_requests = 1;
+    let single = RunningServer::start(single_config).await.unwrap();
+    for server in [&batched, &single] {
+        W2sClient::connect(&server.url())
+            .await
+            .unwrap()
+            .load_model(preset("m", "tiny-gpt2", false))
+            .await
+            .unwrap();
+    }
+    let texts: Vec<String> = (0..48)
+        .map(|i| dialogue(i, &"abc ".repeat(i % 7 + 1)))
+        .collect();
+    let together = logprobs_of(&batched, &texts, true).await;
+    let alone = logprobs_of(&single, &texts, false).await;
+    for (a, b) in together.iter().zip(&alone) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+    }
+    // Some requests were actually merged.
+    let metrics = batched.metrics().render();
+    let singles: u64 = metric_value(&metrics, "w2s_batch_requests_bucket{le=\"1\"}");
+    let batches: u64 = metric_value(&metrics, "w2s_batch_requests_count");
+    assert!(
+        singles < batches,
+        "no batch had more than one request:\n{metrics}"
+    );
+
+    // 32 concurrent clients x 50 requests: nothing fails except explicit overload.
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let url = batched.url();
+        tasks.push(tokio::spawn(async move {
+            let client = W2sClient::connect(&url).await.unwrap();
+            let mut codes = Vec::new();
+            for r in 0..50 {
+                let result = client
+                    .score_pairs(pb::ScorePairsRequest {
+                        model: "m".into(),
+                        pairs: vec![pb::PreferencePair {
+                            prompt: String::new(),
+                            chosen: dialogue(c * 50 + r, "fine"),
+                            rejected: dialogue(c * 50 + r, "bad"),
+                        }],
+                        scoring: pb::PairScoring::MeanLogprob as i32,
+                        ..Default::default()
+                    })
+                    .await;
+                codes.push(match result {
+                    Ok(_) => Code::Ok,
+                    Err(model_server::ClientError::Rpc(s)) => s.code(),
+                    Err(e) => panic!("client {c}: {e}"),
+                });
+            }
+            codes
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        for code in task.await.unwrap() {
+            assert!(
+                matches!(code, Code::Ok | Code::ResourceExhausted),
+                "{code:?}"
+            );
+            ok += usize::from(code == Code::Ok);
+        }
+    }
+    assert!(ok > 0);
+
+    // The metrics endpoint serves the registry over HTTP.
+    let addr = batched.metrics_addr().unwrap();
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200")
+            && body.contains("w2s_requests_total{rpc=\"ScorePairs\",code=\"Ok\"}"),
+        "{body}"
+    );
+    batched.shutdown().await.unwrap();
+    single.shutdown().await.unwrap();
+}
+
+fn metric_value(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().parse::<f64>().unwrap_or(0.0) as u64)
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.tls_cert = Some(cert.clone());
+    cfg.tls_key = Some(key);
+    cfg.presets.push(model_server::config::NamedSource {
+        name: "m".into(),
+        value: "tiny-opt".into(),
+    });
+    let server = RunningServer::start(cfg).await.unwrap();
+    let url = format!("https://localhost:{}", server.addr().port());
+    let options = ClientOptions {
+        tls_ca: Some(cert),
+        tls_domain: Some("localhost".into()),
+        ..Default::default()
+    };
+    let client = W2sClient::connect_with(&url, &options).await.unwrap();
+    assert_eq!(client.list_models().await.unwrap().len(), 1);
+    // Plain text against a TLS server fails.
+    let plain = W2sClient::connect(&server.url()).await;
+    if let Ok(plain) = plain {
+        assert!(plain.list_models().await.is_err());
+    }
+    server.shutdown().await.unwrap();
+}
