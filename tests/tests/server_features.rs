@@ -230,7 +230,7 @@ async fn every_rpc_works_end_to_end() {
             },
             |event| {
                 if let Some(step) = &event.step {
-                    steps.push(step.clone());
+                    steps.push(*step);
                 }
             },
         )
