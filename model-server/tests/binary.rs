@@ -1,0 +1,111 @@
+//! The `model-server` binary as an operator runs it: configuration from flags and environment
+//! variables, the ready line with the bound address, a Python client generated from the proto
+//! (grpcio-tools) driving it, and a graceful exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("W2S_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/.cache/pyenv/bin/python");
+    assert!(
+        venv.is_file(),
+        "{} is missing: run tools/prepare-test-assets.sh (the README's test command does) or set W2S_PYTHON",
+        venv.display()
+    );
+    venv
+}
+
+/// Starts the server and returns it with the address from its ready line.
+fn start(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before it was ready")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    (child, addr, rest)
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap()
+}
+
+#[test]
+fn python_client_drives_the_server_binary_and_sigterm_stops_it_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, addr, logs) = start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &[
+            ("W2S_PRESETS", "env-model=tiny-opt"),
+            ("W2S_MODEL_ROOT", data.path().to_str().unwrap()),
+        ],
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python/w2s_example.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args([
+            "--server",
+            &addr,
+            "--stubs",
+            data.path().join("stubs").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["job_state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(summary["dataset_rows"], 8);
+    let models: Vec<String> = serde_json::from_value(summary["models"].clone()).unwrap();
+    assert!(models.contains(&"env-model".to_string()) && models.contains(&"py-policy".to_string()));
+    assert_eq!(summary["steps"].as_array().unwrap().len(), 2);
+    let p = summary["p_chosen"].as_f64().unwrap();
+    assert!(p > 0.0 && p < 1.0);
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+    let logs = logs.join().unwrap();
+    assert!(logs.iter().any(|l| l.contains("shutting down")), "{logs:?}");
+}
+
+#[test]
+fn refuses_a_public_address_without_a_token() {
+    let out = Command::new(env!("CARGO_BIN_EXE_model-server"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--token"), "{stderr}");
+}
