@@ -1,0 +1,219 @@
+//! `load-client`: a load generator and benchmark for the model server. Prints numbers; asserts
+//! nothing.
+//!
+//! 1. gRPC overhead: median time of TokenLogprobs on a batch of B texts of T tokens (default
+//!    8 x 256, GPT-2-small shape, byte tokenizer) through the server, against the same
+//!    tokenization + forward called in-process.
+//! 2. Pair scoring throughput: single-pair ScorePairs requests from C concurrent clients
+//!    (default 1, 8, 32), with dynamic batching on and off: sequences/s, p50 and p99 latency.
+//!
+//!     cargo run --release -p model-server --bin load-client -- [--preset gpt2] [--quick]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use model_server::config::NamedSource;
+use model_server::{RunningServer, ServerConfig, W2sClient};
+use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
+use w2s_proto::v1 as pb;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "load-client",
+    about = "Benchmarks the model server over loopback gRPC."
+)]
+struct Args {
+    /// Model preset for both parts.
+    #[arg(long, default_value = "gpt2")]
+    preset: String,
+    /// Sequences per overhead request.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per overhead sequence.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Repetitions of the overhead measurement (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Concurrency levels of the throughput sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Requests per concurrency level and batching mode.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Bytes (= tokens) per response in the throughput sweep.
+    #[arg(long, default_value_t = 48)]
+    pair_tokens: usize,
+    /// Small settings for a smoke run.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i]
+}
+
+async fn server(preset: &str, max_batch_requests: usize) -> Result<(RunningServer, W2sClient)> {
+    let mut config = ServerConfig::ephemeral();
+    config.presets.push(NamedSource {
+        name: "m".into(),
+        value: preset.into(),
+    });
+    config.max_batch_requests = max_batch_requests;
+    config.max_batch_tokens = 1 << 20;
+    let server = RunningServer::start(config)
+        .await
+        .context("starting the server")?;
+    let client = W2sClient::connect(&server.url()).await?;
+    Ok((server, client))
+}
+
+fn text_of(tokens: usize, salt: usize) -> String {
+    // The byte tokenizer makes one token per byte.
+    (0..tokens)
+        .map(|i| (b'a' + ((i * 7 + salt) % 26) as u8) as char)
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.reps = 2;
+        args.requests = 16;
+        args.tokens = 64;
+    }
+    println!(
+        "load-client: preset {}, {} rayon threads, {} CPUs",
+        args.preset,
+        rayon_threads(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    // 1. Overhead of gRPC against in-process calls.
+    let texts: Vec<String> = (0..args.batch).map(|i| text_of(args.tokens, i)).collect();
+    let (grpc_server, client) = server(&args.preset, 64).await?;
+    let request = pb::TokenLogprobsRequest {
+        model: "m".into(),
+        texts: texts.clone(),
+        ..Default::default()
+    };
+    client.token_logprobs(request.clone()).await?; // warm-up
+    let mut grpc = Vec::new();
+    let mut server_compute = Vec::new();
+    let mut server_queue = Vec::new();
+    for _ in 0..args.reps {
+        let t = Instant::now();
+        let response = client.token_logprobs(request.clone()).await?;
+        grpc.push(t.elapsed().as_secs_f64());
+        let timing = response.timing.unwrap_or_default();
+        server_compute.push(timing.compute_ns as f64 / 1e9);
+        server_queue.push(timing.queue_ns as f64 / 1e9);
+    }
+    grpc_server.shutdown().await?;
+    let config = ModelConfig::preset(&args.preset).context("unknown preset")?;
+    let model = CausalLm::random_init(config, 0, &LoadOptions::default())?;
+    let tokenizer = TextTokenizer::bytes()?;
+    let in_process_call = || -> Result<()> {
+        let sequences: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| tokenizer.encode(t))
+            .collect::<Result<_, _>>()?;
+        model.sequence_logprobs(&sequences)?;
+        Ok(())
+    };
+    in_process_call()?;
+    let mut local = Vec::new();
+    for _ in 0..args.reps {
+        let t = Instant::now();
+        in_process_call()?;
+        local.push(t.elapsed().as_secs_f64());
+    }
+    drop(model);
+    let (g, l) = (median(grpc), median(local));
+    println!(
+        "server-side stages (medians): queue {:.4} s, compute {:.4} s",
+        median(server_queue),
+        median(server_compute)
+    );
+    println!(
+        "overhead: {} x {} tokens: gRPC median {:.4} s, in-process median {:.4} s, overhead {:+.2}%",
+        args.batch,
+        args.tokens,
+        g,
+        l,
+        (g - l) / l * 100.0
+    );
+
+    // 2. Throughput of single-pair scoring.
+    println!("| batching | concurrency | sequences/s | p50 ms | p99 ms |");
+    println!("| --- | --- | --- | --- | --- |");
+    for batching in [true, false] {
+        let (srv, client) = server(&args.preset, if batching { 64 } else { 1 }).await?;
+        for &concurrency in &args.concurrency {
+            let per_client = args.requests.div_ceil(concurrency);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..concurrency {
+                let client = client.clone();
+                let pair_tokens = args.pair_tokens;
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(per_client);
+                    for r in 0..per_client {
+                        let prompt =
+                            format!("\n\nHuman: {}\n\nAssistant:", text_of(16, c * 1000 + r));
+                        let request = pb::ScorePairsRequest {
+                            model: "m".into(),
+                            pairs: vec![pb::PreferencePair {
+                                prompt,
+                                chosen: text_of(pair_tokens, r),
+                                rejected: text_of(pair_tokens, r + 1),
+                            }],
+                            scoring: pb::PairScoring::MeanLogprob as i32,
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        client.score_pairs(request).await?;
+                        latencies.push(t.elapsed());
+                    }
+                    anyhow::Ok(latencies)
+                }));
+            }
+            let mut latencies: Vec<f64> = Vec::new();
+            for task in tasks {
+                latencies.extend(
+                    task.await??
+                        .into_iter()
+                        .map(|d: Duration| d.as_secs_f64() * 1e3),
+                );
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let sequences = (latencies.len() * 2) as f64;
+            let p50 = percentile(&mut latencies, 0.5);
+            let p99 = percentile(&mut latencies, 0.99);
+            println!(
+                "| {} | {concurrency} | {:.1} | {p50:.1} | {p99:.1} |",
+                if batching { "on" } else { "off" },
+                sequences / elapsed
+            );
+        }
+        srv.shutdown().await?;
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
