@@ -461,14 +461,28 @@ impl Worker {
                         }
                     }
                     pending = rest;
-                    self.run_batch(batch);
+                    self.guarded("batch", |w| w.run_batch(batch));
                 } else {
                     let span = job.span.clone();
                     let _entered = span.enter();
-                    self.execute(job);
+                    self.guarded("command", |w| w.execute(job));
                 }
             }
-            self.train_one_step();
+            self.guarded("training step", Worker::train_one_step);
+        }
+    }
+
+    /// Runs `work`; a panic (a bug) is logged and the worker keeps serving. The panicking
+    /// request's reply channel is dropped, so its client sees UNAVAILABLE.
+    fn guarded(&mut self, what: &str, work: impl FnOnce(&mut Self)) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            error!("worker recovered from a panic in a {what}: {message}");
         }
     }
 
