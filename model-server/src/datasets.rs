@@ -58,7 +58,7 @@ impl Row {
                 if prompt.is_empty() {
                     for (side, text) in [("chosen", chosen), ("rejected", rejected)] {
                         match superficial_models::tokenizer::split_dialogue(text) {
-                            Some((_, response)) if !response.trim().is_empty() => {}
+                            Some((_, response)) if !response.is_empty() => {}
                             Some(_) => return Err(format!("{side} has an empty response")),
                             None => {
                                 return Err(format!(
