@@ -66,7 +66,7 @@ pub fn read_hh_jsonl(path: &Path, limit: Option<usize>) -> Result<Vec<HhPair>, D
                 }
                 // Whitespace-only responses occur in the official data (silent refusals) and
                 // still encode to tokens; only a missing response is an error.
-                Some((_, response)) if response.is_empty() => {
+                Some((_, "")) => {
                     return Err(error(number, format!("`{name}` has an empty response")));
                 }
                 Some(_) => {}
