@@ -1,4 +1,6 @@
-//! The trainer library: what the `trainer` binary needs besides gRPC — reading and validating
-//! HH-format preference data.
+//! The trainer library: the study specification, HH data loading and validation, and the study
+//! runner that drives a model server over gRPC.
 
 pub mod data;
+pub mod spec;
+pub mod study;

@@ -1,0 +1,217 @@
+//! The study specification: a TOML file (see `examples/`) naming data files, models, scenarios,
+//! settings, sizes, hyperparameters and seeds. Defaults equal the official scripts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn default_scenarios() -> Vec<Scenario> {
+    vec![Scenario::Reward, Scenario::Simpo]
+}
+fn default_settings() -> Vec<Setting> {
+    vec![Setting::None, Setting::Explicit]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    Reward,
+    Simpo,
+    Dpo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Setting {
+    None,
+    Implicit,
+    Explicit,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudySpec {
+    pub data: DataFiles,
+    #[serde(default)]
+    pub sizes: Sizes,
+    /// Models in increasing capability; every (earlier, later) pair is a (weak, strong) pair.
+    pub models: Vec<ModelSpec>,
+    #[serde(default = "default_scenarios")]
+    pub scenarios: Vec<Scenario>,
+    #[serde(default = "default_settings")]
+    pub settings: Vec<Setting>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Also train preference students on the high-confidence weak labels (τ = conf_threshold),
+    /// both the official filter (agrees with ground truth) and the one that does not peek.
+    #[serde(default)]
+    pub high_conf: bool,
+    #[serde(default)]
+    pub reward: StageHyper,
+    #[serde(default = "StageHyper::preference_default")]
+    pub preference: StageHyper,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFiles {
+    pub gt: PathBuf,
+    pub w2s: PathBuf,
+    pub test: PathBuf,
+    /// Human-labelled helpfulness pairs for the implicit conflict.
+    #[serde(default)]
+    pub helpful: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sizes {
+    pub n_docs: usize,
+    pub n_w2s_docs: usize,
+    pub n_test_docs: usize,
+    pub n_extra_docs: usize,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            n_docs: 4000,
+            n_w2s_docs: 4000,
+            n_test_docs: 4000,
+            n_extra_docs: 4000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    /// An HF checkpoint folder...
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// ...or a built-in preset (random init).
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Hyperparameters of one scenario family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageHyper {
+    pub lr: f64,
+    pub batch_size: u32,
+    pub minibatch_size: u32,
+    pub epochs: u32,
+    /// SFT epochs before SimPO/DPO.
+    pub sft_epochs: u32,
+    pub max_ctx: u32,
+    /// Explicit-conflict weight α.
+    pub alpha: f64,
+    /// High-confidence threshold τ.
+    pub conf_threshold: f64,
+    /// Pairs per evaluation request.
+    pub eval_batch: usize,
+}
+
+impl Default for StageHyper {
+    /// Reward modeling as the official scripts run it.
+    fn default() -> Self {
+        Self {
+            lr: 1e-5,
+            batch_size: 32,
+            minibatch_size: 1,
+            epochs: 1,
+            sft_epochs: 1,
+            max_ctx: 512,
+            alpha: 0.5,
+            conf_threshold: 0.75,
+            eval_batch: 32,
+        }
+    }
+}
+
+impl StageHyper {
+    /// SimPO/DPO as the official scripts run them.
+    pub fn preference_default() -> Self {
+        Self {
+            lr: 1e-6,
+            ..Self::default()
+        }
+    }
+}
+
+impl StudySpec {
+    /// Reads and validates a spec; relative data paths resolve against the spec's folder.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut spec: StudySpec =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut spec.data.gt, &mut spec.data.w2s, &mut spec.data.test] {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+        if let Some(helpful) = spec.data.helpful.as_mut()
+            && helpful.is_relative()
+        {
+            *helpful = base.join(&*helpful);
+        }
+        for model in &mut spec.models {
+            if let Some(p) = model.path.as_mut()
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        }
+        spec.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.models.len() < 2 {
+            return Err("give at least two models (weak and strong)".into());
+        }
+        for model in &self.models {
+            if model.path.is_some() == model.preset.is_some() {
+                return Err(format!(
+                    "model `{}`: give exactly one of `path` and `preset`",
+                    model.name
+                ));
+            }
+        }
+        let mut names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("model names must be unique".into());
+        }
+        if self.settings.contains(&Setting::Implicit) && self.data.helpful.is_none() {
+            return Err(
+                "the implicit setting needs `data.helpful` (human-labelled helpfulness pairs)"
+                    .into(),
+            );
+        }
+        if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
+            return Err("seeds, scenarios and settings must not be empty".into());
+        }
+        for (name, h) in [("reward", &self.reward), ("preference", &self.preference)] {
+            if h.batch_size == 0
+                || h.minibatch_size == 0
+                || h.batch_size % h.minibatch_size != 0
+                || h.eval_batch == 0
+            {
+                return Err(format!(
+                    "[{name}]: batch sizes must be positive and minibatch_size must divide batch_size"
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,822 @@
+//! Running the study on a model server: ceilings, weak labels, weak-to-strong students under
+//! each setting, for reward modeling and SimPO/DPO (paper spec §2). Each run writes
+//! `OUT/<run-id>/` with `config.json`, `log.jsonl`, `predictions.jsonl`, `weak_labels.jsonl`
+//! (runs that label data) and, last, `results_summary.json`, which marks the run finished: a
+//! rerun skips finished runs, and an interrupted run follows (or restarts) its server job.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use model_server::W2sClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::upload_dataset_request::Item;
+
+use crate::data::{HhPair, read_hh_jsonl};
+use crate::spec::{ModelSpec, Scenario, Setting, StageHyper, StudySpec};
+
+/// Everything a run needs from the data files, read and validated once.
+pub struct StudyData {
+    pub gt: Vec<HhPair>,
+    pub w2s: Vec<HhPair>,
+    pub test: Vec<HhPair>,
+    pub helpful: Vec<HhPair>,
+    pub hashes: BTreeMap<String, String>,
+}
+
+impl StudyData {
+    pub fn load(spec: &StudySpec) -> Result<Self> {
+        let s = &spec.sizes;
+        let mut hashes = BTreeMap::new();
+        let mut read = |name: &str, path: &Path, n: usize| -> Result<Vec<HhPair>> {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            hashes.insert(name.to_string(), format!("{:x}", Sha256::digest(&bytes)));
+            Ok(read_hh_jsonl(path, Some(n))?)
+        };
+        let gt = read("gt", &spec.data.gt, s.n_docs)?;
+        let w2s = read("w2s", &spec.data.w2s, s.n_w2s_docs)?;
+        let test = read("test", &spec.data.test, s.n_test_docs)?;
+        let helpful = match &spec.data.helpful {
+            Some(path) if spec.settings.contains(&Setting::Implicit) => {
+                read("helpful", path, s.n_extra_docs)?
+            }
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            gt,
+            w2s,
+            test,
+            helpful,
+            hashes,
+        })
+    }
+}
+
+/// One model's weak labels of a split: `margin` (chosen − rejected) per row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WeakLabel {
+    pub id: usize,
+    pub margin: f64,
+    pub p_chosen: f64,
+    pub correct: bool,
+}
+
+/// Where progress goes.
+pub trait Progress {
+    fn line(&mut self, text: &str);
+}
+
+/// Prints plain progress lines to stderr.
+pub struct PlainProgress;
+
+impl Progress for PlainProgress {
+    fn line(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+}
+
+/// The study runner.
+pub struct Study<'a> {
+    pub spec: &'a StudySpec,
+    pub data: &'a StudyData,
+    pub client: W2sClient,
+    pub out: PathBuf,
+    pub force: bool,
+    pub progress: &'a mut dyn Progress,
+    datasets: BTreeMap<String, String>,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
+}
+
+/// Writes a file atomically (temporary name, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut body = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut body, row)?;
+        body.push(b'\n');
+    }
+    write_atomic(path, &body)
+}
+
+fn pair_row(prompt_less_chosen: &str, rejected: &str, label: f32, human: bool) -> Item {
+    Item::Pair(pb::PairRow {
+        prompt: String::new(),
+        chosen: prompt_less_chosen.to_string(),
+        rejected: rejected.to_string(),
+        label: Some(label),
+        chosen_is_human_choice: Some(human),
+    })
+}
+
+/// A run's identity: its contract fields plus everything that affects results.
+#[derive(Debug, Clone, Serialize)]
+struct RunConfig {
+    scenario: Scenario,
+    role: &'static str,
+    model: String,
+    weak_model: Option<String>,
+    intermediate_model: Option<String>,
+    setting: Setting,
+    seed: u64,
+    high_conf: bool,
+    high_conf_peeks: bool,
+    hyperparameters: StageHyper,
+    sizes: crate::spec::Sizes,
+    models: Vec<ModelSpec>,
+    data_hashes: BTreeMap<String, String>,
+    code_version: &'static str,
+}
+
+impl RunConfig {
+    fn id(&self) -> String {
+        let mut effective = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = effective.as_object_mut() {
+            o.remove("code_version");
+        }
+        let hash = format!("{:x}", Sha256::digest(effective.to_string().as_bytes()));
+        let who = match &self.weak_model {
+            Some(weak) => format!("{weak}-to-{}", self.model),
+            None => self.model.clone(),
+        };
+        let conf = if self.high_conf {
+            if self.high_conf_peeks { "-hc" } else { "-hcnp" }
+        } else {
+            ""
+        };
+        let scenario = format!("{:?}", self.scenario).to_lowercase();
+        let setting = format!("{:?}", self.setting).to_lowercase();
+        format!(
+            "{scenario}-{}-{who}-{setting}{conf}-s{}-{}",
+            self.role,
+            self.seed,
+            &hash[..8]
+        )
+    }
+}
+
+impl<'a> Study<'a> {
+    pub fn new(
+        spec: &'a StudySpec,
+        data: &'a StudyData,
+        client: W2sClient,
+        out: PathBuf,
+        force: bool,
+        progress: &'a mut dyn Progress,
+    ) -> Self {
+        Self {
+            spec,
+            data,
+            client,
+            out,
+            force,
+            progress,
+            datasets: BTreeMap::new(),
+        }
+    }
+
+    fn model(&self, name: &str) -> Result<&ModelSpec> {
+        self.spec
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .with_context(|| format!("unknown model {name}"))
+    }
+
+    fn config(
+        &self,
+        scenario: Scenario,
+        role: &'static str,
+        model: &str,
+        weak: Option<&str>,
+        setting: Setting,
+        seed: u64,
+    ) -> RunConfig {
+        RunConfig {
+            scenario,
+            role,
+            model: model.to_string(),
+            weak_model: weak.map(str::to_string),
+            intermediate_model: None,
+            setting,
+            seed,
+            high_conf: false,
+            high_conf_peeks: false,
+            hyperparameters: if scenario == Scenario::Reward {
+                self.spec.reward.clone()
+            } else {
+                self.spec.preference.clone()
+            },
+            sizes: self.spec.sizes.clone(),
+            models: self.spec.models.clone(),
+            data_hashes: self.data.hashes.clone(),
+            code_version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Runs every scenario, seed, model and (weak, strong, setting) of the spec; returns the
+    /// run folders.
+    pub async fn run_all(&mut self) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(&self.out)?;
+        let mut finished = Vec::new();
+        let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
+        let seeds = self.spec.seeds.clone();
+        let scenarios = self.spec.scenarios.clone();
+        let settings = self.spec.settings.clone();
+        for &seed in &seeds {
+            for &scenario in &scenarios {
+                let mut labels = BTreeMap::new();
+                for name in &names {
+                    let (dir, weak_labels) = self.ceiling(scenario, name, seed).await?;
+                    labels.insert(name.clone(), weak_labels);
+                    finished.push(dir);
+                }
+                for (i, weak) in names.iter().enumerate() {
+                    for strong in &names[i + 1..] {
+                        for &setting in &settings {
+                            let variants: Vec<Option<bool>> = if self.spec.high_conf
+                                && scenario != Scenario::Reward
+                                && setting != Setting::Explicit
+                            {
+                                vec![None, Some(true), Some(false)]
+                            } else {
+                                vec![None]
+                            };
+                            for high_conf in variants {
+                                finished.push(
+                                    self.student(
+                                        scenario,
+                                        weak,
+                                        strong,
+                                        setting,
+                                        seed,
+                                        &labels[weak],
+                                        high_conf,
+                                    )
+                                    .await?,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(finished)
+    }
+
+    /// Uploads rows once per content (the server derives ids from content).
+    async fn dataset(&mut self, key: &str, rows: Vec<Item>) -> Result<String> {
+        if let Some(id) = self.datasets.get(key) {
+            return Ok(id.clone());
+        }
+        let info = self
+            .client
+            .upload_dataset(key, rows)
+            .await
+            .with_context(|| format!("uploading {key}"))?;
+        self.datasets.insert(key.to_string(), info.id.clone());
+        Ok(info.id)
+    }
+
+    fn human_rows(pairs: &[HhPair]) -> Vec<Item> {
+        pairs
+            .iter()
+            .map(|p| pair_row(&p.chosen, &p.rejected, 1.0, true))
+            .collect()
+    }
+
+    /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
+    async fn load_base(&self, model: &ModelSpec, name: &str, reward_head: bool) -> Result<()> {
+        let source = match (&model.path, &model.preset) {
+            (Some(path), _) => pb::load_model_request::Source::Path(path.display().to_string()),
+            (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
+            _ => bail!("model `{}` has no source", model.name),
+        };
+        let _ = self
+            .client
+            .models
+            .clone()
+            .unload_model(pb::UnloadModelRequest { name: name.into() })
+            .await;
+        self.client
+            .load_model(pb::LoadModelRequest {
+                name: name.into(),
+                source: Some(source),
+                role: "base".into(),
+                reward_head,
+                seed: model.seed,
+            })
+            .await
+            .with_context(|| format!("loading model {}", model.name))?;
+        Ok(())
+    }
+
+    fn hyper(
+        &self,
+        h: &StageHyper,
+        epochs: u32,
+        seed: u64,
+        schedule: pb::LrSchedule,
+        alpha: f64,
+        orient: bool,
+    ) -> pb::TrainingHyperparameters {
+        pb::TrainingHyperparameters {
+            lr: h.lr,
+            batch_size: h.batch_size,
+            minibatch_size: h.minibatch_size,
+            epochs,
+            schedule: schedule as i32,
+            warmup_frac: Some(0.1),
+            max_ctx: h.max_ctx,
+            seed,
+            shuffle: true,
+            conflict_alpha: alpha,
+            orient_slots: orient,
+            ..Default::default()
+        }
+    }
+
+    /// Runs a training stage as a server job, resuming a job recorded in `jobs.json` when the
+    /// server still knows it; returns the name of the trained model on the server.
+    async fn train(
+        &mut self,
+        dir: &Path,
+        stage: &str,
+        request: pb::StartJobRequest,
+        log: &mut std::fs::File,
+    ) -> Result<String> {
+        let jobs_path = dir.join("jobs.json");
+        let mut jobs: BTreeMap<String, String> = std::fs::read_to_string(&jobs_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let output = request.output_model.clone();
+        let known = self
+            .client
+            .training
+            .clone()
+            .list_jobs(pb::ListJobsRequest {})
+            .await?
+            .into_inner()
+            .jobs;
+        let previous = jobs
+            .get(stage)
+            .and_then(|id| known.iter().find(|j| &j.id == id))
+            .cloned();
+        let job_id = match previous {
+            Some(job) if job.state == pb::JobState::Succeeded as i32 => {
+                let _ = self
+                    .client
+                    .models
+                    .clone()
+                    .unload_model(pb::UnloadModelRequest {
+                        name: output.clone(),
+                    })
+                    .await;
+                self.client
+                    .load_model(pb::LoadModelRequest {
+                        name: output.clone(),
+                        source: Some(pb::load_model_request::Source::Job(job.id.clone())),
+                        ..Default::default()
+                    })
+                    .await?;
+                self.progress
+                    .line(&format!("    {stage}: reusing finished job {}", job.id));
+                return Ok(output);
+            }
+            Some(job)
+                if job.state == pb::JobState::Queued as i32
+                    || job.state == pb::JobState::Running as i32 =>
+            {
+                self.progress.line(&format!(
+                    "    {stage}: following resumed job {} at step {}",
+                    job.id, job.step
+                ));
+                job.id
+            }
+            _ => {
+                let _ = self
+                    .client
+                    .models
+                    .clone()
+                    .unload_model(pb::UnloadModelRequest {
+                        name: output.clone(),
+                    })
+                    .await;
+                let job = self
+                    .client
+                    .training
+                    .clone()
+                    .start_job(request)
+                    .await
+                    .context("starting a job")?
+                    .into_inner();
+                jobs.insert(stage.to_string(), job.id.clone());
+                write_atomic(&jobs_path, serde_json::to_string_pretty(&jobs)?.as_bytes())?;
+                job.id
+            }
+        };
+        let mut last_print = std::time::Instant::now();
+        let mut lines = Vec::new();
+        let progress = &mut *self.progress;
+        let ended = self
+            .client
+            .follow_job(&job_id, &mut |event| {
+                if let Some(step) = &event.step {
+                    lines.push(json!({
+                        "stage": stage, "step": step.step, "total_steps": step.total_steps, "loss": step.loss,
+                        "lr": step.learning_rate, "grad_norm": step.grad_norm, "train_accuracy": step.accuracy,
+                        "tokens_per_second": step.tokens_per_second,
+                    }));
+                    if last_print.elapsed().as_secs_f64() > 2.0 || step.step == step.total_steps {
+                        last_print = std::time::Instant::now();
+                        progress.line(&format!(
+                            "    {stage}: step {}/{} loss {:.4} eta {:.0}s",
+                            step.step, step.total_steps, step.loss, step.eta_seconds
+                        ));
+                    }
+                }
+            })
+            .await?;
+        for line in lines {
+            writeln!(log, "{line}")?;
+        }
+        if ended.state != pb::JobState::Succeeded as i32 {
+            bail!(
+                "{stage} job {job_id} ended in state {:?}: {}",
+                pb::JobState::try_from(ended.state),
+                ended.error
+            );
+        }
+        Ok(output)
+    }
+
+    /// Scores pairs in human order; returns each pair's margin (chosen − rejected).
+    async fn margins(
+        &self,
+        model: &str,
+        pairs: &[HhPair],
+        scoring: pb::PairScoring,
+        h: &StageHyper,
+    ) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(h.eval_batch) {
+            let response = self
+                .client
+                .score_pairs(pb::ScorePairsRequest {
+                    model: model.into(),
+                    pairs: chunk
+                        .iter()
+                        .map(|p| pb::PreferencePair {
+                            prompt: String::new(),
+                            chosen: p.chosen.clone(),
+                            rejected: p.rejected.clone(),
+                        })
+                        .collect(),
+                    scoring: scoring as i32,
+                    max_ctx: h.max_ctx,
+                    ..Default::default()
+                })
+                .await?;
+            out.extend(response.scores.iter().map(|s| s.margin));
+        }
+        Ok(out)
+    }
+
+    fn labels_of(margins: &[f64]) -> Vec<WeakLabel> {
+        margins
+            .iter()
+            .enumerate()
+            .map(|(id, &margin)| WeakLabel {
+                id,
+                margin,
+                p_chosen: sigmoid(margin),
+                correct: margin >= 0.0,
+            })
+            .collect()
+    }
+
+    /// Prepares a run folder; `None` when the run is already finished (and not forced).
+    fn open_run(&mut self, config: &RunConfig) -> Result<Option<(PathBuf, std::fs::File)>> {
+        let dir = self.out.join(config.id());
+        if dir.join("results_summary.json").is_file() && !self.force {
+            self.progress
+                .line(&format!("skip {} (finished)", config.id()));
+            return Ok(None);
+        }
+        if self.force {
+            let _ = std::fs::remove_file(dir.join("results_summary.json"));
+            let _ = std::fs::remove_file(dir.join("jobs.json"));
+        }
+        std::fs::create_dir_all(&dir)?;
+        let mut value = serde_json::to_value(config)?;
+        if let Some(o) = value.as_object_mut() {
+            o.insert("run_id".into(), json!(config.id()));
+        }
+        write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&value)?.as_bytes(),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log.jsonl"))?;
+        self.progress.line(&format!("run {}", config.id()));
+        Ok(Some((dir, log)))
+    }
+
+    fn finish_run(&self, dir: &Path, test_margins: &[f64]) -> Result<f64> {
+        let labels = Self::labels_of(test_margins);
+        let predictions: Vec<_> = labels
+            .iter()
+            .map(|l| json!({"id": l.id, "p_chosen": l.p_chosen, "correct": l.correct}))
+            .collect();
+        write_jsonl(&dir.join("predictions.jsonl"), &predictions)?;
+        let n = labels.len() as f64;
+        let accuracy = labels.iter().filter(|l| l.correct).count() as f64 / n.max(1.0);
+        let summary = json!({"accuracy": accuracy, "accuracy_stderr": (accuracy * (1.0 - accuracy) / n.max(1.0)).sqrt(), "n": labels.len()});
+        write_atomic(
+            &dir.join("results_summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        self.progress_free_line(&format!(
+            "  accuracy {accuracy:.4} on {} test pairs",
+            labels.len()
+        ));
+        Ok(accuracy)
+    }
+
+    fn progress_free_line(&self, text: &str) {
+        eprintln!("{text}");
+    }
+
+    fn read_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
+        let text = std::fs::read_to_string(dir.join("weak_labels.jsonl"))
+            .with_context(|| format!("{}/weak_labels.jsonl", dir.display()))?;
+        text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+    }
+
+    /// Trains a model on ground truth, evaluates it, and labels the W2S split.
+    async fn ceiling(
+        &mut self,
+        scenario: Scenario,
+        name: &str,
+        seed: u64,
+    ) -> Result<(PathBuf, Vec<WeakLabel>)> {
+        // One ceiling run per model serves every pair it is part of; it is labelled
+        // `strong_ceiling` for the most capable model and `weak_ceiling` otherwise.
+        let is_last = self.spec.models.last().is_some_and(|m| m.name == name);
+        let role = if is_last {
+            "strong_ceiling"
+        } else {
+            "weak_ceiling"
+        };
+        let config = self.config(scenario, role, name, None, Setting::None, seed);
+        let dir = self.out.join(config.id());
+        let Some((dir, mut log)) = self.open_run(&config)? else {
+            return Ok((dir.clone(), Self::read_labels(&dir)?));
+        };
+        let model = self.model(name)?.clone();
+        let gt_rows = Self::human_rows(&self.data.gt);
+        let gt = self.dataset("gt", gt_rows).await?;
+        let trained = self
+            .train_scenario(
+                scenario,
+                &dir,
+                &model,
+                &config.id(),
+                vec![gt],
+                Setting::None,
+                seed,
+                &mut log,
+            )
+            .await?;
+        let (scoring, h) = self.scoring(scenario);
+        let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
+        let w2s = self.margins(&trained, &self.data.w2s, scoring, &h).await?;
+        write_jsonl(&dir.join("weak_labels.jsonl"), &Self::labels_of(&w2s))?;
+        self.finish_run(&dir, &test)?;
+        let _ = self
+            .client
+            .models
+            .clone()
+            .unload_model(pb::UnloadModelRequest { name: trained })
+            .await;
+        Ok((dir.clone(), Self::labels_of(&w2s)))
+    }
+
+    fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
+        match scenario {
+            Scenario::Reward => (pb::PairScoring::Reward, self.spec.reward.clone()),
+            Scenario::Simpo => (pb::PairScoring::MeanLogprob, self.spec.preference.clone()),
+            Scenario::Dpo => (pb::PairScoring::SumLogprob, self.spec.preference.clone()),
+        }
+    }
+
+    /// Trains `model` for `scenario` on the datasets (SFT first for SimPO/DPO).
+    #[allow(clippy::too_many_arguments)]
+    async fn train_scenario(
+        &mut self,
+        scenario: Scenario,
+        dir: &Path,
+        model: &ModelSpec,
+        run_id: &str,
+        datasets: Vec<String>,
+        setting: Setting,
+        seed: u64,
+        log: &mut std::fs::File,
+    ) -> Result<String> {
+        let base = format!("{run_id}:base");
+        let alpha = |h: &StageHyper| {
+            if setting == Setting::Explicit {
+                h.alpha
+            } else {
+                0.0
+            }
+        };
+        match scenario {
+            Scenario::Reward => {
+                self.load_base(model, &base, true).await?;
+                let h = self.spec.reward.clone();
+                let request = pb::StartJobRequest {
+                    objective: pb::ObjectiveKind::Reward as i32,
+                    base_model: base.clone(),
+                    dataset_ids: datasets,
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        h.epochs,
+                        seed,
+                        pb::LrSchedule::CosineToZero,
+                        alpha(&h),
+                        true,
+                    )),
+                    output_model: format!("{run_id}:rm"),
+                };
+                let out = self.train(dir, "reward", request, log).await?;
+                let _ = self
+                    .client
+                    .models
+                    .clone()
+                    .unload_model(pb::UnloadModelRequest { name: base })
+                    .await;
+                Ok(out)
+            }
+            Scenario::Simpo | Scenario::Dpo => {
+                self.load_base(model, &base, false).await?;
+                let h = self.spec.preference.clone();
+                let sft = pb::StartJobRequest {
+                    objective: pb::ObjectiveKind::Sft as i32,
+                    base_model: base.clone(),
+                    dataset_ids: datasets.clone(),
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        h.sft_epochs,
+                        seed,
+                        pb::LrSchedule::WarmupConstant,
+                        0.0,
+                        false,
+                    )),
+                    output_model: format!("{run_id}:sft"),
+                };
+                let sft_model = self.train(dir, "sft", sft, log).await?;
+                let _ = self
+                    .client
+                    .models
+                    .clone()
+                    .unload_model(pb::UnloadModelRequest { name: base })
+                    .await;
+                let objective = if scenario == Scenario::Simpo {
+                    pb::ObjectiveKind::Simpo
+                } else {
+                    pb::ObjectiveKind::Dpo
+                };
+                let pref = pb::StartJobRequest {
+                    objective: objective as i32,
+                    base_model: sft_model.clone(),
+                    dataset_ids: datasets,
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        h.epochs,
+                        seed,
+                        pb::LrSchedule::WarmupConstant,
+                        alpha(&h),
+                        false,
+                    )),
+                    output_model: format!("{run_id}:pref"),
+                };
+                let out = self.train(dir, "preference", pref, log).await?;
+                let _ = self
+                    .client
+                    .models
+                    .clone()
+                    .unload_model(pb::UnloadModelRequest { name: sft_model })
+                    .await;
+                Ok(out)
+            }
+        }
+    }
+
+    /// A weak-to-strong student: trained on the weak ceiling's labels of the W2S split.
+    #[allow(clippy::too_many_arguments)]
+    async fn student(
+        &mut self,
+        scenario: Scenario,
+        weak: &str,
+        strong: &str,
+        setting: Setting,
+        seed: u64,
+        labels: &[WeakLabel],
+        high_conf: Option<bool>,
+    ) -> Result<PathBuf> {
+        let mut config = self.config(scenario, "w2s", strong, Some(weak), setting, seed);
+        config.high_conf = high_conf.is_some();
+        config.high_conf_peeks = high_conf.unwrap_or(false);
+        let dir = self.out.join(config.id());
+        let Some((dir, mut log)) = self.open_run(&config)? else {
+            return Ok(dir);
+        };
+        let tau = self.spec.preference.conf_threshold;
+        let rows: Vec<Item> = self
+            .data
+            .w2s
+            .iter()
+            .zip(labels)
+            .filter(|(_, l)| match high_conf {
+                // Official filter: the weak label agrees with ground truth and σ(margin) ≥ τ.
+                Some(true) => l.correct && l.p_chosen >= tau,
+                // Without peeking at ground truth: the weak model is confident either way.
+                Some(false) => l.p_chosen.max(1.0 - l.p_chosen) >= tau,
+                None => true,
+            })
+            .map(|(pair, l)| match scenario {
+                // Soft labels for reward modeling, in human order.
+                Scenario::Reward => pair_row(&pair.chosen, &pair.rejected, l.p_chosen as f32, true),
+                // Preference students train on the weak-preferred order.
+                _ if l.margin >= 0.0 => pair_row(&pair.chosen, &pair.rejected, 1.0, true),
+                _ => pair_row(&pair.rejected, &pair.chosen, 1.0, false),
+            })
+            .collect();
+        if rows.is_empty() {
+            bail!(
+                "{}: no weak labels left after the high-confidence filter",
+                config.id()
+            );
+        }
+        let kept = rows.len();
+        let key = format!(
+            "w2s-{}-{weak}-s{seed}-{:?}-{kept}",
+            format!("{scenario:?}").to_lowercase(),
+            high_conf
+        );
+        let mut datasets = vec![self.dataset(&key, rows).await?];
+        if setting == Setting::Implicit {
+            let n = if high_conf.is_some() {
+                kept.min(self.data.helpful.len())
+            } else {
+                self.data.helpful.len()
+            };
+            let helpful = Self::human_rows(&self.data.helpful[..n]);
+            datasets.push(self.dataset(&format!("helpful-{n}"), helpful).await?);
+        }
+        let model = self.model(strong)?.clone();
+        let trained = self
+            .train_scenario(
+                scenario,
+                &dir,
+                &model,
+                &config.id(),
+                datasets,
+                setting,
+                seed,
+                &mut log,
+            )
+            .await?;
+        let (scoring, h) = self.scoring(scenario);
+        let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
+        self.finish_run(&dir, &test)?;
+        let _ = self
+            .client
+            .models
+            .clone()
+            .unload_model(pb::UnloadModelRequest { name: trained })
+            .await;
+        Ok(dir)
+    }
+}
