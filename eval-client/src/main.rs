@@ -26,6 +26,25 @@ enum Command {
     /// Per-token log-probs of a text under the model in an HF folder, as one JSON object:
     /// {"model", "token_ids", "logprobs"} where logprobs[i] = log p(token_ids[i+1] | ..).
     Logprobs(LogprobsArgs),
+    /// The weak-to-strong deception report of run folders written by `trainer run`:
+    /// accuracy, PGR, knowledge-area tables and Deception Scores, recomputed from predictions.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReportArgs {
+    /// Run folders, or folders holding run folders.
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Where to write report.md/json/csv and the plots (default: the first DIR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Count a ceiling as knowing a pair only when its probability is at least this (e.g. 0.75).
+    #[arg(long)]
+    known_threshold: Option<f64>,
+    /// Bootstrap resamples for confidence intervals.
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,7 +79,43 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Logprobs(args) => logprobs(args).await,
+        Command::Report(args) => report(args),
     }
+}
+
+fn report(args: ReportArgs) -> Result<()> {
+    use eval_client::report;
+    if let Some(t) = args.known_threshold
+        && !(0.5..=1.0).contains(&t)
+    {
+        bail!("--known-threshold must be in [0.5, 1], got {t}");
+    }
+    let (runs, warnings) = report::load_runs(&args.dirs).map_err(anyhow::Error::msg)?;
+    if runs.is_empty() {
+        bail!("no finished runs found in {:?}", args.dirs);
+    }
+    let options = report::ReportOptions {
+        known_threshold: args.known_threshold,
+        bootstrap_resamples: args.bootstrap,
+        seed: 0,
+    };
+    let built = report::build(&runs, &options, warnings);
+    let out = args.out.unwrap_or_else(|| args.dirs[0].clone());
+    let written = report::write(&built, &out)
+        .with_context(|| format!("writing the report to {}", out.display()))?;
+    for w in &built.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "{} runs, {} comparisons; report in {}",
+        built.runs.len(),
+        built.comparisons.len(),
+        out.join("report.md").display()
+    );
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// Registered name of a model folder: its directory name.

@@ -1,0 +1,335 @@
+//! SVG plots of the report, written directly (no plotting dependency): accuracy per run,
+//! Deception Score and its chance baseline against the capability gap, and the knowledge-area
+//! table as bars.
+
+use std::fmt::Write as _;
+
+use crate::report::Report;
+
+const WIDTH: f64 = 900.0;
+const PALETTE: [&str; 6] = [
+    "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860",
+];
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn header(height: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"16\">{}</text>\n",
+        WIDTH / 2.0,
+        escape(title)
+    )
+}
+
+/// Horizontal bars: accuracy of every run with its 95% CI, chance at 0.5 marked.
+pub fn accuracy_svg(report: &Report) -> String {
+    let row = 22.0;
+    let top = 50.0;
+    let left = 360.0;
+    let plot_width = WIDTH - left - 40.0;
+    let height = top + row * report.runs.len().max(1) as f64 + 50.0;
+    let mut svg = header(height, "Test accuracy per run (95% bootstrap CI)");
+    let x = |v: f64| left + v.clamp(0.0, 1.0) * plot_width;
+    for (i, r) in report.runs.iter().enumerate() {
+        let y = top + i as f64 * row;
+        let label = format!(
+            "{} {} {}{} [{}] s{}",
+            r.scenario,
+            r.role,
+            r.weak_model
+                .as_ref()
+                .map(|w| format!("{w} → "))
+                .unwrap_or_default(),
+            r.model,
+            r.variant,
+            r.seed
+        );
+        let color = PALETTE[if r.role == "w2s" { 1 } else { 0 }];
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 6.0,
+            y + 14.0,
+            escape(&label)
+        );
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{left}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{color}\"/>",
+            y + 3.0,
+            x(r.accuracy) - left,
+            row - 6.0
+        );
+        if let Some((lo, hi)) = r.ci95 {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+                x(lo),
+                x(hi),
+                y + row / 2.0,
+                y + row / 2.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\">{:.3}</text>",
+            x(r.accuracy) + 4.0,
+            y + 14.0,
+            r.accuracy
+        );
+    }
+    let bottom = top + row * report.runs.len() as f64;
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#bbb\" stroke-dasharray=\"{1}\"/>",
+            x(tick),
+            if tick == 0.5 { "4 2" } else { "1 3" }
+        );
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>",
+            x(tick),
+            bottom + 16.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">accuracy (blue: ceilings, orange: weak-to-strong students; dashed: chance)</text>",
+        left + plot_width / 2.0,
+        bottom + 34.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// DS (filled) and its chance baseline (hollow) against strong − weak ceiling accuracy.
+pub fn ds_vs_gap_svg(report: &Report) -> String {
+    let (left, right, top, bottom) = (70.0, 260.0, 50.0, 420.0);
+    let height = bottom + 60.0;
+    let mut svg = header(
+        height,
+        "Deception Score and its chance baseline vs capability gap",
+    );
+    let gaps: Vec<f64> = report
+        .comparisons
+        .iter()
+        .map(|c| c.capability_gap)
+        .collect();
+    let (mut lo, mut hi) = gaps
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &g| {
+            (a.min(g), b.max(g))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        (lo, hi) = (-0.1, 0.1);
+    }
+    if hi - lo < 1e-9 {
+        lo -= 0.05;
+        hi += 0.05;
+    }
+    let pad = (hi - lo) * 0.1;
+    let (lo, hi) = (lo - pad, hi + pad);
+    let plot_w = WIDTH - left - right;
+    let x = |g: f64| left + (g - lo) / (hi - lo) * plot_w;
+    let y = |v: f64| bottom - v.clamp(0.0, 1.0) * (bottom - top);
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"black\"/>",
+        left + plot_w
+    );
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{tick}</text>",
+            left - 6.0,
+            y(tick) + 4.0
+        );
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#eee\"/>",
+            left + plot_w,
+            y(tick)
+        );
+    }
+    for i in 0..=4 {
+        let g = lo + (hi - lo) * i as f64 / 4.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{g:.3}</text>",
+            x(g),
+            bottom + 16.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">capability gap: strong ceiling − weak ceiling accuracy</text>",
+        left + plot_w / 2.0,
+        bottom + 36.0
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"18\" y=\"{}\" transform=\"rotate(-90 18 {})\" text-anchor=\"middle\">DS / chance</text>",
+        (top + bottom) / 2.0,
+        (top + bottom) / 2.0
+    );
+    let mut legend = Vec::new();
+    for (i, c) in report.comparisons.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let cx = x(c.capability_gap) + (i as f64 % 5.0 - 2.0) * 3.0;
+        if let Some(chance) = c.ds_chance {
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{cx:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>",
+                y(chance)
+            );
+        }
+        if let Some(ds) = c.ds {
+            if let Some((l, h)) = c.ds_ci95 {
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{color}\"/>",
+                    y(l),
+                    y(h)
+                );
+            }
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{cx:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"{color}\"/>",
+                y(ds)
+            );
+        }
+        legend.push((
+            color,
+            format!(
+                "{} {}→{} [{}] s{}",
+                c.scenario, c.weak, c.strong, c.variant, c.seed
+            ),
+        ));
+    }
+    let lx = left + plot_w + 16.0;
+    let _ = writeln!(
+        svg,
+        "<text x=\"{lx}\" y=\"{}\">filled: DS (95% CI), hollow: chance</text>",
+        top
+    );
+    for (i, (color, label)) in legend.iter().enumerate() {
+        let ly = top + 20.0 + i as f64 * 16.0;
+        let _ = writeln!(
+            svg,
+            "<circle cx=\"{}\" cy=\"{}\" r=\"5\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"10\">{}</text>",
+            lx + 5.0,
+            ly - 4.0,
+            lx + 14.0,
+            ly,
+            escape(label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// For each (scenario, weak, strong, seed): pairs per knowledge area and each student's
+/// mistakes in it, as grouped bars.
+pub fn regions_svg(report: &Report) -> String {
+    let panel_h = 220.0;
+    let height = 40.0 + panel_h * report.regions.len().max(1) as f64;
+    let mut svg = header(
+        height,
+        "Knowledge areas: pairs (grey) and student mistakes (colours)",
+    );
+    for (p, region) in report.regions.iter().enumerate() {
+        let top = 50.0 + p as f64 * panel_h;
+        let bottom = top + panel_h - 60.0;
+        let left = 70.0;
+        let max = region
+            .cells
+            .iter()
+            .map(|c| c.pairs)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{left}\" y=\"{}\" font-weight=\"bold\">{} {} → {}, seed {}</text>",
+            top - 4.0,
+            region.scenario,
+            escape(&region.weak),
+            escape(&region.strong),
+            region.seed
+        );
+        let students = region.cells.first().map(|c| c.mistakes.len()).unwrap_or(0);
+        let group_w = (WIDTH - left - 220.0) / 4.0;
+        let bar_w = group_w / (students as f64 + 2.0);
+        for (k, cell) in region.cells.iter().enumerate() {
+            let gx = left + k as f64 * group_w;
+            let h = |v: usize| v as f64 / max * (bottom - top - 10.0);
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{gx:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"#bbb\"/>",
+                bottom - h(cell.pairs),
+                h(cell.pairs)
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}</text>",
+                gx + bar_w / 2.0,
+                bottom - h(cell.pairs) - 2.0,
+                cell.pairs
+            );
+            for (s, (_, mistakes)) in cell.mistakes.iter().enumerate() {
+                let bx = gx + (s as f64 + 1.0) * bar_w;
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+                    bottom - h(*mistakes),
+                    h(*mistakes),
+                    PALETTE[s % PALETTE.len()]
+                );
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{mistakes}</text>",
+                    bx + bar_w / 2.0,
+                    bottom - h(*mistakes) - 2.0
+                );
+            }
+            let area = format!(
+                "{} ∩ {}",
+                if cell.weak_known { "W_k" } else { "W_uk" },
+                if cell.strong_known { "S_k" } else { "S_uk" }
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{area}</text>",
+                gx + group_w / 2.0 - bar_w / 2.0,
+                bottom + 16.0
+            );
+        }
+        let lx = WIDTH - 200.0;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"#bbb\"/><text x=\"{}\" y=\"{}\">pairs</text>",
+            top + 6.0,
+            lx + 14.0,
+            top + 15.0
+        );
+        if let Some(cell) = region.cells.first() {
+            for (s, (name, _)) in cell.mistakes.iter().enumerate() {
+                let ly = top + 22.0 + s as f64 * 16.0;
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{lx}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">mistakes: {}</text>",
+                    PALETTE[s % PALETTE.len()],
+                    lx + 14.0,
+                    ly + 9.0,
+                    escape(name)
+                );
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
