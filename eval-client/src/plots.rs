@@ -333,3 +333,32 @@ pub fn regions_svg(report: &Report) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+/// Renders an SVG to PNG at 1:1 scale. Text uses the system fonts (sans-serif); on a machine
+/// without any font the PNG has the shapes but no text, which the returned flag reports.
+pub fn svg_to_png(svg: &str) -> Result<(Vec<u8>, bool), String> {
+    use resvg::{tiny_skia, usvg};
+    let mut options = usvg::Options::default();
+    let db = options.fontdb_mut();
+    db.load_system_fonts();
+    // fontdb maps `sans-serif` to Arial; point it at a sans face this machine has.
+    let families: Vec<String> = db
+        .faces()
+        .flat_map(|f| f.families.iter().map(|(name, _)| name.clone()))
+        .collect();
+    let sans = families
+        .iter()
+        .find(|f| f.contains("Sans") && !f.contains("Mono"))
+        .or_else(|| families.first())
+        .cloned();
+    if let Some(sans) = &sans {
+        db.set_sans_serif_family(sans.clone());
+    }
+    let has_fonts = sans.is_some();
+    let tree = usvg::Tree::from_str(svg, &options).map_err(|e| e.to_string())?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("empty image")?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    let png = pixmap.encode_png().map_err(|e| e.to_string())?;
+    Ok((png, has_fonts))
+}

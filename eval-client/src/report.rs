@@ -604,12 +604,23 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
         ("regions.svg", crate::plots::regions_svg(report)),
     ];
     let mut written = Vec::new();
-    for (name, body) in files {
+    let mut put = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let path = out.join(name);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body)?;
+        std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, &path)?;
         written.push(path);
+        Ok(())
+    };
+    for (name, body) in &files {
+        put(name, body.as_bytes())?;
+        if let Some(stem) = name.strip_suffix(".svg") {
+            let (png, has_fonts) = crate::plots::svg_to_png(body).map_err(std::io::Error::other)?;
+            if !has_fonts {
+                eprintln!("warning: no system fonts found; {stem}.png has no text (the SVG does)");
+            }
+            put(&format!("{stem}.png"), &png)?;
+        }
     }
     Ok(written)
 }
