@@ -28,16 +28,25 @@ pub struct RunMeta {
     pub high_conf: bool,
     #[serde(default)]
     pub high_conf_peeks: bool,
+    #[serde(default)]
+    pub intermediate_model: Option<String>,
 }
 
 impl RunMeta {
     /// The student variant as a short label: setting plus high-confidence filter.
     pub fn variant(&self) -> String {
-        match (self.high_conf, self.high_conf_peeks) {
+        let mut variant = match (self.high_conf, self.high_conf_peeks) {
             (false, _) => self.setting.clone(),
             (true, true) => format!("{}+hc", self.setting),
             (true, false) => format!("{}+hc-nopeek", self.setting),
+        };
+        if let Some(intermediate) = &self.intermediate_model {
+            variant.push_str(&format!("+via-{intermediate}"));
         }
+        if self.role == "intermediate" {
+            variant.push_str("+intermediate");
+        }
+        variant
     }
     fn is_ceiling(&self) -> bool {
         self.weak_model.is_none()
@@ -290,6 +299,8 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
                 && x.meta.setting == "none"
                 && x.meta.high_conf == run.meta.high_conf
                 && x.meta.high_conf_peeks == run.meta.high_conf_peeks
+                && x.meta.intermediate_model == run.meta.intermediate_model
+                && x.meta.role == run.meta.role
         });
         let no_conflict = baseline
             .filter(|b| b.meta.run_id != run.meta.run_id)

@@ -49,6 +49,9 @@ pub struct StudySpec {
     /// both the official filter (agrees with ground truth) and the one that does not peek.
     #[serde(default)]
     pub high_conf: bool,
+    /// Bootstrapping chains `[weak, intermediate, strong]` (model names), run for SimPO/DPO.
+    #[serde(default)]
+    pub bootstrap: Vec<[String; 3]>,
     #[serde(default)]
     pub reward: StageHyper,
     #[serde(default = "StageHyper::preference_default")]
@@ -197,6 +200,21 @@ impl StudySpec {
                 "the implicit setting needs `data.helpful` (human-labelled helpfulness pairs)"
                     .into(),
             );
+        }
+        for chain in &self.bootstrap {
+            let position = |name: &String| self.models.iter().position(|m| &m.name == name);
+            match (
+                position(&chain[0]),
+                position(&chain[1]),
+                position(&chain[2]),
+            ) {
+                (Some(w), Some(i), Some(s)) if w < i && i < s => {}
+                _ => {
+                    return Err(format!(
+                        "bootstrap chain {chain:?}: give three listed models in increasing order"
+                    ));
+                }
+            }
         }
         if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
             return Err("seeds, scenarios and settings must not be empty".into());

@@ -248,6 +248,15 @@ impl<'a> Study<'a> {
                     labels.insert(name.clone(), weak_labels);
                     finished.push(dir);
                 }
+                if scenario != Scenario::Reward {
+                    for chain in &self.spec.bootstrap.clone() {
+                        let labels_of_weak = labels[&chain[0]].clone();
+                        finished.extend(
+                            self.bootstrap(scenario, chain, seed, &labels_of_weak)
+                                .await?,
+                        );
+                    }
+                }
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
                         for &setting in &settings {
@@ -745,17 +754,62 @@ impl<'a> Study<'a> {
         labels: &[WeakLabel],
         high_conf: Option<bool>,
     ) -> Result<PathBuf> {
-        let mut config = self.config(scenario, "w2s", strong, Some(weak), setting, seed);
+        let plan = StudentPlan {
+            role: "w2s",
+            teacher_split: Split::W2s,
+            label_split: None,
+            intermediate: None,
+        };
+        Ok(self
+            .train_student(
+                scenario, weak, strong, setting, seed, labels, high_conf, plan,
+            )
+            .await?
+            .0)
+    }
+
+    /// A student trained on a teacher's labels of `plan.teacher_split`; with `plan.label_split`
+    /// it also labels that split afterwards (the intermediate of a bootstrapping chain).
+    #[allow(clippy::too_many_arguments)]
+    async fn train_student(
+        &mut self,
+        scenario: Scenario,
+        weak: &str,
+        strong: &str,
+        setting: Setting,
+        seed: u64,
+        labels: &[WeakLabel],
+        high_conf: Option<bool>,
+        plan: StudentPlan<'_>,
+    ) -> Result<(PathBuf, Vec<WeakLabel>)> {
+        let mut config = self.config(scenario, plan.role, strong, Some(weak), setting, seed);
         config.high_conf = high_conf.is_some();
         config.high_conf_peeks = high_conf.unwrap_or(false);
+        config.intermediate_model = plan.intermediate.map(str::to_string);
         let dir = self.out.join(config.id());
         let Some((dir, mut log)) = self.open_run(&config)? else {
-            return Ok(dir);
+            let labels = if plan.label_split.is_some() {
+                Self::read_labels(&dir)?
+            } else {
+                Vec::new()
+            };
+            return Ok((dir, labels));
         };
+        let teacher_pairs: &[HhPair] = match plan.teacher_split {
+            Split::W2s => &self.data.w2s,
+            Split::Gt => &self.data.gt,
+        };
+        if labels.len() > teacher_pairs.len() {
+            bail!(
+                "{}: {} labels for {} pairs",
+                config.id(),
+                labels.len(),
+                teacher_pairs.len()
+            );
+        }
+        let teacher_pairs = &teacher_pairs[..labels.len()];
         let tau = self.spec.preference.conf_threshold;
-        let rows: Vec<Item> = self
-            .data
-            .w2s
+        let rows: Vec<Item> = teacher_pairs
             .iter()
             .zip(labels)
             .filter(|(_, l)| match high_conf {
@@ -773,11 +827,20 @@ impl<'a> Study<'a> {
                 _ => pair_row(&pair.rejected, &pair.chosen, 1.0, false),
             })
             .collect();
-        if rows.is_empty() {
-            bail!(
-                "{}: no weak labels left after the high-confidence filter",
-                config.id()
-            );
+        let batch = if scenario == Scenario::Reward {
+            self.spec.reward.batch_size
+        } else {
+            self.spec.preference.batch_size
+        };
+        if rows.len() < batch as usize {
+            // Not an error of the study: the filter left too little to train on. The run stays
+            // unfinished and the report lists it as such.
+            self.progress.line(&format!(
+                "skip {}: only {} weak labels pass the high-confidence filter, fewer than one batch of {batch}",
+                config.id(),
+                rows.len()
+            ));
+            return Ok((dir, Vec::new()));
         }
         let kept = rows.len();
         let key = format!(
@@ -810,6 +873,15 @@ impl<'a> Study<'a> {
             .await?;
         let (scoring, h) = self.scoring(scenario);
         let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
+        let mut new_labels = Vec::new();
+        if let Some(split) = plan.label_split {
+            let pairs: &[HhPair] = match split {
+                Split::W2s => &self.data.w2s,
+                Split::Gt => &self.data.gt,
+            };
+            new_labels = Self::labels_of(&self.margins(&trained, pairs, scoring, &h).await?);
+            write_jsonl(&dir.join("weak_labels.jsonl"), &new_labels)?;
+        }
         self.finish_run(&dir, &test)?;
         let _ = self
             .client
@@ -817,6 +889,75 @@ impl<'a> Study<'a> {
             .clone()
             .unload_model(pb::UnloadModelRequest { name: trained })
             .await;
-        Ok(dir)
+        Ok((dir, new_labels))
     }
+
+    /// Bootstrapping weak → intermediate → strong (paper spec §2.4): the intermediate learns
+    /// from the weak ceiling's labels of the W2S split and labels the ground-truth split (its
+    /// first `n_w2s_docs` rows); the strong student learns from those labels. Deception is
+    /// measured against the original weak model.
+    pub async fn bootstrap(
+        &mut self,
+        scenario: Scenario,
+        chain: &[String; 3],
+        seed: u64,
+        weak_labels: &[WeakLabel],
+    ) -> Result<Vec<PathBuf>> {
+        let [weak, intermediate, strong] = chain;
+        let mut dirs = Vec::new();
+        let intermediate_plan = StudentPlan {
+            role: "intermediate",
+            teacher_split: Split::W2s,
+            label_split: Some(Split::Gt),
+            intermediate: None,
+        };
+        let (dir, gt_labels) = self
+            .train_student(
+                scenario,
+                weak,
+                intermediate,
+                Setting::None,
+                seed,
+                weak_labels,
+                None,
+                intermediate_plan,
+            )
+            .await?;
+        dirs.push(dir);
+        let gt_labels: Vec<WeakLabel> = gt_labels
+            .into_iter()
+            .take(self.spec.sizes.n_w2s_docs.min(self.data.gt.len()))
+            .collect();
+        for &setting in &self.spec.settings.clone() {
+            let plan = StudentPlan {
+                role: "bootstrap",
+                teacher_split: Split::Gt,
+                label_split: None,
+                intermediate: Some(intermediate),
+            };
+            dirs.push(
+                self.train_student(
+                    scenario, weak, strong, setting, seed, &gt_labels, None, plan,
+                )
+                .await?
+                .0,
+            );
+        }
+        Ok(dirs)
+    }
+}
+
+/// Which data split a step uses.
+#[derive(Debug, Clone, Copy)]
+enum Split {
+    W2s,
+    Gt,
+}
+
+/// How a student is trained and what it produces.
+struct StudentPlan<'a> {
+    role: &'static str,
+    teacher_split: Split,
+    label_split: Option<Split>,
+    intermediate: Option<&'a str>,
 }
