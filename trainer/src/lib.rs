@@ -2,5 +2,6 @@
 //! runner that drives a model server over gRPC.
 
 pub mod data;
+pub mod progress;
 pub mod spec;
 pub mod study;

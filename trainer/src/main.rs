@@ -11,7 +11,7 @@ use model_server::{ClientOptions, ServerConfig, Session};
 use superficial_models::ModelConfig;
 use superficial_models::model::parameter_layout;
 use trainer::spec::StudySpec;
-use trainer::study::{PlainProgress, Study, StudyData};
+use trainer::study::{Study, StudyData};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,14 +78,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let session = Session::open_with(args.server.as_deref(), &options, config)
         .await
         .context("opening a model-server session")?;
-    let mut progress = PlainProgress;
+    let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(
         &spec,
         &data,
         session.client.clone(),
         args.out.clone(),
         args.force,
-        &mut progress,
+        progress.as_mut(),
     );
     let result = study.run_all().await;
     session.close().await?;

@@ -68,7 +68,16 @@ pub struct WeakLabel {
 
 /// Where progress goes.
 pub trait Progress {
+    /// A log line.
     fn line(&mut self, text: &str);
+    /// The number of runs the study will go through (finished ones included).
+    fn set_total(&mut self, _runs: usize) {}
+    /// A run starts (or is found finished, then `run_done` follows at once).
+    fn run_started(&mut self, _run_id: &str) {}
+    /// A training step of the current run's stage.
+    fn step(&mut self, _stage: &str, _step: u64, _total: u64) {}
+    /// The current run is finished or skipped.
+    fn run_done(&mut self) {}
 }
 
 /// Prints plain progress lines to stderr.
@@ -235,6 +244,8 @@ impl<'a> Study<'a> {
     /// run folders.
     pub async fn run_all(&mut self) -> Result<Vec<PathBuf>> {
         std::fs::create_dir_all(&self.out)?;
+        let total = self.planned_runs();
+        self.progress.set_total(total);
         let mut finished = Vec::new();
         let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
         let seeds = self.spec.seeds.clone();
@@ -288,6 +299,41 @@ impl<'a> Study<'a> {
             }
         }
         Ok(finished)
+    }
+
+    /// How many run folders `run_all` goes through.
+    pub fn planned_runs(&self) -> usize {
+        let spec = self.spec;
+        let models = spec.models.len();
+        let pairs = models * models.saturating_sub(1) / 2;
+        let per_scenario = |scenario: Scenario| {
+            let variants: usize = spec
+                .settings
+                .iter()
+                .map(|&setting| {
+                    if spec.high_conf
+                        && scenario != Scenario::Reward
+                        && setting != Setting::Explicit
+                    {
+                        3
+                    } else {
+                        1
+                    }
+                })
+                .sum();
+            let bootstrap = if scenario == Scenario::Reward {
+                0
+            } else {
+                spec.bootstrap.len() * (1 + spec.settings.len())
+            };
+            models + pairs * variants + bootstrap
+        };
+        spec.seeds.len()
+            * spec
+                .scenarios
+                .iter()
+                .map(|&s| per_scenario(s))
+                .sum::<usize>()
     }
 
     /// Uploads rows once per content (the server derives ids from content).
@@ -449,6 +495,7 @@ impl<'a> Study<'a> {
             .client
             .follow_job(&job_id, &mut |event| {
                 if let Some(step) = &event.step {
+                    progress.step(stage, step.step, step.total_steps);
                     lines.push(json!({
                         "stage": stage, "step": step.step, "total_steps": step.total_steps, "loss": step.loss,
                         "lr": step.learning_rate, "grad_norm": step.grad_norm, "train_accuracy": step.accuracy,
@@ -525,9 +572,11 @@ impl<'a> Study<'a> {
     /// Prepares a run folder; `None` when the run is already finished (and not forced).
     fn open_run(&mut self, config: &RunConfig) -> Result<Option<(PathBuf, std::fs::File)>> {
         let dir = self.out.join(config.id());
+        self.progress.run_started(&config.id());
         if dir.join("results_summary.json").is_file() && !self.force {
             self.progress
                 .line(&format!("skip {} (finished)", config.id()));
+            self.progress.run_done();
             return Ok(None);
         }
         if self.force {
@@ -551,7 +600,7 @@ impl<'a> Study<'a> {
         Ok(Some((dir, log)))
     }
 
-    fn finish_run(&self, dir: &Path, test_margins: &[f64]) -> Result<f64> {
+    fn finish_run(&mut self, dir: &Path, test_margins: &[f64]) -> Result<f64> {
         let labels = Self::labels_of(test_margins);
         let predictions: Vec<_> = labels
             .iter()
@@ -565,15 +614,12 @@ impl<'a> Study<'a> {
             &dir.join("results_summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
-        self.progress_free_line(&format!(
+        self.progress.run_done();
+        self.progress.line(&format!(
             "  accuracy {accuracy:.4} on {} test pairs",
             labels.len()
         ));
         Ok(accuracy)
-    }
-
-    fn progress_free_line(&self, text: &str) {
-        eprintln!("{text}");
     }
 
     fn read_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
@@ -840,6 +886,7 @@ impl<'a> Study<'a> {
                 config.id(),
                 rows.len()
             ));
+            self.progress.run_done();
             return Ok((dir, Vec::new()));
         }
         let kept = rows.len();
