@@ -77,3 +77,10 @@ pub fn for_stderr() -> Box<dyn Progress> {
         Box::new(PlainProgress)
     }
 }
+
+impl Drop for TerminalProgress {
+    fn drop(&mut self) {
+        self.run.finish_and_clear();
+        self.overall.finish();
+    }
+}
