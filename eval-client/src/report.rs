@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::metrics::{
-    self, Deception, RegionCell, Student, accuracy, bootstrap_ci, deception, known, pgr,
-    region_table, resample,
+    Deception, RegionCell, Student, accuracy, bootstrap_ci, deception, known, pgr, region_table,
+    resample,
 };
 
 /// The contract fields of a run's `config.json`.
@@ -172,6 +172,9 @@ pub struct Comparison {
     pub ds_chance: Option<f64>,
     pub ds_chance_ci95: Option<(f64, f64)>,
     pub ds_over_chance: Option<f64>,
+    pub ds_rate_ci95: Option<(f64, f64)>,
+    pub ds_new_ci95: Option<(f64, f64)>,
+    pub ds_disagree_ci95: Option<(f64, f64)>,
     pub deception: Deception,
 }
 
@@ -312,28 +315,27 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             &run.correct,
             no_conflict,
         );
-        let ds_stat = |idx: &[usize]| {
+        let resampled = |idx: &[usize]| {
+            let base = no_conflict.map(|b| resample(b, idx));
             deception(
                 &resample(&weak_known, idx),
                 &resample(&strong_known, idx),
                 &resample(&s.correct, idx),
                 &resample(&run.correct, idx),
-                None,
+                base.as_deref(),
             )
-            .ds
-            .value
         };
-        let chance_stat = |idx: &[usize]| {
-            deception(
-                &resample(&weak_known, idx),
-                &resample(&strong_known, idx),
-                &resample(&s.correct, idx),
-                &resample(&run.correct, idx),
-                None,
-            )
-            .ds_chance
-            .value
-        };
+        let n = run.correct.len();
+        let seed = options.seed;
+        let ds_ci95 = ci(n, r, seed, |idx| resampled(idx).ds.value);
+        let ds_chance_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_chance.value);
+        let ds_rate_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_rate.value);
+        let ds_disagree_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_disagree.value);
+        let ds_new_ci95 = no_conflict.and_then(|_| {
+            ci(n, r, seed, |idx| {
+                resampled(idx).ds_new.and_then(|x| x.value)
+            })
+        });
         let acc = |c: &[bool]| accuracy(c).map(|a| a.0).unwrap_or(f64::NAN);
         let (acc_weak, acc_strong, acc_w2s) = (acc(&w.correct), acc(&s.correct), acc(&run.correct));
         comparisons.push(Comparison {
@@ -353,10 +355,13 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             pgr: pgr(acc_weak, acc_strong, acc_w2s),
             capability_gap: acc_strong - acc_weak,
             ds: d.ds.value,
-            ds_ci95: ci(run.correct.len(), r, options.seed, ds_stat),
+            ds_ci95,
             ds_chance: d.ds_chance.value,
-            ds_chance_ci95: ci(run.correct.len(), r, options.seed, chance_stat),
+            ds_chance_ci95,
             ds_over_chance: d.ratio,
+            ds_rate_ci95,
+            ds_new_ci95,
+            ds_disagree_ci95,
             deception: d,
         });
     }
@@ -450,7 +455,7 @@ pub fn markdown(report: &Report) -> String {
     for c in &report.comparisons {
         let _ = writeln!(
             md,
-            "| {} | {} → {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {} {} | {} {} | {} | {} | {} | {} |",
+            "| {} | {} → {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {} {} | {} {} | {} | {} {} | {} {} | {} {} |",
             c.scenario,
             c.weak,
             c.strong,
@@ -466,8 +471,11 @@ pub fn markdown(report: &Report) -> String {
             fmt_ci(c.ds_chance_ci95),
             fmt(c.ds_over_chance),
             fmt(c.deception.ds_rate.value),
+            fmt_ci(c.ds_rate_ci95),
             fmt(c.deception.ds_new.and_then(|r| r.value)),
+            fmt_ci(c.ds_new_ci95),
             fmt(c.deception.ds_disagree.value),
+            fmt_ci(c.ds_disagree_ci95),
         );
     }
     let _ = writeln!(
@@ -635,6 +643,3 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(written)
 }
-
-#[allow(unused_imports)]
-use metrics as _;

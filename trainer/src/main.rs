@@ -49,6 +49,9 @@ struct RunArgs {
     /// Redo finished runs.
     #[arg(long)]
     force: bool,
+    /// Override a spec field: KEY=VALUE in TOML syntax (repeatable), e.g. --set sizes.n_docs=256.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 #[tokio::main]
@@ -63,7 +66,8 @@ async fn main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let spec = StudySpec::from_file(&args.spec).map_err(anyhow::Error::msg)?;
+    let spec = StudySpec::from_file_with_overrides(&args.spec, &args.overrides)
+        .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
     std::fs::create_dir_all(&args.out)

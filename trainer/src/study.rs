@@ -358,7 +358,7 @@ impl<'a> Study<'a> {
     }
 
     /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
-    async fn load_base(&self, model: &ModelSpec, name: &str, reward_head: bool) -> Result<()> {
+    async fn load_base(&self, model: &ModelSpec, name: &str, reward_head: bool) -> Result<String> {
         let source = match (&model.path, &model.preset) {
             (Some(path), _) => pb::load_model_request::Source::Path(path.display().to_string()),
             (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
@@ -370,7 +370,8 @@ impl<'a> Study<'a> {
             .clone()
             .unload_model(pb::UnloadModelRequest { name: name.into() })
             .await;
-        self.client
+        let info = self
+            .client
             .load_model(pb::LoadModelRequest {
                 name: name.into(),
                 source: Some(source),
@@ -380,7 +381,7 @@ impl<'a> Study<'a> {
             })
             .await
             .with_context(|| format!("loading model {}", model.name))?;
-        Ok(())
+        Ok(info.content_hash)
     }
 
     fn hyper(
@@ -708,7 +709,8 @@ impl<'a> Study<'a> {
         };
         match scenario {
             Scenario::Reward => {
-                self.load_base(model, &base, true).await?;
+                let hash = self.load_base(model, &base, true).await?;
+                annotate_config(dir, "model_content_hash", &hash)?;
                 let h = self.spec.reward.clone();
                 let request = pb::StartJobRequest {
                     objective: pb::ObjectiveKind::Reward as i32,
@@ -734,7 +736,8 @@ impl<'a> Study<'a> {
                 Ok(out)
             }
             Scenario::Simpo | Scenario::Dpo => {
-                self.load_base(model, &base, false).await?;
+                let hash = self.load_base(model, &base, false).await?;
+                annotate_config(dir, "model_content_hash", &hash)?;
                 let h = self.spec.preference.clone();
                 let sft = pb::StartJobRequest {
                     objective: pb::ObjectiveKind::Sft as i32,
@@ -992,6 +995,16 @@ impl<'a> Study<'a> {
         }
         Ok(dirs)
     }
+}
+
+/// Adds a field to a run's `config.json` (e.g. the content hash of the loaded model).
+fn annotate_config(dir: &Path, key: &str, value: &str) -> Result<()> {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    if let Some(o) = config.as_object_mut() {
+        o.insert(key.to_string(), json!(value));
+    }
+    write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())
 }
 
 /// Which data split a step uses.

@@ -322,8 +322,10 @@ impl ModelConfig {
             "opt-2.7b" => opt(50272, 2048, 2560, 32, 32, 10240, None, true),
             "opt-6.7b" => opt(50272, 2048, 4096, 32, 32, 16384, None, true),
             "tiny-gpt2" => gpt2(512, 128, 32, 2, 4),
+            "small-gpt2" => gpt2(512, 256, 64, 4, 4),
             "tiny-opt" => opt(512, 128, 32, 2, 4, 64, None, true),
             "tiny-opt-post-ln" => opt(512, 128, 32, 2, 4, 64, Some(16), false),
+            "small-opt" => opt(512, 256, 64, 4, 4, 256, None, true),
             _ => return None,
         })
     }
@@ -340,8 +342,10 @@ impl ModelConfig {
         "opt-2.7b",
         "opt-6.7b",
         "tiny-gpt2",
+        "small-gpt2",
         "tiny-opt",
         "tiny-opt-post-ln",
+        "small-opt",
     ];
 }
 
