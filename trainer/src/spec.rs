@@ -113,6 +113,8 @@ pub struct StageHyper {
     pub epochs: u32,
     /// SFT epochs before SimPO/DPO.
     pub sft_epochs: u32,
+    /// DPO epochs (the official DPO script trains 3; SimPO uses `epochs`).
+    pub dpo_epochs: u32,
     pub max_ctx: u32,
     /// Explicit-conflict weight α.
     pub alpha: f64,
@@ -131,6 +133,7 @@ impl Default for StageHyper {
             minibatch_size: 1,
             epochs: 1,
             sft_epochs: 1,
+            dpo_epochs: 3,
             max_ctx: 512,
             alpha: 0.5,
             conf_threshold: 0.75,

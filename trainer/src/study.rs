@@ -234,7 +234,15 @@ impl<'a> Study<'a> {
                 self.spec.preference.clone()
             },
             sizes: self.spec.sizes.clone(),
-            models: self.spec.models.clone(),
+            // Only the models this run involves, so adding a model to the spec keeps the ids
+            // (and finished results) of existing runs.
+            models: self
+                .spec
+                .models
+                .iter()
+                .filter(|m| m.name == model || Some(m.name.as_str()) == weak)
+                .cloned()
+                .collect(),
             data_hashes: self.data.hashes.clone(),
             code_version: env!("CARGO_PKG_VERSION"),
         }
@@ -771,7 +779,11 @@ impl<'a> Study<'a> {
                     dataset_ids: datasets,
                     hyperparameters: Some(self.hyper(
                         &h,
-                        h.epochs,
+                        if scenario == Scenario::Dpo {
+                            h.dpo_epochs
+                        } else {
+                            h.epochs
+                        },
                         seed,
                         pb::LrSchedule::WarmupConstant,
                         alpha(&h),
@@ -835,6 +847,15 @@ impl<'a> Study<'a> {
         config.high_conf = high_conf.is_some();
         config.high_conf_peeks = high_conf.unwrap_or(false);
         config.intermediate_model = plan.intermediate.map(str::to_string);
+        if let Some(intermediate) = plan.intermediate {
+            config.models.extend(
+                self.spec
+                    .models
+                    .iter()
+                    .filter(|m| m.name == intermediate)
+                    .cloned(),
+            );
+        }
         let dir = self.out.join(config.id());
         let Some((dir, mut log)) = self.open_run(&config)? else {
             let labels = if plan.label_split.is_some() {
@@ -863,9 +884,12 @@ impl<'a> Study<'a> {
             .zip(labels)
             .filter(|(_, l)| match high_conf {
                 // Official filter: the weak label agrees with ground truth and σ(margin) ≥ τ.
-                Some(true) => l.correct && l.p_chosen >= tau,
+                Some(true) => l.correct && confidence(scenario, l.margin) >= tau,
                 // Without peeking at ground truth: the weak model is confident either way.
-                Some(false) => l.p_chosen.max(1.0 - l.p_chosen) >= tau,
+                Some(false) => {
+                    let p = confidence(scenario, l.margin);
+                    p.max(1.0 - p) >= tau
+                }
                 None => true,
             })
             .map(|(pair, l)| match scenario {
@@ -994,6 +1018,16 @@ impl<'a> Study<'a> {
             );
         }
         Ok(dirs)
+    }
+}
+
+/// The weak model's confidence in the human-chosen response as the official high-confidence
+/// filter computes it: σ(margin), with DPO's summed log-prob margin scaled by 1/50.
+fn confidence(scenario: Scenario, margin: f64) -> f64 {
+    if scenario == Scenario::Dpo {
+        sigmoid(margin / 50.0)
+    } else {
+        sigmoid(margin)
     }
 }
 
