@@ -120,6 +120,41 @@ impl TextTokenizer {
         })
     }
 
+    /// Trains a GPT-2-style byte-level BPE with `vocab_size` entries on `texts` (for corpora
+    /// that have no pretrained tokenizer). `special_tokens` get the first ids, in order. The
+    /// result is deterministic in its input and saves as an ordinary `tokenizer.json`.
+    pub fn train_byte_level_bpe<'a>(
+        texts: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+        special_tokens: &[&str],
+    ) -> Result<Self> {
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::models::bpe::BpeTrainer;
+        let dir = Path::new("<training>");
+        let specials: Vec<AddedToken> = special_tokens
+            .iter()
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        let mut trainer: TrainerWrapper = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        let mut inner = Tokenizer::new(BPE::default());
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::new(false, true, true)));
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| tokenizer_error(dir, e))?;
+        Ok(Self {
+            inner,
+            bos_to_prepend: None,
+        })
+    }
+
     /// Wraps a tokenizer built in code (e.g. trained on a corpus).
     pub fn from_tokenizer(inner: Tokenizer, bos_to_prepend: Option<u32>) -> Self {
         Self {
@@ -369,6 +404,36 @@ fn byte_to_unicode(byte: u8) -> char {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trained_bpe_is_deterministic_round_trips_and_reloads() {
+        let corpus: Vec<String> = (0..200)
+            .map(|i| format!("\n\nHuman: is the {} safe to touch?\n\nAssistant: the {} is hot, do not touch it {i}", i % 7, i % 5))
+            .collect();
+        let train = || {
+            TextTokenizer::train_byte_level_bpe(
+                corpus.iter().map(String::as_str),
+                320,
+                &["<|endoftext|>"],
+            )
+            .unwrap()
+        };
+        let (a, b) = (train(), train());
+        let text = "\n\nHuman: is the stove safe?\n\nAssistant: no, it is hot";
+        assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap());
+        assert_eq!(a.decode(&a.encode(text).unwrap()).unwrap(), text);
+        assert!(
+            a.encode(text).unwrap().len() < text.len() / 2,
+            "merges were learned"
+        );
+        assert_eq!(a.inner().token_to_id("<|endoftext|>"), Some(0));
+        assert!(a.vocab_size() <= 320);
+        let dir = tempfile::tempdir().unwrap();
+        a.save(dir.path()).unwrap();
+        let config = ModelConfig::preset("tiny-gpt2").unwrap();
+        let back = TextTokenizer::from_folder(dir.path(), &config).unwrap();
+        assert_eq!(back.encode(text).unwrap(), a.encode(text).unwrap());
+    }
 
     #[test]
     fn byte_tokenizer_maps_each_byte_to_its_value() {
