@@ -213,6 +213,15 @@ pub struct Report {
     pub known_threshold: Option<f64>,
 }
 
+/// Which test pairs a ceiling run "knows".
+fn knowledge(ceiling: &Run, threshold: Option<f64>) -> Vec<bool> {
+    ceiling
+        .p_chosen
+        .iter()
+        .map(|&p| known(p, threshold))
+        .collect()
+}
+
 fn ci(
     n: usize,
     resamples: usize,
@@ -284,16 +293,8 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             ))
             .or_default()
             .push(run);
-        let weak_known: Vec<bool> = w
-            .p_chosen
-            .iter()
-            .map(|&p| known(p, options.known_threshold))
-            .collect();
-        let strong_known: Vec<bool> = s
-            .p_chosen
-            .iter()
-            .map(|&p| known(p, options.known_threshold))
-            .collect();
+        let weak_known = knowledge(w, options.known_threshold);
+        let strong_known = knowledge(s, options.known_threshold);
         let baseline = runs.iter().find(|x| {
             x.meta.scenario == run.meta.scenario
                 && x.meta.weak_model == run.meta.weak_model
@@ -370,16 +371,8 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
         .filter_map(|((scenario, weak, strong, seed), students)| {
             let w = ceiling(&scenario, &weak, seed)?;
             let s = ceiling(&scenario, &strong, seed)?;
-            let weak_known: Vec<bool> = w
-                .p_chosen
-                .iter()
-                .map(|&p| known(p, options.known_threshold))
-                .collect();
-            let strong_known: Vec<bool> = s
-                .p_chosen
-                .iter()
-                .map(|&p| known(p, options.known_threshold))
-                .collect();
+            let weak_known = knowledge(w, options.known_threshold);
+            let strong_known = knowledge(s, options.known_threshold);
             let labels: Vec<String> = students.iter().map(|x| x.meta.variant()).collect();
             let list: Vec<Student<'_>> = students
                 .iter()
