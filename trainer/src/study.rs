@@ -365,6 +365,12 @@ impl<'a> Study<'a> {
             .collect()
     }
 
+    /// Drops a model from the server; best effort (it may already be gone).
+    async fn unload(&self, name: impl Into<String>) {
+        let request = pb::UnloadModelRequest { name: name.into() };
+        let _ = self.client.models.clone().unload_model(request).await;
+    }
+
     /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
     async fn load_base(&self, model: &ModelSpec, name: &str, reward_head: bool) -> Result<String> {
         let source = match (&model.path, &model.preset) {
@@ -372,12 +378,7 @@ impl<'a> Study<'a> {
             (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
             _ => bail!("model `{}` has no source", model.name),
         };
-        let _ = self
-            .client
-            .models
-            .clone()
-            .unload_model(pb::UnloadModelRequest { name: name.into() })
-            .await;
+        self.unload(name).await;
         let info = self
             .client
             .load_model(pb::LoadModelRequest {
@@ -444,16 +445,10 @@ impl<'a> Study<'a> {
             .get(stage)
             .and_then(|id| known.iter().find(|j| &j.id == id))
             .cloned();
+        // A stale model of that name (from an earlier attempt) must not shadow the result.
+        self.unload(output.clone()).await;
         let job_id = match previous {
             Some(job) if job.state == pb::JobState::Succeeded as i32 => {
-                let _ = self
-                    .client
-                    .models
-                    .clone()
-                    .unload_model(pb::UnloadModelRequest {
-                        name: output.clone(),
-                    })
-                    .await;
                 self.client
                     .load_model(pb::LoadModelRequest {
                         name: output.clone(),
@@ -476,14 +471,6 @@ impl<'a> Study<'a> {
                 job.id
             }
             _ => {
-                let _ = self
-                    .client
-                    .models
-                    .clone()
-                    .unload_model(pb::UnloadModelRequest {
-                        name: output.clone(),
-                    })
-                    .await;
                 let job = self
                     .client
                     .training
@@ -677,12 +664,7 @@ impl<'a> Study<'a> {
         let w2s = self.margins(&trained, &self.data.w2s, scoring, &h).await?;
         write_jsonl(&dir.join("weak_labels.jsonl"), &Self::labels_of(&w2s))?;
         self.finish_run(&dir, &test)?;
-        let _ = self
-            .client
-            .models
-            .clone()
-            .unload_model(pb::UnloadModelRequest { name: trained })
-            .await;
+        self.unload(trained).await;
         Ok((dir.clone(), Self::labels_of(&w2s)))
     }
 
@@ -735,12 +717,7 @@ impl<'a> Study<'a> {
                     output_model: format!("{run_id}:rm"),
                 };
                 let out = self.train(dir, "reward", request, log).await?;
-                let _ = self
-                    .client
-                    .models
-                    .clone()
-                    .unload_model(pb::UnloadModelRequest { name: base })
-                    .await;
+                self.unload(base).await;
                 Ok(out)
             }
             Scenario::Simpo | Scenario::Dpo => {
@@ -762,12 +739,7 @@ impl<'a> Study<'a> {
                     output_model: format!("{run_id}:sft"),
                 };
                 let sft_model = self.train(dir, "sft", sft, log).await?;
-                let _ = self
-                    .client
-                    .models
-                    .clone()
-                    .unload_model(pb::UnloadModelRequest { name: base })
-                    .await;
+                self.unload(base).await;
                 let objective = if scenario == Scenario::Simpo {
                     pb::ObjectiveKind::Simpo
                 } else {
@@ -792,12 +764,7 @@ impl<'a> Study<'a> {
                     output_model: format!("{run_id}:pref"),
                 };
                 let out = self.train(dir, "preference", pref, log).await?;
-                let _ = self
-                    .client
-                    .models
-                    .clone()
-                    .unload_model(pb::UnloadModelRequest { name: sft_model })
-                    .await;
+                self.unload(sft_model).await;
                 Ok(out)
             }
         }
@@ -957,12 +924,7 @@ impl<'a> Study<'a> {
             write_jsonl(&dir.join("weak_labels.jsonl"), &new_labels)?;
         }
         self.finish_run(&dir, &test)?;
-        let _ = self
-            .client
-            .models
-            .clone()
-            .unload_model(pb::UnloadModelRequest { name: trained })
-            .await;
+        self.unload(trained).await;
         Ok((dir, new_labels))
     }
 
