@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use model_server::config::NamedSource;
+use model_server::worker::parse_device;
 use model_server::{RunningServer, ServerConfig, W2sClient};
 use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
 use w2s_proto::v1 as pb;
@@ -48,6 +49,9 @@ struct Args {
     /// Small settings for a smoke run.
     #[arg(long)]
     quick: bool,
+    /// Device for both the server and the in-process baseline: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -61,8 +65,13 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs[i]
 }
 
-async fn server(preset: &str, max_batch_requests: usize) -> Result<(RunningServer, W2sClient)> {
+async fn server(
+    preset: &str,
+    device: &str,
+    max_batch_requests: usize,
+) -> Result<(RunningServer, W2sClient)> {
     let mut config = ServerConfig::ephemeral();
+    config.device = device.into();
     config.presets.push(NamedSource {
         name: "m".into(),
         value: preset.into(),
@@ -92,8 +101,9 @@ async fn main() -> Result<()> {
         args.tokens = 64;
     }
     println!(
-        "load-client: preset {}, {} rayon threads, {} CPUs",
+        "load-client: preset {}, device {}, {} rayon threads, {} CPUs",
         args.preset,
+        args.device,
         rayon_threads(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -102,7 +112,7 @@ async fn main() -> Result<()> {
 
     // 1. Overhead of gRPC against in-process calls.
     let texts: Vec<String> = (0..args.batch).map(|i| text_of(args.tokens, i)).collect();
-    let (grpc_server, client) = server(&args.preset, 64).await?;
+    let (grpc_server, client) = server(&args.preset, &args.device, 64).await?;
     let request = pb::TokenLogprobsRequest {
         model: "m".into(),
         texts: texts.clone(),
@@ -122,7 +132,11 @@ async fn main() -> Result<()> {
     }
     grpc_server.shutdown().await?;
     let config = ModelConfig::preset(&args.preset).context("unknown preset")?;
-    let model = CausalLm::random_init(config, 0, &LoadOptions::default())?;
+    let options = LoadOptions {
+        device: parse_device(&args.device).map_err(anyhow::Error::msg)?,
+        ..LoadOptions::default()
+    };
+    let model = CausalLm::random_init(config, 0, &options)?;
     let tokenizer = TextTokenizer::bytes()?;
     let in_process_call = || -> Result<()> {
         let sequences: Vec<Vec<u32>> = texts
@@ -159,7 +173,8 @@ async fn main() -> Result<()> {
     println!("| batching | concurrency | sequences/s | p50 ms | p99 ms |");
     println!("| --- | --- | --- | --- | --- |");
     for batching in [true, false] {
-        let (srv, client) = server(&args.preset, if batching { 64 } else { 1 }).await?;
+        let (srv, client) =
+            server(&args.preset, &args.device, if batching { 64 } else { 1 }).await?;
         for &concurrency in &args.concurrency {
             let per_client = args.requests.div_ceil(concurrency);
             let started = Instant::now();
