@@ -3,5 +3,6 @@
 
 pub mod data;
 pub mod progress;
+pub mod sandbox;
 pub mod spec;
 pub mod study;

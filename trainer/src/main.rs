@@ -5,11 +5,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model_server::{ClientOptions, ServerConfig, Session};
 use superficial_models::ModelConfig;
 use superficial_models::model::parameter_layout;
+use trainer::sandbox::{ExperimentConfig, Family, experiment};
 use trainer::spec::StudySpec;
 use trainer::study::{Study, StudyData};
 
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Runs the study described by a TOML spec (see examples/).
     Run(RunArgs),
+    /// Runs the knowledge sandbox end to end: world, pretraining, study, report.
+    Experiment(ExperimentArgs),
     /// Lists the built-in model presets with architecture, shape and parameter count.
     Presets,
 }
@@ -54,10 +57,139 @@ struct RunArgs {
     overrides: Vec<String>,
 }
 
+#[derive(Debug, clap::Args)]
+struct ExperimentArgs {
+    /// Output folder: world, cached models, runs, report.
+    #[arg(long, default_value = "results/sandbox")]
+    out: PathBuf,
+    /// The small configuration (about 3 minutes on 2 CPU cores).
+    #[arg(long)]
+    quick: bool,
+    /// A TOML file with the full configuration (`experiment.json` of a run shows every field).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Seeds of the study (the default runs 0, 1, 2).
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Entities (facts) in the world.
+    #[arg(long)]
+    entities: Option<usize>,
+    /// Preference pairs per split (train_gt, train_w2s, test, helpful).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Multiply every model's width by this factor (e.g. 2 for larger models).
+    #[arg(long)]
+    width_scale: Option<f64>,
+    /// Pretraining epochs over the corpus.
+    #[arg(long)]
+    pretrain_epochs: Option<u32>,
+    /// Family of the weak-to-strong grid.
+    #[arg(long, value_enum)]
+    family: Option<Family>,
+    /// Override any configuration field: KEY=VALUE in TOML syntax, e.g. --set world.zipf_exponent=1.1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// A running model server; without it an in-process server keeps its state in OUT/.server.
+    #[arg(long, env = "W2S_SERVER")]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Redo finished runs (pretrained models stay cached).
+    #[arg(long)]
+    force: bool,
+    /// Stop after pretraining and the knowledge probe (writes OUT/pretrained.md).
+    #[arg(long)]
+    pretrain_only: bool,
+}
+
+impl ExperimentArgs {
+    fn config(&self) -> Result<ExperimentConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None if self.quick => ExperimentConfig::quick(),
+            None => ExperimentConfig::default(),
+        };
+        if let Some(n) = self.seeds {
+            config.seeds = (0..n as u64).collect();
+        }
+        if let Some(n) = self.entities {
+            config.world.entities = n;
+        }
+        if let Some(n) = self.pairs {
+            let w = &mut config.world;
+            (w.train_gt_pairs, w.train_w2s_pairs, w.test_pairs, w.helpful_pairs) = (n, n, n, n);
+        }
+        if let Some(scale) = self.width_scale {
+            if !(scale > 0.0 && scale.is_finite()) {
+                bail!("--width-scale must be positive");
+            }
+            for size in config.gpt2.iter_mut().chain(config.opt.iter_mut()) {
+                let width = ((size.width as f64 * scale) as usize).max(size.heads);
+                size.width = width.div_ceil(size.heads) * size.heads;
+            }
+        }
+        if let Some(epochs) = self.pretrain_epochs {
+            config.pretrain.epochs = epochs;
+        }
+        if let Some(family) = self.family {
+            config.family = family;
+        }
+        let config = config
+            .with_overrides(&self.overrides)
+            .map_err(anyhow::Error::msg)?;
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+}
+
+async fn experiment(args: ExperimentArgs) -> Result<()> {
+    let config = args.config()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut server_config = ServerConfig::ephemeral();
+    server_config.data_dir = args.out.join(".server");
+    server_config.model_root = PathBuf::from("/");
+    let options = ClientOptions {
+        token: args.token.clone(),
+        ..Default::default()
+    };
+    let session = Session::open_with(args.server.as_deref(), &options, server_config)
+        .await
+        .context("opening a model-server session")?;
+    let started = std::time::Instant::now();
+    let mut progress = trainer::progress::for_stderr();
+    let result =
+        experiment::run(
+        &config,
+        &args.out,
+        &session.client,
+        args.force,
+        args.pretrain_only,
+        progress.as_mut(),
+    ).await;
+    drop(progress);
+    session.close().await?;
+    let outcome = result?;
+    eprintln!(
+        "sandbox study finished in {:.0} s: {} runs",
+        started.elapsed().as_secs_f64(),
+        outcome.runs
+    );
+    println!("summary: {}", outcome.summary.display());
+    println!("report:  {}", outcome.report_dir.join("report.md").display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Experiment(args) => experiment(args).await,
         Command::Presets => {
             presets();
             Ok(())

@@ -251,7 +251,7 @@ impl StudySpec {
 }
 
 /// Sets `a.b.c=value` in a TOML table, creating tables on the way.
-fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
+pub(crate) fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
     let (key, raw) = item
         .split_once('=')
         .ok_or_else(|| format!("override `{item}`: expected KEY=VALUE"))?;

@@ -1,0 +1,799 @@
+//! The knowledge sandbox: a generated world, tiny GPT-2/OPT-architecture models pretrained on
+//! it through the model server's training jobs, and the whole weak-to-strong study on top
+//! (`trainer experiment`). See `docs/sandbox.md` for why this is a faithful miniature of the
+//! paper's setting and where it is not.
+//!
+//! Data flow: [`ExperimentConfig`] → `world::World` (facts, corpus, HH splits, written under
+//! `OUT/world/`) → BPE tokenizer (`OUT/world/tokenizer/`) → one CAUSAL_LM job per model size,
+//! exported to `OUT/models/<name>-<hash>/` (reused while the hash of world, tokenizer, model
+//! config and pretraining config is unchanged) → a zero-shot knowledge probe → the study
+//! (`OUT/runs/`) → the report (`OUT/report/`).
+
+pub mod experiment;
+pub mod world;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use model_server::W2sClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use superficial_models::config::{Gpt2Config, OptConfig};
+use superficial_models::model::parameter_layout;
+use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::upload_dataset_request::Item;
+
+use crate::spec::{DataFiles, ModelSpec, Scenario, Setting, Sizes, StageHyper, StudySpec};
+use crate::study::Progress;
+use world::{World, WorldConfig};
+
+/// Special tokens of the sandbox tokenizer, at ids 0, 1, 2 (OPT's pad and bos/eos ids are 1
+/// and 2; GPT-2's end-of-text is 0).
+const SPECIAL_TOKENS: &[&str] = &["<|endoftext|>", "<pad>", "</s>"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Gpt2,
+    Opt,
+}
+
+/// One model size of a family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeSpec {
+    pub name: String,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl SizeSpec {
+    fn new(name: &str, width: usize, layers: usize, heads: usize) -> Self {
+        Self {
+            name: name.into(),
+            width,
+            layers,
+            heads,
+        }
+    }
+}
+
+/// How every model is pretrained on the corpus (one CAUSAL_LM job each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub epochs: u32,
+    pub lr: f64,
+    pub batch_size: u32,
+    pub max_ctx: u32,
+    pub seed: u64,
+}
+
+/// Everything `trainer experiment` does, with defaults that fit the 15-minute budget on a
+/// 2-core CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub world: WorldConfig,
+    pub tokenizer_vocab: usize,
+    /// Positions of every model (sandbox dialogues are short).
+    pub context: usize,
+    /// The family whose sizes form the weak-to-strong grid.
+    pub family: Family,
+    /// Pretrain both families (the other one is probed but not put through the grid).
+    pub pretrain_both_families: bool,
+    pub gpt2: Vec<SizeSpec>,
+    pub opt: Vec<SizeSpec>,
+    pub pretrain: PretrainConfig,
+    pub seeds: Vec<u64>,
+    pub scenarios: Vec<Scenario>,
+    pub settings: Vec<Setting>,
+    /// Run the bootstrap chain smallest → middle → largest (preference scenarios).
+    pub bootstrap: bool,
+    pub reward: StageHyper,
+    pub preference: StageHyper,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        Self {
+            world: WorldConfig::default(),
+            tokenizer_vocab: 768,
+            context: 96,
+            family: Family::Gpt2,
+            pretrain_both_families: true,
+            gpt2: vec![
+                SizeSpec::new("gpt2-xs", 32, 1, 2),
+                SizeSpec::new("gpt2-s", 48, 2, 2),
+                SizeSpec::new("gpt2-m", 64, 3, 4),
+                SizeSpec::new("gpt2-l", 96, 4, 4),
+            ],
+            opt: vec![
+                SizeSpec::new("opt-xs", 32, 1, 2),
+                SizeSpec::new("opt-s", 64, 2, 4),
+                SizeSpec::new("opt-m", 96, 4, 4),
+            ],
+            pretrain: PretrainConfig {
+                epochs: 40,
+                lr: 3e-3,
+                batch_size: 16,
+                max_ctx: 96,
+                seed: 0,
+            },
+            seeds: vec![0, 1, 2],
+            scenarios: vec![Scenario::Reward, Scenario::Simpo],
+            settings: vec![Setting::None, Setting::Implicit, Setting::Explicit],
+            bootstrap: true,
+            reward: StageHyper {
+                lr: 1e-3,
+                batch_size: 32,
+                minibatch_size: 32,
+                epochs: 2,
+                max_ctx: 96,
+                eval_batch: 64,
+                ..StageHyper::default()
+            },
+            preference: StageHyper {
+                lr: 3e-4,
+                batch_size: 32,
+                minibatch_size: 32,
+                epochs: 1,
+                sft_epochs: 1,
+                max_ctx: 96,
+                eval_batch: 64,
+                ..StageHyper::preference_default()
+            },
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// The `--quick` configuration: a smaller world, three sizes of the grid family, one seed;
+    /// under three minutes on a 2-core CPU.
+    pub fn quick() -> Self {
+        let base = Self::default();
+        Self {
+            world: WorldConfig {
+                entities: 160,
+                top_mentions: 80.0,
+                train_gt_pairs: 160,
+                train_w2s_pairs: 160,
+                test_pairs: 200,
+                helpful_pairs: 100,
+                ..WorldConfig::default()
+            },
+            pretrain_both_families: false,
+            gpt2: base.gpt2[..3].to_vec(),
+            pretrain: PretrainConfig {
+                epochs: 30,
+                ..base.pretrain
+            },
+            seeds: vec![0],
+            settings: vec![Setting::None, Setting::Explicit],
+            bootstrap: false,
+            ..base
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.world.validate()?;
+        if self.tokenizer_vocab < 300 {
+            return Err("tokenizer_vocab must be at least 300 (256 bytes + specials)".into());
+        }
+        let grid = self.family_sizes(self.family);
+        if grid.len() < 2 {
+            return Err("the grid family needs at least two sizes".into());
+        }
+        if self.bootstrap && grid.len() < 3 {
+            return Err("the bootstrap chain needs at least three sizes".into());
+        }
+        for size in self.gpt2.iter().chain(&self.opt) {
+            if size.width == 0 || size.layers == 0 || size.heads == 0 {
+                return Err(format!("size {}: width, layers, heads must be positive", size.name));
+            }
+            if !size.width.is_multiple_of(size.heads) {
+                return Err(format!("size {}: heads must divide width", size.name));
+            }
+        }
+        if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
+            return Err("seeds, scenarios and settings must not be empty".into());
+        }
+        if self.pretrain.epochs == 0 || self.pretrain.batch_size == 0 {
+            return Err("pretrain epochs and batch_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn family_sizes(&self, family: Family) -> &[SizeSpec] {
+        match family {
+            Family::Gpt2 => &self.gpt2,
+            Family::Opt => &self.opt,
+        }
+    }
+
+    /// The architecture of one size, with this world's vocabulary.
+    pub fn model_config(&self, family: Family, size: &SizeSpec, vocab: usize) -> ModelConfig {
+        match family {
+            Family::Gpt2 => ModelConfig::Gpt2(Gpt2Config {
+                vocab_size: vocab,
+                n_positions: self.context,
+                n_embd: size.width,
+                n_layer: size.layers,
+                n_head: size.heads,
+                n_inner: None,
+                activation_function: "gelu_new".into(),
+                layer_norm_epsilon: 1e-5,
+                scale_attn_weights: true,
+                scale_attn_by_inverse_layer_idx: false,
+                tie_word_embeddings: true,
+                bos_token_id: 0,
+                eos_token_id: 0,
+            }),
+            Family::Opt => ModelConfig::Opt(OptConfig {
+                vocab_size: vocab,
+                hidden_size: size.width,
+                num_hidden_layers: size.layers,
+                ffn_dim: 4 * size.width,
+                max_position_embeddings: self.context,
+                num_attention_heads: size.heads,
+                do_layer_norm_before: true,
+                word_embed_proj_dim: Some(size.width),
+                activation_function: "relu".into(),
+                enable_bias: true,
+                layer_norm_elementwise_affine: true,
+                remove_final_layer_norm: false,
+                tie_word_embeddings: true,
+                pad_token_id: 1,
+                bos_token_id: 2,
+                eos_token_id: 2,
+            }),
+        }
+    }
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut out, row)?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// The files of a generated world.
+pub struct WorldFiles {
+    pub dir: PathBuf,
+    pub train_gt: PathBuf,
+    pub train_w2s: PathBuf,
+    pub test: PathBuf,
+    pub helpful: PathBuf,
+    pub tokenizer_dir: PathBuf,
+    /// Hash of every file above: the world's identity for the model cache.
+    pub hash: String,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Generates the world and writes it (facts, corpus, splits, tokenizer) under `dir`.
+pub fn write_world(config: &ExperimentConfig, dir: &Path) -> Result<(World, WorldFiles)> {
+    let world = World::generate(&config.world).map_err(anyhow::Error::msg)?;
+    let files = WorldFiles {
+        dir: dir.to_path_buf(),
+        train_gt: dir.join("harmless_train_gt.jsonl"),
+        train_w2s: dir.join("harmless_train_w2s.jsonl"),
+        test: dir.join("harmless_test.jsonl"),
+        helpful: dir.join("helpful_train.jsonl"),
+        tokenizer_dir: dir.join("tokenizer"),
+        hash: String::new(),
+        tokenizer: TextTokenizer::bytes()?,
+    };
+    let entities = jsonl(&world.entities)?;
+    let corpus: Vec<_> = world.corpus.iter().map(|t| json!({ "text": t })).collect();
+    let corpus = jsonl(&corpus)?;
+    let splits: Vec<(&Path, Vec<u8>)> = vec![
+        (&files.train_gt, jsonl(&world.train_gt)?),
+        (&files.train_w2s, jsonl(&world.train_w2s)?),
+        (&files.test, jsonl(&world.test)?),
+        (&files.helpful, jsonl(&world.helpful)?),
+    ];
+    write_file(&dir.join("entities.jsonl"), &entities)?;
+    write_file(&dir.join("corpus.jsonl"), &corpus)?;
+    for (path, bytes) in &splits {
+        write_file(path, bytes)?;
+    }
+    write_file(
+        &dir.join("world_config.json"),
+        serde_json::to_string_pretty(&config.world)?.as_bytes(),
+    )?;
+    let tokenizer = TextTokenizer::train_byte_level_bpe(
+        world.tokenizer_texts(),
+        config.tokenizer_vocab,
+        SPECIAL_TOKENS,
+    )
+    .context("training the sandbox tokenizer")?;
+    tokenizer
+        .save(&files.tokenizer_dir)
+        .context("saving the sandbox tokenizer")?;
+    let tokenizer_json = std::fs::read(files.tokenizer_dir.join("tokenizer.json"))?;
+    let mut parts: Vec<&[u8]> = vec![&entities, &corpus, &tokenizer_json];
+    parts.extend(splits.iter().map(|(_, b)| b.as_slice()));
+    let hash = sha256_hex(&parts);
+    Ok((
+        world,
+        WorldFiles {
+            hash,
+            tokenizer,
+            ..files
+        },
+    ))
+}
+
+/// A pretrained model in the cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PretrainedModel {
+    pub name: String,
+    pub family: Family,
+    pub dir: PathBuf,
+    pub parameters: usize,
+    pub final_loss: f64,
+    pub seconds: f64,
+    /// Loaded from the cache instead of trained in this run.
+    #[serde(default)]
+    pub cached: bool,
+}
+
+const PRETRAINED_MARKER: &str = "pretraining.json";
+
+/// Pretrains (or finds in the cache) every model of the configured families.
+pub async fn pretrain_models(
+    config: &ExperimentConfig,
+    files: &WorldFiles,
+    world: &World,
+    client: &W2sClient,
+    cache: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Vec<PretrainedModel>> {
+    let tokenizer = &files.tokenizer;
+    let vocab = tokenizer.vocab_size();
+    let mut families = vec![config.family];
+    if config.pretrain_both_families {
+        families = vec![Family::Gpt2, Family::Opt];
+    }
+    let mut corpus_dataset: Option<String> = None;
+    let mut out = Vec::new();
+    for family in families {
+        for size in config.family_sizes(family) {
+            let model_config = config.model_config(family, size, vocab);
+            let key = sha256_hex(&[
+                files.hash.as_bytes(),
+                serde_json::to_string(&model_config.to_hf_json())?.as_bytes(),
+                serde_json::to_string(&config.pretrain)?.as_bytes(),
+            ]);
+            let dir = cache.join(format!("{}-{}", size.name, &key[..12]));
+            let marker = dir.join(PRETRAINED_MARKER);
+            if let Ok(text) = std::fs::read_to_string(&marker)
+                && let Ok(mut model) = serde_json::from_str::<PretrainedModel>(&text)
+            {
+                progress.line(&format!(
+                    "pretrained {} found in the cache ({})",
+                    size.name,
+                    dir.display()
+                ));
+                model.dir = dir;
+                model.cached = true;
+                out.push(model);
+                continue;
+            }
+            let dataset = match &corpus_dataset {
+                Some(id) => id.clone(),
+                None => {
+                    let rows = world
+                        .corpus
+                        .iter()
+                        .map(|text| Item::Text(pb::TextRow { text: text.clone() }))
+                        .collect();
+                    let info = client
+                        .upload_dataset("sandbox-corpus", rows)
+                        .await
+                        .context("uploading the pretraining corpus")?;
+                    corpus_dataset = Some(info.id.clone());
+                    info.id
+                }
+            };
+            let model = pretrain_one(
+                config,
+                family,
+                size,
+                model_config,
+                tokenizer,
+                &dataset,
+                client,
+                &dir,
+                progress,
+            )
+            .await?;
+            write_file(&marker, serde_json::to_string_pretty(&model)?.as_bytes())?;
+            out.push(model);
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pretrain_one(
+    config: &ExperimentConfig,
+    family: Family,
+    size: &SizeSpec,
+    model_config: ModelConfig,
+    tokenizer: &TextTokenizer,
+    dataset: &str,
+    client: &W2sClient,
+    dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<PretrainedModel> {
+    let started = Instant::now();
+    let parameters: usize = parameter_layout(&model_config)
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum();
+    progress.line(&format!(
+        "pretraining {} ({} parameters, {} layers x {} wide)",
+        size.name, parameters, size.layers, size.width
+    ));
+    // The random initialisation travels to the server as an ordinary HF folder.
+    let init_dir = dir.with_file_name(format!(
+        ".init-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")
+    ));
+    let seed = config.pretrain.seed ^ sha256_seed(&size.name);
+    let init = CausalLm::random_init(model_config, seed, &LoadOptions::default())
+        .with_context(|| format!("initialising {}", size.name))?;
+    init.save_folder(&init_dir)?;
+    tokenizer.save(&init_dir)?;
+    drop(init);
+    let base = format!("sandbox-init-{}", size.name);
+    let output = format!("sandbox-pretrained-{}", size.name);
+    for name in [&base, &output] {
+        let _ = client
+            .models
+            .clone()
+            .unload_model(pb::UnloadModelRequest { name: name.clone() })
+            .await;
+    }
+    let init_path = std::fs::canonicalize(&init_dir)?;
+    client
+        .load_model(pb::LoadModelRequest {
+            name: base.clone(),
+            source: Some(pb::load_model_request::Source::Path(
+                init_path.display().to_string(),
+            )),
+            role: "pretraining".into(),
+            reward_head: false,
+            seed,
+        })
+        .await
+        .with_context(|| format!("loading the initialisation of {}", size.name))?;
+    let request = pb::StartJobRequest {
+        objective: pb::ObjectiveKind::CausalLm as i32,
+        base_model: base.clone(),
+        dataset_ids: vec![dataset.to_string()],
+        hyperparameters: Some(pb::TrainingHyperparameters {
+            lr: config.pretrain.lr,
+            batch_size: config.pretrain.batch_size,
+            minibatch_size: config.pretrain.batch_size,
+            epochs: config.pretrain.epochs,
+            schedule: pb::LrSchedule::CosineToZero as i32,
+            warmup_frac: Some(0.05),
+            max_ctx: config.pretrain.max_ctx,
+            seed: config.pretrain.seed,
+            shuffle: true,
+            ..Default::default()
+        }),
+        output_model: output.clone(),
+    };
+    let stage = format!("pretrain {}", size.name);
+    let mut last_loss = f64::NAN;
+    let mut last_print = Instant::now();
+    let ended = client
+        .run_job(request, |event| {
+            if let Some(step) = &event.step {
+                progress.step(&stage, step.step, step.total_steps);
+                last_loss = step.loss;
+                if last_print.elapsed().as_secs_f64() > 5.0 || step.step == step.total_steps {
+                    last_print = Instant::now();
+                    progress.line(&format!(
+                        "    {stage}: step {}/{} loss {:.3}",
+                        step.step, step.total_steps, step.loss
+                    ));
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("pretraining {}", size.name))?;
+    if ended.state != pb::JobState::Succeeded as i32 {
+        bail!("pretraining {} failed: {}", size.name, ended.error);
+    }
+    if let Some(metrics) = &ended.final_metrics {
+        last_loss = metrics.loss;
+    }
+    std::fs::create_dir_all(dir)?;
+    let export_path = std::fs::canonicalize(dir)?;
+    client
+        .models
+        .clone()
+        .export_model(pb::ExportModelRequest {
+            name: output.clone(),
+            path: export_path.display().to_string(),
+        })
+        .await
+        .with_context(|| format!("exporting {}", size.name))?;
+    for name in [base, output] {
+        let _ = client
+            .models
+            .clone()
+            .unload_model(pb::UnloadModelRequest { name })
+            .await;
+    }
+    let _ = std::fs::remove_dir_all(&init_dir);
+    let seconds = started.elapsed().as_secs_f64();
+    progress.line(&format!(
+        "pretrained {} in {seconds:.0} s, final loss {last_loss:.3}",
+        size.name
+    ));
+    Ok(PretrainedModel {
+        name: size.name.clone(),
+        family,
+        dir: dir.to_path_buf(),
+        parameters,
+        final_loss: last_loss,
+        seconds,
+        cached: false,
+    })
+}
+
+fn sha256_seed(text: &str) -> u64 {
+    let digest = Sha256::digest(text.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Mention-count buckets for the knowledge tables: unseen, rare, common, frequent.
+pub fn mention_bucket(mentions: usize) -> &'static str {
+    match mentions {
+        0 => "0 (unseen)",
+        1..=3 => "1-3",
+        4..=15 => "4-15",
+        _ => "16+",
+    }
+}
+
+pub const BUCKETS: [&str; 4] = ["0 (unseen)", "1-3", "4-15", "16+"];
+
+/// Zero-shot knowledge of a pretrained model: does it give the correct response a higher mean
+/// log-prob than the wrong one, before any fine-tuning?
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub name: String,
+    pub family: Family,
+    pub parameters: usize,
+    /// Zero-shot accuracy on the harmless test pairs (mean response log-prob).
+    pub accuracy: f64,
+    /// The same per mention bucket: (accuracy, pairs).
+    pub by_bucket: BTreeMap<String, (f64, usize)>,
+    /// Share of all facts the model states correctly ("The X berry is" → true adjective more
+    /// likely than the false one), per mention bucket: (share, entities).
+    pub facts_by_bucket: BTreeMap<String, (f64, usize)>,
+    /// Per entity (world order): mean log-prob of the true minus the false adjective.
+    pub fact_margins: Vec<f64>,
+}
+
+fn bucket_shares(items: impl Iterator<Item = (usize, bool)>) -> BTreeMap<String, (f64, usize)> {
+    let mut out: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (mentions, right) in items {
+        let entry = out.entry(mention_bucket(mentions).to_string()).or_default();
+        entry.0 += right as usize as f64;
+        entry.1 += 1;
+    }
+    for (sum, n) in out.values_mut() {
+        *sum /= *n as f64;
+    }
+    out
+}
+
+async fn mean_logprob_margins(
+    client: &W2sClient,
+    model: &str,
+    pairs: Vec<pb::PreferencePair>,
+    max_ctx: u32,
+) -> Result<Vec<f64>> {
+    let mut margins = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(64) {
+        let response = client
+            .score_pairs(pb::ScorePairsRequest {
+                model: model.to_string(),
+                pairs: chunk.to_vec(),
+                scoring: pb::PairScoring::MeanLogprob as i32,
+                max_ctx,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("probing {model}"))?;
+        margins.extend(response.scores.iter().map(|s| s.margin));
+    }
+    Ok(margins)
+}
+
+pub async fn probe(
+    model: &PretrainedModel,
+    world: &World,
+    client: &W2sClient,
+    max_ctx: u32,
+) -> Result<Probe> {
+    let name = format!("sandbox-probe-{}", model.name);
+    let _ = client
+        .models
+        .clone()
+        .unload_model(pb::UnloadModelRequest { name: name.clone() })
+        .await;
+    let path = std::fs::canonicalize(&model.dir)?;
+    client
+        .load_model(pb::LoadModelRequest {
+            name: name.clone(),
+            source: Some(pb::load_model_request::Source::Path(
+                path.display().to_string(),
+            )),
+            role: "probe".into(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("loading {}", model.dir.display()))?;
+    let test = &world.test;
+    let pairs = test
+            .iter()
+            .map(|row| {
+                let (prompt, chosen) =
+                    superficial_models::tokenizer::split_dialogue(&row.chosen).unwrap_or(("", ""));
+                let rejected = superficial_models::tokenizer::split_dialogue(&row.rejected)
+                    .map(|(_, r)| r)
+                    .unwrap_or("");
+                pb::PreferencePair {
+                    prompt: prompt.to_string(),
+                    chosen: chosen.to_string(),
+                    rejected: rejected.to_string(),
+                }
+            })
+            .collect();
+    let margins = mean_logprob_margins(client, &name, pairs, max_ctx).await?;
+    let facts = world
+        .entities
+        .iter()
+        .map(|entity| {
+            let (prompt, chosen, rejected) = world::fact_probe(entity);
+            pb::PreferencePair {
+                prompt,
+                chosen,
+                rejected,
+            }
+        })
+        .collect();
+    let fact_margins = mean_logprob_margins(client, &name, facts, max_ctx).await?;
+    let _ = client
+        .models
+        .clone()
+        .unload_model(pb::UnloadModelRequest { name })
+        .await;
+    let correct = margins.iter().filter(|m| **m > 0.0).count();
+    let by_bucket = bucket_shares(test.iter().zip(&margins).map(|(r, m)| (r.mentions, *m > 0.0)));
+    let facts_by_bucket = bucket_shares(
+        world
+            .entities
+            .iter()
+            .zip(&fact_margins)
+            .map(|(e, m)| (e.mentions, *m > 0.0)),
+    );
+    Ok(Probe {
+        name: model.name.clone(),
+        family: model.family,
+        parameters: model.parameters,
+        accuracy: correct as f64 / test.len().max(1) as f64,
+        by_bucket,
+        facts_by_bucket,
+        fact_margins,
+    })
+}
+
+/// The study spec of the grid family over the world's files.
+pub fn study_spec(
+    config: &ExperimentConfig,
+    files: &WorldFiles,
+    models: &[PretrainedModel],
+) -> Result<StudySpec> {
+    let grid: Vec<ModelSpec> = config
+        .family_sizes(config.family)
+        .iter()
+        .map(|size| {
+            let model = models
+                .iter()
+                .find(|m| m.name == size.name)
+                .with_context(|| format!("model {} was not pretrained", size.name))?;
+            Ok(ModelSpec {
+                name: size.name.clone(),
+                path: Some(std::fs::canonicalize(&model.dir)?),
+                preset: None,
+                seed: 0,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let bootstrap = if config.bootstrap {
+        let n = grid.len();
+        vec![[
+            grid[0].name.clone(),
+            grid[n / 2].name.clone(),
+            grid[n - 1].name.clone(),
+        ]]
+    } else {
+        Vec::new()
+    };
+    let w = &config.world;
+    let spec = StudySpec {
+        data: DataFiles {
+            gt: files.train_gt.clone(),
+            w2s: files.train_w2s.clone(),
+            test: files.test.clone(),
+            helpful: Some(files.helpful.clone()),
+        },
+        sizes: Sizes {
+            n_docs: w.train_gt_pairs,
+            n_w2s_docs: w.train_w2s_pairs,
+            n_test_docs: w.test_pairs,
+            n_extra_docs: w.helpful_pairs,
+        },
+        models: grid,
+        scenarios: config.scenarios.clone(),
+        settings: config.settings.clone(),
+        seeds: config.seeds.clone(),
+        high_conf: false,
+        bootstrap,
+        reward: config.reward.clone(),
+        preference: config.preference.clone(),
+    };
+    spec.validate().map_err(anyhow::Error::msg)?;
+    Ok(spec)
+}
+
+impl ExperimentConfig {
+    /// Applies `KEY=VALUE` overrides in TOML syntax (e.g. `world.entities=400`).
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, String> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let mut table = toml::Table::try_from(&self).map_err(|e| e.to_string())?;
+        for item in overrides {
+            crate::spec::apply_override(&mut table, item)?;
+        }
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| format!("experiment overrides: {e}"))
+    }
+}
