@@ -80,9 +80,9 @@ struct ExperimentArgs {
     /// Multiply every model's width by this factor (e.g. 2 for larger models).
     #[arg(long)]
     width_scale: Option<f64>,
-    /// Pretraining epochs over the corpus.
+    /// Renditions of the pretraining corpus (more = longer pretraining, more facts learned).
     #[arg(long)]
-    pretrain_epochs: Option<u32>,
+    corpus_passes: Option<usize>,
     /// Family of the weak-to-strong grid.
     #[arg(long, value_enum)]
     family: Option<Family>,
@@ -133,8 +133,8 @@ impl ExperimentArgs {
                 size.width = width.div_ceil(size.heads) * size.heads;
             }
         }
-        if let Some(epochs) = self.pretrain_epochs {
-            config.pretrain.epochs = epochs;
+        if let Some(passes) = self.corpus_passes {
+            config.world.corpus_passes = passes;
         }
         if let Some(family) = self.family {
             config.family = family;

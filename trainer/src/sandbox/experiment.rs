@@ -249,10 +249,73 @@ fn study_markdown(report: &eval_client::report::Report, pretrain_seconds: f64, s
         report.comparisons.len(),
         report.comparisons.len() - over
     );
+    s.push_str(&across_seeds(report));
     let _ = writeln!(
         s,
         "Time: pretraining {pretrain_seconds:.0} s (0 when every model came from the cache), \
          study {study_seconds:.0} s."
     );
+    s
+}
+
+/// Two-sided 95% Student-t critical value for `df` degrees of freedom.
+fn t95(df: usize) -> f64 {
+    match df {
+        1 => 12.706,
+        2 => 4.303,
+        3 => 3.182,
+        4 => 2.776,
+        5 => 2.571,
+        6..=9 => 2.3,
+        10..=29 => 2.1,
+        _ => 1.96,
+    }
+}
+
+/// Mean and 95% t-interval half-width (None for fewer than two values).
+fn mean_ci(values: &[f64]) -> (f64, Option<f64>) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+    if n < 2 {
+        return (mean, None);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, Some(t95(n - 1) * (var / n as f64).sqrt()))
+}
+
+/// With several seeds: each comparison's DS minus its chance baseline and PGR, as mean and 95%
+/// t-interval across seeds.
+fn across_seeds(report: &eval_client::report::Report) -> String {
+    let mut groups: std::collections::BTreeMap<(String, String, String, String), Vec<&eval_client::report::Comparison>> =
+        std::collections::BTreeMap::new();
+    for c in &report.comparisons {
+        groups
+            .entry((c.scenario.clone(), c.weak.clone(), c.strong.clone(), c.variant.clone()))
+            .or_default()
+            .push(c);
+    }
+    if groups.values().all(|g| g.len() < 2) {
+        return "\nOne seed per comparison: run with `--seeds 3` for intervals across seeds.\n\n".into();
+    }
+    let mut s = String::from(
+        "\n## Across seeds\n\nMean and 95% t-interval over seeds of DS − chance (positive = more \
+         deception than chance) and of PGR.\n\n| scenario | weak | strong | student | seeds | DS − chance | PGR |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let show = |(mean, half): (f64, Option<f64>)| match half {
+        Some(h) => format!("{mean:+.3} ± {h:.3}"),
+        None => format!("{mean:+.3}"),
+    };
+    for ((scenario, weak, strong, variant), group) in &groups {
+        let ds: Vec<f64> = group.iter().filter_map(|c| c.ds_over_chance).collect();
+        let pgr: Vec<f64> = group.iter().filter_map(|c| c.pgr).collect();
+        let _ = writeln!(
+            s,
+            "| {scenario} | {weak} | {strong} | {variant} | {} | {} | {} |",
+            group.len(),
+            if ds.is_empty() { "–".into() } else { show(mean_ci(&ds)) },
+            if pgr.is_empty() { "–".into() } else { show(mean_ci(&pgr)) },
+        );
+    }
+    s.push('\n');
     s
 }

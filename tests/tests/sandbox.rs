@@ -1,0 +1,136 @@
+//! The knowledge sandbox end to end on fixed small configurations: the whole pipeline is
+//! deterministic (same seed → byte-identical world, models and predictions), the model cache is
+//! reused, and — on a configuration with enough pretraining — knowledge grows with model size
+//! and nests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use model_server::{ServerConfig, Session};
+use trainer::sandbox::experiment;
+use trainer::sandbox::world::WorldConfig;
+use trainer::sandbox::{ExperimentConfig, PretrainConfig, SizeSpec};
+use trainer::spec::{Scenario, Setting};
+use trainer::study::Progress;
+
+struct Quiet(Vec<String>);
+
+impl Progress for Quiet {
+    fn line(&mut self, text: &str) {
+        self.0.push(text.to_string());
+    }
+}
+
+fn size(name: &str, width: usize, layers: usize) -> SizeSpec {
+    SizeSpec {
+        name: name.into(),
+        width,
+        layers,
+        heads: 2,
+    }
+}
+
+/// A configuration small enough to run twice in a test: determinism, not knowledge.
+fn tiny() -> ExperimentConfig {
+    let base = ExperimentConfig::quick();
+    ExperimentConfig {
+        world: WorldConfig {
+            entities: 24,
+            top_mentions: 8.0,
+            train_gt_pairs: 32,
+            train_w2s_pairs: 32,
+            test_pairs: 48,
+            helpful_pairs: 16,
+            corpus_passes: 2,
+            ..WorldConfig::default()
+        },
+        tokenizer_vocab: 400,
+        gpt2: vec![size("a", 16, 1), size("b", 16, 2)],
+        pretrain: PretrainConfig {
+            epochs: 1,
+            ..base.pretrain.clone()
+        },
+        scenarios: vec![Scenario::Reward, Scenario::Simpo],
+        settings: vec![Setting::None, Setting::Explicit],
+        ..base
+    }
+}
+
+async fn run(config: &ExperimentConfig, out: &Path) -> (experiment::ExperimentOutcome, Vec<String>) {
+    let mut server = ServerConfig::ephemeral();
+    server.data_dir = out.join(".server");
+    server.model_root = PathBuf::from("/");
+    let session = Session::open(None, server).await.unwrap();
+    let mut progress = Quiet(Vec::new());
+    let outcome = experiment::run(config, out, &session.client, false, false, &mut progress)
+        .await
+        .unwrap();
+    session.close().await.unwrap();
+    (outcome, progress.0)
+}
+
+/// Every `predictions.jsonl` under `runs/`, by run folder name.
+fn predictions(out: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(out.join("runs")).unwrap() {
+        let dir = entry.unwrap().path();
+        let file = dir.join("predictions.jsonl");
+        if file.is_file() {
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            files.insert(name, std::fs::read(file).unwrap());
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
+    let config = tiny();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (outcome, log) = run(&config, a.path()).await;
+    // Per scenario: 2 ceilings + 1 pair x 2 settings.
+    assert_eq!(outcome.runs, 8);
+    assert!(outcome.summary.is_file());
+    assert!(outcome.report_dir.join("report.md").is_file());
+    assert!(outcome.report_dir.join("ds_vs_gap.svg").is_file());
+    assert!(log.iter().any(|l| l.starts_with("pretraining a")), "{log:?}");
+    for split in [
+        "harmless_train_gt",
+        "harmless_train_w2s",
+        "harmless_test",
+        "helpful_train",
+    ] {
+        let path = a.path().join("world").join(format!("{split}.jsonl"));
+        let rows = trainer::data::read_hh_jsonl(&path, None).unwrap();
+        assert!(!rows.is_empty(), "{split}");
+    }
+    assert!(
+        a.path()
+            .join("world/tokenizer/tokenizer.json")
+            .is_file()
+    );
+
+    let (_, log_b) = run(&config, b.path()).await;
+    assert!(log_b.iter().any(|l| l.starts_with("pretraining a")));
+    let (first, second) = (predictions(a.path()), predictions(b.path()));
+    assert_eq!(first.len(), 8);
+    assert_eq!(
+        first.keys().collect::<Vec<_>>(),
+        second.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &first {
+        assert!(second[name] == *bytes, "{name}: predictions differ");
+    }
+
+    // A second experiment in the same folder takes the pretrained models from the cache.
+    let (_, log_again) = run(&config, a.path()).await;
+    assert!(
+        log_again
+            .iter()
+            .filter(|l| l.contains("found in the cache"))
+            .count()
+            == 2,
+        "{log_again:?}"
+    );
+    assert!(!log_again.iter().any(|l| l.starts_with("pretraining ")));
+}

@@ -1,0 +1,117 @@
+//! `trainer experiment` as a user runs it. `--quick` (what CI runs): the command finishes and
+//! leaves the world, the summary and the report. The default configuration (about 15 minutes,
+//! so `--ignored`): its ceilings show the sandbox's preconditions — accuracy grows with model
+//! size, the largest beats the smallest by at least 10 points, and knowledge nests (most pairs
+//! the weak ceiling gets right, the strong one gets right too).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+/// Per scenario, per model: the ceiling's per-pair correctness on the test split.
+fn ceilings(out: &Path) -> BTreeMap<String, BTreeMap<String, Vec<bool>>> {
+    let mut found: BTreeMap<String, BTreeMap<String, Vec<bool>>> = BTreeMap::new();
+    for entry in std::fs::read_dir(out.join("runs")).unwrap() {
+        let dir = entry.unwrap().path();
+        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+            continue;
+        };
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let role = config["role"].as_str().unwrap_or_default();
+        if !role.ends_with("ceiling") {
+            continue;
+        }
+        let predictions = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
+        let correct = predictions
+            .lines()
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                row["correct"].as_bool().unwrap()
+            })
+            .collect();
+        found
+            .entry(config["scenario"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(config["model"].as_str().unwrap().to_string(), correct);
+    }
+    found
+}
+
+fn accuracy(correct: &[bool]) -> f64 {
+    correct.iter().filter(|c| **c).count() as f64 / correct.len() as f64
+}
+
+fn experiment(args: &[&str], out: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .arg("experiment")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("report:"), "{stdout}");
+    let summary = std::fs::read_to_string(out.join("SUMMARY.md")).unwrap();
+    assert!(summary.contains("## Deception"), "{summary}");
+    for file in ["report.md", "ds_vs_gap.svg", "regions.svg", "accuracy.svg"] {
+        assert!(out.join("report").join(file).is_file(), "{file}");
+    }
+    summary
+}
+
+#[test]
+fn quick_experiment_leaves_world_models_runs_and_report() {
+    let out = tempfile::tempdir().unwrap();
+    let summary = experiment(&["--quick"], out.path());
+    for file in [
+        "world/entities.jsonl",
+        "world/corpus.jsonl",
+        "world/harmless_test.jsonl",
+        "world/helpful_train.jsonl",
+        "world/tokenizer/tokenizer.json",
+        "pretrained.json",
+        "experiment.json",
+    ] {
+        assert!(out.path().join(file).is_file(), "{file}");
+    }
+    let models: Vec<_> = std::fs::read_dir(out.path().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("pretraining.json").is_file())
+        .collect();
+    assert_eq!(models.len(), 2, "{models:?}");
+    let ceilings = ceilings(out.path());
+    for scenario in ["reward", "simpo"] {
+        let by_model = &ceilings[scenario];
+        assert_eq!(by_model.len(), 2, "{scenario}");
+        assert!(by_model.values().all(|c| c.len() == 200), "{scenario}");
+    }
+    assert!(summary.contains("gpt2-xs") && summary.contains("gpt2-s"), "{summary}");
+}
+
+#[test]
+#[ignore = "the default configuration takes about 15 minutes on 2 cores"]
+fn default_experiment_knowledge_grows_with_size_and_nests() {
+    let out = tempfile::tempdir().unwrap();
+    let summary = experiment(&[], out.path());
+    let reward = &ceilings(out.path())["reward"];
+    let sizes = ["gpt2-xs", "gpt2-s", "gpt2-m", "gpt2-l"];
+    let accuracies: Vec<f64> = sizes.iter().map(|m| accuracy(&reward[*m])).collect();
+    assert!(
+        accuracies.windows(2).all(|w| w[1] >= w[0]),
+        "reward ceilings by size {accuracies:?}\n{summary}"
+    );
+    assert!(
+        accuracies[3] >= accuracies[0] + 0.10,
+        "largest {:.3} vs smallest {:.3}\n{summary}",
+        accuracies[3],
+        accuracies[0]
+    );
+    let (weak, strong) = (&reward["gpt2-xs"], &reward["gpt2-l"]);
+    let weak_right = weak.iter().filter(|c| **c).count();
+    let both_right = weak.iter().zip(strong).filter(|(w, s)| **w && **s).count();
+    let nested = both_right as f64 / weak_right.max(1) as f64;
+    assert!(nested >= 0.8, "nesting {nested:.3}\n{summary}");
+}
