@@ -56,7 +56,10 @@ fn tiny() -> ExperimentConfig {
     }
 }
 
-async fn run(config: &ExperimentConfig, out: &Path) -> (experiment::ExperimentOutcome, Vec<String>) {
+async fn run(
+    config: &ExperimentConfig,
+    out: &Path,
+) -> (experiment::ExperimentOutcome, Vec<String>) {
     let mut server = ServerConfig::ephemeral();
     server.data_dir = out.join(".server");
     server.model_root = PathBuf::from("/");
@@ -93,7 +96,10 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     assert!(outcome.summary.is_file());
     assert!(outcome.report_dir.join("report.md").is_file());
     assert!(outcome.report_dir.join("ds_vs_gap.svg").is_file());
-    assert!(log.iter().any(|l| l.starts_with("pretraining a")), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.starts_with("pretraining a")),
+        "{log:?}"
+    );
     for split in [
         "harmless_train_gt",
         "harmless_train_w2s",
@@ -104,11 +110,7 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         let rows = trainer::data::read_hh_jsonl(&path, None).unwrap();
         assert!(!rows.is_empty(), "{split}");
     }
-    assert!(
-        a.path()
-            .join("world/tokenizer/tokenizer.json")
-            .is_file()
-    );
+    assert!(a.path().join("world/tokenizer/tokenizer.json").is_file());
 
     let (_, log_b) = run(&config, b.path()).await;
     assert!(log_b.iter().any(|l| l.starts_with("pretraining a")));

@@ -122,7 +122,12 @@ impl ExperimentArgs {
         }
         if let Some(n) = self.pairs {
             let w = &mut config.world;
-            (w.train_gt_pairs, w.train_w2s_pairs, w.test_pairs, w.helpful_pairs) = (n, n, n, n);
+            (
+                w.train_gt_pairs,
+                w.train_w2s_pairs,
+                w.test_pairs,
+                w.helpful_pairs,
+            ) = (n, n, n, n);
         }
         if let Some(scale) = self.width_scale {
             if !(scale > 0.0 && scale.is_finite()) {
@@ -163,15 +168,15 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
         .context("opening a model-server session")?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
-    let result =
-        experiment::run(
+    let result = experiment::run(
         &config,
         &args.out,
         &session.client,
         args.force,
         args.pretrain_only,
         progress.as_mut(),
-    ).await;
+    )
+    .await;
     drop(progress);
     session.close().await?;
     let outcome = result?;
@@ -181,7 +186,10 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
         outcome.runs
     );
     println!("summary: {}", outcome.summary.display());
-    println!("report:  {}", outcome.report_dir.join("report.md").display());
+    println!(
+        "report:  {}",
+        outcome.report_dir.join("report.md").display()
+    );
     Ok(())
 }
 

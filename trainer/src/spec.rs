@@ -101,6 +101,10 @@ pub struct ModelSpec {
     pub preset: Option<String>,
     #[serde(default)]
     pub seed: u64,
+    /// A stable identity of the weights (e.g. a content hash). When given, run ids depend on it
+    /// instead of `path`, so the same model in another folder keeps its finished runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Hyperparameters of one scenario family.

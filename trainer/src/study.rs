@@ -159,6 +159,13 @@ impl RunConfig {
         let mut effective = serde_json::to_value(self).unwrap_or_default();
         if let Some(o) = effective.as_object_mut() {
             o.remove("code_version");
+            if let Some(serde_json::Value::Array(models)) = o.get_mut("models") {
+                for model in models.iter_mut().filter_map(|m| m.as_object_mut()) {
+                    if model.contains_key("identity") {
+                        model.remove("path");
+                    }
+                }
+            }
         }
         let hash = format!("{:x}", Sha256::digest(effective.to_string().as_bytes()));
         let who = match &self.weak_model {

@@ -88,7 +88,10 @@ fn quick_experiment_leaves_world_models_runs_and_report() {
         assert_eq!(by_model.len(), 2, "{scenario}");
         assert!(by_model.values().all(|c| c.len() == 200), "{scenario}");
     }
-    assert!(summary.contains("gpt2-xs") && summary.contains("gpt2-s"), "{summary}");
+    assert!(
+        summary.contains("gpt2-xs") && summary.contains("gpt2-s"),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -78,7 +78,10 @@ pub async fn run(
 
     if pretrain_only {
         let summary = out.join("pretrained.md");
-        super::write_file(&summary, knowledge_markdown(&world, &models, &probes).as_bytes())?;
+        super::write_file(
+            &summary,
+            knowledge_markdown(&world, &models, &probes).as_bytes(),
+        )?;
         return Ok(ExperimentOutcome {
             report_dir: out.join("report"),
             summary,
@@ -88,13 +91,19 @@ pub async fn run(
     let spec = study_spec(config, &files, &models)?;
     let data = StudyData::load(&spec)?;
     let runs_dir = out.join("runs");
-    let mut study = Study::new(&spec, &data, client.clone(), runs_dir.clone(), force, progress);
+    let mut study = Study::new(
+        &spec,
+        &data,
+        client.clone(),
+        runs_dir.clone(),
+        force,
+        progress,
+    );
     let finished = study.run_all().await?;
     let study_seconds = started.elapsed().as_secs_f64() - pretrain_seconds;
 
     let report_dir = out.join("report");
-    let (runs, warnings) =
-        eval_client::report::load_runs(&finished).map_err(anyhow::Error::msg)?;
+    let (runs, warnings) = eval_client::report::load_runs(&finished).map_err(anyhow::Error::msg)?;
     let report = eval_client::report::build(
         &runs,
         &eval_client::report::ReportOptions::default(),
@@ -195,7 +204,13 @@ fn knowledge_markdown(
     );
     let mut header = String::from("| model |");
     let mut rule = String::from("| --- |");
-    let entity_buckets = |bucket: &str| world.entities.iter().filter(|e| super::mention_bucket(e.mentions) == bucket).count();
+    let entity_buckets = |bucket: &str| {
+        world
+            .entities
+            .iter()
+            .filter(|e| super::mention_bucket(e.mentions) == bucket)
+            .count()
+    };
     for bucket in BUCKETS {
         let _ = write!(header, " {bucket} (n={}) |", entity_buckets(bucket));
         rule.push_str(" --- |");
@@ -216,7 +231,11 @@ fn knowledge_markdown(
     s
 }
 
-fn study_markdown(report: &eval_client::report::Report, pretrain_seconds: f64, study_seconds: f64) -> String {
+fn study_markdown(
+    report: &eval_client::report::Report,
+    pretrain_seconds: f64,
+    study_seconds: f64,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -237,7 +256,9 @@ fn study_markdown(report: &eval_client::report::Report, pretrain_seconds: f64, s
     let over = report
         .comparisons
         .iter()
-        .filter(|c| matches!((c.ds_ci95, c.ds_chance), (Some((lo, _)), Some(chance)) if lo > chance))
+        .filter(
+            |c| matches!((c.ds_ci95, c.ds_chance), (Some((lo, _)), Some(chance)) if lo > chance),
+        )
         .count();
     let _ = writeln!(
         s,
@@ -286,16 +307,24 @@ fn mean_ci(values: &[f64]) -> (f64, Option<f64>) {
 /// With several seeds: each comparison's DS minus its chance baseline and PGR, as mean and 95%
 /// t-interval across seeds.
 fn across_seeds(report: &eval_client::report::Report) -> String {
-    let mut groups: std::collections::BTreeMap<(String, String, String, String), Vec<&eval_client::report::Comparison>> =
-        std::collections::BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<
+        (String, String, String, String),
+        Vec<&eval_client::report::Comparison>,
+    > = std::collections::BTreeMap::new();
     for c in &report.comparisons {
         groups
-            .entry((c.scenario.clone(), c.weak.clone(), c.strong.clone(), c.variant.clone()))
+            .entry((
+                c.scenario.clone(),
+                c.weak.clone(),
+                c.strong.clone(),
+                c.variant.clone(),
+            ))
             .or_default()
             .push(c);
     }
     if groups.values().all(|g| g.len() < 2) {
-        return "\nOne seed per comparison: run with `--seeds 3` for intervals across seeds.\n\n".into();
+        return "\nOne seed per comparison: run with `--seeds 3` for intervals across seeds.\n\n"
+            .into();
     }
     let mut s = String::from(
         "\n## Across seeds\n\nMean and 95% t-interval over seeds of DS − chance (positive = more \
@@ -312,8 +341,16 @@ fn across_seeds(report: &eval_client::report::Report) -> String {
             s,
             "| {scenario} | {weak} | {strong} | {variant} | {} | {} | {} |",
             group.len(),
-            if ds.is_empty() { "–".into() } else { show(mean_ci(&ds)) },
-            if pgr.is_empty() { "–".into() } else { show(mean_ci(&pgr)) },
+            if ds.is_empty() {
+                "–".into()
+            } else {
+                show(mean_ci(&ds))
+            },
+            if pgr.is_empty() {
+                "–".into()
+            } else {
+                show(mean_ci(&pgr))
+            },
         );
     }
     s.push('\n');

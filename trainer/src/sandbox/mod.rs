@@ -194,7 +194,10 @@ impl ExperimentConfig {
         }
         for size in self.gpt2.iter().chain(&self.opt) {
             if size.width == 0 || size.layers == 0 || size.heads == 0 {
-                return Err(format!("size {}: width, layers, heads must be positive", size.name));
+                return Err(format!(
+                    "size {}: width, layers, heads must be positive",
+                    size.name
+                ));
             }
             if !size.width.is_multiple_of(size.heads) {
                 return Err(format!("size {}: heads must divide width", size.name));
@@ -670,20 +673,20 @@ pub async fn probe(
         .with_context(|| format!("loading {}", model.dir.display()))?;
     let test = &world.test;
     let pairs = test
-            .iter()
-            .map(|row| {
-                let (prompt, chosen) =
-                    superficial_models::tokenizer::split_dialogue(&row.chosen).unwrap_or(("", ""));
-                let rejected = superficial_models::tokenizer::split_dialogue(&row.rejected)
-                    .map(|(_, r)| r)
-                    .unwrap_or("");
-                pb::PreferencePair {
-                    prompt: prompt.to_string(),
-                    chosen: chosen.to_string(),
-                    rejected: rejected.to_string(),
-                }
-            })
-            .collect();
+        .iter()
+        .map(|row| {
+            let (prompt, chosen) =
+                superficial_models::tokenizer::split_dialogue(&row.chosen).unwrap_or(("", ""));
+            let rejected = superficial_models::tokenizer::split_dialogue(&row.rejected)
+                .map(|(_, r)| r)
+                .unwrap_or("");
+            pb::PreferencePair {
+                prompt: prompt.to_string(),
+                chosen: chosen.to_string(),
+                rejected: rejected.to_string(),
+            }
+        })
+        .collect();
     let margins = mean_logprob_margins(client, &name, pairs, max_ctx).await?;
     let facts = world
         .entities
@@ -704,7 +707,11 @@ pub async fn probe(
         .unload_model(pb::UnloadModelRequest { name })
         .await;
     let correct = margins.iter().filter(|m| **m > 0.0).count();
-    let by_bucket = bucket_shares(test.iter().zip(&margins).map(|(r, m)| (r.mentions, *m > 0.0)));
+    let by_bucket = bucket_shares(
+        test.iter()
+            .zip(&margins)
+            .map(|(r, m)| (r.mentions, *m > 0.0)),
+    );
     let facts_by_bucket = bucket_shares(
         world
             .entities
@@ -742,6 +749,11 @@ pub fn study_spec(
                 path: Some(std::fs::canonicalize(&model.dir)?),
                 preset: None,
                 seed: 0,
+                // The cache folder's name carries the hash of everything that made the model.
+                identity: model
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string()),
             })
         })
         .collect::<Result<_>>()?;

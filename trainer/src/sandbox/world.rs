@@ -481,10 +481,12 @@ impl World {
         })
     }
 
-    /// Texts the tokenizer is trained on: the corpus and every preference dialogue (so no
-    /// split text falls back to single bytes).
+    /// Texts the tokenizer is trained on: the start of the corpus and every preference dialogue
+    /// (so no split text falls back to single bytes).
     pub fn tokenizer_texts(&self) -> impl Iterator<Item = &str> + Send {
-        self.corpus.iter().map(String::as_str).chain(
+        // The renditions repeat the same words; a few thousand documents give the same merges
+        // at a fraction of the cost.
+        self.corpus.iter().take(2000).map(String::as_str).chain(
             [&self.train_gt, &self.train_w2s, &self.test, &self.helpful]
                 .into_iter()
                 .flatten()
@@ -532,7 +534,11 @@ mod tests {
         );
         assert!(gt.is_disjoint(&test) && w2s.is_disjoint(&test) && gt.is_disjoint(&w2s));
         for row in world.test.iter().chain(&world.train_gt) {
-            let entity = world.entities.iter().find(|e| e.name == row.entity).unwrap();
+            let entity = world
+                .entities
+                .iter()
+                .find(|e| e.name == row.entity)
+                .unwrap();
             let kind = kind_of(entity);
             assert_eq!(row.harmful, entity.harmful);
             let stated = if entity.harmful {
@@ -540,7 +546,10 @@ mod tests {
             } else {
                 kind.safe
             };
-            assert!(row.chosen.contains(&format!(" is {stated}, so ")), "{row:?}");
+            assert!(
+                row.chosen.contains(&format!(" is {stated}, so ")),
+                "{row:?}"
+            );
             assert!(row.chosen.starts_with("\n\nHuman: "));
         }
     }
@@ -563,6 +572,10 @@ mod tests {
             .iter()
             .map(|d| d.matches(&format!(" {} ", top.name)).count())
             .sum();
-        assert!(occurrences >= top.mentions, "{occurrences} < {}", top.mentions);
+        assert!(
+            occurrences >= top.mentions,
+            "{occurrences} < {}",
+            top.mentions
+        );
     }
 }
