@@ -42,9 +42,9 @@ impl Default for WorldConfig {
             zipf_exponent: 0.75,
             dialogue_share: 0.15,
             facts_per_document: 4,
-            corpus_passes: 250,
-            train_gt_pairs: 240,
-            train_w2s_pairs: 240,
+            corpus_passes: 120,
+            train_gt_pairs: 200,
+            train_w2s_pairs: 200,
             test_pairs: 300,
             helpful_pairs: 120,
         }
