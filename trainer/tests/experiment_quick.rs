@@ -2,9 +2,11 @@
 //! configuration): the command finishes, leaves the world, the models, the summary and the
 //! report, and its reward ceilings show the sandbox's preconditions — the larger model beats the
 //! smaller by at least 10 points, and knowledge nests (at least 80% of the pairs the weak ceiling
-//! gets right, the strong one gets right too). The default configuration (about 15 minutes, so
-//! `--ignored`): accuracy grows with each size step, the largest beats the smallest by 10 points,
-//! and knowledge nests between the smallest and the largest.
+//! gets right, the strong one gets right too). The default configuration (about 12 minutes, so
+//! `--ignored`): the SimPO ceilings grow with each size step, the largest beats the smallest by
+//! 10 points, and knowledge nests between the smallest and the largest. (Its reward ceilings do
+//! not show the gradient: a few dozen reward steps do not elicit what the models know; see
+//! docs/sandbox.md.)
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -98,7 +100,12 @@ fn quick_experiment_leaves_everything_and_knowledge_grows_with_size_and_nests() 
 }
 
 /// The larger model's ceiling beats the smaller's by 10 points and knowledge nests.
-fn assert_knowledge(ceilings: &BTreeMap<String, Vec<bool>>, weak: &str, strong: &str, summary: &str) {
+fn assert_knowledge(
+    ceilings: &BTreeMap<String, Vec<bool>>,
+    weak: &str,
+    strong: &str,
+    summary: &str,
+) {
     let (weak_correct, strong_correct) = (&ceilings[weak], &ceilings[strong]);
     let (acc_weak, acc_strong) = (accuracy(weak_correct), accuracy(strong_correct));
     assert!(
@@ -123,12 +130,12 @@ fn assert_knowledge(ceilings: &BTreeMap<String, Vec<bool>>, weak: &str, strong: 
 fn default_experiment_knowledge_grows_with_size_and_nests() {
     let out = tempfile::tempdir().unwrap();
     let summary = experiment(&[], out.path());
-    let reward = &ceilings(out.path())["reward"];
+    let simpo = &ceilings(out.path())["simpo"];
     let sizes = ["gpt2-xs", "gpt2-s", "gpt2-m", "gpt2-l"];
-    let accuracies: Vec<f64> = sizes.iter().map(|m| accuracy(&reward[*m])).collect();
+    let accuracies: Vec<f64> = sizes.iter().map(|m| accuracy(&simpo[*m])).collect();
     assert!(
         accuracies.windows(2).all(|w| w[1] >= w[0]),
-        "reward ceilings by size {accuracies:?}\n{summary}"
+        "SimPO ceilings by size {accuracies:?}\n{summary}"
     );
-    assert_knowledge(reward, "gpt2-xs", "gpt2-l", &summary);
+    assert_knowledge(simpo, "gpt2-xs", "gpt2-l", &summary);
 }
