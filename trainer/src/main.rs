@@ -3,7 +3,7 @@
 //! - `trainer run --spec FILE [--out DIR] [--server URL]`: the study of a TOML spec.
 //! - `trainer presets`: the built-in model configurations with exact parameter counts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -152,20 +152,25 @@ impl ExperimentArgs {
     }
 }
 
-async fn experiment(args: ExperimentArgs) -> Result<()> {
-    let config = args.config()?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut server_config = ServerConfig::ephemeral();
-    server_config.data_dir = args.out.join(".server");
-    server_config.model_root = PathBuf::from("/");
+/// Creates `out` and connects to `server`, or starts an in-process server that keeps its state
+/// in `out/.server`.
+async fn open_session(out: &Path, server: Option<&str>, token: Option<String>) -> Result<Session> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = out.join(".server");
+    config.model_root = PathBuf::from("/");
     let options = ClientOptions {
-        token: args.token.clone(),
+        token,
         ..Default::default()
     };
-    let session = Session::open_with(args.server.as_deref(), &options, server_config)
+    Session::open_with(server, &options, config)
         .await
-        .context("opening a model-server session")?;
+        .context("opening a model-server session")
+}
+
+async fn experiment(args: ExperimentArgs) -> Result<()> {
+    let config = args.config()?;
+    let session = open_session(&args.out, args.server.as_deref(), args.token.clone()).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
     let result = experiment::run(
@@ -210,18 +215,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut config = ServerConfig::ephemeral();
-    config.data_dir = args.out.join(".server");
-    config.model_root = PathBuf::from("/");
-    let options = ClientOptions {
-        token: args.token.clone(),
-        ..Default::default()
-    };
-    let session = Session::open_with(args.server.as_deref(), &options, config)
-        .await
-        .context("opening a model-server session")?;
+    let session = open_session(&args.out, args.server.as_deref(), args.token.clone()).await?;
     let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(
         &spec,

@@ -150,6 +150,19 @@ fn summary_markdown(
     s
 }
 
+/// One table row's cells, one per mention bucket, ending the line.
+fn bucket_cells(values: &std::collections::BTreeMap<String, (f64, usize)>) -> String {
+    let mut cells: String = BUCKETS
+        .iter()
+        .map(|bucket| match values.get(*bucket) {
+            Some((value, _)) => format!(" {value:.3} |"),
+            None => " – |".to_string(),
+        })
+        .collect();
+    cells.push('\n');
+    cells
+}
+
 /// The tables of what each pretrained model knows.
 fn knowledge_markdown(
     world: &super::world::World,
@@ -187,19 +200,11 @@ fn knowledge_markdown(
             "| {} | {:?} | {} | {:.3} | {:.3} |",
             model.name, model.family, model.parameters, model.final_loss, probe.accuracy
         );
-        for bucket in BUCKETS {
-            match probe.by_bucket.get(bucket) {
-                Some((acc, _)) => {
-                    let _ = write!(s, " {acc:.3} |");
-                }
-                None => s.push_str(" – |"),
-            }
-        }
-        s.push('\n');
+        s.push_str(&bucket_cells(&probe.by_bucket));
     }
     let _ = writeln!(
         s,
-        "\nFacts stated correctly (\"The X berry is\" followed by the true adjective rather \
+        "\nFacts stated correctly (\"Everyone knows the X berry is\" followed by the true adjective rather \
          than the false one), share of all entities per mention bucket:\n"
     );
     let mut header = String::from("| model |");
@@ -218,15 +223,7 @@ fn knowledge_markdown(
     let _ = writeln!(s, "{header}\n{rule}");
     for probe in probes {
         let _ = write!(s, "| {} |", probe.name);
-        for bucket in BUCKETS {
-            match probe.facts_by_bucket.get(bucket) {
-                Some((share, _)) => {
-                    let _ = write!(s, " {share:.3} |");
-                }
-                None => s.push_str(" – |"),
-            }
-        }
-        s.push('\n');
+        s.push_str(&bucket_cells(&probe.facts_by_bucket));
     }
     s
 }

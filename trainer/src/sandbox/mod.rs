@@ -477,11 +477,7 @@ async fn pretrain_one(
     let base = format!("sandbox-init-{}", size.name);
     let output = format!("sandbox-pretrained-{}", size.name);
     for name in [&base, &output] {
-        let _ = client
-            .models
-            .clone()
-            .unload_model(pb::UnloadModelRequest { name: name.clone() })
-            .await;
+        unload(client, name).await;
     }
     let init_path = std::fs::canonicalize(&init_dir)?;
     client
@@ -551,11 +547,7 @@ async fn pretrain_one(
         .await
         .with_context(|| format!("exporting {}", size.name))?;
     for name in [base, output] {
-        let _ = client
-            .models
-            .clone()
-            .unload_model(pb::UnloadModelRequest { name })
-            .await;
+        unload(client, &name).await;
     }
     let _ = std::fs::remove_dir_all(&init_dir);
     let seconds = started.elapsed().as_secs_f64();
@@ -572,6 +564,14 @@ async fn pretrain_one(
         seconds,
         cached: false,
     })
+}
+
+/// Drops a model from the server; best effort (it may not be there).
+async fn unload(client: &W2sClient, name: &str) {
+    let request = pb::UnloadModelRequest {
+        name: name.to_string(),
+    };
+    let _ = client.models.clone().unload_model(request).await;
 }
 
 fn sha256_seed(text: &str) -> u64 {
@@ -652,11 +652,7 @@ pub async fn probe(
     max_ctx: u32,
 ) -> Result<Probe> {
     let name = format!("sandbox-probe-{}", model.name);
-    let _ = client
-        .models
-        .clone()
-        .unload_model(pb::UnloadModelRequest { name: name.clone() })
-        .await;
+    unload(client, &name).await;
     let path = std::fs::canonicalize(&model.dir)?;
     client
         .load_model(pb::LoadModelRequest {
@@ -699,11 +695,7 @@ pub async fn probe(
         })
         .collect();
     let fact_margins = mean_logprob_margins(client, &name, facts, max_ctx).await?;
-    let _ = client
-        .models
-        .clone()
-        .unload_model(pb::UnloadModelRequest { name })
-        .await;
+    unload(client, &name).await;
     let correct = margins.iter().filter(|m| **m > 0.0).count();
     let by_bucket = bucket_shares(
         test.iter()

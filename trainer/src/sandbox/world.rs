@@ -214,6 +214,18 @@ pub struct PairRow {
     pub mentions: usize,
 }
 
+impl PairRow {
+    fn new(prompt: &str, chosen: &str, rejected: &str, entity: &Entity) -> Self {
+        Self {
+            chosen: format!("{prompt}{chosen}"),
+            rejected: format!("{prompt}{rejected}"),
+            entity: entity.name.clone(),
+            harmful: entity.harmful,
+            mentions: entity.mentions,
+        }
+    }
+}
+
 /// The generated world and everything written from it.
 #[derive(Debug, Clone)]
 pub struct World {
@@ -319,13 +331,7 @@ fn harmless_pair(rng: &mut Rng, entity: &Entity) -> PairRow {
     } else {
         (comply, refuse)
     };
-    PairRow {
-        chosen: format!("{prompt}{chosen}"),
-        rejected: format!("{prompt}{rejected}"),
-        entity: entity.name.clone(),
-        harmful: entity.harmful,
-        mentions: entity.mentions,
-    }
+    PairRow::new(&prompt, &chosen, &rejected, entity)
 }
 
 /// Helpfulness labellers prefer compliance with instructions over a bare refusal, whatever the
@@ -335,13 +341,7 @@ fn helpful_pair(rng: &mut Rng, entity: &Entity) -> PairRow {
     let prompt = prompt(rng.pick(kind.requests), entity);
     let chosen = format!(" Sure, here is how: {}.", rng.pick(kind.how_to));
     let rejected = " Sorry, I cannot help with that.".to_string();
-    PairRow {
-        chosen: format!("{prompt}{chosen}"),
-        rejected: format!("{prompt}{rejected}"),
-        entity: entity.name.clone(),
-        harmful: entity.harmful,
-        mentions: entity.mentions,
-    }
+    PairRow::new(&prompt, &chosen, &rejected, entity)
 }
 
 /// A dialogue in which the assistant acts on what it knows about the entity.
