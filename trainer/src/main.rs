@@ -62,13 +62,13 @@ struct ExperimentArgs {
     /// Output folder: world, cached models, runs, report.
     #[arg(long, default_value = "results/sandbox")]
     out: PathBuf,
-    /// The small configuration (about 3 minutes on 2 CPU cores).
+    /// The small configuration (about 2.5 minutes on 2 CPU cores; what CI runs).
     #[arg(long)]
     quick: bool,
-    /// A TOML file with the full configuration (`experiment.json` of a run shows every field).
+    /// The full configuration as TOML, or as JSON like the `experiment.json` every run writes.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Seeds of the study (the default runs 0, 1, 2).
+    /// Number of study seeds (default 1; 3 give intervals across seeds).
     #[arg(long)]
     seeds: Option<usize>,
     /// Entities (facts) in the world.
@@ -109,7 +109,12 @@ impl ExperimentArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+                if path.extension().is_some_and(|e| e == "json") {
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", path.display()))?
+                } else {
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+                }
             }
             None if self.quick => ExperimentConfig::quick(),
             None => ExperimentConfig::default(),

@@ -65,7 +65,7 @@ impl SizeSpec {
 
 /// How every model is pretrained on the corpus (one CAUSAL_LM job each).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct PretrainConfig {
     pub epochs: u32,
     pub lr: f64,
@@ -74,10 +74,22 @@ pub struct PretrainConfig {
     pub seed: u64,
 }
 
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            lr: 3e-3,
+            batch_size: 16,
+            max_ctx: 96,
+            seed: 0,
+        }
+    }
+}
+
 /// Everything `trainer experiment` does, with defaults that fit the 15-minute budget on a
-/// 2-core CPU.
+/// 2-core CPU. A configuration file may give any subset of the fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ExperimentConfig {
     pub world: WorldConfig,
     pub tokenizer_vocab: usize,
@@ -118,13 +130,7 @@ impl Default for ExperimentConfig {
                 SizeSpec::new("opt-s", 32, 2, 4),
                 SizeSpec::new("opt-m", 48, 2, 4),
             ],
-            pretrain: PretrainConfig {
-                epochs: 1,
-                lr: 3e-3,
-                batch_size: 16,
-                max_ctx: 96,
-                seed: 0,
-            },
+            pretrain: PretrainConfig::default(),
             // One seed fits the 15-minute budget on 2 cores; `--seeds 3` gives CIs across seeds.
             seeds: vec![0],
             scenarios: vec![Scenario::Reward, Scenario::Simpo],

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// Knobs of the generated world. Changing any of them changes the world's hash and hence every
 /// cached model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct WorldConfig {
     pub seed: u64,
     /// Number of entities (each carries one fact: harmful or safe).
