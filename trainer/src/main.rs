@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model_server::{ClientOptions, ServerConfig, Session};
 use superficial_models::ModelConfig;
-use superficial_models::model::parameter_layout;
+use superficial_models::model::parameter_count;
 use trainer::sandbox::{ExperimentConfig, Family, experiment};
 use trainer::spec::StudySpec;
 use trainer::study::{Study, StudyData};
@@ -43,12 +43,8 @@ struct RunArgs {
     /// Output folder (one sub-folder per run).
     #[arg(long, default_value = "results/study")]
     out: PathBuf,
-    /// A running model server; without it an in-process server keeps its state in OUT/.server.
-    #[arg(long, env = "W2S_SERVER")]
-    server: Option<String>,
-    /// Bearer token for --server.
-    #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Redo finished runs.
     #[arg(long)]
     force: bool,
@@ -89,12 +85,8 @@ struct ExperimentArgs {
     /// Override any configuration field: KEY=VALUE in TOML syntax, e.g. --set world.zipf_exponent=1.1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// A running model server; without it an in-process server keeps its state in OUT/.server.
-    #[arg(long, env = "W2S_SERVER")]
-    server: Option<String>,
-    /// Bearer token for --server.
-    #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Redo finished runs (pretrained models stay cached).
     #[arg(long)]
     force: bool,
@@ -157,25 +149,36 @@ impl ExperimentArgs {
     }
 }
 
-/// Creates `out` and connects to `server`, or starts an in-process server that keeps its state
-/// in `out/.server`.
-async fn open_session(out: &Path, server: Option<&str>, token: Option<String>) -> Result<Session> {
+/// Where the model server is (shared by `run` and `experiment`).
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// A running model server; without it an in-process server keeps its state in OUT/.server.
+    #[arg(long, env = "W2S_SERVER")]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Creates `out` and connects to the given server, or starts an in-process server that keeps
+/// its state in `out/.server`.
+async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut config = ServerConfig::ephemeral();
     config.data_dir = out.join(".server");
     config.model_root = PathBuf::from("/");
     let options = ClientOptions {
-        token,
+        token: server.token.clone(),
         ..Default::default()
     };
-    Session::open_with(server, &options, config)
+    Session::open_with(server.server.as_deref(), &options, config)
         .await
         .context("opening a model-server session")
 }
 
 async fn experiment(args: ExperimentArgs) -> Result<()> {
     let config = args.config()?;
-    let session = open_session(&args.out, args.server.as_deref(), args.token.clone()).await?;
+    let session = open_session(&args.out, &args.server).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
     let result = experiment::run(
@@ -220,7 +223,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
-    let session = open_session(&args.out, args.server.as_deref(), args.token.clone()).await?;
+    let session = open_session(&args.out, &args.server).await?;
     let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(
         &spec,
@@ -246,10 +249,7 @@ fn presets() {
         let Some(config) = ModelConfig::preset(name) else {
             continue;
         };
-        let parameters: usize = parameter_layout(&config)
-            .iter()
-            .map(|(_, shape, _)| shape.iter().product::<usize>())
-            .sum();
+        let parameters = parameter_count(&config);
         let (width, layers) = match &config {
             ModelConfig::Gpt2(c) => (c.n_embd, c.n_layer),
             ModelConfig::Opt(c) => (c.hidden_size, c.num_hidden_layers),

@@ -20,6 +20,14 @@ enum Body {
 }
 
 /// Names, shapes and initialisers of the parameters of `config` (no reward head).
+/// Number of trainable parameters of an architecture (without a reward head).
+pub fn parameter_count(config: &ModelConfig) -> usize {
+    parameter_layout(config)
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum()
+}
+
 pub fn parameter_layout(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     match config {
         ModelConfig::Gpt2(c) => gpt2::layout(c),

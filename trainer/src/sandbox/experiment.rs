@@ -39,16 +39,9 @@ pub async fn run(
 
     progress.line("generating the world");
     let (world, files) = write_world(config, &out.join("world"))?;
-    let unseen = world.entities.iter().filter(|e| e.mentions == 0).count();
     progress.line(&format!(
-        "world: {} entities ({} never mentioned), {} pretraining documents, {}/{}/{} harmless pairs, {} helpful pairs (in {})",
-        world.entities.len(),
-        unseen,
-        world.corpus.len(),
-        world.train_gt.len(),
-        world.train_w2s.len(),
-        world.test.len(),
-        world.helpful.len(),
+        "world: {} (in {})",
+        world.describe(),
         files.dir.display()
     ));
 
@@ -131,20 +124,11 @@ fn summary_markdown(
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Knowledge sandbox: summary\n");
-    let unseen = world.entities.iter().filter(|e| e.mentions == 0).count();
     let _ = writeln!(
         s,
-        "World (seed {}): {} entities, {} never mentioned in pretraining; {} pretraining documents; \
-         harmless pairs {} (train_gt) / {} (train_w2s) / {} (test), helpful pairs {}. \
-         Files: `world/`.\n",
+        "World (seed {}): {}. Files: `world/`.\n",
         config.world.seed,
-        world.entities.len(),
-        unseen,
-        world.corpus.len(),
-        world.train_gt.len(),
-        world.train_w2s.len(),
-        world.test.len(),
-        world.helpful.len()
+        world.describe()
     );
     s.push_str(&knowledge_markdown(world, models, probes));
     s

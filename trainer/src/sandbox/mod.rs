@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use superficial_models::config::{Gpt2Config, OptConfig};
-use superficial_models::model::parameter_layout;
+use superficial_models::model::parameter_count;
 use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
@@ -461,10 +461,7 @@ async fn pretrain_one(
     progress: &mut dyn Progress,
 ) -> Result<PretrainedModel> {
     let started = Instant::now();
-    let parameters: usize = parameter_layout(&model_config)
-        .iter()
-        .map(|(_, shape, _)| shape.iter().product::<usize>())
-        .sum();
+    let parameters = parameter_count(&model_config);
     progress.line(&format!(
         "pretraining {} ({} parameters, {} layers x {} wide)",
         size.name, parameters, size.layers, size.width
@@ -485,17 +482,7 @@ async fn pretrain_one(
     for name in [&base, &output] {
         unload(client, name).await;
     }
-    let init_path = std::fs::canonicalize(&init_dir)?;
-    client
-        .load_model(pb::LoadModelRequest {
-            name: base.clone(),
-            source: Some(pb::load_model_request::Source::Path(
-                init_path.display().to_string(),
-            )),
-            role: "pretraining".into(),
-            reward_head: false,
-            seed,
-        })
+    load_folder(client, &base, &init_dir, "pretraining")
         .await
         .with_context(|| format!("loading the initialisation of {}", size.name))?;
     let request = pb::StartJobRequest {
@@ -570,6 +557,22 @@ async fn pretrain_one(
         seconds,
         cached: false,
     })
+}
+
+/// Loads the HF folder `dir` on the server under `name` (the server's model root is `/`).
+async fn load_folder(client: &W2sClient, name: &str, dir: &Path, role: &str) -> Result<()> {
+    let path = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    client
+        .load_model(pb::LoadModelRequest {
+            name: name.to_string(),
+            source: Some(pb::load_model_request::Source::Path(
+                path.display().to_string(),
+            )),
+            role: role.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 /// Drops a model from the server; best effort (it may not be there).
@@ -659,16 +662,7 @@ pub async fn probe(
 ) -> Result<Probe> {
     let name = format!("sandbox-probe-{}", model.name);
     unload(client, &name).await;
-    let path = std::fs::canonicalize(&model.dir)?;
-    client
-        .load_model(pb::LoadModelRequest {
-            name: name.clone(),
-            source: Some(pb::load_model_request::Source::Path(
-                path.display().to_string(),
-            )),
-            role: "probe".into(),
-            ..Default::default()
-        })
+    load_folder(client, &name, &model.dir, "probe")
         .await
         .with_context(|| format!("loading {}", model.dir.display()))?;
     let test = &world.test;

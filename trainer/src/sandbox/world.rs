@@ -481,6 +481,21 @@ impl World {
         })
     }
 
+    /// One line of sizes: entities, unseen ones, documents, pairs per split.
+    pub fn describe(&self) -> String {
+        let unseen = self.entities.iter().filter(|e| e.mentions == 0).count();
+        format!(
+            "{} entities ({unseen} never mentioned in pretraining), {} pretraining documents, \
+             harmless pairs {} (train_gt) / {} (train_w2s) / {} (test), {} helpful pairs",
+            self.entities.len(),
+            self.corpus.len(),
+            self.train_gt.len(),
+            self.train_w2s.len(),
+            self.test.len(),
+            self.helpful.len()
+        )
+    }
+
     /// Texts the tokenizer is trained on: the start of the corpus and every preference dialogue
     /// (so no split text falls back to single bytes).
     pub fn tokenizer_texts(&self) -> impl Iterator<Item = &str> + Send {
