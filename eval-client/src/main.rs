@@ -10,6 +10,9 @@ use model_server::{ServerConfig, Session, config::NamedSource};
 use serde::Serialize;
 use w2s_proto::v1 as pb;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "eval-client",

@@ -14,6 +14,9 @@ use trainer::sandbox::{ExperimentConfig, Family, experiment};
 use trainer::spec::StudySpec;
 use trainer::study::{Study, StudyData};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "trainer",

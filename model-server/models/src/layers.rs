@@ -6,6 +6,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::fused::{add_bias, causal_softmax, fused_applies, gelu_tanh, layer_norm};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance, as `torch.nn.LayerNorm`.
@@ -22,6 +23,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_applies(x) {
+            return layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
+        self.forward_composed(x)
+    }
+
+    /// The same from candle primitives (any device and dtype).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -71,6 +80,7 @@ impl Affine {
             x2.matmul(&self.weight.t()?)?
         };
         let y = match &self.bias {
+            Some(bias) if fused_applies(&y) => add_bias(&y, bias)?,
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
@@ -93,6 +103,7 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     Ok(match activation {
+        Activation::GeluTanh if fused_applies(x) => gelu_tanh(x)?,
         Activation::GeluTanh => x.gelu()?,
         Activation::GeluErf => x.gelu_erf()?,
         Activation::Relu => x.relu()?,
@@ -160,9 +171,14 @@ pub fn causal_self_attention(
         cache.keys = Some(k.clone());
         cache.values = Some(v.clone());
     }
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let mask = causal_mask(past, new, scores.dtype(), scores.device())?;
-    let probs = softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let raw_scores = q.matmul(&k.t()?.contiguous()?)?;
+    let probs = if fused_applies(&raw_scores) {
+        causal_softmax(&raw_scores, scale)?
+    } else {
+        let scores = (raw_scores * scale)?;
+        let mask = causal_mask(past, new, scores.dtype(), scores.device())?;
+        softmax_last_dim(&scores.broadcast_add(&mask)?)?
+    };
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((batch, new, width))?)
 }

@@ -8,6 +8,8 @@
 //! - [`weights`]: named tensors from safetensors / sharded safetensors / `pytorch_model.bin`,
 //!   random init, saving, content hashes.
 //! - [`layers`]: differentiable LayerNorm, softmax, attention, affine maps.
+//! - [`fused`]: fused CPU kernels (with backward) for the target log-softmax and the causal
+//!   attention softmax.
 //! - [`gpt2`], [`opt`]: the transformer bodies, tensor names mirroring HF.
 //! - [`model`]: [`CausalLm`] — logits, per-token log-probs, reward head, KV-cached decoding.
 //! - [`generation`]: seeded sampling and the decode loop.
@@ -16,6 +18,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generation;
 pub mod gpt2;
 pub mod layers;

@@ -8,6 +8,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::fused::{fused_applies, target_logprobs};
 use crate::gpt2::{self, Gpt2};
 use crate::layers::{LayerCache, embed};
 use crate::opt::{self, Opt};
@@ -348,9 +349,18 @@ pub fn token_logprobs_from_logits(logits: &Tensor, ids: &Tensor) -> Result<Tenso
     if t < 2 {
         return Ok(Tensor::zeros((b, 0), logits.dtype(), logits.device())?);
     }
-    let log_probs = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
-    Ok(log_probs.gather(&targets, 2)?.squeeze(2)?)
+    let predicting = logits.narrow(1, 0, t - 1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    if fused_applies(logits) {
+        let vocab = logits.dim(2)?;
+        let flat = target_logprobs(
+            &predicting.reshape((b * (t - 1), vocab))?,
+            &targets.flatten_all()?,
+        )?;
+        return Ok(flat.reshape((b, t - 1))?);
+    }
+    let log_probs = candle_nn::ops::log_softmax(&predicting, D::Minus1)?;
+    Ok(log_probs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?)
 }
 
 /// Per-layer key/value cache of an incremental decode.

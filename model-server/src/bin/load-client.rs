@@ -19,6 +19,9 @@ use model_server::{RunningServer, ServerConfig, W2sClient};
 use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
 use w2s_proto::v1 as pb;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "load-client",

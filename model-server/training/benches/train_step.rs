@@ -1,0 +1,153 @@
+//! Step time of the sandbox's model shapes (GPT-2 layout, 768-token vocabulary, 96 positions):
+//! one causal-LM optimizer step on 16 × 96 tokens (pretraining) and one SimPO step on 32 pairs,
+//! plus a no-grad log-prob forward of 2 and of 64 sequences (one pair versus a batch of 32
+//! pairs, the server's batching case). Prints medians.
+//!
+//!     cargo bench -p superficial-training --bench train_step
+//!
+//! `STEPS=N` sets the repetitions (default 15).
+
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use superficial_models::config::Gpt2Config;
+use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
+use superficial_training::{AdamConfig, Example, Objective, Schedule, TrainConfig, TrainingRun};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn sandbox_config(width: usize, layers: usize, heads: usize) -> Option<ModelConfig> {
+    match ModelConfig::preset("tiny-gpt2")? {
+        ModelConfig::Gpt2(c) => Some(ModelConfig::Gpt2(Gpt2Config {
+            vocab_size: 768,
+            n_positions: 96,
+            n_embd: width,
+            n_layer: layers,
+            n_head: heads,
+            bos_token_id: 767,
+            eos_token_id: 767,
+            ..c
+        })),
+        ModelConfig::Opt(_) => None,
+    }
+}
+
+fn random_ids(rng: &mut ChaCha8Rng, len: usize) -> Vec<u32> {
+    (0..len).map(|_| rng.random_range(0..767)).collect()
+}
+
+fn dialogue(rng: &mut ChaCha8Rng, prompt: usize, response: usize) -> EncodedDialogue {
+    EncodedDialogue::assemble(random_ids(rng, prompt), random_ids(rng, response), 96)
+}
+
+fn time_steps(run: &mut TrainingRun, steps: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    run.train_step()?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t = Instant::now();
+        run.train_step()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let steps = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15usize);
+    println!(
+        "train_step bench: {} rayon threads, medians of {steps}",
+        rayon::current_num_threads()
+    );
+    println!(
+        "| shape | causal-LM step 16×96 (ms) | SimPO step 32 pairs (ms) | log-probs 2 seq (ms) | log-probs 64 seq (ms) |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, width, layers, heads) in [
+        ("gpt2-xs 16×1", 16, 1, 2),
+        ("gpt2-s 32×2", 32, 2, 4),
+        ("gpt2-l 64×2", 64, 2, 4),
+    ] {
+        let config = sandbox_config(width, layers, heads).ok_or("preset")?;
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let options = LoadOptions::default();
+
+        let lm_examples: Vec<Example> = (0..64)
+            .map(|_| Example::Tokens(random_ids(&mut rng, 96)))
+            .collect();
+        let model = CausalLm::random_init(config.clone(), 1, &options)?;
+        let mut lm_run = TrainingRun::new(
+            model,
+            lm_examples,
+            TrainConfig {
+                objective: Objective::CausalLm,
+                optimizer: AdamConfig {
+                    lr: 1e-3,
+                    ..Default::default()
+                },
+                schedule: Schedule::Constant,
+                batch_size: 16,
+                minibatch_size: 16,
+                epochs: 100,
+                seed: 0,
+                reshuffle_each_epoch: false,
+            },
+        )?;
+        let lm_ms = time_steps(&mut lm_run, steps)? * 1e3;
+
+        let pair_examples: Vec<Example> = (0..64)
+            .map(|_| Example::Preference {
+                chosen: dialogue(&mut rng, 40, 30),
+                rejected: dialogue(&mut rng, 40, 30),
+                chosen_is_human_choice: true,
+                reference: None,
+            })
+            .collect();
+        let model = CausalLm::random_init(config.clone(), 1, &options)?;
+        let mut simpo_run = TrainingRun::new(
+            model,
+            pair_examples,
+            TrainConfig {
+                objective: Objective::simpo(None),
+                optimizer: AdamConfig {
+                    lr: 1e-4,
+                    ..Default::default()
+                },
+                schedule: Schedule::Constant,
+                batch_size: 32,
+                minibatch_size: 32,
+                epochs: 100,
+                seed: 0,
+                reshuffle_each_epoch: false,
+            },
+        )?;
+        let simpo_ms = time_steps(&mut simpo_run, steps)? * 1e3;
+
+        let model = CausalLm::random_init(config, 1, &options)?;
+        let sequences: Vec<Vec<u32>> = (0..64).map(|_| random_ids(&mut rng, 70)).collect();
+        let mut forward_ms = Vec::new();
+        for count in [2usize, 64] {
+            model.sequence_logprobs(&sequences[..count])?;
+            let mut times = Vec::new();
+            for _ in 0..steps {
+                let t = Instant::now();
+                model.sequence_logprobs(&sequences[..count])?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            forward_ms.push(median(times) * 1e3);
+        }
+        println!(
+            "| {name} | {lm_ms:.1} | {simpo_ms:.1} | {:.2} | {:.2} |",
+            forward_ms[0], forward_ms[1]
+        );
+    }
+    Ok(())
+}
