@@ -2,10 +2,10 @@
 //! configuration): the command finishes, leaves the world, the models, the summary and the
 //! report, and its reward ceilings show the sandbox's preconditions — the larger model beats the
 //! smaller by at least 10 points, and knowledge nests (at least 80% of the pairs the weak ceiling
-//! gets right, the strong one gets right too). The default configuration (about 12 minutes, so
+//! gets right, the strong one gets right too). The default configuration (about 9 minutes, so
 //! `--ignored`): the SimPO ceilings grow with each size step, the largest beats the smallest by
-//! 10 points, and knowledge nests between the smallest and the largest. (Its reward ceilings do
-//! not show the gradient: a few dozen reward steps do not elicit what the models know; see
+//! 10 points, and knowledge nests between the smallest and the largest. (Its reward ceilings
+//! separate only the two sizes that know the facts from the two that do not; see
 //! docs/sandbox.md.)
 
 use std::collections::BTreeMap;

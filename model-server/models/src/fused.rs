@@ -58,7 +58,8 @@ fn fast_exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain SSE2.
     const ROUNDER: f32 = 12_582_912.0;
     let clamped = x.clamp(-87.0, 88.0);
-    let n = (clamped * LOG2_E + ROUNDER) - ROUNDER;
+    let shifted = clamped * LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     // Taylor series of e^r to degree 7 on |r| ≤ ln2/2: truncation error below 1e-8 relative.
     let p = 1.0
@@ -67,8 +68,12 @@ fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { p * scale }
+    // The low bits of `shifted` hold n (|n| ≤ 127): adding the bias and shifting into the
+    // exponent field builds 2^n with integer ops only (`n as i32` does not vectorise).
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+    // Below the clamp the result is 0, via a bit mask: a branch here stops vectorisation.
+    let keep = ((x >= -87.0) as u32).wrapping_neg();
+    f32::from_bits((p * scale).to_bits() & keep)
 }
 
 /// `tanh(x)` as `1 − 2 / (e^{2x} + 1)`, odd-symmetrised: absolute error about 1e-7.
@@ -84,11 +89,63 @@ fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
+/// Independent accumulators per reduction: float reductions do not vectorise on their own
+/// (addition order is fixed), lane-wise updates of a small array do.
+const LANES: usize = 8;
+
+/// Largest element (NaNs are skipped, as by `f32::max`).
+#[inline]
+fn lane_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// `Σ f(x)` over a slice.
+#[inline]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&x| f(x)).sum::<f32>()
+}
+
+/// `Σ a·b` over two slices of equal length.
+#[inline]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(xa).zip(xb) {
+            *acc += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 /// `max` and `log(sum(exp(x - max)))` of one row.
 fn row_log_normaliser(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| fast_exp(x - max)).sum();
-    (max, sum.ln())
+    let max = lane_max(row);
+    (max, lane_sum(row, |x| fast_exp(x - max)).ln())
 }
 
 /// `log_softmax(logits)[n, targets[n]]` for logits `[N, V]` and targets `[N]`.
@@ -233,17 +290,12 @@ impl CustomOp1 for CausalSoftmax {
                     let r = task * chunk + k;
                     let visible = past + r % queries + 1;
                     let row = &scores[r * keys..r * keys + visible];
-                    let max = row
-                        .iter()
-                        .map(|&x| x * scale)
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
+                    // scale > 0 (1/√head_dim), so max(x · scale) = max(x) · scale.
+                    let max = lane_max(row) * scale;
                     for (o, &x) in out_row[..visible].iter_mut().zip(row) {
-                        let e = fast_exp(x * scale - max);
-                        *o = e;
-                        sum += e;
+                        *o = fast_exp(x * scale - max);
                     }
-                    let inv = 1.0 / sum;
+                    let inv = 1.0 / lane_sum(&out_row[..visible], |e| e);
                     for o in &mut out_row[..visible] {
                         *o *= inv;
                     }
@@ -300,7 +352,7 @@ impl CustomOp2 for CausalSoftmaxGrad {
                     let start = (task * chunk + k) * keys;
                     let y = &probs[start..start + keys];
                     let g = &upstream[start..start + keys];
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    let dot = lane_dot(y, g);
                     for ((o, &yj), &gj) in out_row.iter_mut().zip(y).zip(g) {
                         *o = scale * yj * (gj - dot);
                     }
@@ -313,6 +365,11 @@ impl CustomOp2 for CausalSoftmaxGrad {
 /// `softmax(scores · scale + causal_mask)` over the last dimension of `[.., q, k]` (f32, CPU),
 /// differentiable; query `i` sees keys `0..=k − q + i`.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    if scale <= 0.0 {
+        return Err(crate::error::ModelError::InvalidInput(format!(
+            "attention scale must be positive, got {scale}"
+        )));
+    }
     Ok(scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
     })?)
@@ -408,8 +465,8 @@ struct LayerNormRows {
 /// Mean and `1 / √(var + eps)` of one row.
 fn row_moments(row: &[f32], eps: f32) -> (f32, f32) {
     let d = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / d;
-    let var = row.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / d;
+    let mean = lane_sum(row, |x| x) / d;
+    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
