@@ -77,8 +77,17 @@ struct LogprobsOutput {
     logprobs: Vec<f32>,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
+    unsafe { model_server::pin_cpu_thread_count() };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(dispatch())
+}
+
+async fn dispatch() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Logprobs(args) => logprobs(args).await,

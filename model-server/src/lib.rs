@@ -22,3 +22,4 @@ pub use client::{ClientError, ClientOptions, Session, W2sClient};
 pub use config::ServerConfig;
 pub use error::ServiceError;
 pub use server::RunningServer;
+pub use superficial_models::pin_cpu_thread_count;

@@ -209,8 +209,17 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
+    unsafe { superficial_models::pin_cpu_thread_count() };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(dispatch())
+}
+
+async fn dispatch() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Experiment(args) => experiment(args).await,

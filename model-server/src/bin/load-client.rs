@@ -95,8 +95,17 @@ fn text_of(tokens: usize, salt: usize) -> String {
         .collect()
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
+    unsafe { model_server::pin_cpu_thread_count() };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
         args.reps = 2;
