@@ -13,9 +13,10 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
-/// Whether the fused kernels apply to `t` (f32 on the CPU).
+/// Whether the fused kernels apply to `t`: f32 on the CPU, and not empty (the kernels chunk
+/// by the last dimension, which must not be 0; empty tensors take the composed path).
 pub fn fused_applies(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.elem_count() > 0
 }
 
 fn contiguous_f32<'a>(
@@ -72,14 +73,16 @@ fn fast_exp(x: f32) -> f32 {
     // exponent field builds 2^n with integer ops only (`n as i32` does not vectorise).
     let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
     // Below the clamp the result is 0, via a bit mask: a branch here stops vectorisation.
-    let keep = ((x >= -87.0) as u32).wrapping_neg();
+    // NaN is kept, so a NaN input stays NaN and reaches the non-finite checks.
+    let keep = ((x >= -87.0 || x.is_nan()) as u32).wrapping_neg();
     f32::from_bits((p * scale).to_bits() & keep)
 }
 
 /// `tanh(x)` as `1 − 2 / (e^{2x} + 1)`, odd-symmetrised: absolute error about 1e-7.
 #[inline(always)]
 fn fast_tanh(x: f32) -> f32 {
-    let a = x.abs().min(15.0);
+    // Not `min`: it would turn NaN into 15.
+    let a = if x.abs() > 15.0 { 15.0 } else { x.abs() };
     let t = 1.0 - 2.0 / (fast_exp(2.0 * a) + 1.0);
     t.copysign(x)
 }
@@ -849,6 +852,8 @@ mod tests {
         assert!(worst_exp < 5e-7, "exp relative error {worst_exp:e}");
         assert!(worst_tanh < 3e-7, "tanh absolute error {worst_tanh:e}");
         assert_eq!(fast_exp(-100.0), 0.0);
+        assert!(fast_exp(f32::NAN).is_nan());
+        assert!(fast_tanh(f32::NAN).is_nan());
         assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(fast_tanh(-30.0), -1.0);
     }
