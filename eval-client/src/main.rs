@@ -78,13 +78,8 @@ struct LogprobsOutput {
 }
 
 fn main() -> Result<()> {
-    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
-    unsafe { model_server::pin_cpu_thread_count() };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(dispatch())
+    // SAFETY: first statement of `main`, before any other thread starts.
+    unsafe { model_server::run_binary(dispatch()) }.context("starting the async runtime")?
 }
 
 async fn dispatch() -> Result<()> {

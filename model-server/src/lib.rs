@@ -23,3 +23,18 @@ pub use config::ServerConfig;
 pub use error::ServiceError;
 pub use server::RunningServer;
 pub use superficial_models::pin_cpu_thread_count;
+
+/// Runs a binary's async entry point on a multi-threaded tokio runtime, after pinning candle's
+/// CPU thread count ([`pin_cpu_thread_count`]) while the process still has one thread.
+///
+/// # Safety
+/// Changes the process environment: call it as the first statement of a synchronous `main`,
+/// before any other thread exists.
+pub unsafe fn run_binary<F: std::future::Future>(entry: F) -> std::io::Result<F::Output> {
+    // SAFETY: the caller guarantees that no other thread exists yet.
+    unsafe { pin_cpu_thread_count() };
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(entry))
+}

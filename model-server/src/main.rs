@@ -9,13 +9,8 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
-    unsafe { model_server::pin_cpu_thread_count() };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(serve())
+    // SAFETY: first statement of `main`, before any other thread starts.
+    unsafe { model_server::run_binary(serve()) }.context("starting the async runtime")?
 }
 
 async fn serve() -> anyhow::Result<()> {

@@ -713,19 +713,48 @@ mod tests {
             .unwrap()
     }
 
+    fn random_var(shape: &[usize], mean: f32, std: f32) -> Var {
+        Var::from_tensor(&Tensor::randn(mean, std, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Asserts that `fused` and `composed` agree within `value_tol`, and so do the gradients of
+    /// a random weighted sum of each with respect to every var (within `grad_tol`).
+    fn assert_same_values_and_gradients(
+        fused: Tensor,
+        composed: Tensor,
+        vars: &[&Var],
+        value_tol: f32,
+        grad_tol: f32,
+    ) {
+        let diff = max_abs_diff(&fused, &composed);
+        assert!(diff < value_tol, "values differ by {diff}");
+        let weights = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu).unwrap();
+        let gradients = |t: Tensor| {
+            (t * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_fused, g_composed) = (gradients(fused), gradients(composed));
+        for var in vars {
+            let a = g_fused.get(var.as_tensor()).expect("fused gradient");
+            let b = g_composed.get(var.as_tensor()).expect("composed gradient");
+            let diff = max_abs_diff(a, b);
+            assert!(diff < grad_tol, "gradients differ by {diff}");
+        }
+    }
+
     #[test]
     fn target_logprobs_match_composed_values_and_gradients() {
-        let dev = Device::Cpu;
-        let logits =
-            Var::from_tensor(&(Tensor::randn(0f32, 3.0, (37, 50), &dev).unwrap())).unwrap();
+        let logits = random_var(&[37, 50], 0.0, 3.0);
         let targets = Tensor::from_vec(
             (0..37u32).map(|i| (i * 7) % 50).collect::<Vec<_>>(),
             37,
-            &dev,
+            &Device::Cpu,
         )
         .unwrap();
-        let weights = Tensor::randn(0f32, 1.0, 37, &dev).unwrap();
-
         let fused = target_logprobs(logits.as_tensor(), &targets).unwrap();
         let composed = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1)
             .unwrap()
@@ -733,109 +762,72 @@ mod tests {
             .unwrap()
             .squeeze(1)
             .unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-5);
-
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let a = g_fused.get(logits.as_tensor()).unwrap();
-        let b = g_composed.get(logits.as_tensor()).unwrap();
-        assert!(max_abs_diff(a, b) < 1e-5, "{}", max_abs_diff(a, b));
+        assert_same_values_and_gradients(fused, composed, &[&logits], 1e-5, 1e-5);
     }
 
     #[test]
     fn gelu_tanh_matches_candle_values_and_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7, 11), &dev).unwrap()).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, (3, 7, 11), &dev).unwrap();
+        let x = random_var(&[3, 7, 11], 0.0, 2.0);
         let fused = gelu_tanh(x.as_tensor()).unwrap();
         let composed = x.as_tensor().gelu().unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-6);
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let a = g_fused.get(x.as_tensor()).unwrap();
-        let b = g_composed.get(x.as_tensor()).unwrap();
-        // candle's backward uses 6-digit constants; 1e-5 relative to the gradient's scale.
-        assert!(max_abs_diff(a, b) < 2e-5, "{}", max_abs_diff(a, b));
+        // candle's backward uses 6-digit constants.
+        assert_same_values_and_gradients(fused, composed, &[&x], 1e-6, 2e-5);
     }
 
     #[test]
     fn layer_norm_matches_composed_values_and_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (4, 9, 24), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 24, &dev).unwrap()).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, (4, 9, 24), &dev).unwrap();
+        let x = random_var(&[4, 9, 24], 0.5, 2.0);
+        let w = random_var(&[24], 1.0, 0.3);
+        let b = random_var(&[24], 0.0, 0.3);
         let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
         let composed =
             crate::layers::LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5)
                 .forward_composed(x.as_tensor())
                 .unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-5);
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for var in [&x, &w, &b] {
-            let a = g_fused.get(var.as_tensor()).unwrap();
-            let c = g_composed.get(var.as_tensor()).unwrap();
-            assert!(max_abs_diff(a, c) < 1e-4, "{}", max_abs_diff(a, c));
-        }
+        assert_same_values_and_gradients(fused, composed, &[&x, &w, &b], 1e-5, 1e-4);
     }
 
     #[test]
     fn add_bias_matches_broadcast_add_values_and_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (13, 6), &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 6, &dev).unwrap()).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, (13, 6), &dev).unwrap();
+        let x = random_var(&[13, 6], 0.0, 1.0);
+        let b = random_var(&[6], 0.0, 1.0);
         let fused = add_bias(x.as_tensor(), b.as_tensor()).unwrap();
         let composed = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
-        assert_eq!(max_abs_diff(&fused, &composed), 0.0);
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
+        assert_same_values_and_gradients(fused, composed, &[&x, &b], 1e-7, 1e-5);
+    }
+
+    #[test]
+    fn causal_softmax_matches_composed_values_and_gradients() {
+        // (5, 8): past = 3, as in a cached decode step.
+        for (queries, keys) in [(6usize, 6usize), (5, 8)] {
+            let scores = random_var(&[2, 3, queries, keys], 0.0, 2.0);
+            let scale = 0.35;
+            let fused = causal_softmax(scores.as_tensor(), scale).unwrap();
+            let mask = causal_mask(keys - queries, queries, DType::F32, &Device::Cpu).unwrap();
+            let composed = softmax_last_dim(
+                &(scores.as_tensor() * scale)
+                    .unwrap()
+                    .broadcast_add(&mask)
+                    .unwrap(),
+            )
             .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for var in [&x, &b] {
-            let a = g_fused.get(var.as_tensor()).unwrap();
-            let c = g_composed.get(var.as_tensor()).unwrap();
-            assert!(max_abs_diff(a, c) < 1e-5, "{}", max_abs_diff(a, c));
+            assert_same_values_and_gradients(fused, composed, &[&scores], 1e-6, 1e-5);
         }
+    }
+
+    #[test]
+    fn causal_softmax_rejects_a_non_positive_scale() {
+        let scores = Tensor::zeros((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_softmax(&scores, 0.0).is_err());
+    }
+
+    #[test]
+    fn empty_tensors_take_the_composed_path() {
+        let empty = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(!fused_applies(&empty));
+        assert!(fused_applies(
+            &Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()
+        ));
     }
 
     #[test]
@@ -865,45 +857,5 @@ mod tests {
         let targets = Tensor::new(&[1u32, 4], &dev).unwrap();
         let err = target_logprobs(&logits, &targets).unwrap_err().to_string();
         assert!(err.contains("target token 4"), "{err}");
-    }
-
-    #[test]
-    fn causal_softmax_matches_composed_values_and_gradients() {
-        let dev = Device::Cpu;
-        // past = 3: 5 queries over 8 keys, as in a cached decode step.
-        for (queries, keys) in [(6usize, 6usize), (5, 8)] {
-            let scores =
-                Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, queries, keys), &dev).unwrap())
-                    .unwrap();
-            let scale = 0.35;
-            let weights = Tensor::randn(0f32, 1.0, (2, 3, queries, keys), &dev).unwrap();
-
-            let fused = causal_softmax(scores.as_tensor(), scale).unwrap();
-            let mask = causal_mask(keys - queries, queries, DType::F32, &dev).unwrap();
-            let composed = softmax_last_dim(
-                &(scores.as_tensor() * scale)
-                    .unwrap()
-                    .broadcast_add(&mask)
-                    .unwrap(),
-            )
-            .unwrap();
-            assert!(max_abs_diff(&fused, &composed) < 1e-6);
-
-            let g_fused = (fused * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_composed = (composed * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let a = g_fused.get(scores.as_tensor()).unwrap();
-            let b = g_composed.get(scores.as_tensor()).unwrap();
-            assert!(max_abs_diff(a, b) < 1e-5, "{}", max_abs_diff(a, b));
-        }
     }
 }

@@ -96,13 +96,8 @@ fn text_of(tokens: usize, salt: usize) -> String {
 }
 
 fn main() -> Result<()> {
-    // SAFETY: first statement of `main`, before the runtime or any other thread starts.
-    unsafe { model_server::pin_cpu_thread_count() };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(run())
+    // SAFETY: first statement of `main`, before any other thread starts.
+    unsafe { model_server::run_binary(run()) }.context("starting the async runtime")?
 }
 
 async fn run() -> Result<()> {

@@ -47,6 +47,23 @@ fn dialogue(rng: &mut ChaCha8Rng, prompt: usize, response: usize) -> EncodedDial
     EncodedDialogue::assemble(random_ids(rng, prompt), random_ids(rng, response), 96)
 }
 
+/// Plain Adam at a constant rate, one minibatch per step, epochs enough for any bench length.
+fn constant_lr(objective: Objective, lr: f64, batch_size: usize) -> TrainConfig {
+    TrainConfig {
+        objective,
+        optimizer: AdamConfig {
+            lr,
+            ..Default::default()
+        },
+        schedule: Schedule::Constant,
+        batch_size,
+        minibatch_size: batch_size,
+        epochs: 100,
+        seed: 0,
+        reshuffle_each_epoch: false,
+    }
+}
+
 fn time_steps(run: &mut TrainingRun, steps: usize) -> Result<f64, Box<dyn std::error::Error>> {
     run.train_step()?; // warm-up
     let mut times = Vec::new();
@@ -87,19 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut lm_run = TrainingRun::new(
             model,
             lm_examples,
-            TrainConfig {
-                objective: Objective::CausalLm,
-                optimizer: AdamConfig {
-                    lr: 1e-3,
-                    ..Default::default()
-                },
-                schedule: Schedule::Constant,
-                batch_size: 16,
-                minibatch_size: 16,
-                epochs: 100,
-                seed: 0,
-                reshuffle_each_epoch: false,
-            },
+            constant_lr(Objective::CausalLm, 1e-3, 16),
         )?;
         let lm_ms = time_steps(&mut lm_run, steps)? * 1e3;
 
@@ -115,19 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut simpo_run = TrainingRun::new(
             model,
             pair_examples,
-            TrainConfig {
-                objective: Objective::simpo(None),
-                optimizer: AdamConfig {
-                    lr: 1e-4,
-                    ..Default::default()
-                },
-                schedule: Schedule::Constant,
-                batch_size: 32,
-                minibatch_size: 32,
-                epochs: 100,
-                seed: 0,
-                reshuffle_each_epoch: false,
-            },
+            constant_lr(Objective::simpo(None), 1e-4, 32),
         )?;
         let simpo_ms = time_steps(&mut simpo_run, steps)? * 1e3;
 
