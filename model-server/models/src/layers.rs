@@ -1,6 +1,8 @@
 //! Building blocks shared by GPT-2 and OPT, written only with ops that candle can
 //! differentiate. candle's fused `LayerNorm`, `ops::layer_norm` and `ops::softmax_last_dim` have
-//! no backward pass and would silently drop gradients, so they are not used anywhere here.
+//! no backward pass and would silently drop gradients, so they are not used anywhere here. On
+//! the CPU in f32, LayerNorm, bias add, tanh GELU and the attention softmax take this crate's
+//! own fused kernels ([`crate::fused`]), which do have a backward pass.
 
 use candle_core::{D, DType, Device, Tensor};
 

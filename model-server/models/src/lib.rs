@@ -8,8 +8,9 @@
 //! - [`weights`]: named tensors from safetensors / sharded safetensors / `pytorch_model.bin`,
 //!   random init, saving, content hashes.
 //! - [`layers`]: differentiable LayerNorm, softmax, attention, affine maps.
-//! - [`fused`]: fused CPU kernels (with backward) for the target log-softmax and the causal
-//!   attention softmax.
+//! - [`fused`]: fused f32 CPU kernels with their own backward (target log-softmax, causal
+//!   attention softmax, tanh GELU, LayerNorm, bias add); [`layers`] and [`model`] pick them on
+//!   the CPU and fall back to composed candle ops elsewhere.
 //! - [`gpt2`], [`opt`]: the transformer bodies, tensor names mirroring HF.
 //! - [`model`]: [`CausalLm`] — logits, per-token log-probs, reward head, KV-cached decoding.
 //! - [`generation`]: seeded sampling and the decode loop.
