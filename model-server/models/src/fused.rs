@@ -8,7 +8,9 @@
 //! Only f32 on the CPU takes these kernels; other devices and dtypes use the composed
 //! primitives (see [`crate::layers`] and [`crate::model`]), so results agree to float rounding.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -19,30 +21,13 @@ pub fn fused_applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.elem_count() > 0
 }
 
-fn contiguous_f32<'a>(
+/// The contiguous values of a CPU tensor of element type `T` (f32 data, u32 targets).
+fn contiguous<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let values = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("{what}: expected f32 storage"),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn contiguous_u32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [u32]> {
-    let values = match storage {
-        CpuStorage::U32(v) => v.as_slice(),
-        _ => candle_core::bail!("{what}: expected u32 storage"),
-    };
+) -> candle_core::Result<&'a [T]> {
+    let values = storage.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&values[start..end]),
         None => candle_core::bail!("{what}: expected a contiguous tensor"),
@@ -167,8 +152,8 @@ impl CustomOp2 for TargetLogprob {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let logits = contiguous_f32(s1, l1, "logits")?;
-        let targets = contiguous_u32(s2, l2, "targets")?;
+        let logits = contiguous::<f32>(s1, l1, "logits")?;
+        let targets = contiguous::<u32>(s2, l2, "targets")?;
         if targets.len() != rows {
             candle_core::bail!("{} targets for {rows} rows of logits", targets.len());
         }
@@ -223,9 +208,9 @@ impl CustomOp3 for TargetLogprobGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let logits = contiguous_f32(s1, l1, "logits")?;
-        let targets = contiguous_u32(s2, l2, "targets")?;
-        let upstream = contiguous_f32(s3, l3, "gradient and result")?;
+        let logits = contiguous::<f32>(s1, l1, "logits")?;
+        let targets = contiguous::<u32>(s2, l2, "targets")?;
+        let upstream = contiguous::<f32>(s3, l3, "gradient and result")?;
         if targets.len() != rows || upstream.len() != 2 * rows {
             candle_core::bail!("target-logprob-grad: mismatched row counts");
         }
@@ -282,7 +267,7 @@ impl CustomOp1 for CausalSoftmax {
             candle_core::bail!("causal-softmax: {queries} queries over only {keys} keys");
         }
         let past = keys - queries;
-        let scores = contiguous_f32(s, l, "scores")?;
+        let scores = contiguous::<f32>(s, l, "scores")?;
         let mut out = vec![0f32; scores.len()];
         let chunk = rows_per_task(keys);
         let scale = self.scale;
@@ -340,8 +325,8 @@ impl CustomOp2 for CausalSoftmaxGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let keys = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let probs = contiguous_f32(s1, l1, "softmax output")?;
-        let upstream = contiguous_f32(s2, l2, "gradient")?;
+        let probs = contiguous::<f32>(s1, l1, "softmax output")?;
+        let upstream = contiguous::<f32>(s2, l2, "gradient")?;
         if probs.len() != upstream.len() {
             candle_core::bail!("causal-softmax-grad: mismatched sizes");
         }
@@ -391,7 +376,7 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "gelu input")?;
+        let x = contiguous::<f32>(s, l, "gelu input")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384))
@@ -434,8 +419,8 @@ impl CustomOp2 for GeluTanhGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "gelu input")?;
-        let upstream = contiguous_f32(s2, l2, "gradient")?;
+        let x = contiguous::<f32>(s1, l1, "gelu input")?;
+        let upstream = contiguous::<f32>(s2, l2, "gradient")?;
         if x.len() != upstream.len() {
             candle_core::bail!("gelu-tanh-grad: mismatched sizes");
         }
@@ -488,9 +473,9 @@ impl CustomOp3 for LayerNormRows {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
-        let x = contiguous_f32(s1, l1, "layer-norm input")?;
-        let weight = contiguous_f32(s2, l2, "layer-norm weight")?;
-        let bias = contiguous_f32(s3, l3, "layer-norm bias")?;
+        let x = contiguous::<f32>(s1, l1, "layer-norm input")?;
+        let weight = contiguous::<f32>(s2, l2, "layer-norm weight")?;
+        let bias = contiguous::<f32>(s3, l3, "layer-norm bias")?;
         if weight.len() != d || bias.len() != d {
             candle_core::bail!(
                 "layer-norm: weight/bias of {} / {} for width {d}",
@@ -558,9 +543,9 @@ impl CustomOp3 for LayerNormRowsGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, d) = l1.shape().dims2()?;
-        let x = contiguous_f32(s1, l1, "layer-norm input")?;
-        let weight = contiguous_f32(s2, l2, "layer-norm weight")?;
-        let upstream = contiguous_f32(s3, l3, "gradient")?;
+        let x = contiguous::<f32>(s1, l1, "layer-norm input")?;
+        let weight = contiguous::<f32>(s2, l2, "layer-norm weight")?;
+        let upstream = contiguous::<f32>(s3, l3, "gradient")?;
         if upstream.len() != x.len() || weight.len() != d {
             candle_core::bail!("layer-norm-grad: mismatched sizes");
         }
@@ -641,8 +626,8 @@ impl CustomOp2 for AddBias {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
-        let x = contiguous_f32(s1, l1, "input")?;
-        let bias = contiguous_f32(s2, l2, "bias")?;
+        let x = contiguous::<f32>(s1, l1, "input")?;
+        let bias = contiguous::<f32>(s2, l2, "bias")?;
         if bias.len() != d {
             candle_core::bail!("add-bias: bias of {} for width {d}", bias.len());
         }
@@ -677,7 +662,7 @@ impl CustomOp1 for SumRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l.shape().dims2()?;
-        let x = contiguous_f32(s, l, "gradient")?;
+        let x = contiguous::<f32>(s, l, "gradient")?;
         let mut sums = vec![0f32; d];
         for row in x.chunks(d) {
             for (s, &v) in sums.iter_mut().zip(row) {
