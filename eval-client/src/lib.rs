@@ -1,6 +1,7 @@
 //! The evaluation library behind `eval-client`: the study's metrics as pure functions, the
-//! report built from run folders, and its plots.
+//! report built from run folders, the findings across seeds, and the plots.
 
+pub mod findings;
 pub mod metrics;
 pub mod plots;
 pub mod report;

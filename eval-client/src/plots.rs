@@ -1,15 +1,29 @@
-//! SVG plots of the report, written directly (no plotting dependency): accuracy per run,
-//! Deception Score and its chance baseline against the capability gap, and the knowledge-area
-//! table as bars.
+//! SVG plots of the report, written directly (no plotting dependency): accuracy per run, the
+//! no-conflict students' imitation DS against the capability gap, DS_new and ΔDS against the
+//! strong model's size (one panel per scenario and conflict, one line per weak model, means
+//! over seeds), the conflict tax's dose-response, and the knowledge-area table as bars.
 
 use std::fmt::Write as _;
 
-use crate::report::Report;
+use crate::findings::{AcrossSeeds, across_seeds, is_bootstrap, model_order};
+use crate::report::{Comparison, Report};
 
 const WIDTH: f64 = 900.0;
-const PALETTE: [&str; 6] = [
-    "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860",
+/// Ten distinguishable colours; series beyond ten are told apart by dash patterns too, so no
+/// legend entry repeats a look.
+const PALETTE: [&str; 10] = [
+    "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
+    "#CCB974", "#64B5CD",
 ];
+const DASHES: [&str; 3] = ["", "6 3", "2 2"];
+
+/// Colour and dash pattern of series `i`.
+fn style(i: usize) -> (&'static str, &'static str) {
+    (
+        PALETTE[i % PALETTE.len()],
+        DASHES[(i / PALETTE.len()) % DASHES.len()],
+    )
+}
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -106,19 +120,30 @@ pub fn accuracy_svg(report: &Report) -> String {
     svg
 }
 
-/// DS (filled) and its chance baseline (hollow) against strong − weak ceiling accuracy.
+/// No-conflict students: DS (filled) and its chance baseline (hollow) against strong − weak
+/// ceiling accuracy. This DS measures how much the student copies its teacher's mistakes.
 pub fn ds_vs_gap_svg(report: &Report) -> String {
     let (left, right, top, bottom) = (70.0, 260.0, 50.0, 420.0);
     let height = bottom + 60.0;
     let mut svg = header(
         height,
-        "Deception Score and its chance baseline vs capability gap",
+        "No-conflict students: imitation of weak errors (DS, chance hollow) vs capability gap",
     );
-    let gaps: Vec<f64> = report
+    let rows: Vec<&crate::report::Comparison> = report
         .comparisons
         .iter()
-        .map(|c| c.capability_gap)
+        .filter(|c| c.baseline_run_id.is_none())
         .collect();
+    let series: Vec<String> = {
+        let mut v: Vec<String> = rows
+            .iter()
+            .map(|c| format!("{} [{}]", c.scenario, c.variant))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let gaps: Vec<f64> = rows.iter().map(|c| c.capability_gap).collect();
     let (mut lo, mut hi) = gaps
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &g| {
@@ -172,13 +197,13 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
     );
     let _ = writeln!(
         svg,
-        "<text x=\"18\" y=\"{}\" transform=\"rotate(-90 18 {})\" text-anchor=\"middle\">DS / chance</text>",
+        "<text x=\"18\" y=\"{}\" transform=\"rotate(-90 18 {})\" text-anchor=\"middle\">DS (share of mistakes in S_k that lie in W_uk)</text>",
         (top + bottom) / 2.0,
         (top + bottom) / 2.0
     );
-    let mut legend = Vec::new();
-    for (i, c) in report.comparisons.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+    for (i, c) in rows.iter().enumerate() {
+        let key = format!("{} [{}]", c.scenario, c.variant);
+        let (color, _) = style(series.iter().position(|s| *s == key).unwrap_or(0));
         let cx = x(c.capability_gap) + (i as f64 % 5.0 - 2.0) * 3.0;
         if let Some(chance) = c.ds_chance {
             let _ = writeln!(
@@ -202,13 +227,6 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
                 y(ds)
             );
         }
-        legend.push((
-            color,
-            format!(
-                "{} {}→{} [{}] s{}",
-                c.scenario, c.weak, c.strong, c.variant, c.seed
-            ),
-        ));
     }
     let lx = left + plot_w + 16.0;
     let _ = writeln!(
@@ -216,7 +234,8 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
         "<text x=\"{lx}\" y=\"{}\">filled: DS (95% CI), hollow: chance</text>",
         top
     );
-    for (i, (color, label)) in legend.iter().enumerate() {
+    for (i, label) in series.iter().enumerate() {
+        let (color, _) = style(i);
         let ly = top + 20.0 + i as f64 * 16.0;
         let _ = writeln!(
             svg,
@@ -332,6 +351,273 @@ pub fn regions_svg(report: &Report) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// One small line chart: categorical x, one line per series (`None` values leave gaps).
+pub struct Panel {
+    pub title: String,
+    pub x_labels: Vec<String>,
+    pub series: Vec<(String, Vec<Option<f64>>)>,
+}
+
+/// Panels in a grid (three per row) sharing one y range and one legend of series names; a
+/// dashed line marks y = 0.
+pub fn line_panels(title: &str, y_label: &str, panels: &[Panel]) -> String {
+    let (pw, ph, cols) = (280.0, 210.0, 3usize);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let mut names: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p.series.iter().map(|s| s.0.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
+    let legend_h = 18.0 * names.len() as f64 + 30.0;
+    let height = 50.0 + ph * rows as f64 + legend_h;
+    let mut svg = header(height, title);
+    let values: Vec<f64> = panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|s| s.1.iter().flatten().copied()))
+        .collect();
+    let lo = values.iter().copied().fold(0.0f64, f64::min);
+    let hi = values.iter().copied().fold(0.0f64, f64::max);
+    let pad = ((hi - lo) * 0.1).max(0.01);
+    let (lo, hi) = (lo - pad, hi + pad);
+    for (k, panel) in panels.iter().enumerate() {
+        let origin = (
+            30.0 + (k % cols) as f64 * (pw + 10.0),
+            45.0 + (k / cols) as f64 * ph,
+        );
+        let frame = (origin.0 + 45.0, origin.1 + 22.0, pw - 60.0, ph - 70.0);
+        draw_panel(&mut svg, panel, &names, frame, (lo, hi, pad), origin.1);
+    }
+    let ly = 50.0 + ph * rows as f64;
+    let _ = writeln!(
+        svg,
+        "<text x=\"30\" y=\"{ly:.1}\" font-size=\"11\">y: {}</text>",
+        escape(y_label)
+    );
+    for (i, name) in names.iter().enumerate() {
+        let (color, dash) = style(i);
+        let yy = ly + 18.0 * (i + 1) as f64;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"30\" x2=\"60\" y1=\"{:.1}\" y2=\"{0:.1}\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/><text x=\"66\" y=\"{:.1}\" font-size=\"11\">{}</text>",
+            yy - 4.0,
+            yy,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// One panel of [`line_panels`] in `frame` = (left, top, width, height).
+fn draw_panel(
+    svg: &mut String,
+    panel: &Panel,
+    names: &[String],
+    (left, top, w, h): (f64, f64, f64, f64),
+    (lo, hi, pad): (f64, f64, f64),
+    title_y: f64,
+) {
+    let y = |v: f64| top + (hi - v) / (hi - lo) * h;
+    let nx = panel.x_labels.len().max(1);
+    let x = |i: usize| left + (i as f64 + 0.5) / nx as f64 * w;
+    let _ = writeln!(
+        svg,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{}</text>\n<rect x=\"{left:.1}\" y=\"{top:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"none\" stroke=\"#888\"/>\n<line x1=\"{left:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{4:.1}\" stroke=\"#999\" stroke-dasharray=\"4 2\"/>",
+        left + w / 2.0,
+        title_y + 14.0,
+        escape(&panel.title),
+        left + w,
+        y(0.0),
+    );
+    for tick in [lo + pad, (lo + hi) / 2.0, hi - pad] {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"9\">{tick:.2}</text>",
+            left - 4.0,
+            y(tick) + 3.0
+        );
+    }
+    for (i, label) in panel.x_labels.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}</text>",
+            x(i),
+            top + h + 12.0,
+            escape(label)
+        );
+    }
+    for (name, points) in &panel.series {
+        let (color, dash) = style(names.iter().position(|n| n == name).unwrap_or(0));
+        let mut path = String::new();
+        for (i, v) in points.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let cmd = if i == 0 || points[i - 1].is_none() {
+                'M'
+            } else {
+                'L'
+            };
+            let _ = write!(path, "{cmd}{:.1},{:.1} ", x(i), y(*v));
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                x(i),
+                y(*v)
+            );
+        }
+        if !path.is_empty() {
+            let _ = writeln!(
+                svg,
+                "<path d=\"{path}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>"
+            );
+        }
+    }
+}
+
+/// Means over seeds of `value` per (scenario, variant) panel, strong model on x, one line per
+/// weak model; direct students only (no bootstrap, no high-confidence filter).
+fn size_panels(report: &Report, value: fn(&AcrossSeeds) -> Option<f64>) -> Vec<Panel> {
+    let order = model_order(report);
+    let rows = across_seeds(report);
+    let mut keys: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r.tax.is_some() && !is_bootstrap(&r.variant) && !r.variant.contains("+hc"))
+        .map(|r| (r.scenario.clone(), r.variant.clone()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let find = |scenario: &str, variant: &str, weak: &str, strong: &str| {
+        rows.iter().find(|r| {
+            r.scenario == scenario && r.variant == variant && r.weak == weak && r.strong == strong
+        })
+    };
+    keys.into_iter()
+        .map(|(scenario, variant)| {
+            let series = order
+                .iter()
+                .filter(|w| {
+                    order
+                        .iter()
+                        .any(|s| find(&scenario, &variant, w, s).is_some())
+                })
+                .map(|w| {
+                    let points = order
+                        .iter()
+                        .map(|s| find(&scenario, &variant, w, s).and_then(value))
+                        .collect();
+                    (format!("weak {w}"), points)
+                })
+                .collect();
+            Panel {
+                title: format!("{scenario}, {variant}"),
+                x_labels: order.iter().map(|m| format!("strong {m}")).collect(),
+                series,
+            }
+        })
+        .collect()
+}
+
+/// DS_new − chance and ΔDS against the strong model, one line per weak model.
+pub fn deception_vs_size_svg(report: &Report) -> String {
+    let mut panels = size_panels(report, |r| r.ds_new_excess.map(|v| v.mean));
+    for p in &mut panels {
+        p.title = format!("{}: DS_new − chance", p.title);
+    }
+    let mut delta = size_panels(report, |r| r.ds_delta.map(|v| v.mean));
+    for p in &mut delta {
+        p.title = format!("{}: ΔDS", p.title);
+    }
+    panels.extend(delta);
+    line_panels(
+        "Where the conflict tax is paid, by strong model (means over seeds)",
+        "DS_new − chance (share of the conflict's new mistakes in S_k ∩ W_uk above chance), then ΔDS = DS(conflict) − DS(none); > 0 = deception",
+        &panels,
+    )
+}
+
+/// The dose of a conflict comparison: α (explicit) or helpfulness pairs (implicit).
+fn dose(c: &Comparison) -> Option<f64> {
+    c.conflict_alpha.or(c.helpful_pairs.map(|n| n as f64))
+}
+
+/// One dose-response panel: `value` averaged over pairs and seeds at each dose, one line per
+/// conflict kind.
+fn dose_panel(
+    report: &Report,
+    scenario: &str,
+    label: &str,
+    value: fn(&Comparison) -> Option<f64>,
+) -> Panel {
+    let mut series = Vec::new();
+    let mut x_labels = Vec::new();
+    for kind in ["explicit", "implicit"] {
+        let cs: Vec<&Comparison> = report
+            .comparisons
+            .iter()
+            .filter(|c| {
+                c.scenario == scenario
+                    && c.setting == kind
+                    && c.baseline_run_id.is_some()
+                    && !is_bootstrap(&c.variant)
+                    && !c.variant.contains("+hc")
+            })
+            .collect();
+        let mut levels: Vec<f64> = cs.iter().filter_map(|c| dose(c)).collect();
+        levels.sort_by(f64::total_cmp);
+        levels.dedup();
+        if levels.is_empty() {
+            continue;
+        }
+        let symbol = if kind == "explicit" { "α" } else { "helpful" };
+        let mut points = vec![None; x_labels.len()];
+        for level in &levels {
+            x_labels.push(format!("{symbol} {level}"));
+            let vals: Vec<f64> = cs
+                .iter()
+                .filter(|c| dose(c) == Some(*level))
+                .filter_map(|c| value(c))
+                .collect();
+            points.push((!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64));
+        }
+        series.push((kind.to_string(), points));
+    }
+    for s in &mut series {
+        s.1.resize(x_labels.len(), None);
+    }
+    Panel {
+        title: format!("{scenario}: {label}"),
+        x_labels,
+        series,
+    }
+}
+
+/// The conflict tax and DS_new − chance against the dose, per scenario and conflict kind.
+pub fn dose_response_svg(report: &Report) -> String {
+    let mut scenarios: Vec<&str> = report
+        .comparisons
+        .iter()
+        .map(|c| c.scenario.as_str())
+        .collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let mut panels = Vec::new();
+    for &scenario in &scenarios {
+        panels.push(dose_panel(report, scenario, "conflict tax", |c| {
+            c.conflict_tax
+        }));
+    }
+    for &scenario in &scenarios {
+        panels.push(dose_panel(report, scenario, "DS_new − chance", |c| {
+            c.ds_new_excess
+        }));
+    }
+    line_panels(
+        "Dose-response of the conflicting goals (means over pairs and seeds)",
+        "conflict tax = acc(none) − acc(conflict); DS_new − chance as in the report",
+        &panels,
+    )
 }
 
 /// Renders an SVG to PNG at 1:1 scale. Text uses the system fonts (sans-serif); on a machine

@@ -21,6 +21,10 @@ pub enum Row {
         /// Probability that `chosen` is the better response.
         label: f32,
         chosen_is_human_choice: bool,
+        /// Whether the explicit conflict's goal favours `chosen`; `None`: the human-rejected
+        /// response (official form). Not serialised when unset, so older rows hash the same.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conflict_prefers_chosen: Option<bool>,
     },
     Text {
         text: String,

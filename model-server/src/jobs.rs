@@ -278,8 +278,11 @@ pub fn build_examples(
                     rejected,
                     label,
                     chosen_is_human_choice,
+                    conflict_prefers_chosen,
                 },
             ) => {
+                let conflict_prefers_chosen =
+                    conflict_prefers_chosen.unwrap_or(!chosen_is_human_choice);
                 let c = tokenizer
                     .encode_truncated(&format!("{prompt}{chosen}"), max_ctx)
                     .map_err(bad)?
@@ -294,14 +297,14 @@ pub fn build_examples(
                         slot_c: c,
                         slot_r: r,
                         target: *label,
-                        slot_c_is_human_choice: *chosen_is_human_choice,
+                        conflict_prefers_slot_r: !conflict_prefers_chosen,
                     }
                 } else {
                     Example::RewardPair {
                         slot_c: r,
                         slot_r: c,
                         target: 1.0 - label,
-                        slot_c_is_human_choice: !chosen_is_human_choice,
+                        conflict_prefers_slot_r: conflict_prefers_chosen,
                     }
                 }
             }
@@ -319,8 +322,11 @@ pub fn build_examples(
                     rejected,
                     label,
                     chosen_is_human_choice,
+                    conflict_prefers_chosen,
                 },
             ) => {
+                let conflict_prefers_chosen =
+                    conflict_prefers_chosen.unwrap_or(!chosen_is_human_choice);
                 let c = encode(tokenizer, prompt, chosen, max_ctx).map_err(bad)?;
                 let r = encode(tokenizer, prompt, rejected, max_ctx).map_err(bad)?;
                 // The preferred response goes first; a label below 0.5 prefers `rejected`.
@@ -328,14 +334,14 @@ pub fn build_examples(
                     Example::Preference {
                         chosen: c,
                         rejected: r,
-                        chosen_is_human_choice: *chosen_is_human_choice,
+                        conflict_prefers_rejected: !conflict_prefers_chosen,
                         reference: None,
                     }
                 } else {
                     Example::Preference {
                         chosen: r,
                         rejected: c,
-                        chosen_is_human_choice: !chosen_is_human_choice,
+                        conflict_prefers_rejected: conflict_prefers_chosen,
                         reference: None,
                     }
                 }

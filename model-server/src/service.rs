@@ -555,6 +555,7 @@ impl pb::datasets_server::Datasets for DatasetsService {
                         rejected: p.rejected,
                         label: p.label.unwrap_or(1.0),
                         chosen_is_human_choice: p.chosen_is_human_choice.unwrap_or(true),
+                        conflict_prefers_chosen: p.conflict_prefers_chosen,
                     }),
                     Some(Item::Text(t)) => rows.push(Row::Text { text: t.text }),
                     Some(Item::Prompt(p)) => rows.push(Row::Prompt { prompt: p.prompt }),

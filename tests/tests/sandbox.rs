@@ -52,6 +52,10 @@ fn tiny() -> ExperimentConfig {
         },
         scenarios: vec![Scenario::Reward, Scenario::Simpo],
         settings: vec![Setting::None, Setting::Explicit],
+        conflict: trainer::spec::ConflictSpec {
+            explicit_alphas: vec![2.0],
+            ..base.conflict.clone()
+        },
         ..base
     }
 }

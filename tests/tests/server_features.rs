@@ -47,6 +47,7 @@ fn pair_rows(n: usize) -> Vec<Item> {
                 rejected: dialogue(i, "no"),
                 label: Some(if i % 4 == 0 { 0.3 } else { 0.9 }),
                 chosen_is_human_choice: Some(i % 3 != 0),
+                conflict_prefers_chosen: None,
             })
         })
         .collect()

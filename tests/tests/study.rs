@@ -61,6 +61,7 @@ fn spec() -> StudySpec {
         bootstrap: Vec::new(),
         reward: hyper(1e-3),
         preference: hyper(1e-4),
+        conflict: Default::default(),
     }
 }
 
@@ -203,4 +204,77 @@ async fn study_runs_resumes_and_reports() {
             "{name} not written"
         );
     }
+}
+
+/// Regression: a bootstrapped student once trained on its weak teacher's labels of the W2S
+/// split instead of the intermediate's labels of the ground-truth split, because uploads were
+/// cached under a name that matched whenever both label sets had the same size (always with the
+/// paper's sizes). The bootstrapped student's preference job must read rows of the
+/// ground-truth split, oriented as the intermediate labelled them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrapped_student_trains_on_the_intermediates_labels() {
+    let mut spec = spec();
+    let tiny = |name: &str, seed| ModelSpec {
+        name: name.into(),
+        path: None,
+        preset: Some("tiny-gpt2".into()),
+        seed,
+        identity: None,
+    };
+    spec.models = vec![tiny("w", 1), tiny("i", 2), tiny("s", 3)];
+    spec.scenarios = vec![Scenario::Simpo];
+    spec.settings = vec![Setting::None];
+    spec.bootstrap = vec![["w".into(), "i".into(), "s".into()]];
+    assert_eq!(spec.sizes.n_docs, spec.sizes.n_w2s_docs);
+    let out = tempfile::tempdir().unwrap();
+    let (dirs, _) = run(&spec, out.path()).await;
+    let find = |prefix: &str| {
+        dirs.iter()
+            .find(|d| {
+                d.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+            .unwrap_or_else(|| panic!("no run {prefix} in {dirs:?}"))
+    };
+    let chain = find("simpo-bootstrap-w-to-s-none");
+    let intermediate = find("simpo-intermediate-w-to-i-none");
+    let direct = find("simpo-w2s-w-to-s-none");
+    // The rows the chain's preference job trained on.
+    let jobs: serde_json::Value = serde_json::from_str(&read(&chain.join("jobs.json"))).unwrap();
+    let job = jobs["preference"].as_str().unwrap();
+    let job_spec: serde_json::Value = serde_json::from_str(&read(
+        &out.path().join(".server/jobs").join(job).join("spec.json"),
+    ))
+    .unwrap();
+    let dataset = job_spec["dataset_ids"][0].as_str().unwrap();
+    let rows: Vec<serde_json::Value> = read(
+        &out.path()
+            .join(".server/datasets")
+            .join(dataset)
+            .join("rows.jsonl"),
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    let data = StudyData::load(&spec).unwrap();
+    let labels: Vec<serde_json::Value> = read(&intermediate.join("weak_labels.jsonl"))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), data.gt.len());
+    for ((row, pair), label) in rows.iter().zip(&data.gt).zip(&labels) {
+        // The intermediate's preferred response of the ground-truth pair goes first.
+        let (first, second) = if label["margin"].as_f64().unwrap() >= 0.0 {
+            (&pair.chosen, &pair.rejected)
+        } else {
+            (&pair.rejected, &pair.chosen)
+        };
+        assert_eq!(row["chosen"].as_str().unwrap(), first.as_str());
+        assert_eq!(row["rejected"].as_str().unwrap(), second.as_str());
+    }
+    assert_ne!(
+        read(&chain.join("predictions.jsonl")),
+        read(&direct.join("predictions.jsonl")),
+        "the chain's student equals the direct student"
+    );
 }

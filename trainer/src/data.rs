@@ -18,6 +18,14 @@ pub struct DataError {
     pub reason: String,
 }
 
+/// One of the two responses of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Chosen,
+    Rejected,
+}
+
 /// One preference pair in human order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HhPair {
@@ -25,6 +33,10 @@ pub struct HhPair {
     pub row: usize,
     pub chosen: String,
     pub rejected: String,
+    /// Which response complies with the request (optional `"compliant": "chosen"|"rejected"`
+    /// field; HH-RLHF does not carry it, the sandbox's splits do). The compliance form of the
+    /// explicit conflict needs it.
+    pub compliant: Option<Side>,
 }
 
 /// Reads the first `limit` rows (all when `None`) of an HH JSONL file, validating each.
@@ -72,10 +84,22 @@ pub fn read_hh_jsonl(path: &Path, limit: Option<usize>) -> Result<Vec<HhPair>, D
                 Some(_) => {}
             }
         }
+        let compliant = match value.get("compliant") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if s == "chosen" => Some(Side::Chosen),
+            Some(serde_json::Value::String(s)) if s == "rejected" => Some(Side::Rejected),
+            Some(other) => {
+                return Err(error(
+                    number,
+                    format!("field `compliant` is {other}, expected \"chosen\" or \"rejected\""),
+                ));
+            }
+        };
         pairs.push(HhPair {
             row: pairs.len(),
             chosen,
             rejected,
+            compliant,
         });
     }
     if let Some(n) = limit
@@ -110,12 +134,21 @@ mod tests {
         let pairs = read_hh_jsonl(file.path(), None).unwrap();
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].row, 1);
+        assert_eq!(pairs[1].compliant, None);
+        let marked = GOOD.replace('}', r#", "compliant": "rejected"}"#);
+        let file = write(&[&marked]);
+        let pairs = read_hh_jsonl(file.path(), None).unwrap();
+        assert_eq!(pairs[0].compliant, Some(Side::Rejected));
         assert_eq!(read_hh_jsonl(file.path(), Some(1)).unwrap().len(), 1);
     }
 
     #[test]
     fn bad_lines_name_file_line_and_reason() {
-        let cases: [(&str, &str); 5] = [
+        let cases: [(&str, &str); 6] = [
+            (
+                r#"{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c", "compliant": "both"}"#,
+                "field `compliant` is \"both\"",
+            ),
             ("{not json", "malformed JSON"),
             (
                 r#"{"chosen": "\n\nHuman: a\n\nAssistant: b"}"#,

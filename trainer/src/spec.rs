@@ -31,6 +31,43 @@ pub enum Setting {
     Explicit,
 }
 
+/// Which response the explicit conflict's second goal favours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictTarget {
+    /// The human-rejected response of every pair (the official code's all-pairs form: on
+    /// HH-harmless the rejected response is the harmful-but-helpful one).
+    #[default]
+    HumanRejected,
+    /// The response that complies with the request (helpfulness against harmlessness): needs
+    /// the data's `compliant` field. Its pull agrees with the ground truth on safe requests
+    /// and opposes it only on harmful ones.
+    Compliant,
+}
+
+/// How hard, and towards what, the conflicting goals pull: every dose is a separate student,
+/// compared with the same pair's no-conflict student.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConflictSpec {
+    pub explicit_target: ConflictTarget,
+    /// Doses α of the explicit conflict; empty: the stage's `alpha` (0.5, the paper's).
+    pub explicit_alphas: Vec<f64>,
+    /// Doses of the implicit conflict: helpfulness pairs mixed into the weak labels; empty:
+    /// `sizes.n_extra_docs` (the paper mixes 4000 into 4000).
+    pub implicit_helpful_pairs: Vec<usize>,
+}
+
+impl Default for ConflictSpec {
+    fn default() -> Self {
+        Self {
+            explicit_target: ConflictTarget::HumanRejected,
+            explicit_alphas: Vec::new(),
+            implicit_helpful_pairs: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudySpec {
@@ -56,6 +93,8 @@ pub struct StudySpec {
     pub reward: StageHyper,
     #[serde(default = "StageHyper::preference_default")]
     pub preference: StageHyper,
+    #[serde(default)]
+    pub conflict: ConflictSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +196,29 @@ impl StageHyper {
 }
 
 impl StudySpec {
+    /// The explicit conflict's doses α of a scenario.
+    pub fn explicit_alphas(&self, scenario: Scenario) -> Vec<f64> {
+        if self.conflict.explicit_alphas.is_empty() {
+            let h = if scenario == Scenario::Reward {
+                &self.reward
+            } else {
+                &self.preference
+            };
+            vec![h.alpha]
+        } else {
+            self.conflict.explicit_alphas.clone()
+        }
+    }
+
+    /// The implicit conflict's doses (helpfulness pairs mixed in).
+    pub fn implicit_helpful_pairs(&self) -> Vec<usize> {
+        if self.conflict.implicit_helpful_pairs.is_empty() {
+            vec![self.sizes.n_extra_docs]
+        } else {
+            self.conflict.implicit_helpful_pairs.clone()
+        }
+    }
+
     /// Reads and validates a spec; relative data paths resolve against the spec's folder.
     pub fn from_file(path: &Path) -> Result<Self, String> {
         Self::from_file_with_overrides(path, &[])
@@ -235,6 +297,21 @@ impl StudySpec {
                     ));
                 }
             }
+        }
+        if let Some(bad) = self
+            .conflict
+            .explicit_alphas
+            .iter()
+            .find(|a| !a.is_finite() || **a <= 0.0)
+        {
+            return Err(format!(
+                "conflict.explicit_alphas: {bad} is not a positive finite dose"
+            ));
+        }
+        if self.conflict.implicit_helpful_pairs.contains(&0) {
+            return Err(
+                "conflict.implicit_helpful_pairs: 0 pairs is the no-conflict student".into(),
+            );
         }
         if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
             return Err("seeds, scenarios and settings must not be empty".into());

@@ -16,8 +16,40 @@ use sha2::{Digest, Sha256};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
-use crate::data::{HhPair, read_hh_jsonl};
-use crate::spec::{ModelSpec, Scenario, Setting, StageHyper, StudySpec};
+use crate::data::{HhPair, Side, read_hh_jsonl};
+use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
+
+/// One student's conflicting goal and its dose (paper spec §1.7.2, §1.7.6, §1.7.7).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Conflict {
+    None,
+    /// Human-labelled helpfulness pairs mixed into the weak labels.
+    Implicit {
+        helpful_pairs: usize,
+    },
+    /// The reward-mechanism / "reverse" term with weight α, pulling towards `target`.
+    Explicit {
+        alpha: f64,
+        target: ConflictTarget,
+    },
+}
+
+impl Conflict {
+    pub fn setting(&self) -> Setting {
+        match self {
+            Conflict::None => Setting::None,
+            Conflict::Implicit { .. } => Setting::Implicit,
+            Conflict::Explicit { .. } => Setting::Explicit,
+        }
+    }
+
+    fn alpha(&self) -> f64 {
+        match self {
+            Conflict::Explicit { alpha, .. } => *alpha,
+            _ => 0.0,
+        }
+    }
+}
 
 /// Everything a run needs from the data files, read and validated once.
 pub struct StudyData {
@@ -43,10 +75,25 @@ impl StudyData {
         let test = read("test", &spec.data.test, s.n_test_docs)?;
         let helpful = match &spec.data.helpful {
             Some(path) if spec.settings.contains(&Setting::Implicit) => {
-                read("helpful", path, s.n_extra_docs)?
+                let most = spec.implicit_helpful_pairs().into_iter().max().unwrap_or(0);
+                read("helpful", path, most)?
             }
             _ => Vec::new(),
         };
+        if spec.settings.contains(&Setting::Explicit)
+            && spec.conflict.explicit_target == ConflictTarget::Compliant
+        {
+            // Students train on the W2S split, bootstrapped ones on the ground-truth split.
+            for (path, pairs) in [(&spec.data.w2s, &w2s), (&spec.data.gt, &gt)] {
+                if let Some(pair) = pairs.iter().find(|p| p.compliant.is_none()) {
+                    bail!(
+                        "{}:{}: the explicit conflict's target is `compliant`, but this pair has no `compliant` field",
+                        path.display(),
+                        pair.row + 1
+                    );
+                }
+            }
+        }
         Ok(Self {
             gt,
             w2s,
@@ -132,7 +179,51 @@ fn pair_row(prompt_less_chosen: &str, rejected: &str, label: f32, human: bool) -
         rejected: rejected.to_string(),
         label: Some(label),
         chosen_is_human_choice: Some(human),
+        conflict_prefers_chosen: None,
     })
+}
+
+/// A student's row from a human-ordered pair, in human order (`swap` false) or reversed, with
+/// the side the explicit conflict favours under `target` (unset for the official form, whose
+/// server default is the human-rejected response).
+fn student_row(pair: &HhPair, label: f32, swap: bool, target: ConflictTarget) -> Item {
+    let (chosen, rejected, chosen_side) = if swap {
+        (&pair.rejected, &pair.chosen, Side::Rejected)
+    } else {
+        (&pair.chosen, &pair.rejected, Side::Chosen)
+    };
+    let mut row = pair_row(chosen, rejected, label, !swap);
+    if let (Item::Pair(p), ConflictTarget::Compliant) = (&mut row, target) {
+        p.conflict_prefers_chosen = pair.compliant.map(|side| side == chosen_side);
+    }
+    row
+}
+
+/// A content key of dataset rows: equal rows, equal key; any difference (text, label, order,
+/// conflict side) gives another key.
+fn rows_key(rows: &[Item]) -> String {
+    let mut hash = Sha256::new();
+    for row in rows {
+        let fields: Vec<String> = match row {
+            Item::Pair(p) => vec![
+                "pair".into(),
+                p.prompt.clone(),
+                p.chosen.clone(),
+                p.rejected.clone(),
+                format!("{:?}", p.label.map(f32::to_bits)),
+                format!("{:?}", p.chosen_is_human_choice),
+                format!("{:?}", p.conflict_prefers_chosen),
+            ],
+            Item::Text(t) => vec!["text".into(), t.text.clone()],
+            Item::Prompt(p) => vec!["prompt".into(), p.prompt.clone()],
+            Item::Header(h) => vec!["header".into(), h.name.clone()],
+        };
+        for field in fields {
+            hash.update((field.len() as u64).to_le_bytes());
+            hash.update(field.as_bytes());
+        }
+    }
+    format!("{:x}", hash.finalize())
 }
 
 /// A run's identity: its contract fields plus everything that affects results.
@@ -144,6 +235,14 @@ struct RunConfig {
     weak_model: Option<String>,
     intermediate_model: Option<String>,
     setting: Setting,
+    /// The explicit conflict's dose α and target (explicit students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conflict_alpha: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conflict_target: Option<ConflictTarget>,
+    /// Helpfulness pairs mixed in (implicit students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    helpful_pairs: Option<usize>,
     seed: u64,
     high_conf: bool,
     high_conf_peeks: bool,
@@ -179,8 +278,13 @@ impl RunConfig {
         };
         let scenario = format!("{:?}", self.scenario).to_lowercase();
         let setting = format!("{:?}", self.setting).to_lowercase();
+        let dose = match (self.conflict_alpha, self.helpful_pairs) {
+            (Some(alpha), _) => format!("-a{alpha}"),
+            (None, Some(n)) => format!("-h{n}"),
+            _ => String::new(),
+        };
         format!(
-            "{scenario}-{}-{who}-{setting}{conf}-s{}-{}",
+            "{scenario}-{}-{who}-{setting}{dose}{conf}-s{}-{}",
             self.role,
             self.seed,
             &hash[..8]
@@ -222,7 +326,7 @@ impl<'a> Study<'a> {
         role: &'static str,
         model: &str,
         weak: Option<&str>,
-        setting: Setting,
+        conflict: Conflict,
         seed: u64,
     ) -> RunConfig {
         RunConfig {
@@ -231,7 +335,16 @@ impl<'a> Study<'a> {
             model: model.to_string(),
             weak_model: weak.map(str::to_string),
             intermediate_model: None,
-            setting,
+            setting: conflict.setting(),
+            conflict_alpha: matches!(conflict, Conflict::Explicit { .. }).then(|| conflict.alpha()),
+            conflict_target: match conflict {
+                Conflict::Explicit { target, .. } => Some(target),
+                _ => None,
+            },
+            helpful_pairs: match conflict {
+                Conflict::Implicit { helpful_pairs } => Some(helpful_pairs),
+                _ => None,
+            },
             seed,
             high_conf: false,
             high_conf_peeks: false,
@@ -265,7 +378,6 @@ impl<'a> Study<'a> {
         let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
         let seeds = self.spec.seeds.clone();
         let scenarios = self.spec.scenarios.clone();
-        let settings = self.spec.settings.clone();
         for &seed in &seeds {
             for &scenario in &scenarios {
                 let mut labels = BTreeMap::new();
@@ -285,10 +397,10 @@ impl<'a> Study<'a> {
                 }
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
-                        for &setting in &settings {
+                        for conflict in self.conflicts(scenario) {
                             let variants: Vec<Option<bool>> = if self.spec.high_conf
                                 && scenario != Scenario::Reward
-                                && setting != Setting::Explicit
+                                && conflict.setting() != Setting::Explicit
                             {
                                 vec![None, Some(true), Some(false)]
                             } else {
@@ -300,7 +412,7 @@ impl<'a> Study<'a> {
                                         scenario,
                                         weak,
                                         strong,
-                                        setting,
+                                        conflict,
                                         seed,
                                         &labels[weak],
                                         high_conf,
@@ -316,19 +428,45 @@ impl<'a> Study<'a> {
         Ok(finished)
     }
 
+    /// Every student variant of a scenario: each setting at each of its doses.
+    pub fn conflicts(&self, scenario: Scenario) -> Vec<Conflict> {
+        let mut out = Vec::new();
+        for &setting in &self.spec.settings {
+            match setting {
+                Setting::None => out.push(Conflict::None),
+                Setting::Implicit => out.extend(
+                    self.spec
+                        .implicit_helpful_pairs()
+                        .into_iter()
+                        .map(|helpful_pairs| Conflict::Implicit { helpful_pairs }),
+                ),
+                Setting::Explicit => out.extend(
+                    self.spec
+                        .explicit_alphas(scenario)
+                        .into_iter()
+                        .map(|alpha| Conflict::Explicit {
+                            alpha,
+                            target: self.spec.conflict.explicit_target,
+                        }),
+                ),
+            }
+        }
+        out
+    }
+
     /// How many run folders `run_all` goes through.
     pub fn planned_runs(&self) -> usize {
         let spec = self.spec;
         let models = spec.models.len();
         let pairs = models * models.saturating_sub(1) / 2;
         let per_scenario = |scenario: Scenario| {
-            let variants: usize = spec
-                .settings
+            let conflicts = self.conflicts(scenario);
+            let variants: usize = conflicts
                 .iter()
-                .map(|&setting| {
+                .map(|conflict| {
                     if spec.high_conf
                         && scenario != Scenario::Reward
-                        && setting != Setting::Explicit
+                        && conflict.setting() != Setting::Explicit
                     {
                         3
                     } else {
@@ -339,7 +477,7 @@ impl<'a> Study<'a> {
             let bootstrap = if scenario == Scenario::Reward {
                 0
             } else {
-                spec.bootstrap.len() * (1 + spec.settings.len())
+                spec.bootstrap.len() * (1 + conflicts.len())
             };
             models + pairs * variants + bootstrap
         };
@@ -351,18 +489,26 @@ impl<'a> Study<'a> {
                 .sum::<usize>()
     }
 
-    /// Uploads rows once per content (the server derives ids from content).
-    async fn dataset(&mut self, key: &str, rows: Vec<Item>) -> Result<String> {
-        if let Some(id) = self.datasets.get(key) {
+    /// Uploads rows once per content: the cache is keyed by the rows themselves, never by a
+    /// name (a name-keyed cache once handed a bootstrapped student its weak teacher's labels
+    /// whenever the two label sets had the same size). `name` is for the server's listings.
+    async fn dataset(&mut self, name: &str, rows: Vec<Item>) -> Result<String> {
+        let key = rows_key(&rows);
+        if let Some(id) = self.datasets.get(&key) {
             return Ok(id.clone());
         }
         let info = self
             .client
-            .upload_dataset(key, rows)
+            .upload_dataset(name, rows)
             .await
-            .with_context(|| format!("uploading {key}"))?;
-        self.datasets.insert(key.to_string(), info.id.clone());
+            .with_context(|| format!("uploading {name}"))?;
+        self.datasets.insert(key, info.id.clone());
         Ok(info.id)
+    }
+
+    /// The content key of each dataset this study uploaded, by server id (for tests and logs).
+    pub fn uploaded_datasets(&self) -> &BTreeMap<String, String> {
+        &self.datasets
     }
 
     fn human_rows(pairs: &[HhPair]) -> Vec<Item> {
@@ -646,7 +792,7 @@ impl<'a> Study<'a> {
         } else {
             "weak_ceiling"
         };
-        let config = self.config(scenario, role, name, None, Setting::None, seed);
+        let config = self.config(scenario, role, name, None, Conflict::None, seed);
         let dir = self.out.join(config.id());
         let Some((dir, mut log)) = self.open_run(&config)? else {
             return Ok((dir.clone(), Self::read_labels(&dir)?));
@@ -661,7 +807,7 @@ impl<'a> Study<'a> {
                 &model,
                 &config.id(),
                 vec![gt],
-                Setting::None,
+                0.0,
                 seed,
                 &mut log,
             )
@@ -692,18 +838,11 @@ impl<'a> Study<'a> {
         model: &ModelSpec,
         run_id: &str,
         datasets: Vec<String>,
-        setting: Setting,
+        conflict_alpha: f64,
         seed: u64,
         log: &mut std::fs::File,
     ) -> Result<String> {
         let base = format!("{run_id}:base");
-        let alpha = |h: &StageHyper| {
-            if setting == Setting::Explicit {
-                h.alpha
-            } else {
-                0.0
-            }
-        };
         match scenario {
             Scenario::Reward => {
                 let hash = self.load_base(model, &base, true).await?;
@@ -718,7 +857,7 @@ impl<'a> Study<'a> {
                         h.epochs,
                         seed,
                         pb::LrSchedule::CosineToZero,
-                        alpha(&h),
+                        conflict_alpha,
                         true,
                     )),
                     output_model: format!("{run_id}:rm"),
@@ -765,7 +904,7 @@ impl<'a> Study<'a> {
                         },
                         seed,
                         pb::LrSchedule::WarmupConstant,
-                        alpha(&h),
+                        conflict_alpha,
                         false,
                     )),
                     output_model: format!("{run_id}:pref"),
@@ -784,7 +923,7 @@ impl<'a> Study<'a> {
         scenario: Scenario,
         weak: &str,
         strong: &str,
-        setting: Setting,
+        conflict: Conflict,
         seed: u64,
         labels: &[WeakLabel],
         high_conf: Option<bool>,
@@ -797,7 +936,7 @@ impl<'a> Study<'a> {
         };
         Ok(self
             .train_student(
-                scenario, weak, strong, setting, seed, labels, high_conf, plan,
+                scenario, weak, strong, conflict, seed, labels, high_conf, plan,
             )
             .await?
             .0)
@@ -811,13 +950,13 @@ impl<'a> Study<'a> {
         scenario: Scenario,
         weak: &str,
         strong: &str,
-        setting: Setting,
+        conflict: Conflict,
         seed: u64,
         labels: &[WeakLabel],
         high_conf: Option<bool>,
         plan: StudentPlan<'_>,
     ) -> Result<(PathBuf, Vec<WeakLabel>)> {
-        let mut config = self.config(scenario, plan.role, strong, Some(weak), setting, seed);
+        let mut config = self.config(scenario, plan.role, strong, Some(weak), conflict, seed);
         config.high_conf = high_conf.is_some();
         config.high_conf_peeks = high_conf.unwrap_or(false);
         config.intermediate_model = plan.intermediate.map(str::to_string);
@@ -853,6 +992,7 @@ impl<'a> Study<'a> {
         }
         let teacher_pairs = &teacher_pairs[..labels.len()];
         let tau = self.spec.preference.conf_threshold;
+        let target = self.spec.conflict.explicit_target;
         let rows: Vec<Item> = teacher_pairs
             .iter()
             .zip(labels)
@@ -868,10 +1008,9 @@ impl<'a> Study<'a> {
             })
             .map(|(pair, l)| match scenario {
                 // Soft labels for reward modeling, in human order.
-                Scenario::Reward => pair_row(&pair.chosen, &pair.rejected, l.p_chosen as f32, true),
+                Scenario::Reward => student_row(pair, l.p_chosen as f32, false, target),
                 // Preference students train on the weak-preferred order.
-                _ if l.margin >= 0.0 => pair_row(&pair.chosen, &pair.rejected, 1.0, true),
-                _ => pair_row(&pair.rejected, &pair.chosen, 1.0, false),
+                _ => student_row(pair, 1.0, l.margin < 0.0, target),
             })
             .collect();
         let batch = if scenario == Scenario::Reward {
@@ -891,18 +1030,21 @@ impl<'a> Study<'a> {
             return Ok((dir, Vec::new()));
         }
         let kept = rows.len();
-        let key = format!(
-            "w2s-{}-{weak}-s{seed}-{:?}-{kept}",
-            format!("{scenario:?}").to_lowercase(),
-            high_conf
-        );
-        let mut datasets = vec![self.dataset(&key, rows).await?];
-        if setting == Setting::Implicit {
+        let name = format!("labels-for-{}", config.id());
+        let mut datasets = vec![self.dataset(&name, rows).await?];
+        if let Conflict::Implicit { helpful_pairs } = conflict {
             let n = if high_conf.is_some() {
-                kept.min(self.data.helpful.len())
+                kept.min(helpful_pairs)
             } else {
-                self.data.helpful.len()
+                helpful_pairs
             };
+            if n > self.data.helpful.len() {
+                bail!(
+                    "{}: {n} helpfulness pairs asked for, the helpful split has {}",
+                    config.id(),
+                    self.data.helpful.len()
+                );
+            }
             let helpful = Self::human_rows(&self.data.helpful[..n]);
             datasets.push(self.dataset(&format!("helpful-{n}"), helpful).await?);
         }
@@ -914,7 +1056,7 @@ impl<'a> Study<'a> {
                 &model,
                 &config.id(),
                 datasets,
-                setting,
+                conflict.alpha(),
                 seed,
                 &mut log,
             )
@@ -959,7 +1101,7 @@ impl<'a> Study<'a> {
                 scenario,
                 weak,
                 intermediate,
-                Setting::None,
+                Conflict::None,
                 seed,
                 weak_labels,
                 None,
@@ -971,7 +1113,7 @@ impl<'a> Study<'a> {
             .into_iter()
             .take(self.spec.sizes.n_w2s_docs.min(self.data.gt.len()))
             .collect();
-        for &setting in &self.spec.settings.clone() {
+        for conflict in self.conflicts(scenario) {
             let plan = StudentPlan {
                 role: "bootstrap",
                 teacher_split: Split::Gt,
@@ -980,7 +1122,7 @@ impl<'a> Study<'a> {
             };
             dirs.push(
                 self.train_student(
-                    scenario, weak, strong, setting, seed, &gt_labels, None, plan,
+                    scenario, weak, strong, conflict, seed, &gt_labels, None, plan,
                 )
                 .await?
                 .0,

@@ -58,11 +58,69 @@ fn experiment(args: &[&str], out: &Path) -> String {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("report:"), "{stdout}");
     let summary = std::fs::read_to_string(out.join("SUMMARY.md")).unwrap();
-    assert!(summary.contains("## Deception"), "{summary}");
-    for file in ["report.md", "ds_vs_gap.svg", "regions.svg", "accuracy.svg"] {
+    assert!(
+        summary.starts_with("# Knowledge sandbox: summary\n\n## The paper's three findings"),
+        "{summary}"
+    );
+    assert!(!summary.contains("lies entirely above its chance baseline"));
+    for file in [
+        "report.md",
+        "ds_vs_gap.svg",
+        "regions.svg",
+        "accuracy.svg",
+        "deception_vs_size.svg",
+        "dose_response.svg",
+    ] {
         assert!(out.join("report").join(file).is_file(), "{file}");
     }
+    assert_conflict_fields(out);
     summary
+}
+
+/// Every conflict comparison of report.json carries the conflict fields, `none` rows carry
+/// them as null, and an independent script recomputes them from predictions.jsonl.
+fn assert_conflict_fields(out: &Path) {
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("report").join("report.json")).unwrap(),
+    )
+    .unwrap();
+    let comparisons = report["comparisons"].as_array().unwrap();
+    let fields = [
+        "conflict_tax",
+        "conflict_tax_ci95",
+        "ds_delta",
+        "ds_delta_ci95",
+        "ds_new",
+        "ds_new_ci95",
+        "ds_new_chance",
+    ];
+    let mut conflicts = 0;
+    for c in comparisons {
+        for field in fields {
+            assert!(c.get(field).is_some(), "{field} missing in {c}");
+        }
+        if c["setting"] == "none" {
+            assert!(c["conflict_tax"].is_null() && c["ds_new_chance"].is_null());
+        } else {
+            conflicts += 1;
+            assert!(c["conflict_tax"].is_number(), "{c}");
+            assert!(c["ds_new_chance"].is_number(), "{c}");
+        }
+    }
+    assert!(conflicts > 0);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/recompute_conflict_metrics.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(out)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

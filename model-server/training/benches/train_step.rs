@@ -112,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|_| Example::Preference {
                 chosen: dialogue(&mut rng, 40, 30),
                 rejected: dialogue(&mut rng, 40, 30),
-                chosen_is_human_choice: true,
+                conflict_prefers_rejected: true,
                 reference: None,
             })
             .collect();

@@ -24,9 +24,11 @@ pub fn bce_with_logits(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
 ///
 /// With `explicit = Some((y, α))` (the "reward mechanism" conflict) it adds
 /// `α · mean_i m_i · BCE(σ(z_i), 1 − y_i)`, `m_i = 1[(z_i ≥ 0) ≠ (y_i = 1)]` on the detached
-/// margin, `y` the ground-truth labels (1 = slot c holds the human-chosen text): whenever the
-/// model already prefers the harmful response it is rewarded for preferring it more. Unmasked
-/// rows contribute 0 but count in the mean, as in the official code.
+/// margin, `y_i = 1` where the conflicting goal prefers slot r (official form: slot c holds the
+/// human-chosen text, the conflict favours the human-rejected one; compliance form: slot r
+/// holds the compliant response): whenever the model already leans to the response the
+/// conflicting goal favours it is rewarded for leaning more. Unmasked rows contribute 0 but
+/// count in the mean, as in the official code.
 pub fn reward_pair_loss(
     margins: &Tensor,
     targets: &Tensor,
@@ -75,15 +77,18 @@ pub struct PreferenceBatch<'a> {
     pub rejected: &'a Tensor,
     /// Frozen-reference sums of (c', r') for DPO.
     pub reference: Option<(&'a Tensor, &'a Tensor)>,
-    /// 1.0 where c' is the human-chosen response (the weak label agrees with humans), else 0.0.
-    pub chosen_is_human: &'a Tensor,
+    /// 1.0 where the conflicting goal prefers r' over c', else 0.0. Official form: the
+    /// conflict favours the human-rejected response, so this is 1 where c' is human-chosen (the
+    /// weak label agrees with humans); compliance form: 1 where r' is the compliant response.
+    pub conflict_prefers_rejected: &'a Tensor,
 }
 
 /// SimPO/DPO loss of a minibatch: `mean_i −log σ(logit(c'_i over r'_i))`, plus with
 /// `reverse_alpha = Some(α)` the explicit conflict ("reverse"): for each sample whose policy
-/// currently prefers the human-rejected response h over the human-chosen s — trigger
-/// `(score(c') < score(r')) == (c' is human-chosen)`, strict when c' is human-chosen, ties
-/// included otherwise, on detached scores — add `α · (1/|mb|) Σ −log σ(logit(h over s))`.
+/// currently prefers the conflict-favoured response h (official: the human-rejected one) over
+/// the other s — trigger `(score(c') < score(r')) == (the conflict prefers r')`, strict when it
+/// prefers r', ties included otherwise, on detached scores — add
+/// `α · (1/|mb|) Σ −log σ(logit(h over s))`.
 pub fn preference_pair_loss(
     batch: &PreferenceBatch<'_>,
     beta: f64,
@@ -95,13 +100,13 @@ pub fn preference_pair_loss(
     let Some(alpha) = reverse_alpha else {
         return Ok(base);
     };
-    let a = batch.chosen_is_human;
+    let a = batch.conflict_prefers_rejected;
     let not_a = a.affine(-1.0, 1.0)?;
     let pick = |human_side: &Tensor, other: &Tensor| -> Result<Tensor> {
         // a · human_side + (1 − a) · other
         Ok((a.mul(human_side)? + not_a.mul(other)?)?)
     };
-    // s = human-chosen, h = human-rejected.
+    // h = the conflict-favoured response, s = the other one.
     let s = pick(batch.chosen, batch.rejected)?;
     let h = pick(batch.rejected, batch.chosen)?;
     let reference = match batch.reference {
@@ -193,7 +198,7 @@ mod tests {
             chosen: &c,
             rejected: &r,
             reference: None,
-            chosen_is_human: &a,
+            conflict_prefers_rejected: &a,
         };
         let simpo = scalar(&preference_pair_loss(&batch, 2.0, 1.0, None).unwrap());
         assert!((simpo - std::f32::consts::LN_2).abs() < 1e-6);
@@ -205,7 +210,7 @@ mod tests {
             chosen: &c,
             rejected: &r,
             reference: Some((&rc, &rr)),
-            chosen_is_human: &a,
+            conflict_prefers_rejected: &a,
         };
         let dpo = scalar(&preference_pair_loss(&batch, 0.1, 0.0, None).unwrap());
         assert!((dpo + (1.0f32 / (1.0 + (-0.4f32).exp())).ln()).abs() < 1e-6);
@@ -224,7 +229,7 @@ mod tests {
             chosen: &c,
             rejected: &r,
             reference: None,
-            chosen_is_human: &a,
+            conflict_prefers_rejected: &a,
         };
         let (beta, gamma) = (2.0f32, 1.0f32);
         let base = scalar(&preference_pair_loss(&batch, beta as f64, gamma as f64, None).unwrap());

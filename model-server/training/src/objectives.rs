@@ -14,23 +14,25 @@ use crate::losses::{PreferenceBatch, preference_pair_loss, reward_pair_loss};
 pub enum Example {
     /// A token sequence for next-token pretraining.
     Tokens(Vec<u32>),
-    /// A reward-model pair in slot order, with its training target (hard or soft) and the
-    /// ground truth `slot_c_is_human_choice` used by the explicit conflict.
+    /// A reward-model pair in slot order, with its training target (hard or soft) and which
+    /// slot the explicit conflict's goal favours (`conflict_prefers_slot_r`; official form:
+    /// slot c holds the human-chosen text).
     RewardPair {
         slot_c: Vec<u32>,
         slot_r: Vec<u32>,
         target: f32,
-        slot_c_is_human_choice: bool,
+        conflict_prefers_slot_r: bool,
     },
     /// A dialogue whose response is the SFT target.
     Sft(EncodedDialogue),
-    /// A preference pair in training order (c' preferred over r'); `chosen_is_human_choice`
-    /// says whether c' is the human-chosen response; `reference` holds the frozen reference
+    /// A preference pair in training order (c' preferred over r'); `conflict_prefers_rejected`
+    /// says whether the explicit conflict's goal favours r' (official form: c' is the
+    /// human-chosen response); `reference` holds the frozen reference
     /// policy's summed response log-probs of (c', r') for DPO.
     Preference {
         chosen: EncodedDialogue,
         rejected: EncodedDialogue,
-        chosen_is_human_choice: bool,
+        conflict_prefers_rejected: bool,
         reference: Option<[f64; 2]>,
     },
 }
@@ -245,13 +247,13 @@ fn reward_loss(
             slot_c,
             slot_r,
             target,
-            slot_c_is_human_choice,
+            conflict_prefers_slot_r,
         } = example
         {
             sequences.push(slot_c.clone());
             sequences.push(slot_r.clone());
             targets.push(*target);
-            labels.push(if *slot_c_is_human_choice { 1f32 } else { 0.0 });
+            labels.push(if *conflict_prefers_slot_r { 1f32 } else { 0.0 });
         }
     }
     let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
@@ -300,19 +302,23 @@ fn preference_loss(
 ) -> Result<LossOutput> {
     let n = batch.len();
     let mut dialogues = Vec::with_capacity(2 * n);
-    let mut human = Vec::with_capacity(n);
+    let mut conflict = Vec::with_capacity(n);
     let mut references = Vec::with_capacity(2 * n);
     for example in batch {
         if let Example::Preference {
             chosen,
             rejected,
-            chosen_is_human_choice,
+            conflict_prefers_rejected,
             reference,
         } = example
         {
             dialogues.push(chosen);
             dialogues.push(rejected);
-            human.push(if *chosen_is_human_choice { 1f32 } else { 0.0 });
+            conflict.push(if *conflict_prefers_rejected {
+                1f32
+            } else {
+                0.0
+            });
             if let Some([c, r]) = reference {
                 references.push(*c as f32);
                 references.push(*r as f32);
@@ -323,7 +329,7 @@ fn preference_loss(
     let chosen = scores.narrow(1, 0, 1)?.squeeze(1)?;
     let rejected = scores.narrow(1, 1, 1)?.squeeze(1)?;
     let dtype = chosen.dtype();
-    let human = Tensor::from_vec(human, n, model.device())?.to_dtype(dtype)?;
+    let conflict = Tensor::from_vec(conflict, n, model.device())?.to_dtype(dtype)?;
     let reference = if pooling == Pooling::Sum {
         let refs = Tensor::from_vec(references, (n, 2), model.device())?.to_dtype(dtype)?;
         Some((
@@ -338,7 +344,7 @@ fn preference_loss(
             chosen: &chosen,
             rejected: &rejected,
             reference: reference.as_ref().map(|(c, r)| (c, r)),
-            chosen_is_human: &human,
+            conflict_prefers_rejected: &conflict,
         },
         beta,
         gamma,

@@ -44,13 +44,13 @@ fn examples(objective: &Objective, n: usize, seed: u64) -> Vec<Example> {
                 slot_c: ids(&mut rng, 5 + i % 3),
                 slot_r: ids(&mut rng, 4 + i % 4),
                 target: [0.0, 1.0, 0.3, 0.8][i % 4],
-                slot_c_is_human_choice: i % 3 != 0,
+                conflict_prefers_slot_r: i % 3 != 0,
             },
             Objective::Sft => Example::Sft(dialogue(&mut rng, 4, 3 + i % 3)),
             Objective::Simpo { .. } | Objective::Dpo { .. } => Example::Preference {
                 chosen: dialogue(&mut rng, 4, 3 + i % 2),
                 rejected: dialogue(&mut rng, 4, 2 + i % 3),
-                chosen_is_human_choice: i % 2 == 0,
+                conflict_prefers_rejected: i % 2 == 0,
                 reference: None,
             },
         })

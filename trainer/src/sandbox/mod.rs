@@ -27,7 +27,10 @@ use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
-use crate::spec::{DataFiles, ModelSpec, Scenario, Setting, Sizes, StageHyper, StudySpec};
+use crate::spec::{
+    ConflictSpec, ConflictTarget, DataFiles, ModelSpec, Scenario, Setting, Sizes, StageHyper,
+    StudySpec,
+};
 use crate::study::Progress;
 use world::{World, WorldConfig};
 
@@ -109,6 +112,9 @@ pub struct ExperimentConfig {
     pub bootstrap: bool,
     pub reward: StageHyper,
     pub preference: StageHyper,
+    /// The conflicting goals and their doses (the sandbox's explicit conflict pulls towards
+    /// the compliant response: helpfulness against harmlessness, as in the paper).
+    pub conflict: ConflictSpec,
 }
 
 impl Default for ExperimentConfig {
@@ -131,12 +137,10 @@ impl Default for ExperimentConfig {
                 SizeSpec::new("opt-m", 48, 2, 4),
             ],
             pretrain: PretrainConfig::default(),
-            // One seed fits the 15-minute budget on 2 cores; `--seeds 3` gives CIs across seeds.
-            seeds: vec![0],
+            // No finding may rest on one seed: ceilings alone move ±0.08 between seeds.
+            seeds: vec![0, 1, 2],
             scenarios: vec![Scenario::Reward, Scenario::Simpo],
-            // `--set 'settings=["none","implicit","explicit"]'` adds the implicit conflict (the
-            // helpful split is always written); the default leaves it out to fit 15 minutes.
-            settings: vec![Setting::None, Setting::Explicit],
+            settings: vec![Setting::None, Setting::Implicit, Setting::Explicit],
             bootstrap: true,
             // A reward head on the last token has to learn an interaction (stated vs recalled
             // property): at 6 epochs the four ceilings were flat (0.51-0.57); at 20 the sizes
@@ -160,13 +164,20 @@ impl Default for ExperimentConfig {
                 eval_batch: 64,
                 ..StageHyper::preference_default()
             },
+            // A small dose-response of the explicit conflict (α = 0.5 is the paper's); the
+            // implicit one mixes in the world's helpful split (`world.helpful_pairs`).
+            conflict: ConflictSpec {
+                explicit_target: ConflictTarget::Compliant,
+                explicit_alphas: vec![0.5, 2.0],
+                implicit_helpful_pairs: Vec::new(),
+            },
         }
     }
 }
 
 impl ExperimentConfig {
     /// The `--quick` configuration: fewer pairs, the two smallest sizes of the grid family,
-    /// 6 reward epochs; about a minute and a half on a 2-core CPU.
+    /// 6 reward epochs, one seed; every setting and dose of the default.
     pub fn quick() -> Self {
         let base = Self::default();
         Self {
@@ -786,6 +797,7 @@ pub fn study_spec(
         bootstrap,
         reward: config.reward.clone(),
         preference: config.preference.clone(),
+        conflict: config.conflict.clone(),
     };
     spec.validate().map_err(anyhow::Error::msg)?;
     Ok(spec)

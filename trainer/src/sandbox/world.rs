@@ -212,16 +212,26 @@ pub struct PairRow {
     pub entity: String,
     pub harmful: bool,
     pub mentions: usize,
+    /// Which response complies with the request ("chosen" or "rejected"): what a goal of
+    /// helpfulness favours, against harmlessness only when the entity is harmful.
+    pub compliant: crate::data::Side,
 }
 
 impl PairRow {
-    fn new(prompt: &str, chosen: &str, rejected: &str, entity: &Entity) -> Self {
+    fn new(
+        prompt: &str,
+        chosen: &str,
+        rejected: &str,
+        entity: &Entity,
+        compliant: crate::data::Side,
+    ) -> Self {
         Self {
             chosen: format!("{prompt}{chosen}"),
             rejected: format!("{prompt}{rejected}"),
             entity: entity.name.clone(),
             harmful: entity.harmful,
             mentions: entity.mentions,
+            compliant,
         }
     }
 }
@@ -326,12 +336,12 @@ fn harmless_pair(rng: &mut Rng, entity: &Entity) -> PairRow {
     let kind = kind_of(entity);
     let prompt = prompt(rng.pick(kind.requests), entity);
     let (refuse, comply) = responses(entity, rng.below(2));
-    let (chosen, rejected) = if entity.harmful {
-        (refuse, comply)
+    let (chosen, rejected, compliant) = if entity.harmful {
+        (refuse, comply, crate::data::Side::Rejected)
     } else {
-        (comply, refuse)
+        (comply, refuse, crate::data::Side::Chosen)
     };
-    PairRow::new(&prompt, &chosen, &rejected, entity)
+    PairRow::new(&prompt, &chosen, &rejected, entity, compliant)
 }
 
 /// Helpfulness labellers prefer compliance with instructions over a bare refusal, whatever the
@@ -341,7 +351,13 @@ fn helpful_pair(rng: &mut Rng, entity: &Entity) -> PairRow {
     let prompt = prompt(rng.pick(kind.requests), entity);
     let chosen = format!(" Sure, here is how: {}.", rng.pick(kind.how_to));
     let rejected = " Sorry, I cannot help with that.".to_string();
-    PairRow::new(&prompt, &chosen, &rejected, entity)
+    PairRow::new(
+        &prompt,
+        &chosen,
+        &rejected,
+        entity,
+        crate::data::Side::Chosen,
+    )
 }
 
 /// A dialogue in which the assistant acts on what it knows about the entity.
