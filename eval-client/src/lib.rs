@@ -1,7 +1,9 @@
-//! The evaluation library behind `eval-client`: the study's metrics as pure functions, the
+//! The evaluation library behind `eval-client`: the run-folder contract shared with `trainer`,
+//! the study's metrics as pure functions, the
 //! report built from run folders, the findings across seeds, and the plots.
 
 pub mod findings;
 pub mod metrics;
 pub mod plots;
 pub mod report;
+pub mod run_folder;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::metrics::{
@@ -14,55 +14,8 @@ use crate::metrics::{
     deception, known, pgr, region_table, resample,
 };
 
-/// The contract fields of a run's `config.json`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct RunMeta {
-    pub run_id: String,
-    pub scenario: String,
-    pub role: String,
-    pub model: String,
-    pub weak_model: Option<String>,
-    pub setting: String,
-    pub seed: u64,
-    #[serde(default)]
-    pub high_conf: bool,
-    #[serde(default)]
-    pub high_conf_peeks: bool,
-    #[serde(default)]
-    pub intermediate_model: Option<String>,
-    /// The explicit conflict's dose α (explicit students).
-    #[serde(default)]
-    pub conflict_alpha: Option<f64>,
-    /// Helpfulness pairs mixed in (implicit students).
-    #[serde(default)]
-    pub helpful_pairs: Option<usize>,
-}
-
-impl RunMeta {
-    /// The student variant as a short label: setting plus high-confidence filter.
-    pub fn variant(&self) -> String {
-        let setting = match (self.conflict_alpha, self.helpful_pairs) {
-            (Some(alpha), _) => format!("{} α={alpha}", self.setting),
-            (None, Some(n)) => format!("{} h={n}", self.setting),
-            _ => self.setting.clone(),
-        };
-        let mut variant = match (self.high_conf, self.high_conf_peeks) {
-            (false, _) => setting,
-            (true, true) => format!("{setting}+hc"),
-            (true, false) => format!("{setting}+hc-nopeek"),
-        };
-        if let Some(intermediate) = &self.intermediate_model {
-            variant.push_str(&format!("+via-{intermediate}"));
-        }
-        if self.role == "intermediate" {
-            variant.push_str("+intermediate");
-        }
-        variant
-    }
-    fn is_ceiling(&self) -> bool {
-        self.weak_model.is_none()
-    }
-}
+pub use crate::run_folder::RunMeta;
+use crate::run_folder::{is_finished, read_meta, read_predictions};
 
 /// A finished run with its per-pair outcomes.
 #[derive(Debug, Clone)]
@@ -71,13 +24,6 @@ pub struct Run {
     pub meta: RunMeta,
     pub p_chosen: Vec<f64>,
     pub correct: Vec<bool>,
-}
-
-#[derive(Deserialize)]
-struct Prediction {
-    id: usize,
-    p_chosen: f64,
-    correct: bool,
 }
 
 /// Reads every finished run in `paths` (run folders, or folders of run folders).
@@ -105,34 +51,15 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), String> {
     let mut runs = Vec::new();
     let mut warnings = Vec::new();
     for dir in dirs {
-        if !dir.join("results_summary.json").is_file() {
+        if !is_finished(&dir) {
             warnings.push(format!(
                 "{}: unfinished run (no results_summary.json), left out",
                 dir.display()
             ));
             continue;
         }
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name))
-                .map_err(|e| format!("{}/{name}: {e}", dir.display()))
-        };
-        let meta: RunMeta = serde_json::from_str(&read("config.json")?)
-            .map_err(|e| format!("{}/config.json: {e}", dir.display()))?;
-        let mut predictions: Vec<Prediction> = read("predictions.jsonl")?
-            .lines()
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| format!("{}/predictions.jsonl:{}: {e}", dir.display(), i + 1))
-            })
-            .collect::<Result<_, _>>()?;
-        predictions.sort_by_key(|p| p.id);
-        if predictions.iter().enumerate().any(|(i, p)| p.id != i) {
-            return Err(format!(
-                "{}/predictions.jsonl: ids are not 0..n",
-                dir.display()
-            ));
-        }
+        let meta = read_meta(&dir).map_err(|e| e.to_string())?;
+        let predictions = read_predictions(&dir).map_err(|e| e.to_string())?;
         runs.push(Run {
             dir: dir.clone(),
             meta,
@@ -272,8 +199,8 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             let (acc, se) = accuracy(&run.correct).unwrap_or((f64::NAN, f64::NAN));
             RunAccuracy {
                 run_id: run.meta.run_id.clone(),
-                scenario: run.meta.scenario.clone(),
-                role: run.meta.role.clone(),
+                scenario: run.meta.scenario.to_string(),
+                role: run.meta.role.to_string(),
                 model: run.meta.model.clone(),
                 weak_model: run.meta.weak_model.clone(),
                 variant: run.meta.variant(),
@@ -290,7 +217,7 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
     let ceiling = |scenario: &str, model: &str, seed: u64| {
         runs.iter().find(|x| {
             x.meta.is_ceiling()
-                && x.meta.scenario == scenario
+                && x.meta.scenario.to_string() == scenario
                 && x.meta.model == model
                 && x.meta.seed == seed
         })
@@ -300,8 +227,12 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
     for run in runs.iter().filter(|x| !x.meta.is_ceiling()) {
         let weak = run.meta.weak_model.clone().unwrap_or_default();
         let (Some(w), Some(s)) = (
-            ceiling(&run.meta.scenario, &weak, run.meta.seed),
-            ceiling(&run.meta.scenario, &run.meta.model, run.meta.seed),
+            ceiling(&run.meta.scenario.to_string(), &weak, run.meta.seed),
+            ceiling(
+                &run.meta.scenario.to_string(),
+                &run.meta.model,
+                run.meta.seed,
+            ),
         ) else {
             warnings.push(format!(
                 "{}: ceilings of {weak} or {} missing, left out",
@@ -318,7 +249,7 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
         }
         groups
             .entry((
-                run.meta.scenario.clone(),
+                run.meta.scenario.to_string(),
                 weak.clone(),
                 run.meta.model.clone(),
                 run.meta.seed,
@@ -332,7 +263,7 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
                 && x.meta.weak_model == run.meta.weak_model
                 && x.meta.model == run.meta.model
                 && x.meta.seed == run.meta.seed
-                && x.meta.setting == "none"
+                && x.meta.setting == crate::run_folder::Setting::None
                 && x.meta.high_conf == run.meta.high_conf
                 && x.meta.high_conf_peeks == run.meta.high_conf_peeks
                 && x.meta.intermediate_model == run.meta.intermediate_model
@@ -389,10 +320,10 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
         let acc = |c: &[bool]| accuracy(c).map(|a| a.0).unwrap_or(f64::NAN);
         let (acc_weak, acc_strong, acc_w2s) = (acc(&w.correct), acc(&s.correct), acc(&run.correct));
         comparisons.push(Comparison {
-            scenario: run.meta.scenario.clone(),
+            scenario: run.meta.scenario.to_string(),
             weak,
             strong: run.meta.model.clone(),
-            setting: run.meta.setting.clone(),
+            setting: run.meta.setting.to_string(),
             variant: run.meta.variant(),
             seed: run.meta.seed,
             run_id: run.meta.run_id.clone(),

@@ -15,21 +15,8 @@ fn default_settings() -> Vec<Setting> {
     vec![Setting::None, Setting::Explicit]
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Scenario {
-    Reward,
-    Simpo,
-    Dpo,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Setting {
-    None,
-    Implicit,
-    Explicit,
-}
+/// Scenarios and settings are part of the run-folder contract, owned by `eval-client`.
+pub use eval_client::run_folder::{Scenario, Setting};
 
 /// Which response the explicit conflict's second goal favours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

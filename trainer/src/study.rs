@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use model_server::W2sClient;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use w2s_proto::v1 as pb;
@@ -104,14 +104,8 @@ impl StudyData {
     }
 }
 
-/// One model's weak labels of a split: `margin` (chosen − rejected) per row.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WeakLabel {
-    pub id: usize,
-    pub margin: f64,
-    pub p_chosen: f64,
-    pub correct: bool,
-}
+pub use eval_client::run_folder::WeakLabel;
+use eval_client::run_folder::{self as contract, Role, labels_from_margins, sigmoid};
 
 /// Where progress goes.
 pub trait Progress {
@@ -147,29 +141,9 @@ pub struct Study<'a> {
     datasets: BTreeMap<String, String>,
 }
 
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
-}
-
-/// Writes a file atomically (temporary name, then rename).
+/// Writes a file atomically (the run-folder contract's temporary name, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut body = Vec::new();
-    for row in rows {
-        serde_json::to_writer(&mut body, row)?;
-        body.push(b'\n');
-    }
-    write_atomic(path, &body)
+    Ok(contract::write_atomic(path, bytes)?)
 }
 
 fn pair_row(prompt_less_chosen: &str, rejected: &str, label: f32, human: bool) -> Item {
@@ -230,7 +204,7 @@ fn rows_key(rows: &[Item]) -> String {
 #[derive(Debug, Clone, Serialize)]
 struct RunConfig {
     scenario: Scenario,
-    role: &'static str,
+    role: Role,
     model: String,
     weak_model: Option<String>,
     intermediate_model: Option<String>,
@@ -267,6 +241,7 @@ impl RunConfig {
             }
         }
         let hash = format!("{:x}", Sha256::digest(effective.to_string().as_bytes()));
+        let role = self.role;
         let who = match &self.weak_model {
             Some(weak) => format!("{weak}-to-{}", self.model),
             None => self.model.clone(),
@@ -284,8 +259,7 @@ impl RunConfig {
             _ => String::new(),
         };
         format!(
-            "{scenario}-{}-{who}-{setting}{dose}{conf}-s{}-{}",
-            self.role,
+            "{scenario}-{role}-{who}-{setting}{dose}{conf}-s{}-{}",
             self.seed,
             &hash[..8]
         )
@@ -323,7 +297,7 @@ impl<'a> Study<'a> {
     fn config(
         &self,
         scenario: Scenario,
-        role: &'static str,
+        role: Role,
         model: &str,
         weak: Option<&str>,
         conflict: Conflict,
@@ -705,31 +679,18 @@ impl<'a> Study<'a> {
         Ok(out)
     }
 
-    fn labels_of(margins: &[f64]) -> Vec<WeakLabel> {
-        margins
-            .iter()
-            .enumerate()
-            .map(|(id, &margin)| WeakLabel {
-                id,
-                margin,
-                p_chosen: sigmoid(margin),
-                correct: margin >= 0.0,
-            })
-            .collect()
-    }
-
     /// Prepares a run folder; `None` when the run is already finished (and not forced).
     fn open_run(&mut self, config: &RunConfig) -> Result<Option<(PathBuf, std::fs::File)>> {
         let dir = self.out.join(config.id());
         self.progress.run_started(&config.id());
-        if dir.join("results_summary.json").is_file() && !self.force {
+        if contract::is_finished(&dir) && !self.force {
             self.progress
                 .line(&format!("skip {} (finished)", config.id()));
             self.progress.run_done();
             return Ok(None);
         }
         if self.force {
-            let _ = std::fs::remove_file(dir.join("results_summary.json"));
+            let _ = std::fs::remove_file(dir.join(contract::RESULTS_SUMMARY));
             let _ = std::fs::remove_file(dir.join("jobs.json"));
         }
         std::fs::create_dir_all(&dir)?;
@@ -738,43 +699,29 @@ impl<'a> Study<'a> {
             o.insert("run_id".into(), json!(config.id()));
         }
         write_atomic(
-            &dir.join("config.json"),
+            &dir.join(contract::CONFIG),
             serde_json::to_string_pretty(&value)?.as_bytes(),
         )?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("log.jsonl"))?;
+            .open(dir.join(contract::LOG))?;
         self.progress.line(&format!("run {}", config.id()));
         Ok(Some((dir, log)))
     }
 
     fn finish_run(&mut self, dir: &Path, test_margins: &[f64]) -> Result<f64> {
-        let labels = Self::labels_of(test_margins);
-        let predictions: Vec<_> = labels
-            .iter()
-            .map(|l| json!({"id": l.id, "p_chosen": l.p_chosen, "correct": l.correct}))
-            .collect();
-        write_jsonl(&dir.join("predictions.jsonl"), &predictions)?;
-        let n = labels.len() as f64;
-        let accuracy = labels.iter().filter(|l| l.correct).count() as f64 / n.max(1.0);
-        let summary = json!({"accuracy": accuracy, "accuracy_stderr": (accuracy * (1.0 - accuracy) / n.max(1.0)).sqrt(), "n": labels.len()});
-        write_atomic(
-            &dir.join("results_summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        let summary = contract::finish(dir, test_margins)?;
         self.progress.run_done();
         self.progress.line(&format!(
-            "  accuracy {accuracy:.4} on {} test pairs",
-            labels.len()
+            "  accuracy {:.4} on {} test pairs",
+            summary.accuracy, summary.n
         ));
-        Ok(accuracy)
+        Ok(summary.accuracy)
     }
 
     fn read_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
-        let text = std::fs::read_to_string(dir.join("weak_labels.jsonl"))
-            .with_context(|| format!("{}/weak_labels.jsonl", dir.display()))?;
-        text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+        Ok(contract::read_weak_labels(dir)?)
     }
 
     /// Trains a model on ground truth, evaluates it, and labels the W2S split.
@@ -788,9 +735,9 @@ impl<'a> Study<'a> {
         // `strong_ceiling` for the most capable model and `weak_ceiling` otherwise.
         let is_last = self.spec.models.last().is_some_and(|m| m.name == name);
         let role = if is_last {
-            "strong_ceiling"
+            Role::StrongCeiling
         } else {
-            "weak_ceiling"
+            Role::WeakCeiling
         };
         let config = self.config(scenario, role, name, None, Conflict::None, seed);
         let dir = self.out.join(config.id());
@@ -815,10 +762,10 @@ impl<'a> Study<'a> {
         let (scoring, h) = self.scoring(scenario);
         let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
         let w2s = self.margins(&trained, &self.data.w2s, scoring, &h).await?;
-        write_jsonl(&dir.join("weak_labels.jsonl"), &Self::labels_of(&w2s))?;
+        contract::write_weak_labels(&dir, &labels_from_margins(&w2s))?;
         self.finish_run(&dir, &test)?;
         self.unload(trained).await;
-        Ok((dir.clone(), Self::labels_of(&w2s)))
+        Ok((dir.clone(), labels_from_margins(&w2s)))
     }
 
     fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
@@ -929,7 +876,7 @@ impl<'a> Study<'a> {
         high_conf: Option<bool>,
     ) -> Result<PathBuf> {
         let plan = StudentPlan {
-            role: "w2s",
+            role: Role::W2s,
             teacher_split: Split::W2s,
             label_split: None,
             intermediate: None,
@@ -1069,8 +1016,8 @@ impl<'a> Study<'a> {
                 Split::W2s => &self.data.w2s,
                 Split::Gt => &self.data.gt,
             };
-            new_labels = Self::labels_of(&self.margins(&trained, pairs, scoring, &h).await?);
-            write_jsonl(&dir.join("weak_labels.jsonl"), &new_labels)?;
+            new_labels = labels_from_margins(&self.margins(&trained, pairs, scoring, &h).await?);
+            contract::write_weak_labels(&dir, &new_labels)?;
         }
         self.finish_run(&dir, &test)?;
         self.unload(trained).await;
@@ -1091,7 +1038,7 @@ impl<'a> Study<'a> {
         let [weak, intermediate, strong] = chain;
         let mut dirs = Vec::new();
         let intermediate_plan = StudentPlan {
-            role: "intermediate",
+            role: Role::Intermediate,
             teacher_split: Split::W2s,
             label_split: Some(Split::Gt),
             intermediate: None,
@@ -1115,7 +1062,7 @@ impl<'a> Study<'a> {
             .collect();
         for conflict in self.conflicts(scenario) {
             let plan = StudentPlan {
-                role: "bootstrap",
+                role: Role::Bootstrap,
                 teacher_split: Split::Gt,
                 label_split: None,
                 intermediate: Some(intermediate),
@@ -1144,7 +1091,7 @@ fn confidence(scenario: Scenario, margin: f64) -> f64 {
 
 /// Adds a field to a run's `config.json` (e.g. the content hash of the loaded model).
 fn annotate_config(dir: &Path, key: &str, value: &str) -> Result<()> {
-    let path = dir.join("config.json");
+    let path = dir.join(contract::CONFIG);
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     if let Some(o) = config.as_object_mut() {
         o.insert(key.to_string(), json!(value));
@@ -1161,7 +1108,7 @@ enum Split {
 
 /// How a student is trained and what it produces.
 struct StudentPlan<'a> {
-    role: &'static str,
+    role: Role,
     teacher_split: Split,
     label_split: Option<Split>,
     intermediate: Option<&'a str>,

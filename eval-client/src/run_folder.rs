@@ -1,0 +1,353 @@
+//! The run-folder contract, owned here and used by both `trainer` (writer) and `eval-client`
+//! (reader): a study run lives in `OUT/<run-id>/` with
+//!
+//! - `config.json`: the run's identity ([`RunMeta`]: scenario, role, models, setting and dose,
+//!   seed, filters; the writer adds everything else that affects results),
+//! - `log.jsonl`: one line per training step (free-form, for people),
+//! - `predictions.jsonl`: one [`Prediction`] per test pair, ids `0..n`,
+//! - `weak_labels.jsonl`: one [`WeakLabel`] per labelled pair (runs that label a split),
+//! - `results_summary.json`: [`ResultsSummary`], written last: its presence marks the run
+//!   finished.
+//!
+//! Every file is written to a temporary name, flushed to disk and renamed into place, so a
+//! reader sees a whole file or none.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG: &str = "config.json";
+pub const LOG: &str = "log.jsonl";
+pub const PREDICTIONS: &str = "predictions.jsonl";
+pub const WEAK_LABELS: &str = "weak_labels.jsonl";
+pub const RESULTS_SUMMARY: &str = "results_summary.json";
+
+/// A run-folder file that cannot be read or written, with the line when one is at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {reason}", .path.display(), .line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct RunFolderError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl RunFolderError {
+    fn new(path: &Path, line: Option<usize>, reason: impl ToString) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            line,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RunFolderError>;
+
+/// The training scenario of a run (paper spec §1.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    Reward,
+    Simpo,
+    Dpo,
+}
+
+/// Which conflicting goal, if any, a student trains under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Setting {
+    None,
+    Implicit,
+    Explicit,
+}
+
+/// What a run is in the study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A model fine-tuned on ground truth that labels the W2S split for stronger models.
+    WeakCeiling,
+    /// The most capable model fine-tuned on ground truth.
+    StrongCeiling,
+    /// A weak-to-strong student.
+    W2s,
+    /// The middle model of a bootstrapping chain (a student that labels the next split).
+    Intermediate,
+    /// The last model of a bootstrapping chain.
+    Bootstrap,
+}
+
+macro_rules! snake_display {
+    ($($ty:ty),*) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let value = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+                f.write_str(value.as_str().unwrap_or_default())
+            }
+        }
+    )*};
+}
+snake_display!(Scenario, Setting, Role);
+
+impl Role {
+    pub fn is_ceiling(self) -> bool {
+        matches!(self, Role::WeakCeiling | Role::StrongCeiling)
+    }
+}
+
+/// The contract fields of `config.json` (the writer may add more; readers ignore them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    pub run_id: String,
+    pub scenario: Scenario,
+    pub role: Role,
+    pub model: String,
+    /// The teacher of a student; `None` for ceilings.
+    pub weak_model: Option<String>,
+    pub setting: Setting,
+    pub seed: u64,
+    #[serde(default)]
+    pub high_conf: bool,
+    #[serde(default)]
+    pub high_conf_peeks: bool,
+    #[serde(default)]
+    pub intermediate_model: Option<String>,
+    /// The explicit conflict's dose α (explicit students).
+    #[serde(default)]
+    pub conflict_alpha: Option<f64>,
+    /// Helpfulness pairs mixed in (implicit students).
+    #[serde(default)]
+    pub helpful_pairs: Option<usize>,
+}
+
+impl RunMeta {
+    /// The student variant as a short label: setting with its dose, high-confidence filter,
+    /// bootstrapping.
+    pub fn variant(&self) -> String {
+        let setting = match (self.conflict_alpha, self.helpful_pairs) {
+            (Some(alpha), _) => format!("{} α={alpha}", self.setting),
+            (None, Some(n)) => format!("{} h={n}", self.setting),
+            _ => self.setting.to_string(),
+        };
+        let mut variant = match (self.high_conf, self.high_conf_peeks) {
+            (false, _) => setting,
+            (true, true) => format!("{setting}+hc"),
+            (true, false) => format!("{setting}+hc-nopeek"),
+        };
+        if let Some(intermediate) = &self.intermediate_model {
+            variant.push_str(&format!("+via-{intermediate}"));
+        }
+        if self.role == Role::Intermediate {
+            variant.push_str("+intermediate");
+        }
+        variant
+    }
+
+    pub fn is_ceiling(&self) -> bool {
+        self.weak_model.is_none()
+    }
+}
+
+/// One test pair's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub id: usize,
+    /// The model's probability that the human-chosen response is preferred.
+    pub p_chosen: f64,
+    pub correct: bool,
+}
+
+/// One model's label of a training pair: `margin` = score(chosen) − score(rejected).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeakLabel {
+    pub id: usize,
+    pub margin: f64,
+    pub p_chosen: f64,
+    pub correct: bool,
+}
+
+/// Test accuracy of a finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultsSummary {
+    pub accuracy: f64,
+    pub accuracy_stderr: f64,
+    pub n: usize,
+}
+
+/// σ(x), stable for large |x|.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
+}
+
+/// Labels from margins in pair order (`correct` = margin ≥ 0, pairs are in human order).
+pub fn labels_from_margins(margins: &[f64]) -> Vec<WeakLabel> {
+    margins
+        .iter()
+        .enumerate()
+        .map(|(id, &margin)| WeakLabel {
+            id,
+            margin,
+            p_chosen: sigmoid(margin),
+            correct: margin >= 0.0,
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let io = |e: std::io::Error| RunFolderError::new(path, None, e);
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value).map_err(|e| RunFolderError::new(path, None, e))?;
+    write_atomic(path, &body)
+}
+
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut body = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut body, row).map_err(|e| RunFolderError::new(path, None, e))?;
+        body.push(b'\n');
+    }
+    write_atomic(path, &body)
+}
+
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| RunFolderError::new(path, None, e))?;
+    serde_json::from_str(&text).map_err(|e| RunFolderError::new(path, None, e))
+}
+
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| RunFolderError::new(path, None, e))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| RunFolderError::new(path, Some(i + 1), e))
+        })
+        .collect()
+}
+
+/// Whether the run in `dir` finished (its `results_summary.json` exists).
+pub fn is_finished(dir: &Path) -> bool {
+    dir.join(RESULTS_SUMMARY).is_file()
+}
+
+pub fn read_meta(dir: &Path) -> Result<RunMeta> {
+    read_json(&dir.join(CONFIG))
+}
+
+/// The run's predictions sorted by id; an error unless the ids are exactly `0..n`.
+pub fn read_predictions(dir: &Path) -> Result<Vec<Prediction>> {
+    let path = dir.join(PREDICTIONS);
+    let mut predictions: Vec<Prediction> = read_jsonl(&path)?;
+    predictions.sort_by_key(|p| p.id);
+    if predictions.iter().enumerate().any(|(i, p)| p.id != i) {
+        return Err(RunFolderError::new(&path, None, "ids are not 0..n"));
+    }
+    Ok(predictions)
+}
+
+pub fn read_weak_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
+    read_jsonl(&dir.join(WEAK_LABELS))
+}
+
+pub fn write_weak_labels(dir: &Path, labels: &[WeakLabel]) -> Result<()> {
+    write_jsonl(&dir.join(WEAK_LABELS), labels)
+}
+
+/// Writes the test predictions from margins, then `results_summary.json` (which marks the run
+/// finished); returns the summary.
+pub fn finish(dir: &Path, test_margins: &[f64]) -> Result<ResultsSummary> {
+    let predictions: Vec<Prediction> = labels_from_margins(test_margins)
+        .into_iter()
+        .map(|l| Prediction {
+            id: l.id,
+            p_chosen: l.p_chosen,
+            correct: l.correct,
+        })
+        .collect();
+    write_jsonl(&dir.join(PREDICTIONS), &predictions)?;
+    let n = predictions.len();
+    let accuracy = predictions.iter().filter(|p| p.correct).count() as f64 / n.max(1) as f64;
+    let summary = ResultsSummary {
+        accuracy,
+        accuracy_stderr: (accuracy * (1.0 - accuracy) / n.max(1) as f64).sqrt(),
+        n,
+    };
+    write_json(&dir.join(RESULTS_SUMMARY), &summary)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_run_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_finished(dir.path()));
+        let summary = finish(dir.path(), &[0.5, -1.0, 0.0, 2.0]).unwrap();
+        assert!(is_finished(dir.path()));
+        assert_eq!(summary.n, 4);
+        assert_eq!(summary.accuracy, 0.75);
+        let predictions = read_predictions(dir.path()).unwrap();
+        assert_eq!(
+            predictions.iter().map(|p| p.correct).collect::<Vec<_>>(),
+            vec![true, false, true, true]
+        );
+        assert!((predictions[0].p_chosen - sigmoid(0.5)).abs() < 1e-12);
+        // No temporary files are left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn bad_lines_and_ids_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PREDICTIONS);
+        std::fs::write(
+            &path,
+            "{\"id\":0,\"p_chosen\":0.6,\"correct\":true}\nnot json\n",
+        )
+        .unwrap();
+        let err = read_predictions(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("predictions.jsonl:2:"), "{err}");
+        std::fs::write(&path, "{\"id\":1,\"p_chosen\":0.6,\"correct\":true}\n").unwrap();
+        let err = read_predictions(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("ids are not 0..n"), "{err}");
+    }
+
+    #[test]
+    fn enums_and_variants_read_as_written() {
+        let meta: RunMeta = serde_json::from_str(
+            r#"{"run_id":"x","scenario":"simpo","role":"bootstrap","model":"l","weak_model":"xs",
+                "setting":"explicit","seed":1,"intermediate_model":"m","conflict_alpha":2.0,
+                "hyperparameters":{"lr":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(meta.scenario, Scenario::Simpo);
+        assert_eq!(meta.role, Role::Bootstrap);
+        assert_eq!(meta.variant(), "explicit α=2+via-m");
+        assert_eq!(Role::StrongCeiling.to_string(), "strong_ceiling");
+        assert!(serde_json::from_str::<RunMeta>(r#"{"run_id":"x","scenario":"ppo"}"#).is_err());
+    }
+}
