@@ -279,8 +279,15 @@ pub fn findings(report: &Report) -> Findings {
                 "reversed: shrinks with the gap",
             ),
         });
-        let diffs = bootstrap_differences(report, &scenario, &variant);
-        if !diffs.is_empty() {
+        let (chains, diffs) = bootstrap_differences(report, &scenario, &variant);
+        if chains > 0 && diffs.is_empty() {
+            out.bootstrap_reduces.push(FindingRow {
+                scenario,
+                variant,
+                value: None,
+                verdict: "undefined: no seed where both the bootstrapped and the direct student make new mistakes under the conflict",
+            });
+        } else if !diffs.is_empty() {
             let diff = SeedInterval::of(&diffs);
             out.bootstrap_reduces.push(FindingRow {
                 scenario,
@@ -298,14 +305,17 @@ pub fn findings(report: &Report) -> Findings {
 }
 
 /// Per (chain, seed): the bootstrapped student's DS_new − chance minus the direct student's
-/// for the same weak and strong model and conflict.
-fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> Vec<f64> {
+/// for the same weak and strong model and conflict; also how many bootstrapped comparisons
+/// there were (defined or not).
+fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> (usize, Vec<f64>) {
     let mut out = Vec::new();
+    let mut chains = 0;
     for b in report.comparisons.iter().filter(|c| {
         c.scenario == scenario
             && c.variant.starts_with(&format!("{variant}+via-"))
             && c.baseline_run_id.is_some()
     }) {
+        chains += 1;
         let direct = report.comparisons.iter().find(|c| {
             c.scenario == scenario
                 && c.variant == variant
@@ -317,7 +327,7 @@ fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> Vec<
             out.push(x - y);
         }
     }
-    out
+    (chains, out)
 }
 
 #[cfg(test)]

@@ -256,108 +256,7 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             ))
             .or_default()
             .push(run);
-        let weak_known = knowledge(w, options.known_threshold);
-        let strong_known = knowledge(s, options.known_threshold);
-        let baseline = runs.iter().find(|x| {
-            x.meta.scenario == run.meta.scenario
-                && x.meta.weak_model == run.meta.weak_model
-                && x.meta.model == run.meta.model
-                && x.meta.seed == run.meta.seed
-                && x.meta.setting == crate::run_folder::Setting::None
-                && x.meta.high_conf == run.meta.high_conf
-                && x.meta.high_conf_peeks == run.meta.high_conf_peeks
-                && x.meta.intermediate_model == run.meta.intermediate_model
-                && x.meta.role == run.meta.role
-        });
-        let baseline = baseline.filter(|b| b.meta.run_id != run.meta.run_id);
-        let no_conflict = baseline.map(|b| b.correct.as_slice());
-        let d = deception(
-            &weak_known,
-            &strong_known,
-            &s.correct,
-            &run.correct,
-            no_conflict,
-        );
-        let resampled = |idx: &[usize]| {
-            let base = no_conflict.map(|b| resample(b, idx));
-            deception(
-                &resample(&weak_known, idx),
-                &resample(&strong_known, idx),
-                &resample(&s.correct, idx),
-                &resample(&run.correct, idx),
-                base.as_deref(),
-            )
-        };
-        let n = run.correct.len();
-        let seed = options.seed;
-        let ds_ci95 = ci(n, r, seed, |idx| resampled(idx).ds.value);
-        let ds_chance_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_chance.value);
-        let ds_rate_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_rate.value);
-        let ds_disagree_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_disagree.value);
-        let ds_new_ci95 = no_conflict.and_then(|_| {
-            ci(n, r, seed, |idx| {
-                resampled(idx).ds_new.and_then(|x| x.value)
-            })
-        });
-        let effect =
-            no_conflict.map(|base| conflict_effect(&weak_known, &strong_known, base, &run.correct));
-        let effect_ci = |stat: fn(&ConflictEffect) -> Option<f64>| {
-            no_conflict.and_then(|base| {
-                ci(n, r, seed, |idx| {
-                    stat(&conflict_effect(
-                        &resample(&weak_known, idx),
-                        &resample(&strong_known, idx),
-                        &resample(base, idx),
-                        &resample(&run.correct, idx),
-                    ))
-                })
-            })
-        };
-        let conflict_tax_ci95 = effect_ci(|e| e.tax);
-        let ds_delta_ci95 = effect_ci(|e| e.ds_delta);
-        let ds_new_chance_ci95 = effect_ci(|e| e.ds_new_chance.value);
-        let ds_new_excess_ci95 = effect_ci(|e| e.ds_new_excess);
-        let acc = |c: &[bool]| accuracy(c).map(|a| a.0).unwrap_or(f64::NAN);
-        let (acc_weak, acc_strong, acc_w2s) = (acc(&w.correct), acc(&s.correct), acc(&run.correct));
-        comparisons.push(Comparison {
-            scenario: run.meta.scenario.to_string(),
-            weak,
-            strong: run.meta.model.clone(),
-            setting: run.meta.setting.to_string(),
-            variant: run.meta.variant(),
-            seed: run.meta.seed,
-            run_id: run.meta.run_id.clone(),
-            acc_weak,
-            acc_strong,
-            acc_w2s,
-            acc_w2s_ci95: ci(run.correct.len(), r, options.seed, |idx| {
-                accuracy(&resample(&run.correct, idx)).map(|a| a.0)
-            }),
-            pgr: pgr(acc_weak, acc_strong, acc_w2s),
-            capability_gap: acc_strong - acc_weak,
-            ds: d.ds.value,
-            ds_ci95,
-            ds_chance: d.ds_chance.value,
-            ds_chance_ci95,
-            ds_over_chance: d.ratio,
-            ds_rate_ci95,
-            ds_new_ci95,
-            ds_disagree_ci95,
-            deception: d,
-            conflict_alpha: run.meta.conflict_alpha,
-            helpful_pairs: run.meta.helpful_pairs,
-            baseline_run_id: baseline.map(|b| b.meta.run_id.clone()),
-            conflict_tax: effect.as_ref().and_then(|e| e.tax),
-            conflict_tax_ci95,
-            ds_delta: effect.as_ref().and_then(|e| e.ds_delta),
-            ds_delta_ci95,
-            ds_new: effect.as_ref().and_then(|e| e.ds_new.value),
-            ds_new_chance: effect.as_ref().and_then(|e| e.ds_new_chance.value),
-            ds_new_chance_ci95,
-            ds_new_excess: effect.as_ref().and_then(|e| e.ds_new_excess),
-            ds_new_excess_ci95,
-            conflict: effect,
-        });
+        comparisons.push(compare(runs, run, w, s, weak, options));
     }
     let regions = groups
         .into_iter()
@@ -390,6 +289,127 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
         regions,
         warnings,
         known_threshold: options.known_threshold,
+    }
+}
+
+/// The same pair's no-conflict student (same scenario, models, seed, filters, role), unless
+/// `run` is that student itself.
+fn no_conflict_baseline<'a>(runs: &'a [Run], run: &Run) -> Option<&'a Run> {
+    runs.iter().find(|x| {
+        x.meta.run_id != run.meta.run_id
+            && x.meta.scenario == run.meta.scenario
+            && x.meta.weak_model == run.meta.weak_model
+            && x.meta.model == run.meta.model
+            && x.meta.seed == run.meta.seed
+            && x.meta.setting == crate::run_folder::Setting::None
+            && x.meta.high_conf == run.meta.high_conf
+            && x.meta.high_conf_peeks == run.meta.high_conf_peeks
+            && x.meta.intermediate_model == run.meta.intermediate_model
+            && x.meta.role == run.meta.role
+    })
+}
+
+/// Every metric of one student against its ceilings `w` and `s` (and its no-conflict
+/// counterpart when it has one), with bootstrap CIs.
+fn compare(
+    runs: &[Run],
+    run: &Run,
+    w: &Run,
+    s: &Run,
+    weak: String,
+    options: &ReportOptions,
+) -> Comparison {
+    let r = options.bootstrap_resamples;
+    let weak_known = knowledge(w, options.known_threshold);
+    let strong_known = knowledge(s, options.known_threshold);
+    let baseline = no_conflict_baseline(runs, run);
+    let no_conflict = baseline.map(|b| b.correct.as_slice());
+    let d = deception(
+        &weak_known,
+        &strong_known,
+        &s.correct,
+        &run.correct,
+        no_conflict,
+    );
+    let resampled = |idx: &[usize]| {
+        let base = no_conflict.map(|b| resample(b, idx));
+        deception(
+            &resample(&weak_known, idx),
+            &resample(&strong_known, idx),
+            &resample(&s.correct, idx),
+            &resample(&run.correct, idx),
+            base.as_deref(),
+        )
+    };
+    let n = run.correct.len();
+    let seed = options.seed;
+    let ds_ci95 = ci(n, r, seed, |idx| resampled(idx).ds.value);
+    let ds_chance_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_chance.value);
+    let ds_rate_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_rate.value);
+    let ds_disagree_ci95 = ci(n, r, seed, |idx| resampled(idx).ds_disagree.value);
+    let ds_new_ci95 = no_conflict.and_then(|_| {
+        ci(n, r, seed, |idx| {
+            resampled(idx).ds_new.and_then(|x| x.value)
+        })
+    });
+    let effect =
+        no_conflict.map(|base| conflict_effect(&weak_known, &strong_known, base, &run.correct));
+    let effect_ci = |stat: fn(&ConflictEffect) -> Option<f64>| {
+        no_conflict.and_then(|base| {
+            ci(n, r, seed, |idx| {
+                stat(&conflict_effect(
+                    &resample(&weak_known, idx),
+                    &resample(&strong_known, idx),
+                    &resample(base, idx),
+                    &resample(&run.correct, idx),
+                ))
+            })
+        })
+    };
+    let conflict_tax_ci95 = effect_ci(|e| e.tax);
+    let ds_delta_ci95 = effect_ci(|e| e.ds_delta);
+    let ds_new_chance_ci95 = effect_ci(|e| e.ds_new_chance.value);
+    let ds_new_excess_ci95 = effect_ci(|e| e.ds_new_excess);
+    let acc = |c: &[bool]| accuracy(c).map(|a| a.0).unwrap_or(f64::NAN);
+    let (acc_weak, acc_strong, acc_w2s) = (acc(&w.correct), acc(&s.correct), acc(&run.correct));
+    Comparison {
+        scenario: run.meta.scenario.to_string(),
+        weak,
+        strong: run.meta.model.clone(),
+        setting: run.meta.setting.to_string(),
+        variant: run.meta.variant(),
+        seed: run.meta.seed,
+        run_id: run.meta.run_id.clone(),
+        acc_weak,
+        acc_strong,
+        acc_w2s,
+        acc_w2s_ci95: ci(run.correct.len(), r, options.seed, |idx| {
+            accuracy(&resample(&run.correct, idx)).map(|a| a.0)
+        }),
+        pgr: pgr(acc_weak, acc_strong, acc_w2s),
+        capability_gap: acc_strong - acc_weak,
+        ds: d.ds.value,
+        ds_ci95,
+        ds_chance: d.ds_chance.value,
+        ds_chance_ci95,
+        ds_over_chance: d.ratio,
+        ds_rate_ci95,
+        ds_new_ci95,
+        ds_disagree_ci95,
+        deception: d,
+        conflict_alpha: run.meta.conflict_alpha,
+        helpful_pairs: run.meta.helpful_pairs,
+        baseline_run_id: baseline.map(|b| b.meta.run_id.clone()),
+        conflict_tax: effect.as_ref().and_then(|e| e.tax),
+        conflict_tax_ci95,
+        ds_delta: effect.as_ref().and_then(|e| e.ds_delta),
+        ds_delta_ci95,
+        ds_new: effect.as_ref().and_then(|e| e.ds_new.value),
+        ds_new_chance: effect.as_ref().and_then(|e| e.ds_new_chance.value),
+        ds_new_chance_ci95,
+        ds_new_excess: effect.as_ref().and_then(|e| e.ds_new_excess),
+        ds_new_excess_ci95,
+        conflict: effect,
     }
 }
 

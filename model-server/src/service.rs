@@ -235,6 +235,9 @@ impl pb::models_server::Models for ModelsService {
             require("name", &request.name)?;
             require("path", &request.path)?;
             let dir = confine_new_path(&self.0.model_root, &request.path)?;
+            refuse_server_data(&self.0.data_dir, &dir)?;
+            superficial_training::export::check_destination(&dir)
+                .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
             self.0.worker.export(request.name, dir.clone()).await?;
             Ok(pb::ExportModelResponse {
                 path: dir.display().to_string(),
@@ -243,6 +246,26 @@ impl pb::models_server::Models for ModelsService {
         .await;
         self.0.finish("ExportModel", started, result)
     }
+}
+
+/// An export may not land in the server's own data folder, nor in a folder that holds it.
+fn refuse_server_data(data_dir: &std::path::Path, dir: &std::path::Path) -> ServiceResult<()> {
+    let data = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    let parent = dir
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .unwrap_or_default();
+    let target = parent.join(dir.file_name().unwrap_or_default());
+    if target.starts_with(&data) || data.starts_with(&target) {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "{}: exports may not go into or over the server's data folder {}",
+            dir.display(),
+            data.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A destination that may not exist yet: its parent must resolve inside the root.

@@ -834,3 +834,66 @@ async fn tls_with_a_self_signed_certificate() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// Exports never delete data they did not write: into the data folder, over a folder that is
+/// not a previous export, or over a file, they are refused and the data survives; a new folder
+/// and a previous export are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_refuse_to_replace_data_they_did_not_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config(&root.path().join("w2s-data"));
+    cfg.model_root = root.path().to_path_buf();
+    let server = RunningServer::start(cfg).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    client
+        .load_model(pb::LoadModelRequest {
+            name: "tiny".into(),
+            source: Some(Source::Preset("tiny-gpt2".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client.upload_dataset("keep", pair_rows(4)).await.unwrap();
+    let datasets = root.path().join("w2s-data/datasets");
+    let before = std::fs::read_dir(&datasets).unwrap().count();
+    assert!(before > 0);
+    std::fs::create_dir(root.path().join("notes")).unwrap();
+    std::fs::write(root.path().join("notes/mine.txt"), "mine").unwrap();
+    std::fs::write(root.path().join("file"), "x").unwrap();
+    let export = |path: &str| {
+        let mut models = client.models.clone();
+        let path = path.to_string();
+        async move {
+            models
+                .export_model(pb::ExportModelRequest {
+                    name: "tiny".into(),
+                    path,
+                })
+                .await
+        }
+    };
+    for path in ["w2s-data", "w2s-data/datasets", "notes", "file"] {
+        let status = export(path).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{path}: {status:?}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&datasets).unwrap().count(), before);
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("notes/mine.txt")).unwrap(),
+        "mine"
+    );
+    // A new folder, then the same folder again (a previous export), work; nothing is left over.
+    export("out").await.unwrap();
+    export("out").await.unwrap();
+    assert!(root.path().join("out/config.json").is_file());
+    let leftovers: Vec<String> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".partial") || n.contains(".replaced"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    server.shutdown().await.unwrap();
+}

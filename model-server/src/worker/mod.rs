@@ -536,7 +536,12 @@ impl Worker {
             Command::Export(name, dir, reply) => {
                 let result = self.resident(&name).and_then(|r| {
                     superficial_training::export::save_hf_folder(&r.model, Some(&r.tokenizer), &dir)
-                        .map_err(|e| ServiceError::Internal(format!("exporting {name}: {e}")))
+                        .map_err(|e| match e {
+                            superficial_training::TrainError::RefusedDestination { .. } => {
+                                ServiceError::FailedPrecondition(format!("exporting {name}: {e}"))
+                            }
+                            e => ServiceError::Internal(format!("exporting {name}: {e}")),
+                        })
                 });
                 let _ = reply.send(result);
             }

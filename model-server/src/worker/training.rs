@@ -229,12 +229,15 @@ impl Worker {
             let model = run
                 .frozen_model()
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
-            superficial_training::export::save_hf_folder(
-                &model,
-                job.tokenizer.as_ref(),
-                &job.paths.model(),
-            )
-            .map_err(|e| ServiceError::Internal(format!("exporting the trained model: {e}")))?;
+            // The job's own output folder: a leftover from an interrupted attempt (possibly
+            // written before exports carried a marker) is the job's to replace.
+            let folder = job.paths.model();
+            if folder.is_dir() && superficial_training::export::check_destination(&folder).is_err()
+            {
+                let _ = std::fs::remove_dir_all(&folder);
+            }
+            superficial_training::export::save_hf_folder(&model, job.tokenizer.as_ref(), &folder)
+                .map_err(|e| ServiceError::Internal(format!("exporting the trained model: {e}")))?;
             self.models.remove(&job.spec.output_model);
             self.load(LoadSpec {
                 name: job.spec.output_model.clone(),

@@ -24,6 +24,10 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An export destination that must not be replaced (an existing file, or a folder that is
+    /// not a previous export): exports never delete data they did not create.
+    #[error("{path}: {reason}")]
+    RefusedDestination { path: PathBuf, reason: String },
     /// The caller asked the run to stop (e.g. a cancelled job).
     #[error("training cancelled at step {step}")]
     Cancelled { step: usize },

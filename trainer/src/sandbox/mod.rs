@@ -558,8 +558,14 @@ async fn pretrain_one(
     if let Some(metrics) = &ended.final_metrics {
         last_loss = metrics.loss;
     }
-    std::fs::create_dir_all(dir)?;
-    let export_path = std::fs::canonicalize(dir)?;
+    // Exports go into a new folder (the server refuses to replace a folder it did not write);
+    // a leftover from an interrupted run of this cache entry is ours to clear.
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    if dir.is_dir() && !dir.join(PRETRAINED_MARKER).is_file() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let export_path = std::fs::canonicalize(parent)?.join(dir.file_name().unwrap_or_default());
     client
         .models
         .clone()

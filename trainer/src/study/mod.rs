@@ -5,7 +5,6 @@
 //! rerun skips finished runs, and an interrupted run follows (or restarts) its server job.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -13,11 +12,16 @@ use model_server::W2sClient;
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use w2s_proto::v1 as pb;
+
 use w2s_proto::v1::upload_dataset_request::Item;
 
-use crate::data::{HhPair, Side, read_hh_jsonl};
+use crate::data::{HhPair, read_hh_jsonl};
+
+mod jobs;
+mod rows;
+
 use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
+use rows::{pair_row, rows_key, student_rows};
 
 /// One student's conflicting goal and its dose (paper spec §1.7.2, §1.7.6, §1.7.7).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -144,60 +148,6 @@ pub struct Study<'a> {
 /// Writes a file atomically (the run-folder contract's temporary name, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(contract::write_atomic(path, bytes)?)
-}
-
-fn pair_row(prompt_less_chosen: &str, rejected: &str, label: f32, human: bool) -> Item {
-    Item::Pair(pb::PairRow {
-        prompt: String::new(),
-        chosen: prompt_less_chosen.to_string(),
-        rejected: rejected.to_string(),
-        label: Some(label),
-        chosen_is_human_choice: Some(human),
-        conflict_prefers_chosen: None,
-    })
-}
-
-/// A student's row from a human-ordered pair, in human order (`swap` false) or reversed, with
-/// the side the explicit conflict favours under `target` (unset for the official form, whose
-/// server default is the human-rejected response).
-fn student_row(pair: &HhPair, label: f32, swap: bool, target: ConflictTarget) -> Item {
-    let (chosen, rejected, chosen_side) = if swap {
-        (&pair.rejected, &pair.chosen, Side::Rejected)
-    } else {
-        (&pair.chosen, &pair.rejected, Side::Chosen)
-    };
-    let mut row = pair_row(chosen, rejected, label, !swap);
-    if let (Item::Pair(p), ConflictTarget::Compliant) = (&mut row, target) {
-        p.conflict_prefers_chosen = pair.compliant.map(|side| side == chosen_side);
-    }
-    row
-}
-
-/// A content key of dataset rows: equal rows, equal key; any difference (text, label, order,
-/// conflict side) gives another key.
-fn rows_key(rows: &[Item]) -> String {
-    let mut hash = Sha256::new();
-    for row in rows {
-        let fields: Vec<String> = match row {
-            Item::Pair(p) => vec![
-                "pair".into(),
-                p.prompt.clone(),
-                p.chosen.clone(),
-                p.rejected.clone(),
-                format!("{:?}", p.label.map(f32::to_bits)),
-                format!("{:?}", p.chosen_is_human_choice),
-                format!("{:?}", p.conflict_prefers_chosen),
-            ],
-            Item::Text(t) => vec!["text".into(), t.text.clone()],
-            Item::Prompt(p) => vec!["prompt".into(), p.prompt.clone()],
-            Item::Header(h) => vec!["header".into(), h.name.clone()],
-        };
-        for field in fields {
-            hash.update((field.len() as u64).to_le_bytes());
-            hash.update(field.as_bytes());
-        }
-    }
-    format!("{:x}", hash.finalize())
 }
 
 /// A run's identity: its contract fields plus everything that affects results.
@@ -492,193 +442,6 @@ impl<'a> Study<'a> {
             .collect()
     }
 
-    /// Drops a model from the server; best effort (it may already be gone).
-    async fn unload(&self, name: impl Into<String>) {
-        let request = pb::UnloadModelRequest { name: name.into() };
-        let _ = self.client.models.clone().unload_model(request).await;
-    }
-
-    /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
-    async fn load_base(&self, model: &ModelSpec, name: &str, reward_head: bool) -> Result<String> {
-        let source = match (&model.path, &model.preset) {
-            (Some(path), _) => pb::load_model_request::Source::Path(path.display().to_string()),
-            (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
-            _ => bail!("model `{}` has no source", model.name),
-        };
-        self.unload(name).await;
-        let info = self
-            .client
-            .load_model(pb::LoadModelRequest {
-                name: name.into(),
-                source: Some(source),
-                role: "base".into(),
-                reward_head,
-                seed: model.seed,
-            })
-            .await
-            .with_context(|| format!("loading model {}", model.name))?;
-        Ok(info.content_hash)
-    }
-
-    fn hyper(
-        &self,
-        h: &StageHyper,
-        epochs: u32,
-        seed: u64,
-        schedule: pb::LrSchedule,
-        alpha: f64,
-        orient: bool,
-    ) -> pb::TrainingHyperparameters {
-        pb::TrainingHyperparameters {
-            lr: h.lr,
-            batch_size: h.batch_size,
-            minibatch_size: h.minibatch_size,
-            epochs,
-            schedule: schedule as i32,
-            warmup_frac: Some(0.1),
-            max_ctx: h.max_ctx,
-            seed,
-            shuffle: true,
-            conflict_alpha: alpha,
-            orient_slots: orient,
-            ..Default::default()
-        }
-    }
-
-    /// Runs a training stage as a server job, resuming a job recorded in `jobs.json` when the
-    /// server still knows it; returns the name of the trained model on the server.
-    async fn train(
-        &mut self,
-        dir: &Path,
-        stage: &str,
-        request: pb::StartJobRequest,
-        log: &mut std::fs::File,
-    ) -> Result<String> {
-        let jobs_path = dir.join("jobs.json");
-        let mut jobs: BTreeMap<String, String> = std::fs::read_to_string(&jobs_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let output = request.output_model.clone();
-        let known = self
-            .client
-            .training
-            .clone()
-            .list_jobs(pb::ListJobsRequest {})
-            .await?
-            .into_inner()
-            .jobs;
-        let previous = jobs
-            .get(stage)
-            .and_then(|id| known.iter().find(|j| &j.id == id))
-            .cloned();
-        // A stale model of that name (from an earlier attempt) must not shadow the result.
-        self.unload(output.clone()).await;
-        let job_id = match previous {
-            Some(job) if job.state == pb::JobState::Succeeded as i32 => {
-                self.client
-                    .load_model(pb::LoadModelRequest {
-                        name: output.clone(),
-                        source: Some(pb::load_model_request::Source::Job(job.id.clone())),
-                        ..Default::default()
-                    })
-                    .await?;
-                self.progress
-                    .line(&format!("    {stage}: reusing finished job {}", job.id));
-                return Ok(output);
-            }
-            Some(job)
-                if job.state == pb::JobState::Queued as i32
-                    || job.state == pb::JobState::Running as i32 =>
-            {
-                self.progress.line(&format!(
-                    "    {stage}: following resumed job {} at step {}",
-                    job.id, job.step
-                ));
-                job.id
-            }
-            _ => {
-                let job = self
-                    .client
-                    .training
-                    .clone()
-                    .start_job(request)
-                    .await
-                    .context("starting a job")?
-                    .into_inner();
-                jobs.insert(stage.to_string(), job.id.clone());
-                write_atomic(&jobs_path, serde_json::to_string_pretty(&jobs)?.as_bytes())?;
-                job.id
-            }
-        };
-        let mut last_print = std::time::Instant::now();
-        let mut lines = Vec::new();
-        let progress = &mut *self.progress;
-        let ended = self
-            .client
-            .follow_job(&job_id, &mut |event| {
-                if let Some(step) = &event.step {
-                    progress.step(stage, step.step, step.total_steps);
-                    lines.push(json!({
-                        "stage": stage, "step": step.step, "total_steps": step.total_steps, "loss": step.loss,
-                        "lr": step.learning_rate, "grad_norm": step.grad_norm, "train_accuracy": step.accuracy,
-                        "tokens_per_second": step.tokens_per_second,
-                    }));
-                    if last_print.elapsed().as_secs_f64() > 2.0 || step.step == step.total_steps {
-                        last_print = std::time::Instant::now();
-                        progress.line(&format!(
-                            "    {stage}: step {}/{} loss {:.4} eta {:.0}s",
-                            step.step, step.total_steps, step.loss, step.eta_seconds
-                        ));
-                    }
-                }
-            })
-            .await?;
-        for line in lines {
-            writeln!(log, "{line}")?;
-        }
-        if ended.state != pb::JobState::Succeeded as i32 {
-            bail!(
-                "{stage} job {job_id} ended in state {:?}: {}",
-                pb::JobState::try_from(ended.state),
-                ended.error
-            );
-        }
-        Ok(output)
-    }
-
-    /// Scores pairs in human order; returns each pair's margin (chosen − rejected).
-    async fn margins(
-        &self,
-        model: &str,
-        pairs: &[HhPair],
-        scoring: pb::PairScoring,
-        h: &StageHyper,
-    ) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(h.eval_batch) {
-            let response = self
-                .client
-                .score_pairs(pb::ScorePairsRequest {
-                    model: model.into(),
-                    pairs: chunk
-                        .iter()
-                        .map(|p| pb::PreferencePair {
-                            prompt: String::new(),
-                            chosen: p.chosen.clone(),
-                            rejected: p.rejected.clone(),
-                        })
-                        .collect(),
-                    scoring: scoring as i32,
-                    max_ctx: h.max_ctx,
-                    ..Default::default()
-                })
-                .await?;
-            out.extend(response.scores.iter().map(|s| s.margin));
-        }
-        Ok(out)
-    }
-
     /// Prepares a run folder; `None` when the run is already finished (and not forced).
     fn open_run(&mut self, config: &RunConfig) -> Result<Option<(PathBuf, std::fs::File)>> {
         let dir = self.out.join(config.id());
@@ -768,101 +531,6 @@ impl<'a> Study<'a> {
         Ok((dir.clone(), labels_from_margins(&w2s)))
     }
 
-    fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
-        match scenario {
-            Scenario::Reward => (pb::PairScoring::Reward, self.spec.reward.clone()),
-            Scenario::Simpo => (pb::PairScoring::MeanLogprob, self.spec.preference.clone()),
-            Scenario::Dpo => (pb::PairScoring::SumLogprob, self.spec.preference.clone()),
-        }
-    }
-
-    /// Trains `model` for `scenario` on the datasets (SFT first for SimPO/DPO).
-    #[allow(clippy::too_many_arguments)]
-    async fn train_scenario(
-        &mut self,
-        scenario: Scenario,
-        dir: &Path,
-        model: &ModelSpec,
-        run_id: &str,
-        datasets: Vec<String>,
-        conflict_alpha: f64,
-        seed: u64,
-        log: &mut std::fs::File,
-    ) -> Result<String> {
-        let base = format!("{run_id}:base");
-        match scenario {
-            Scenario::Reward => {
-                let hash = self.load_base(model, &base, true).await?;
-                annotate_config(dir, "model_content_hash", &hash)?;
-                let h = self.spec.reward.clone();
-                let request = pb::StartJobRequest {
-                    objective: pb::ObjectiveKind::Reward as i32,
-                    base_model: base.clone(),
-                    dataset_ids: datasets,
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        h.epochs,
-                        seed,
-                        pb::LrSchedule::CosineToZero,
-                        conflict_alpha,
-                        true,
-                    )),
-                    output_model: format!("{run_id}:rm"),
-                };
-                let out = self.train(dir, "reward", request, log).await?;
-                self.unload(base).await;
-                Ok(out)
-            }
-            Scenario::Simpo | Scenario::Dpo => {
-                let hash = self.load_base(model, &base, false).await?;
-                annotate_config(dir, "model_content_hash", &hash)?;
-                let h = self.spec.preference.clone();
-                let sft = pb::StartJobRequest {
-                    objective: pb::ObjectiveKind::Sft as i32,
-                    base_model: base.clone(),
-                    dataset_ids: datasets.clone(),
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        h.sft_epochs,
-                        seed,
-                        pb::LrSchedule::WarmupConstant,
-                        0.0,
-                        false,
-                    )),
-                    output_model: format!("{run_id}:sft"),
-                };
-                let sft_model = self.train(dir, "sft", sft, log).await?;
-                self.unload(base).await;
-                let objective = if scenario == Scenario::Simpo {
-                    pb::ObjectiveKind::Simpo
-                } else {
-                    pb::ObjectiveKind::Dpo
-                };
-                let pref = pb::StartJobRequest {
-                    objective: objective as i32,
-                    base_model: sft_model.clone(),
-                    dataset_ids: datasets,
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        if scenario == Scenario::Dpo {
-                            h.dpo_epochs
-                        } else {
-                            h.epochs
-                        },
-                        seed,
-                        pb::LrSchedule::WarmupConstant,
-                        conflict_alpha,
-                        false,
-                    )),
-                    output_model: format!("{run_id}:pref"),
-                };
-                let out = self.train(dir, "preference", pref, log).await?;
-                self.unload(sft_model).await;
-                Ok(out)
-            }
-        }
-    }
-
     /// A weak-to-strong student: trained on the weak ceiling's labels of the W2S split.
     #[allow(clippy::too_many_arguments)]
     async fn student(
@@ -938,28 +606,14 @@ impl<'a> Study<'a> {
             );
         }
         let teacher_pairs = &teacher_pairs[..labels.len()];
-        let tau = self.spec.preference.conf_threshold;
-        let target = self.spec.conflict.explicit_target;
-        let rows: Vec<Item> = teacher_pairs
-            .iter()
-            .zip(labels)
-            .filter(|(_, l)| match high_conf {
-                // Official filter: the weak label agrees with ground truth and σ(margin) ≥ τ.
-                Some(true) => l.correct && confidence(scenario, l.margin) >= tau,
-                // Without peeking at ground truth: the weak model is confident either way.
-                Some(false) => {
-                    let p = confidence(scenario, l.margin);
-                    p.max(1.0 - p) >= tau
-                }
-                None => true,
-            })
-            .map(|(pair, l)| match scenario {
-                // Soft labels for reward modeling, in human order.
-                Scenario::Reward => student_row(pair, l.p_chosen as f32, false, target),
-                // Preference students train on the weak-preferred order.
-                _ => student_row(pair, 1.0, l.margin < 0.0, target),
-            })
-            .collect();
+        let rows = student_rows(
+            scenario,
+            teacher_pairs,
+            labels,
+            high_conf,
+            self.spec.preference.conf_threshold,
+            self.spec.conflict.explicit_target,
+        );
         let batch = if scenario == Scenario::Reward {
             self.spec.reward.batch_size
         } else {
@@ -1076,16 +730,6 @@ impl<'a> Study<'a> {
             );
         }
         Ok(dirs)
-    }
-}
-
-/// The weak model's confidence in the human-chosen response as the official high-confidence
-/// filter computes it: σ(margin), with DPO's summed log-prob margin scaled by 1/50.
-fn confidence(scenario: Scenario, margin: f64) -> f64 {
-    if scenario == Scenario::Dpo {
-        sigmoid(margin / 50.0)
-    } else {
-        sigmoid(margin)
     }
 }
 

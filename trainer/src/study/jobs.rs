@@ -1,0 +1,310 @@
+//! How the study drives the server for one run: loading a base model, running its training
+//! stages as server jobs (resuming a job recorded in the run's `jobs.json`), and scoring pairs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use w2s_proto::v1 as pb;
+
+use super::{Scenario, Study, annotate_config, write_atomic};
+use crate::data::HhPair;
+use crate::spec::{ModelSpec, StageHyper};
+
+impl Study<'_> {
+    /// Drops a model from the server; best effort (it may already be gone).
+    pub(super) async fn unload(&self, name: impl Into<String>) {
+        let request = pb::UnloadModelRequest { name: name.into() };
+        let _ = self.client.models.clone().unload_model(request).await;
+    }
+
+    /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
+    pub(super) async fn load_base(
+        &self,
+        model: &ModelSpec,
+        name: &str,
+        reward_head: bool,
+    ) -> Result<String> {
+        let source = match (&model.path, &model.preset) {
+            (Some(path), _) => pb::load_model_request::Source::Path(path.display().to_string()),
+            (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
+            _ => bail!("model `{}` has no source", model.name),
+        };
+        self.unload(name).await;
+        let info = self
+            .client
+            .load_model(pb::LoadModelRequest {
+                name: name.into(),
+                source: Some(source),
+                role: "base".into(),
+                reward_head,
+                seed: model.seed,
+            })
+            .await
+            .with_context(|| format!("loading model {}", model.name))?;
+        Ok(info.content_hash)
+    }
+
+    pub(super) fn hyper(
+        &self,
+        h: &StageHyper,
+        epochs: u32,
+        seed: u64,
+        schedule: pb::LrSchedule,
+        alpha: f64,
+        orient: bool,
+    ) -> pb::TrainingHyperparameters {
+        pb::TrainingHyperparameters {
+            lr: h.lr,
+            batch_size: h.batch_size,
+            minibatch_size: h.minibatch_size,
+            epochs,
+            schedule: schedule as i32,
+            warmup_frac: Some(0.1),
+            max_ctx: h.max_ctx,
+            seed,
+            shuffle: true,
+            conflict_alpha: alpha,
+            orient_slots: orient,
+            ..Default::default()
+        }
+    }
+
+    /// Runs a training stage as a server job, resuming a job recorded in `jobs.json` when the
+    /// server still knows it; returns the name of the trained model on the server.
+    pub(super) async fn train(
+        &mut self,
+        dir: &Path,
+        stage: &str,
+        request: pb::StartJobRequest,
+        log: &mut std::fs::File,
+    ) -> Result<String> {
+        let jobs_path = dir.join("jobs.json");
+        let mut jobs: BTreeMap<String, String> = std::fs::read_to_string(&jobs_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let output = request.output_model.clone();
+        let known = self
+            .client
+            .training
+            .clone()
+            .list_jobs(pb::ListJobsRequest {})
+            .await?
+            .into_inner()
+            .jobs;
+        let previous = jobs
+            .get(stage)
+            .and_then(|id| known.iter().find(|j| &j.id == id))
+            .cloned();
+        // A stale model of that name (from an earlier attempt) must not shadow the result.
+        self.unload(output.clone()).await;
+        let job_id = match previous {
+            Some(job) if job.state == pb::JobState::Succeeded as i32 => {
+                self.client
+                    .load_model(pb::LoadModelRequest {
+                        name: output.clone(),
+                        source: Some(pb::load_model_request::Source::Job(job.id.clone())),
+                        ..Default::default()
+                    })
+                    .await?;
+                self.progress
+                    .line(&format!("    {stage}: reusing finished job {}", job.id));
+                return Ok(output);
+            }
+            Some(job)
+                if job.state == pb::JobState::Queued as i32
+                    || job.state == pb::JobState::Running as i32 =>
+            {
+                self.progress.line(&format!(
+                    "    {stage}: following resumed job {} at step {}",
+                    job.id, job.step
+                ));
+                job.id
+            }
+            _ => {
+                let job = self
+                    .client
+                    .training
+                    .clone()
+                    .start_job(request)
+                    .await
+                    .context("starting a job")?
+                    .into_inner();
+                jobs.insert(stage.to_string(), job.id.clone());
+                write_atomic(&jobs_path, serde_json::to_string_pretty(&jobs)?.as_bytes())?;
+                job.id
+            }
+        };
+        self.follow(stage, &job_id, log).await?;
+        Ok(output)
+    }
+
+    /// Follows a running job to its end, showing progress and appending its steps to the run's
+    /// `log.jsonl`; an error unless it succeeded.
+    async fn follow(&mut self, stage: &str, job_id: &str, log: &mut std::fs::File) -> Result<()> {
+        let mut last_print = std::time::Instant::now();
+        let mut lines = Vec::new();
+        let progress = &mut *self.progress;
+        let ended = self
+            .client
+            .follow_job(job_id, &mut |event| {
+                if let Some(step) = &event.step {
+                    progress.step(stage, step.step, step.total_steps);
+                    lines.push(json!({
+                        "stage": stage, "step": step.step, "total_steps": step.total_steps, "loss": step.loss,
+                        "lr": step.learning_rate, "grad_norm": step.grad_norm, "train_accuracy": step.accuracy,
+                        "tokens_per_second": step.tokens_per_second,
+                    }));
+                    if last_print.elapsed().as_secs_f64() > 2.0 || step.step == step.total_steps {
+                        last_print = std::time::Instant::now();
+                        progress.line(&format!(
+                            "    {stage}: step {}/{} loss {:.4} eta {:.0}s",
+                            step.step, step.total_steps, step.loss, step.eta_seconds
+                        ));
+                    }
+                }
+            })
+            .await?;
+        for line in lines {
+            writeln!(log, "{line}")?;
+        }
+        if ended.state != pb::JobState::Succeeded as i32 {
+            bail!(
+                "{stage} job {job_id} ended in state {:?}: {}",
+                pb::JobState::try_from(ended.state),
+                ended.error
+            );
+        }
+        Ok(())
+    }
+
+    /// Scores pairs in human order; returns each pair's margin (chosen − rejected).
+    pub(super) async fn margins(
+        &self,
+        model: &str,
+        pairs: &[HhPair],
+        scoring: pb::PairScoring,
+        h: &StageHyper,
+    ) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(h.eval_batch) {
+            let response = self
+                .client
+                .score_pairs(pb::ScorePairsRequest {
+                    model: model.into(),
+                    pairs: chunk
+                        .iter()
+                        .map(|p| pb::PreferencePair {
+                            prompt: String::new(),
+                            chosen: p.chosen.clone(),
+                            rejected: p.rejected.clone(),
+                        })
+                        .collect(),
+                    scoring: scoring as i32,
+                    max_ctx: h.max_ctx,
+                    ..Default::default()
+                })
+                .await?;
+            out.extend(response.scores.iter().map(|s| s.margin));
+        }
+        Ok(out)
+    }
+
+    pub(super) fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
+        match scenario {
+            Scenario::Reward => (pb::PairScoring::Reward, self.spec.reward.clone()),
+            Scenario::Simpo => (pb::PairScoring::MeanLogprob, self.spec.preference.clone()),
+            Scenario::Dpo => (pb::PairScoring::SumLogprob, self.spec.preference.clone()),
+        }
+    }
+
+    /// Trains `model` for `scenario` on the datasets (SFT first for SimPO/DPO).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn train_scenario(
+        &mut self,
+        scenario: Scenario,
+        dir: &Path,
+        model: &ModelSpec,
+        run_id: &str,
+        datasets: Vec<String>,
+        conflict_alpha: f64,
+        seed: u64,
+        log: &mut std::fs::File,
+    ) -> Result<String> {
+        let base = format!("{run_id}:base");
+        match scenario {
+            Scenario::Reward => {
+                let hash = self.load_base(model, &base, true).await?;
+                annotate_config(dir, "model_content_hash", &hash)?;
+                let h = self.spec.reward.clone();
+                let request = pb::StartJobRequest {
+                    objective: pb::ObjectiveKind::Reward as i32,
+                    base_model: base.clone(),
+                    dataset_ids: datasets,
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        h.epochs,
+                        seed,
+                        pb::LrSchedule::CosineToZero,
+                        conflict_alpha,
+                        true,
+                    )),
+                    output_model: format!("{run_id}:rm"),
+                };
+                let out = self.train(dir, "reward", request, log).await?;
+                self.unload(base).await;
+                Ok(out)
+            }
+            Scenario::Simpo | Scenario::Dpo => {
+                let hash = self.load_base(model, &base, false).await?;
+                annotate_config(dir, "model_content_hash", &hash)?;
+                let h = self.spec.preference.clone();
+                let sft = pb::StartJobRequest {
+                    objective: pb::ObjectiveKind::Sft as i32,
+                    base_model: base.clone(),
+                    dataset_ids: datasets.clone(),
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        h.sft_epochs,
+                        seed,
+                        pb::LrSchedule::WarmupConstant,
+                        0.0,
+                        false,
+                    )),
+                    output_model: format!("{run_id}:sft"),
+                };
+                let sft_model = self.train(dir, "sft", sft, log).await?;
+                self.unload(base).await;
+                let objective = if scenario == Scenario::Simpo {
+                    pb::ObjectiveKind::Simpo
+                } else {
+                    pb::ObjectiveKind::Dpo
+                };
+                let pref = pb::StartJobRequest {
+                    objective: objective as i32,
+                    base_model: sft_model.clone(),
+                    dataset_ids: datasets,
+                    hyperparameters: Some(self.hyper(
+                        &h,
+                        if scenario == Scenario::Dpo {
+                            h.dpo_epochs
+                        } else {
+                            h.epochs
+                        },
+                        seed,
+                        pb::LrSchedule::WarmupConstant,
+                        conflict_alpha,
+                        false,
+                    )),
+                    output_model: format!("{run_id}:pref"),
+                };
+                let out = self.train(dir, "preference", pref, log).await?;
+                self.unload(sft_model).await;
+                Ok(out)
+            }
+        }
+    }
+}
