@@ -99,6 +99,27 @@ pub struct DatasetMeta {
     pub content_hash: String,
 }
 
+/// Distinguishes the temporary folders of concurrent writers in one process.
+static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// An entry is complete when both of its files are there (they are written before the folder
+/// is renamed into place, so only older versions or manual damage leave one without the other).
+fn is_complete(dir: &Path) -> bool {
+    dir.join("meta.json").is_file() && dir.join("rows.jsonl").is_file()
+}
+
+/// Writes an entry's two files into `tmp` and flushes them to disk.
+fn write_entry(tmp: &Path, rows: &[u8], meta: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(tmp)?;
+    for (name, bytes) in [("rows.jsonl", rows), ("meta.json", meta)] {
+        let mut file = std::fs::File::create(tmp.join(name))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The datasets under a data directory.
 #[derive(Debug, Clone)]
 pub struct DatasetStore {
@@ -106,9 +127,21 @@ pub struct DatasetStore {
 }
 
 impl DatasetStore {
+    /// Opens the store; sweeps temporary folders left by writers that died (kill -9, a full
+    /// disk) and moves incomplete entries aside as `.broken-<id>` so they are neither listed
+    /// nor served, and a new upload of the same rows can commit.
     pub fn new(data_dir: &Path) -> std::io::Result<Self> {
         let root = data_dir.join("datasets");
         std::fs::create_dir_all(&root)?;
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let path = entry.path();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                let _ = std::fs::remove_dir_all(&path);
+            } else if name.starts_with("ds-") && !is_complete(&path) {
+                let _ = std::fs::rename(&path, root.join(format!(".broken-{name}")));
+            }
+        }
         Ok(Self { root })
     }
 
@@ -145,18 +178,32 @@ impl DatasetStore {
             content_hash: hash,
         };
         let dir = self.root.join(&id);
-        if dir.join("meta.json").is_file() {
+        if is_complete(&dir) {
             return Ok(meta);
         }
-        let tmp = self.root.join(format!(".{id}.partial"));
-        let io = |e: std::io::Error| ServiceError::Internal(format!("storing dataset {id}: {e}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
-        std::fs::write(tmp.join("rows.jsonl"), body).map_err(io)?;
         let meta_text = serde_json::to_string_pretty(&meta)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        std::fs::write(tmp.join("meta.json"), meta_text).map_err(io)?;
-        std::fs::rename(&tmp, &dir).map_err(io)?;
+        // Each writer has its own temporary folder, so concurrent uploads of the same rows
+        // never touch each other's files; the first rename wins and the others find it done.
+        let tmp = self.root.join(format!(
+            ".{id}.{}.{}.partial",
+            std::process::id(),
+            WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let written = write_entry(&tmp, body.as_bytes(), meta_text.as_bytes());
+        let committed = written.and_then(|()| match std::fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(()),
+            // Another writer committed the same content first.
+            Err(_) if is_complete(&dir) => Ok(()),
+            Err(e) => Err(e),
+        });
+        let _ = std::fs::remove_dir_all(&tmp);
+        committed.map_err(|e| match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                ServiceError::ResourceExhausted(format!("storing dataset {id}: {e}"))
+            }
+            _ => ServiceError::Internal(format!("storing dataset {id}: {e}")),
+        })?;
         Ok(meta)
     }
 
@@ -165,6 +212,9 @@ impl DatasetStore {
         let entries =
             std::fs::read_dir(&self.root).map_err(|e| ServiceError::Internal(e.to_string()))?;
         for entry in entries.flatten() {
+            if !is_complete(&entry.path()) {
+                continue;
+            }
             let path = entry.path().join("meta.json");
             if let Ok(text) = std::fs::read_to_string(&path)
                 && let Ok(meta) = serde_json::from_str::<DatasetMeta>(&text)
@@ -200,5 +250,61 @@ impl DatasetStore {
             })
             .collect::<ServiceResult<Vec<Row>>>()?;
         Ok((meta, rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row::Text {
+                text: format!("row {i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn concurrent_identical_uploads_all_succeed_into_one_usable_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DatasetStore::new(dir.path()).unwrap();
+        let data = rows(2000);
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| store.store("same", &data).map(|m| m.id)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        assert!(ids.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.rows(&ids[0]).unwrap().1, data);
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("datasets"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec![ids[0].clone()], "leftovers: {names:?}");
+    }
+
+    #[test]
+    fn reopening_sweeps_leftovers_and_sets_broken_entries_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DatasetStore::new(dir.path()).unwrap();
+        let meta = store.store("x", &rows(3)).unwrap();
+        let root = dir.path().join("datasets");
+        // A writer killed mid-upload, and an entry with meta.json but no rows.
+        std::fs::create_dir(root.join(".ds-0000.1.0.partial")).unwrap();
+        std::fs::remove_file(root.join(&meta.id).join("rows.jsonl")).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        let store = DatasetStore::new(dir.path()).unwrap();
+        assert!(!root.join(".ds-0000.1.0.partial").exists());
+        assert!(!root.join(&meta.id).exists());
+        // The same upload commits again and is usable.
+        let again = store.store("x", &rows(3)).unwrap();
+        assert_eq!(again.id, meta.id);
+        assert_eq!(store.rows(&meta.id).unwrap().1, rows(3));
     }
 }

@@ -27,6 +27,9 @@ pub enum ServiceError {
     PathNotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Out of a resource the request needed (e.g. disk space for a dataset).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("server is overloaded: the request queue is full ({0} waiting)")]
     Overloaded(usize),
     #[error("the model worker has stopped")]
@@ -56,7 +59,9 @@ impl ServiceError {
             ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
             ServiceError::OutsideRoot(_) => Code::PermissionDenied,
             ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ServiceError::Overloaded(_) => Code::ResourceExhausted,
+            ServiceError::Overloaded(_) | ServiceError::ResourceExhausted(_) => {
+                Code::ResourceExhausted
+            }
             ServiceError::WorkerGone => Code::Unavailable,
             ServiceError::Model(e) => match e {
                 ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {

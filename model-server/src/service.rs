@@ -248,7 +248,8 @@ impl pb::models_server::Models for ModelsService {
     }
 }
 
-/// An export may not land in the server's own data folder, nor in a folder that holds it.
+/// An export may not replace the server's data folder or a folder holding it, nor land in the
+/// folders the server manages there (datasets, jobs).
 fn refuse_server_data(data_dir: &std::path::Path, dir: &std::path::Path) -> ServiceResult<()> {
     let data = data_dir
         .canonicalize()
@@ -258,9 +259,12 @@ fn refuse_server_data(data_dir: &std::path::Path, dir: &std::path::Path) -> Serv
         .and_then(|p| p.canonicalize().ok())
         .unwrap_or_default();
     let target = parent.join(dir.file_name().unwrap_or_default());
-    if target.starts_with(&data) || data.starts_with(&target) {
+    let managed = ["datasets", "jobs"]
+        .iter()
+        .any(|sub| target.starts_with(data.join(sub)));
+    if managed || data.starts_with(&target) {
         return Err(ServiceError::FailedPrecondition(format!(
-            "{}: exports may not go into or over the server's data folder {}",
+            "{}: exports may not go over the server's data folder {} or into its datasets/jobs",
             dir.display(),
             data.display()
         )));
