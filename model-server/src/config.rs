@@ -92,6 +92,119 @@ pub struct ServerConfig {
     /// Seed for random initialisation of start-up presets.
     #[arg(long, env = "W2S_SEED", default_value_t = 0)]
     pub seed: u64,
+    /// Most texts (or pairs) one scoring request may carry.
+    #[arg(long, env = "W2S_MAX_REQUEST_TEXTS", default_value_t = 4096)]
+    pub max_request_texts: usize,
+    /// Largest single text (prompt, response or dialogue) of a request, in bytes.
+    #[arg(long, env = "W2S_MAX_TEXT_BYTES", default_value_t = 256 * 1024)]
+    pub max_text_bytes: usize,
+    /// Most new tokens one Generate or GeneratePairs sample may ask for.
+    #[arg(long, env = "W2S_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Most samples per prompt in GeneratePairs.
+    #[arg(long, env = "W2S_MAX_SAMPLES_PER_PROMPT", default_value_t = 16)]
+    pub max_samples_per_prompt: usize,
+    /// Most generated tokens one GeneratePairs request may ask for in all
+    /// (prompts x samples per prompt x new tokens).
+    #[arg(long, env = "W2S_MAX_GENERATED_TOKENS", default_value_t = 65536)]
+    pub max_generated_tokens: usize,
+}
+
+/// Per-request work caps, checked before a request is queued (a request beyond one is refused
+/// with INVALID_ARGUMENT naming the limit and its flag, so no single request can hold the
+/// device for an unbounded time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_request_texts: usize,
+    pub max_text_bytes: usize,
+    pub max_new_tokens: usize,
+    pub max_samples_per_prompt: usize,
+    pub max_generated_tokens: usize,
+}
+
+impl From<&ServerConfig> for Limits {
+    fn from(c: &ServerConfig) -> Self {
+        Self {
+            max_request_texts: c.max_request_texts,
+            max_text_bytes: c.max_text_bytes,
+            max_new_tokens: c.max_new_tokens,
+            max_samples_per_prompt: c.max_samples_per_prompt,
+            max_generated_tokens: c.max_generated_tokens,
+        }
+    }
+}
+
+impl Limits {
+    fn exceeded(field: &str, value: usize, limit: usize, flag: &str) -> crate::error::ServiceError {
+        crate::error::ServiceError::invalid(
+            field,
+            format!("{value} exceeds the server's limit of {limit} (--{flag})"),
+        )
+    }
+
+    /// Checks the number of texts of a request and the size of each.
+    pub fn check_texts<'a>(
+        &self,
+        field: &str,
+        texts: impl ExactSizeIterator<Item = &'a str>,
+    ) -> crate::error::ServiceResult<()> {
+        if texts.len() > self.max_request_texts {
+            return Err(Self::exceeded(
+                field,
+                texts.len(),
+                self.max_request_texts,
+                "max-request-texts",
+            ));
+        }
+        for (i, text) in texts.enumerate() {
+            if text.len() > self.max_text_bytes {
+                return Err(Self::exceeded(
+                    &format!("{field}[{i}] bytes"),
+                    text.len(),
+                    self.max_text_bytes,
+                    "max-text-bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a generation request: new tokens per sample, samples per prompt, and the total.
+    pub fn check_generation(
+        &self,
+        prompts: usize,
+        samples_per_prompt: usize,
+        max_new_tokens: usize,
+    ) -> crate::error::ServiceResult<()> {
+        if max_new_tokens > self.max_new_tokens {
+            return Err(Self::exceeded(
+                "max_new_tokens",
+                max_new_tokens,
+                self.max_new_tokens,
+                "max-new-tokens",
+            ));
+        }
+        if samples_per_prompt > self.max_samples_per_prompt {
+            return Err(Self::exceeded(
+                "samples_per_prompt",
+                samples_per_prompt,
+                self.max_samples_per_prompt,
+                "max-samples-per-prompt",
+            ));
+        }
+        let total = prompts
+            .saturating_mul(samples_per_prompt.max(1))
+            .saturating_mul(max_new_tokens);
+        if total > self.max_generated_tokens {
+            return Err(Self::exceeded(
+                "prompts x samples_per_prompt x max_new_tokens",
+                total,
+                self.max_generated_tokens,
+                "max-generated-tokens",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -124,6 +237,19 @@ impl ServerConfig {
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());
+        }
+        if [
+            self.max_request_texts,
+            self.max_text_bytes,
+            self.max_new_tokens,
+            self.max_samples_per_prompt,
+            self.max_generated_tokens,
+        ]
+        .contains(&0)
+        {
+            return Err(
+                "request limits (--max-request-texts and the like) must be positive".into(),
+            );
         }
         if self.queue_capacity == 0 || self.max_batch_tokens == 0 || self.max_batch_requests == 0 {
             return Err(
@@ -178,5 +304,33 @@ mod tests {
             ServerConfig::parse_from(["model-server", "--model", "a=x", "--preset", "a=tiny-opt"]);
         assert!(config.validate().unwrap_err().contains("twice"));
         assert!("noequals".parse::<NamedSource>().is_err());
+    }
+
+    #[test]
+    fn limits_name_the_field_and_the_flag() {
+        let limits = Limits::from(&ServerConfig::parse_from(["model-server"]));
+        let err = limits
+            .check_generation(1, 4294967295, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("samples_per_prompt") && err.contains("--max-samples-per-prompt"),
+            "{err}"
+        );
+        let err = limits
+            .check_generation(1000, 16, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-generated-tokens"), "{err}");
+        assert!(limits.check_generation(4, 4, 64).is_ok());
+        let big = "x".repeat(limits.max_text_bytes + 1);
+        let err = limits
+            .check_texts("texts", ["ok", big.as_str()].into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("texts[1] bytes") && err.contains("--max-text-bytes"),
+            "{err}"
+        );
     }
 }

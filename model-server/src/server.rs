@@ -142,6 +142,7 @@ impl RunningServer {
             jobs: jobs.clone(),
             events,
             metrics: metrics.clone(),
+            limits: crate::config::Limits::from(&config),
         };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)

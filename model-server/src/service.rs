@@ -37,6 +37,7 @@ pub struct ServiceState {
     pub jobs: JobTable,
     pub events: broadcast::Sender<JobEvent>,
     pub metrics: Arc<Metrics>,
+    pub limits: crate::config::Limits,
 }
 
 impl ServiceState {
@@ -325,6 +326,31 @@ impl pb::inference_server::Inference for InferenceService {
             if request.pairs.is_empty() {
                 return Err(ServiceError::invalid("pairs", "must not be empty"));
             }
+            self.0.limits.check_texts(
+                "pairs",
+                request
+                    .pairs
+                    .iter()
+                    .map(|p| p.chosen.as_str())
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            )?;
+            for (field, texts) in [
+                (
+                    "pairs.prompt",
+                    request
+                        .pairs
+                        .iter()
+                        .map(|p| p.prompt.as_str())
+                        .collect::<Vec<_>>(),
+                ),
+                (
+                    "pairs.rejected",
+                    request.pairs.iter().map(|p| p.rejected.as_str()).collect(),
+                ),
+            ] {
+                self.0.limits.check_texts(field, texts.into_iter())?;
+            }
             let job = ScoreJob {
                 model: request.model,
                 pairs: request
@@ -372,6 +398,9 @@ impl pb::inference_server::Inference for InferenceService {
             if request.texts.is_empty() {
                 return Err(ServiceError::invalid("texts", "must not be empty"));
             }
+            self.0
+                .limits
+                .check_texts("texts", request.texts.iter().map(String::as_str))?;
             let job = LogprobsJob {
                 model: request.model,
                 texts: request.texts,
@@ -408,6 +437,9 @@ impl pb::inference_server::Inference for InferenceService {
             if request.texts.is_empty() {
                 return Err(ServiceError::invalid("texts", "must not be empty"));
             }
+            self.0
+                .limits
+                .check_texts("texts", request.texts.iter().map(String::as_str))?;
             let (rewards, times) = self
                 .0
                 .worker
@@ -440,6 +472,12 @@ impl pb::inference_server::Inference for InferenceService {
             if request.max_new_tokens == 0 {
                 return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
             }
+            self.0
+                .limits
+                .check_texts("prompt", std::iter::once(request.prompt.as_str()))?;
+            self.0
+                .limits
+                .check_generation(1, 1, request.max_new_tokens as usize)?;
             let sampling = sampling(request.sampling);
             sampling
                 .validate()
@@ -502,6 +540,14 @@ impl pb::inference_server::Inference for InferenceService {
             if request.max_new_tokens == 0 {
                 return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
             }
+            self.0
+                .limits
+                .check_texts("prompts", request.prompts.iter().map(String::as_str))?;
+            self.0.limits.check_generation(
+                request.prompts.len(),
+                request.samples_per_prompt as usize,
+                request.max_new_tokens as usize,
+            )?;
             let judge_kind = match pb::JudgeKind::try_from(request.judge_kind) {
                 Ok(pb::JudgeKind::Reward) => JudgeKind::Reward,
                 Ok(pb::JudgeKind::MeanLogprob) => JudgeKind::MeanLogprob,

@@ -897,3 +897,72 @@ async fn exports_refuse_to_replace_data_they_did_not_write() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     server.shutdown().await.unwrap();
 }
+
+/// Work caps are checked before queueing: the request that once wedged the device thread
+/// (GeneratePairs with 4294967295 samples per prompt) and a 10 MB text are refused at once with
+/// INVALID_ARGUMENT naming the limit, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_work_is_refused_before_it_reaches_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    for name in ["policy", "judge"] {
+        client
+            .load_model(preset(name, "tiny-gpt2", name == "judge"))
+            .await
+            .unwrap();
+    }
+    let status = client
+        .inference
+        .clone()
+        .generate_pairs(pb::GeneratePairsRequest {
+            policy: "policy".into(),
+            judge: "judge".into(),
+            judge_kind: pb::JudgeKind::Reward as i32,
+            prompts: vec!["\n\nHuman: a?\n\nAssistant:".into()],
+            samples_per_prompt: u32::MAX,
+            max_new_tokens: 1,
+            sampling: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("--max-samples-per-prompt"),
+        "{status:?}"
+    );
+    let huge = format!("\n\nHuman: {}\n\nAssistant: x", "a".repeat(10 << 20));
+    let status = client
+        .inference
+        .clone()
+        .score_pairs(pb::ScorePairsRequest {
+            model: "judge".into(),
+            pairs: vec![pb::PreferencePair {
+                prompt: String::new(),
+                chosen: huge.clone(),
+                rejected: huge,
+            }],
+            scoring: pb::PairScoring::Reward as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--max-text-bytes"), "{status:?}");
+    // A small request is still served.
+    let scores = client
+        .score_pairs(pb::ScorePairsRequest {
+            model: "judge".into(),
+            pairs: vec![pb::PreferencePair {
+                prompt: String::new(),
+                chosen: "\n\nHuman: a?\n\nAssistant: yes".into(),
+                rejected: "\n\nHuman: a?\n\nAssistant: no".into(),
+            }],
+            scoring: pb::PairScoring::Reward as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(scores.scores.len(), 1);
+    server.shutdown().await.unwrap();
+}
