@@ -129,6 +129,62 @@ impl JobSpec {
         if h.epochs == 0 {
             return bad("hyperparameters.epochs", "must be positive");
         }
+        if !(h.weight_decay.is_finite() && h.weight_decay >= 0.0) {
+            return bad(
+                "hyperparameters.weight_decay",
+                "must be a finite number ≥ 0",
+            );
+        }
+        if let Schedule::LinearWarmupConstant { warmup_frac } = h.schedule
+            && !(0.0..=1.0).contains(&warmup_frac)
+        {
+            return bad("hyperparameters.warmup_frac", "must lie in [0, 1]");
+        }
+        if h.max_ctx < 2 {
+            return bad(
+                "hyperparameters.max_ctx",
+                "must be at least 2 tokens (0 = the model's context)",
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the job's rows once read: their kind fits the objective and there is at least one
+    /// batch of them.
+    pub fn validate_rows(&self, rows: &[Row]) -> ServiceResult<()> {
+        let needs_pairs = matches!(
+            self.objective,
+            ObjectiveKind::Reward | ObjectiveKind::Simpo | ObjectiveKind::Dpo
+        );
+        if let Some(i) = rows.iter().position(|row| match row {
+            Row::Pair { .. } => false,
+            Row::Text { .. } => needs_pairs,
+            Row::Prompt { .. } => true,
+        }) {
+            return Err(ServiceError::invalid(
+                "dataset_ids",
+                format!(
+                    "row {i} is a {:?} row; a {:?} job trains on {}",
+                    rows[i].kind(),
+                    self.objective,
+                    if needs_pairs {
+                        "pairs"
+                    } else {
+                        "pairs or texts"
+                    }
+                ),
+            ));
+        }
+        if rows.len() < self.hyper.batch_size {
+            return Err(ServiceError::invalid(
+                "hyperparameters.batch_size",
+                format!(
+                    "{} is larger than the {} rows of the datasets",
+                    self.hyper.batch_size,
+                    rows.len()
+                ),
+            ));
+        }
         Ok(())
     }
 }

@@ -194,6 +194,7 @@ impl pb::models_server::Models for ModelsService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
+            check_name("name", &request.name)?;
             let source = self.0.model_source(request.source)?;
             let summary = self
                 .0
@@ -246,6 +247,24 @@ impl pb::models_server::Models for ModelsService {
         }
         .await;
         self.0.finish("ExportModel", started, result)
+    }
+}
+
+/// Names of models are shown in logs and listings: printable ASCII from a safe set, so no name
+/// can forge a log line or a path.
+fn check_name(field: &str, name: &str) -> ServiceResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+=".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid(
+            field,
+            "use 1-200 characters from A-Z a-z 0-9 - _ . : @ + =",
+        ))
     }
 }
 
@@ -776,9 +795,38 @@ impl pb::training_server::Training for TrainingService {
                 }
             };
             require("base_model", &request.base_model)?;
+            check_name("output_model", &request.output_model)?;
             let h = request
                 .hyperparameters
                 .ok_or_else(|| ServiceError::invalid("hyperparameters", "required"))?;
+            for (field, value) in [
+                ("hyperparameters.beta", h.beta),
+                ("hyperparameters.gamma", h.gamma),
+                ("hyperparameters.conflict_alpha", h.conflict_alpha),
+                ("hyperparameters.max_grad_norm", h.max_grad_norm),
+                ("hyperparameters.weight_decay", h.weight_decay),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(ServiceError::invalid(
+                        field,
+                        "must be a finite number ≥ 0 (0 = default/off)",
+                    ));
+                }
+            }
+            let busy = self.0.jobs.lock().ok().and_then(|jobs| {
+                jobs.values()
+                    .find(|j| {
+                        j.output_model == request.output_model
+                            && matches!(j.state, JobState::Queued | JobState::Running)
+                    })
+                    .map(|j| j.id.clone())
+            });
+            if let Some(id) = busy {
+                return Err(ServiceError::AlreadyLoaded(format!(
+                    "{} (the output of running job {id})",
+                    request.output_model
+                )));
+            }
             let schedule = match pb::LrSchedule::try_from(h.schedule) {
                 Ok(pb::LrSchedule::Constant) => Schedule::Constant,
                 Ok(pb::LrSchedule::CosineToZero) => Schedule::CosineToZero,
@@ -849,6 +897,7 @@ impl pb::training_server::Training for TrainingService {
             })
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            spec.validate_rows(&rows)?;
             let status = self.0.worker.start_job(spec, rows).await?;
             Ok(job_info(&status))
         }

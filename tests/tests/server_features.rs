@@ -481,16 +481,15 @@ async fn error_codes_auth_deadlines_and_overload() {
     let mut wrong = start.clone();
     wrong.objective = pb::ObjectiveKind::Reward as i32;
     wrong.dataset_ids = vec![texts.id.clone()];
-    let job = client
+    // Refused before queueing (it used to start and fail on its first step).
+    let status = client
         .training
         .clone()
         .start_job(wrong)
         .await
-        .unwrap()
-        .into_inner();
-    let ended = client.follow_job(&job.id, &mut |_| {}).await.unwrap();
-    assert_eq!(ended.state, pb::JobState::Failed as i32);
-    assert!(ended.error.contains("rows[0]"), "{}", ended.error);
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("row 0"), "{}", status.message());
     let mut bad = start.clone();
     bad.dataset_ids = vec![texts.id.clone()];
     bad.hyperparameters = Some(pb::TrainingHyperparameters {
@@ -964,5 +963,120 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
         .await
         .unwrap();
     assert_eq!(scores.scores.len(), 1);
+    server.shutdown().await.unwrap();
+}
+
+/// Every StartJob field is checked before the job is queued: what used to be accepted and fail
+/// later (or silently "succeed") is INVALID_ARGUMENT naming the field; a name that could forge
+/// a log line is refused; two live jobs cannot share an output name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_job_validates_every_field_before_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    client
+        .load_model(preset("policy", "tiny-gpt2", false))
+        .await
+        .unwrap();
+    let pairs = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
+    let texts = client
+        .upload_dataset(
+            "texts",
+            (0..8)
+                .map(|i| {
+                    Item::Text(pb::TextRow {
+                        text: format!("text {i}"),
+                    })
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let start = |objective: pb::ObjectiveKind,
+                 dataset: &str,
+                 h: pb::TrainingHyperparameters,
+                 output: &str| {
+        let mut training = client.training.clone();
+        let request = pb::StartJobRequest {
+            objective: objective as i32,
+            base_model: "policy".into(),
+            dataset_ids: vec![dataset.to_string()],
+            hyperparameters: Some(h),
+            output_model: output.to_string(),
+        };
+        async move { training.start_job(request).await }
+    };
+    let cases: Vec<(
+        &str,
+        pb::ObjectiveKind,
+        &str,
+        pb::TrainingHyperparameters,
+        &str,
+    )> = vec![
+        (
+            "weight_decay",
+            pb::ObjectiveKind::Sft,
+            &pairs.id,
+            pb::TrainingHyperparameters {
+                weight_decay: f64::NAN,
+                ..hyper(4, 1)
+            },
+            "out",
+        ),
+        (
+            "warmup_frac",
+            pb::ObjectiveKind::Sft,
+            &pairs.id,
+            pb::TrainingHyperparameters {
+                warmup_frac: Some(-5.0),
+                ..hyper(4, 1)
+            },
+            "out",
+        ),
+        (
+            "max_ctx",
+            pb::ObjectiveKind::Sft,
+            &pairs.id,
+            pb::TrainingHyperparameters {
+                max_ctx: 1,
+                ..hyper(4, 1)
+            },
+            "out",
+        ),
+        (
+            "batch_size",
+            pb::ObjectiveKind::Sft,
+            &pairs.id,
+            hyper(64, 1),
+            "out",
+        ),
+        (
+            "dataset_ids",
+            pb::ObjectiveKind::Simpo,
+            &texts.id,
+            hyper(4, 1),
+            "out",
+        ),
+        (
+            "output_model",
+            pb::ObjectiveKind::Sft,
+            &pairs.id,
+            hyper(4, 1),
+            "evil\nINFO forged",
+        ),
+    ];
+    for (field, objective, dataset, h, output) in cases {
+        let status = start(objective, dataset, h, output).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    // Two live jobs may not write the same output model.
+    start(pb::ObjectiveKind::Sft, &pairs.id, hyper(2, 500), "same")
+        .await
+        .unwrap();
+    let status = start(pb::ObjectiveKind::Sft, &pairs.id, hyper(2, 1), "same")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     server.shutdown().await.unwrap();
 }
