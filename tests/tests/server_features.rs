@@ -68,15 +68,21 @@ fn hyper(batch: u32, epochs: u32) -> pb::TrainingHyperparameters {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_rpc_works_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = RunningServer::start(config(dir.path())).await.unwrap();
+/// A server on `data_dir` with the tiny GPT-2 preset loaded as `policy`, and a client.
+async fn server_with_policy(data_dir: &std::path::Path) -> (RunningServer, W2sClient) {
+    let server = RunningServer::start(config(data_dir)).await.unwrap();
     let client = W2sClient::connect(&server.url()).await.unwrap();
     client
         .load_model(preset("policy", "tiny-gpt2", false))
         .await
         .unwrap();
+    (server, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rpc_works_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = server_with_policy(dir.path()).await;
     let judge = client
         .load_model(preset("judge", "tiny-opt", true))
         .await
@@ -482,12 +488,7 @@ async fn error_codes_auth_deadlines_and_overload() {
     wrong.objective = pb::ObjectiveKind::Reward as i32;
     wrong.dataset_ids = vec![texts.id.clone()];
     // Refused before queueing (it used to start and fail on its first step).
-    let status = client
-        .training
-        .clone()
-        .start_job(wrong)
-        .await
-        .unwrap_err();
+    let status = client.training.clone().start_job(wrong).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("row 0"), "{}", status.message());
     let mut bad = start.clone();
@@ -972,12 +973,7 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_job_validates_every_field_before_queueing() {
     let dir = tempfile::tempdir().unwrap();
-    let server = RunningServer::start(config(dir.path())).await.unwrap();
-    let client = W2sClient::connect(&server.url()).await.unwrap();
-    client
-        .load_model(preset("policy", "tiny-gpt2", false))
-        .await
-        .unwrap();
+    let (server, client) = server_with_policy(dir.path()).await;
     let pairs = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
     let texts = client
         .upload_dataset(
