@@ -512,7 +512,7 @@ fn size_panels(report: &Report, value: fn(&AcrossSeeds) -> Option<f64>) -> Vec<P
                 .collect();
             Panel {
                 title: format!("{scenario}, {variant}"),
-                x_labels: order.iter().map(|m| format!("strong {m}")).collect(),
+                x_labels: order.clone(),
                 series,
             }
         })
@@ -532,7 +532,7 @@ pub fn deception_vs_size_svg(report: &Report) -> String {
     panels.extend(delta);
     line_panels(
         "Where the conflict tax is paid, by strong model (means over seeds)",
-        "DS_new − chance (share of the conflict's new mistakes in S_k ∩ W_uk above chance), then ΔDS = DS(conflict) − DS(none); > 0 = deception",
+        "x: strong model. y: DS_new − chance (share of the conflict's new mistakes in S_k ∩ W_uk above chance), then ΔDS = DS(conflict) − DS(none); > 0 = deception",
         &panels,
     )
 }
