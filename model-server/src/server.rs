@@ -144,10 +144,17 @@ impl RunningServer {
             metrics: metrics.clone(),
             limits: crate::config::Limits::from(&config),
         };
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        // grpcurl, Postman and grpcui still ask v1alpha first.
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let limit = config.max_message_bytes;
         let auth = RequireBearer::new(config.token.as_deref());
@@ -179,6 +186,7 @@ impl RunningServer {
             builder
                 .add_service(health_service)
                 .add_service(reflection)
+                .add_service(reflection_v1alpha)
                 .add_service(InterceptedService::new(models, auth.clone()))
                 .add_service(InterceptedService::new(inference, auth.clone()))
                 .add_service(InterceptedService::new(datasets, auth.clone()))

@@ -102,6 +102,19 @@ async fn every_rpc_works_end_to_end() {
         .await
         .unwrap()
         .into_inner();
+    // A text without tokens is the client's error (it used to be INTERNAL).
+    let status = client
+        .inference
+        .clone()
+        .score_texts(pb::ScoreTextsRequest {
+            model: "judge".into(),
+            texts: vec![texts[0].clone(), String::new()],
+            max_ctx: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("texts[1]"), "{status:?}");
     let pair = pb::PreferencePair {
         prompt: String::new(),
         chosen: texts[0].clone(),
@@ -396,6 +409,33 @@ async fn every_rpc_works_end_to_end() {
             "{service} missing from {names:?}"
         );
     }
+    // The older v1alpha protocol, which grpcurl, Postman and grpcui still use, answers too.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let response = alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        response.message_response,
+        Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list))
+            if list.service.iter().any(|s| s.name == "w2s.v1.Inference")
+    ));
     server.shutdown().await.unwrap();
 }
 

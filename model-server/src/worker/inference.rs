@@ -74,6 +74,14 @@ impl Worker {
                                 .tokenizer
                                 .encode_truncated(text, max_ctx)
                                 .map_err(|e| ServiceError::invalid(format!("texts[{i}]"), e))?;
+                            if ids.is_empty() {
+                                // A reward is read at the last token; a text without one is
+                                // the client's error, not the server's.
+                                return Err(ServiceError::invalid(
+                                    format!("texts[{i}]"),
+                                    "text has no tokens",
+                                ));
+                            }
                             check_ids(resident, &ids, format!("texts[{i}]"))?;
                             Ok(ids)
                         })
