@@ -171,7 +171,12 @@ impl RunningServer {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 
-        let mut builder = Server::builder();
+        // Dead peers (half-open TCP, a client that vanished mid-stream) are found by HTTP/2
+        // pings and TCP keepalive instead of holding a descriptor forever.
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
         if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
