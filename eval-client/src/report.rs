@@ -463,12 +463,8 @@ pub fn markdown(report: &Report) -> String {
     for c in &report.comparisons {
         let _ = writeln!(
             md,
-            "| {} | {} → {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {} {} | {} {} | {} | {} {} | {} {} | {} {} |",
-            c.scenario,
-            c.weak,
-            c.strong,
-            c.variant,
-            c.seed,
+            "{} | {:.3} | {:.3} | {:.3} | {} | {} {} | {} {} | {} | {} {} | {} {} | {} {} |",
+            row_head(c),
             c.acc_weak,
             c.acc_strong,
             c.acc_w2s,
@@ -545,6 +541,14 @@ pub fn markdown(report: &Report) -> String {
         "\nPlots: `accuracy.svg`, `deception_vs_size.svg` (DS_new − chance and ΔDS by strong model), `dose_response.svg`, `ds_vs_gap.svg` (imitation DS of no-conflict students), `regions.svg`."
     );
     md
+}
+
+/// The first cells of a comparison's table row: `| scenario | weak → strong | variant | seed`.
+fn row_head(c: &Comparison) -> String {
+    format!(
+        "| {} | {} → {} | {} | {}",
+        c.scenario, c.weak, c.strong, c.variant, c.seed
+    )
 }
 
 /// Where a CI lies relative to zero: +1 above, −1 below, 0 including it, `None` undefined.
@@ -639,12 +643,8 @@ fn conflict_sections(md: &mut String, report: &Report) {
             .unwrap_or_default();
         let _ = writeln!(
             md,
-            "| {} | {} → {} | {} | {} | {:.3} | {:.3} | {} {} | {new} / {fixed} | {} {} | {} | {} {} | {} {} |",
-            c.scenario,
-            c.weak,
-            c.strong,
-            c.variant,
-            c.seed,
+            "{} | {:.3} | {:.3} | {} {} | {new} / {fixed} | {} {} | {} | {} {} | {} {} |",
+            row_head(c),
             c.acc_w2s + c.conflict_tax.unwrap_or(f64::NAN),
             c.acc_w2s,
             fmt(c.conflict_tax),
@@ -689,12 +689,8 @@ fn imitation_section(md: &mut String, report: &Report) {
     {
         let _ = writeln!(
             md,
-            "| {} | {} → {} | {} | {} | {:.3} | {:.3} | {:.3} {} | {} | {} {} | {} |",
-            c.scenario,
-            c.weak,
-            c.strong,
-            c.variant,
-            c.seed,
+            "{} | {:.3} | {:.3} | {:.3} {} | {} | {} {} | {} |",
+            row_head(c),
             c.acc_weak,
             c.acc_strong,
             c.acc_w2s,

@@ -345,31 +345,12 @@ impl pb::inference_server::Inference for InferenceService {
             if request.pairs.is_empty() {
                 return Err(ServiceError::invalid("pairs", "must not be empty"));
             }
-            self.0.limits.check_texts(
-                "pairs",
-                request
-                    .pairs
-                    .iter()
-                    .map(|p| p.chosen.as_str())
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            )?;
-            for (field, texts) in [
-                (
-                    "pairs.prompt",
-                    request
-                        .pairs
-                        .iter()
-                        .map(|p| p.prompt.as_str())
-                        .collect::<Vec<_>>(),
-                ),
-                (
-                    "pairs.rejected",
-                    request.pairs.iter().map(|p| p.rejected.as_str()).collect(),
-                ),
-            ] {
-                self.0.limits.check_texts(field, texts.into_iter())?;
-            }
+            // Each side of a pair is a text: the count and every size are checked.
+            let pairs = &request.pairs;
+            let limits = &self.0.limits;
+            limits.check_texts("pairs.chosen", pairs.iter().map(|p| p.chosen.as_str()))?;
+            limits.check_texts("pairs.rejected", pairs.iter().map(|p| p.rejected.as_str()))?;
+            limits.check_texts("pairs.prompt", pairs.iter().map(|p| p.prompt.as_str()))?;
             let job = ScoreJob {
                 model: request.model,
                 pairs: request

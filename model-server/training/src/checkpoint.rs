@@ -43,7 +43,8 @@ fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
     }
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+/// `dir` with `suffix` appended to its name (a temporary or previous version beside it).
+pub(crate) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir
         .file_name()
         .map(|n| n.to_os_string())
@@ -73,12 +74,18 @@ pub fn save(
     candle_core::safetensors::save(&moment_map, tmp.join(OPTIMIZER))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| checkpoint_error(dir, e))?;
     std::fs::write(tmp.join(STATE), text).map_err(|e| TrainError::io(tmp.join(STATE), e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    swap_in(&tmp, dir, &old)
+}
+
+/// Moves the finished folder `tmp` to `dir`. A previous `dir` moves aside to `old` first and is
+/// removed last, so a crash between the renames leaves it there rather than deleted.
+pub(crate) fn swap_in(tmp: &Path, dir: &Path, old: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(old);
     if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
+        std::fs::rename(dir, old).map_err(|e| TrainError::io(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    std::fs::rename(tmp, dir).map_err(|e| TrainError::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(old);
     Ok(())
 }
 

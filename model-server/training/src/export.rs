@@ -6,6 +6,7 @@ use std::path::Path;
 
 use superficial_models::{CausalLm, TextTokenizer};
 
+use crate::checkpoint::{sibling, swap_in};
 use crate::error::{Result, TrainError};
 
 /// Marker file written into every export: only a folder that carries it may be replaced by a
@@ -22,15 +23,7 @@ pub fn save_hf_folder(
     dir: &Path,
 ) -> Result<()> {
     check_destination(dir)?;
-    let sibling = |suffix: &str| {
-        let mut name = dir
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(suffix);
-        dir.with_file_name(name)
-    };
-    let tmp = sibling(".partial");
+    let tmp = sibling(dir, ".partial");
     let _ = std::fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
         model.save_folder(&tmp)?;
@@ -40,17 +33,7 @@ pub fn save_hf_folder(
         let marker = tmp.join(EXPORT_MARKER);
         std::fs::write(&marker, b"written by superficial's HF export\n")
             .map_err(|e| TrainError::io(&marker, e))?;
-        // A previous export moves aside first, so a crash between the renames leaves it under
-        // `.replaced` rather than deleted.
-        if dir.exists() {
-            let old = sibling(".replaced");
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
-            std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
-        }
+        swap_in(&tmp, dir, &sibling(dir, ".replaced"))?;
         Ok(())
     })();
     if written.is_err() {

@@ -15,12 +15,15 @@ use sha2::{Digest, Sha256};
 
 use w2s_proto::v1::upload_dataset_request::Item;
 
+pub use eval_client::run_folder::WeakLabel;
+use eval_client::run_folder::{self as contract, Role, labels_from_margins, sigmoid};
+
 use crate::data::{HhPair, read_hh_jsonl};
+use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
 
 mod jobs;
 mod rows;
 
-use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
 use rows::{pair_row, rows_key, student_rows};
 
 /// One student's conflicting goal and its dose (paper spec §1.7.2, §1.7.6, §1.7.7).
@@ -107,9 +110,6 @@ impl StudyData {
         })
     }
 }
-
-pub use eval_client::run_folder::WeakLabel;
-use eval_client::run_folder::{self as contract, Role, labels_from_margins, sigmoid};
 
 /// Where progress goes.
 pub trait Progress {
@@ -201,8 +201,7 @@ impl RunConfig {
         } else {
             ""
         };
-        let scenario = format!("{:?}", self.scenario).to_lowercase();
-        let setting = format!("{:?}", self.setting).to_lowercase();
+        let (scenario, setting) = (self.scenario, self.setting);
         let dose = match (self.conflict_alpha, self.helpful_pairs) {
             (Some(alpha), _) => format!("-a{alpha}"),
             (None, Some(n)) => format!("-h{n}"),
@@ -322,15 +321,7 @@ impl<'a> Study<'a> {
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
                         for conflict in self.conflicts(scenario) {
-                            let variants: Vec<Option<bool>> = if self.spec.high_conf
-                                && scenario != Scenario::Reward
-                                && conflict.setting() != Setting::Explicit
-                            {
-                                vec![None, Some(true), Some(false)]
-                            } else {
-                                vec![None]
-                            };
-                            for high_conf in variants {
+                            for high_conf in self.high_conf_variants(scenario, conflict) {
                                 finished.push(
                                     self.student(
                                         scenario,
@@ -378,6 +369,20 @@ impl<'a> Study<'a> {
         out
     }
 
+    /// A student's high-confidence variants: `None` (all weak labels), plus with `high_conf`
+    /// for SimPO/DPO without the explicit conflict the official filter (`Some(true)`) and the
+    /// one that does not peek at ground truth (`Some(false)`).
+    fn high_conf_variants(&self, scenario: Scenario, conflict: Conflict) -> Vec<Option<bool>> {
+        if self.spec.high_conf
+            && scenario != Scenario::Reward
+            && conflict.setting() != Setting::Explicit
+        {
+            vec![None, Some(true), Some(false)]
+        } else {
+            vec![None]
+        }
+    }
+
     /// How many run folders `run_all` goes through.
     pub fn planned_runs(&self) -> usize {
         let spec = self.spec;
@@ -387,16 +392,7 @@ impl<'a> Study<'a> {
             let conflicts = self.conflicts(scenario);
             let variants: usize = conflicts
                 .iter()
-                .map(|conflict| {
-                    if spec.high_conf
-                        && scenario != Scenario::Reward
-                        && conflict.setting() != Setting::Explicit
-                    {
-                        3
-                    } else {
-                        1
-                    }
-                })
+                .map(|&conflict| self.high_conf_variants(scenario, conflict).len())
                 .sum();
             let bootstrap = if scenario == Scenario::Reward {
                 0
@@ -430,11 +426,6 @@ impl<'a> Study<'a> {
         Ok(info.id)
     }
 
-    /// The content key of each dataset this study uploaded, by server id (for tests and logs).
-    pub fn uploaded_datasets(&self) -> &BTreeMap<String, String> {
-        &self.datasets
-    }
-
     fn human_rows(pairs: &[HhPair]) -> Vec<Item> {
         pairs
             .iter()
@@ -444,11 +435,11 @@ impl<'a> Study<'a> {
 
     /// Prepares a run folder; `None` when the run is already finished (and not forced).
     fn open_run(&mut self, config: &RunConfig) -> Result<Option<(PathBuf, std::fs::File)>> {
-        let dir = self.out.join(config.id());
-        self.progress.run_started(&config.id());
+        let id = config.id();
+        let dir = self.out.join(&id);
+        self.progress.run_started(&id);
         if contract::is_finished(&dir) && !self.force {
-            self.progress
-                .line(&format!("skip {} (finished)", config.id()));
+            self.progress.line(&format!("skip {id} (finished)"));
             self.progress.run_done();
             return Ok(None);
         }
@@ -459,7 +450,7 @@ impl<'a> Study<'a> {
         std::fs::create_dir_all(&dir)?;
         let mut value = serde_json::to_value(config)?;
         if let Some(o) = value.as_object_mut() {
-            o.insert("run_id".into(), json!(config.id()));
+            o.insert("run_id".into(), json!(id));
         }
         write_atomic(
             &dir.join(contract::CONFIG),
@@ -469,7 +460,7 @@ impl<'a> Study<'a> {
             .create(true)
             .append(true)
             .open(dir.join(contract::LOG))?;
-        self.progress.line(&format!("run {}", config.id()));
+        self.progress.line(&format!("run {id}"));
         Ok(Some((dir, log)))
     }
 
@@ -503,7 +494,8 @@ impl<'a> Study<'a> {
             Role::WeakCeiling
         };
         let config = self.config(scenario, role, name, None, Conflict::None, seed);
-        let dir = self.out.join(config.id());
+        let id = config.id();
+        let dir = self.out.join(&id);
         let Some((dir, mut log)) = self.open_run(&config)? else {
             return Ok((dir.clone(), Self::read_labels(&dir)?));
         };
@@ -511,24 +503,16 @@ impl<'a> Study<'a> {
         let gt_rows = Self::human_rows(&self.data.gt);
         let gt = self.dataset("gt", gt_rows).await?;
         let trained = self
-            .train_scenario(
-                scenario,
-                &dir,
-                &model,
-                &config.id(),
-                vec![gt],
-                0.0,
-                seed,
-                &mut log,
-            )
+            .train_scenario(scenario, &dir, &model, &id, vec![gt], 0.0, seed, &mut log)
             .await?;
         let (scoring, h) = self.scoring(scenario);
         let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
         let w2s = self.margins(&trained, &self.data.w2s, scoring, &h).await?;
-        contract::write_weak_labels(&dir, &labels_from_margins(&w2s))?;
+        let labels = labels_from_margins(&w2s);
+        contract::write_weak_labels(&dir, &labels)?;
         self.finish_run(&dir, &test)?;
         self.unload(trained).await;
-        Ok((dir.clone(), labels_from_margins(&w2s)))
+        Ok((dir, labels))
     }
 
     /// A weak-to-strong student: trained on the weak ceiling's labels of the W2S split.
@@ -584,7 +568,8 @@ impl<'a> Study<'a> {
                     .cloned(),
             );
         }
-        let dir = self.out.join(config.id());
+        let id = config.id();
+        let dir = self.out.join(&id);
         let Some((dir, mut log)) = self.open_run(&config)? else {
             let labels = if plan.label_split.is_some() {
                 Self::read_labels(&dir)?
@@ -600,7 +585,7 @@ impl<'a> Study<'a> {
         if labels.len() > teacher_pairs.len() {
             bail!(
                 "{}: {} labels for {} pairs",
-                config.id(),
+                id,
                 labels.len(),
                 teacher_pairs.len()
             );
@@ -624,14 +609,14 @@ impl<'a> Study<'a> {
             // unfinished and the report lists it as such.
             self.progress.line(&format!(
                 "skip {}: only {} weak labels pass the high-confidence filter, fewer than one batch of {batch}",
-                config.id(),
+                id,
                 rows.len()
             ));
             self.progress.run_done();
             return Ok((dir, Vec::new()));
         }
         let kept = rows.len();
-        let name = format!("labels-for-{}", config.id());
+        let name = format!("labels-for-{id}");
         let mut datasets = vec![self.dataset(&name, rows).await?];
         if let Conflict::Implicit { helpful_pairs } = conflict {
             let n = if high_conf.is_some() {
@@ -642,7 +627,7 @@ impl<'a> Study<'a> {
             if n > self.data.helpful.len() {
                 bail!(
                     "{}: {n} helpfulness pairs asked for, the helpful split has {}",
-                    config.id(),
+                    id,
                     self.data.helpful.len()
                 );
             }
@@ -655,7 +640,7 @@ impl<'a> Study<'a> {
                 scenario,
                 &dir,
                 &model,
-                &config.id(),
+                &id,
                 datasets,
                 conflict.alpha(),
                 seed,
