@@ -37,7 +37,7 @@ fn contiguous<'a, T: WithDType>(
 /// `e^x` to about 1 ulp on `[-87, 88]` (0 below), written so loops over it vectorise; glibc's
 /// `expf` is a call per element and was the largest single cost of these kernels.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -83,7 +83,7 @@ const LANES: usize = 8;
 
 /// Largest element (NaNs are skipped, as by `f32::max`).
 #[inline]
-fn lane_max(xs: &[f32]) -> f32 {
+pub(crate) fn lane_max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -99,7 +99,7 @@ fn lane_max(xs: &[f32]) -> f32 {
 
 /// `Σ f(x)` over a slice.
 #[inline]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -113,7 +113,7 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// `Σ a·b` over two slices of equal length.
 #[inline]
-fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let rest: f32 = ca
@@ -679,13 +679,13 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{D, Device, Var};
 
     use super::*;
     use crate::layers::{causal_mask, softmax_last_dim};
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -698,13 +698,13 @@ mod tests {
             .unwrap()
     }
 
-    fn random_var(shape: &[usize], mean: f32, std: f32) -> Var {
+    pub(crate) fn random_var(shape: &[usize], mean: f32, std: f32) -> Var {
         Var::from_tensor(&Tensor::randn(mean, std, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
     /// Asserts that `fused` and `composed` agree within `value_tol`, and so do the gradients of
     /// a random weighted sum of each with respect to every var (within `grad_tol`).
-    fn assert_same_values_and_gradients(
+    pub(crate) fn assert_same_values_and_gradients(
         fused: Tensor,
         composed: Tensor,
         vars: &[&Var],

@@ -6,6 +6,8 @@ use candle_core::Tensor;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::error::{ModelError, Result};
+use crate::fused::fused_applies;
+use crate::fused_attention::packed_causal_attention;
 use crate::layers::{Affine, LayerCache, LayerNorm, activate, causal_self_attention, embed};
 use crate::weights::{Init, Weights};
 
@@ -166,12 +168,15 @@ impl Gpt2 {
         for (i, block) in self.blocks.iter().enumerate() {
             let x = block.ln_1.forward(&h)?;
             let qkv = block.c_attn.forward(&x)?;
-            let q = qkv.narrow(2, 0, d)?;
-            let k = qkv.narrow(2, d, d)?;
-            let v = qkv.narrow(2, 2 * d, d)?;
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let attn =
-                causal_self_attention(&q, &k, &v, self.config.n_head, block.attn_scale, cache)?;
+            let attn = if cache.is_none() && fused_applies(&qkv) {
+                packed_causal_attention(&qkv, self.config.n_head, block.attn_scale)?
+            } else {
+                let q = qkv.narrow(2, 0, d)?;
+                let k = qkv.narrow(2, d, d)?;
+                let v = qkv.narrow(2, 2 * d, d)?;
+                causal_self_attention(&q, &k, &v, self.config.n_head, block.attn_scale, cache)?
+            };
             h = (h + block.attn_c_proj.forward(&attn)?)?;
             let x = block.ln_2.forward(&h)?;
             let x = activate(&block.c_fc.forward(&x)?, self.activation)?;

@@ -155,6 +155,9 @@ pub fn causal_self_attention(
     scale: f64,
     cache: Option<&mut LayerCache>,
 ) -> Result<Tensor> {
+    if cache.is_none() && fused_applies(q) {
+        return crate::fused_attention::causal_attention(q, k, v, heads, scale);
+    }
     let (batch, new, width) = q.dims3()?;
     let head_dim = width / heads;
     let split = |x: &Tensor| -> Result<Tensor> {

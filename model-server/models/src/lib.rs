@@ -20,6 +20,7 @@
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod fused_attention;
 pub mod generation;
 pub mod gpt2;
 pub mod layers;
@@ -35,16 +36,26 @@ pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch};
 pub use tokenizer::{EncodedDialogue, TextTokenizer};
 pub use weights::{REWARD_HEAD_TENSOR, Weights};
 
-/// Makes candle's CPU thread count a cheap lookup. candle 0.11 asks `get_num_threads()` on every
-/// matrix product, and without `RAYON_NUM_THREADS` that parses `/proc/cpuinfo` each time (5–7 %
-/// of a pair-scoring server profile; unbatched tiny-model throughput rose 1.5× without it). This
-/// sets the variable once to the value candle would compute, unless it is already set, and
-/// returns the count.
+/// Sets candle's CPU threading up once, before any thread exists:
+/// - makes the thread count a cheap lookup: candle 0.11 asks `get_num_threads()` on every
+///   matrix product, and without `RAYON_NUM_THREADS` that parses `/proc/cpuinfo` each time (5–7 %
+///   of a pair-scoring server profile; unbatched tiny-model throughput rose 1.5× without it), so
+///   this sets the variable to the value candle would compute;
+/// - turns off candle's second pool (`CANDLE_NUM_THREADS=1`): its "barrier pool" for
+///   elementwise ops keeps `n − 1` threads spinning after each op next to rayon's `n` gemm
+///   workers, so on a few cores the spinners take the gemm workers' time (sandbox training
+///   steps 10–20 % faster without it on 2 cores; the fused kernels use rayon anyway).
+///
+/// A variable the user already set is left alone. Returns the rayon thread count.
 ///
 /// # Safety
 /// Changes the process environment: call it before any other thread exists (first thing in a
 /// synchronous `main`).
 pub unsafe fn pin_cpu_thread_count() -> usize {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees that no other thread reads or writes the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     let preset = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
@@ -53,7 +64,7 @@ pub unsafe fn pin_cpu_thread_count() -> usize {
         return n;
     }
     let n = candle_core::utils::get_num_threads();
-    // SAFETY: the caller guarantees that no other thread reads or writes the environment.
+    // SAFETY: as above.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     n
 }

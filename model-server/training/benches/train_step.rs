@@ -76,6 +76,8 @@ fn time_steps(run: &mut TrainingRun, steps: usize) -> Result<f64, Box<dyn std::e
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: first statement of `main`, before any other thread starts.
+    unsafe { superficial_models::pin_cpu_thread_count() };
     let steps = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -85,9 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     println!(
-        "| shape | causal-LM step 16×96 (ms) | SimPO step 32 pairs (ms) | log-probs 2 seq (ms) | log-probs 64 seq (ms) |"
+        "| shape | causal-LM step 16×96 (ms) | SimPO step 32 pairs (ms) | reward step 32 pairs (ms) | log-probs 2 seq (ms) | log-probs 64 seq (ms) |"
     );
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     for (name, width, layers, heads) in [
         ("gpt2-xs 16×1", 16, 1, 2),
         ("gpt2-s 32×2", 32, 2, 4),
@@ -124,6 +126,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
         let simpo_ms = time_steps(&mut simpo_run, steps)? * 1e3;
 
+        let reward_examples: Vec<Example> = (0..64)
+            .map(|_| Example::RewardPair {
+                slot_c: random_ids(&mut rng, 70),
+                slot_r: random_ids(&mut rng, 70),
+                target: 1.0,
+                conflict_prefers_slot_r: false,
+            })
+            .collect();
+        let model =
+            CausalLm::random_init(config.clone(), 1, &options)?.with_fresh_reward_head(3)?;
+        let mut reward_run = TrainingRun::new(
+            model,
+            reward_examples,
+            constant_lr(
+                Objective::Reward {
+                    explicit_alpha: None,
+                },
+                1e-3,
+                32,
+            ),
+        )?;
+        let reward_ms = time_steps(&mut reward_run, steps)? * 1e3;
+
         let model = CausalLm::random_init(config, 1, &options)?;
         let sequences: Vec<Vec<u32>> = (0..64).map(|_| random_ids(&mut rng, 70)).collect();
         let mut forward_ms = Vec::new();
@@ -138,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             forward_ms.push(median(times) * 1e3);
         }
         println!(
-            "| {name} | {lm_ms:.1} | {simpo_ms:.1} | {:.2} | {:.2} |",
+            "| {name} | {lm_ms:.1} | {simpo_ms:.1} | {reward_ms:.1} | {:.2} | {:.2} |",
             forward_ms[0], forward_ms[1]
         );
     }
