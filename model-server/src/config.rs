@@ -108,6 +108,11 @@ pub struct ServerConfig {
     /// (prompts x samples per prompt x new tokens).
     #[arg(long, env = "W2S_MAX_GENERATED_TOKENS", default_value_t = 65536)]
     pub max_generated_tokens: usize,
+    /// On shutdown (SIGTERM, Ctrl-C), how long in-flight requests may take to finish, in
+    /// seconds; open WatchJob streams end at once with UNAVAILABLE, and what is still running
+    /// after this is cut off (the training job is checkpointed either way).
+    #[arg(long, env = "W2S_DRAIN_SECONDS", default_value_t = 10.0)]
+    pub drain_seconds: f64,
 }
 
 /// Per-request work caps, checked before a request is queued (a request beyond one is refused
@@ -234,6 +239,12 @@ impl ServerConfig {
             .is_some_and(|t| t.is_empty() || !t.is_ascii())
         {
             return Err("the token must be non-empty printable ASCII".into());
+        }
+        if !(self.drain_seconds.is_finite() && (0.0..=3600.0).contains(&self.drain_seconds)) {
+            return Err(format!(
+                "--drain-seconds must be between 0 and 3600, got {}",
+                self.drain_seconds
+            ));
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());

@@ -10,6 +10,9 @@ pub fn resolve_in_root(root: &Path, requested: &str) -> ServiceResult<PathBuf> {
     if requested.is_empty() {
         return Err(ServiceError::invalid("path", "must not be empty"));
     }
+    if requested.contains('\0') {
+        return Err(ServiceError::invalid("path", "contains a NUL byte"));
+    }
     let root = root.canonicalize().map_err(|e| {
         ServiceError::FailedPrecondition(format!("model root {}: {e}", root.display()))
     })?;

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot};
@@ -62,6 +63,10 @@ pub struct RunningServer {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Tells long-lived streams that the server is closing.
+    closing: tokio::sync::watch::Sender<bool>,
+    /// The longest wait for in-flight requests at shutdown.
+    drain: Duration,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<JoinHandle<()>>,
     state: ServiceState,
@@ -134,6 +139,7 @@ impl RunningServer {
         health_reporter
             .set_not_serving::<InferenceServer<InferenceService>>()
             .await;
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let state = ServiceState {
             worker: worker.clone(),
             model_root: config.model_root.clone(),
@@ -143,6 +149,7 @@ impl RunningServer {
             events,
             metrics: metrics.clone(),
             limits: crate::config::Limits::from(&config),
+            closing: closing_rx,
         };
         let reflection_builder = || {
             tonic_reflection::server::Builder::configure()
@@ -250,6 +257,8 @@ impl RunningServer {
             addr,
             metrics_addr,
             shutdown: Some(shutdown_tx),
+            closing: closing_tx,
+            drain: Duration::from_secs_f64(config.drain_seconds),
             task,
             metrics_task,
             state,
@@ -276,13 +285,25 @@ impl RunningServer {
         format!("http://{}", self.addr)
     }
 
-    /// Graceful shutdown: stop accepting, let in-flight requests finish, checkpoint the running
-    /// training job, stop the worker.
+    /// Graceful shutdown with a bounded drain: stop accepting, end open WatchJob streams
+    /// (UNAVAILABLE), let other in-flight requests finish for up to `--drain-seconds`, then
+    /// cut off what remains, checkpoint the running training job and stop the worker.
     pub async fn shutdown(mut self) -> Result<(), StartError> {
+        let _ = self.closing.send(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = self.task.await;
+        let served = match tokio::time::timeout(self.drain, &mut self.task).await {
+            Ok(served) => served,
+            Err(_) => {
+                warn!(
+                    "requests still in flight after the {:.1} s drain: cut off",
+                    self.drain.as_secs_f64()
+                );
+                self.task.abort();
+                Ok(Ok(()))
+            }
+        };
         if let Err(e) = self.state.worker.shutdown().await {
             warn!("worker shutdown: {e}");
         }

@@ -38,6 +38,8 @@ pub struct ServiceState {
     pub events: broadcast::Sender<JobEvent>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::config::Limits,
+    /// Becomes `true` when the server starts shutting down: long-lived streams end then.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ServiceState {
@@ -300,6 +302,17 @@ fn confine_new_path(root: &std::path::Path, requested: &str) -> ServiceResult<Pa
         .and_then(|n| n.to_str())
         .filter(|n| *n != "..")
         .ok_or_else(|| ServiceError::invalid("path", "must end in a folder name"))?;
+    // The file system's own limits (NAME_MAX, PATH_MAX), refused here rather than failing
+    // half-way through the export.
+    if requested.contains('\0') {
+        return Err(ServiceError::invalid("path", "contains a NUL byte"));
+    }
+    if name.len() > 255 || requested.len() > 4096 {
+        return Err(ServiceError::invalid(
+            "path",
+            "folder names are at most 255 bytes and paths at most 4096",
+        ));
+    }
     let parent = path
         .parent()
         .map(|p| p.to_string_lossy().to_string())
@@ -903,6 +916,7 @@ impl pb::training_server::Training for TrainingService {
         self.0
             .metrics
             .observe_request("WatchJob", tonic::Code::Ok, started.elapsed());
+        let mut closing = self.0.closing.clone();
         let stream = async_stream(move |tx| async move {
             let first = JobEvent {
                 status: current.clone(),
@@ -912,7 +926,17 @@ impl pb::training_server::Training for TrainingService {
                 return;
             }
             loop {
-                match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    // A watch outlives any drain: end it so shutdown need not wait for the job.
+                    _ = shutting_down(&mut closing) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("server is shutting down")))
+                            .await;
+                        return;
+                    }
+                };
+                match received {
                     Ok(event) if event.status.id == id => {
                         let terminal = event.status.state.is_terminal();
                         if tx.send(Ok(job_event(&event))).await.is_err() || terminal {
@@ -965,6 +989,16 @@ impl pb::training_server::Training for TrainingService {
 }
 
 /// A stream fed by a task through a bounded channel.
+/// Resolves once the server starts shutting down (or its state is gone).
+async fn shutting_down(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let closed = *closing.borrow_and_update();
+        if closed || closing.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn async_stream<T, F, Fut>(body: F) -> EventStream<T>
 where
     T: Send + 'static,

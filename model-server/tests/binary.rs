@@ -109,3 +109,104 @@ fn refuses_a_public_address_without_a_token() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--token"), "{stderr}");
 }
+
+/// SIGTERM while a client watches a long training job: the watch ends with UNAVAILABLE and the
+/// process exits within the drain limit instead of waiting for the job (or the client's
+/// deadline). The bound is generous; it only separates "drained" from "waited for the job".
+#[test]
+fn sigterm_with_a_watch_open_exits_within_the_drain_limit() {
+    use w2s_proto::v1 as pb;
+    use w2s_proto::v1::upload_dataset_request::Item;
+
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, addr, _logs) = start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--preset",
+            "policy=tiny-gpt2",
+            "--drain-seconds",
+            "2",
+        ],
+        &[],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut watch = runtime.block_on(async {
+        let client = model_server::W2sClient::connect(&format!("http://{addr}"))
+            .await
+            .unwrap();
+        let rows = (0..8)
+            .map(|i| {
+                Item::Pair(pb::PairRow {
+                    prompt: String::new(),
+                    chosen: format!("\n\nHuman: q{i}?\n\nAssistant: a long helpful answer {i}"),
+                    rejected: format!("\n\nHuman: q{i}?\n\nAssistant: no {i}"),
+                    label: Some(0.8),
+                    chosen_is_human_choice: Some(true),
+                    conflict_prefers_chosen: None,
+                })
+            })
+            .collect();
+        let dataset = client.upload_dataset("pairs", rows).await.unwrap();
+        // Far more steps than the test waits for.
+        let job = client
+            .training
+            .clone()
+            .start_job(pb::StartJobRequest {
+                objective: pb::ObjectiveKind::Simpo as i32,
+                base_model: "policy".into(),
+                dataset_ids: vec![dataset.id],
+                hyperparameters: Some(pb::TrainingHyperparameters {
+                    lr: 1e-4,
+                    batch_size: 2,
+                    minibatch_size: 2,
+                    epochs: 100_000,
+                    max_ctx: 64,
+                    seed: 1,
+                    schedule: pb::LrSchedule::WarmupConstant as i32,
+                    ..Default::default()
+                }),
+                output_model: "trained".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut watch = client
+            .training
+            .clone()
+            .watch_job(pb::WatchJobRequest { id: job.id })
+            .await
+            .unwrap()
+            .into_inner();
+        // Wait until the job is really training.
+        while let Some(event) = watch.message().await.unwrap() {
+            if event.step.is_some() {
+                break;
+            }
+        }
+        watch
+    });
+    let sent = std::time::Instant::now();
+    let status = terminate(&mut child);
+    let took = sent.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took.as_secs_f64() < 12.0,
+        "exit took {took:?} with a 2 s drain"
+    );
+    let ended = runtime.block_on(async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status.code()),
+            }
+        }
+    });
+    assert!(
+        matches!(ended, None | Some(tonic::Code::Unavailable)),
+        "watch ended with {ended:?}"
+    );
+}
