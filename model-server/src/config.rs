@@ -113,6 +113,10 @@ pub struct ServerConfig {
     /// after this is cut off (the training job is checkpointed either way).
     #[arg(long, env = "W2S_DRAIN_SECONDS", default_value_t = 10.0)]
     pub drain_seconds: f64,
+    /// Largest dataset upload, in bytes of row text (uploads are held in memory until they
+    /// are validated and committed).
+    #[arg(long, env = "W2S_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: usize,
 }
 
 /// Per-request work caps, checked before a request is queued (a request beyond one is refused
@@ -125,6 +129,7 @@ pub struct Limits {
     pub max_new_tokens: usize,
     pub max_samples_per_prompt: usize,
     pub max_generated_tokens: usize,
+    pub max_upload_bytes: usize,
 }
 
 impl From<&ServerConfig> for Limits {
@@ -135,11 +140,25 @@ impl From<&ServerConfig> for Limits {
             max_new_tokens: c.max_new_tokens,
             max_samples_per_prompt: c.max_samples_per_prompt,
             max_generated_tokens: c.max_generated_tokens,
+            max_upload_bytes: c.max_upload_bytes,
         }
     }
 }
 
 impl Limits {
+    /// Checks the running size of an upload after another row.
+    pub fn check_upload(&self, bytes: usize) -> crate::error::ServiceResult<()> {
+        if bytes > self.max_upload_bytes {
+            return Err(Self::exceeded(
+                "upload bytes",
+                bytes,
+                self.max_upload_bytes,
+                "max-upload-bytes",
+            ));
+        }
+        Ok(())
+    }
+
     fn exceeded(field: &str, value: usize, limit: usize, flag: &str) -> crate::error::ServiceError {
         crate::error::ServiceError::invalid(
             field,
@@ -255,6 +274,7 @@ impl ServerConfig {
             self.max_new_tokens,
             self.max_samples_per_prompt,
             self.max_generated_tokens,
+            self.max_upload_bytes,
         ]
         .contains(&0)
         {

@@ -146,8 +146,14 @@ impl DatasetStore {
     }
 
     /// Stores validated rows; the id is derived from the content, so uploading the same rows
-    /// twice gives the same dataset.
-    pub fn store(&self, name: &str, rows: &[Row]) -> ServiceResult<DatasetMeta> {
+    /// twice gives the same dataset. Nothing is committed once `abandoned` is set (the client
+    /// went away while the rows were being written).
+    pub fn store(
+        &self,
+        name: &str,
+        rows: &[Row],
+        abandoned: &std::sync::atomic::AtomicBool,
+    ) -> ServiceResult<DatasetMeta> {
         let kind = rows
             .first()
             .map(Row::kind)
@@ -191,6 +197,12 @@ impl DatasetStore {
             WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let written = write_entry(&tmp, body.as_bytes(), meta_text.as_bytes());
+        if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(ServiceError::FailedPrecondition(
+                "the upload was abandoned by its client; nothing was stored".into(),
+            ));
+        }
         let committed = written.and_then(|()| match std::fs::rename(&tmp, &dir) {
             Ok(()) => Ok(()),
             // Another writer committed the same content first.
@@ -257,6 +269,8 @@ impl DatasetStore {
 mod tests {
     use super::*;
 
+    static KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     fn rows(n: usize) -> Vec<Row> {
         (0..n)
             .map(|i| Row::Text {
@@ -272,7 +286,7 @@ mod tests {
         let data = rows(2000);
         let ids: Vec<String> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..8)
-                .map(|_| scope.spawn(|| store.store("same", &data).map(|m| m.id)))
+                .map(|_| scope.spawn(|| store.store("same", &data, &KEPT).map(|m| m.id)))
                 .collect();
             handles
                 .into_iter()
@@ -293,7 +307,7 @@ mod tests {
     fn reopening_sweeps_leftovers_and_sets_broken_entries_aside() {
         let dir = tempfile::tempdir().unwrap();
         let store = DatasetStore::new(dir.path()).unwrap();
-        let meta = store.store("x", &rows(3)).unwrap();
+        let meta = store.store("x", &rows(3), &KEPT).unwrap();
         let root = dir.path().join("datasets");
         // A writer killed mid-upload, and an entry with meta.json but no rows.
         std::fs::create_dir(root.join(".ds-0000.1.0.partial")).unwrap();
@@ -303,8 +317,22 @@ mod tests {
         assert!(!root.join(".ds-0000.1.0.partial").exists());
         assert!(!root.join(&meta.id).exists());
         // The same upload commits again and is usable.
-        let again = store.store("x", &rows(3)).unwrap();
+        let again = store.store("x", &rows(3), &KEPT).unwrap();
         assert_eq!(again.id, meta.id);
         assert_eq!(store.rows(&meta.id).unwrap().1, rows(3));
+    }
+
+    #[test]
+    fn an_abandoned_upload_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DatasetStore::new(dir.path()).unwrap();
+        let abandoned = std::sync::atomic::AtomicBool::new(true);
+        let err = store.store("x", &rows(3), &abandoned).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(store.list().unwrap().is_empty());
+        let left = std::fs::read_dir(dir.path().join("datasets"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "temporary files left behind");
     }
 }

@@ -24,6 +24,21 @@ pub use error::ServiceError;
 pub use server::RunningServer;
 pub use superficial_models::pin_cpu_thread_count;
 
+/// Tells mimalloc (the binaries' global allocator) to keep freed memory for reuse instead of
+/// returning it to the OS 10 ms later (`purge_delay` −1), unless `MIMALLOC_PURGE_DELAY` is set.
+/// A GPT-2-small training step frees and re-allocates hundreds of MB of activations and
+/// gradients; with purging, every step faulted them back in and the kernel zeroed each page
+/// (67 % of a profiled step, 7.4 s against 3.0 s without). Memory stays at its peak instead,
+/// as with PyTorch's caching allocator. Harmless when mimalloc is linked but not the allocator.
+pub fn keep_freed_memory() {
+    // `mi_option_purge_delay` in mimalloc.h (v2 and v3); the Rust bindings have no constant.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is thread-safe in mimalloc; -1 means "never purge".
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 /// Runs a binary's async entry point on a multi-threaded tokio runtime, after pinning candle's
 /// CPU thread count ([`pin_cpu_thread_count`]) while the process still has one thread.
 ///
@@ -33,6 +48,7 @@ pub use superficial_models::pin_cpu_thread_count;
 pub unsafe fn run_binary<F: std::future::Future>(entry: F) -> std::io::Result<F::Output> {
     // SAFETY: the caller guarantees that no other thread exists yet.
     unsafe { pin_cpu_thread_count() };
+    keep_freed_memory();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

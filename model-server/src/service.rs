@@ -622,9 +622,18 @@ impl pb::datasets_server::Datasets for DatasetsService {
             let mut name = String::new();
             let mut rows = Vec::new();
             let mut index = 0usize;
+            let mut bytes = 0usize;
             while let Some(message) = stream.next().await {
                 let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
                 use pb::upload_dataset_request::Item;
+                bytes += match &message.item {
+                    Some(Item::Pair(p)) => p.prompt.len() + p.chosen.len() + p.rejected.len(),
+                    Some(Item::Text(t)) => t.text.len(),
+                    Some(Item::Prompt(p)) => p.prompt.len(),
+                    Some(Item::Header(h)) => h.name.len(),
+                    None => 0,
+                };
+                self.0.limits.check_upload(bytes)?;
                 match message.item {
                     Some(Item::Header(header)) if index == 0 && rows.is_empty() => {
                         name = header.name
@@ -654,10 +663,16 @@ impl pb::datasets_server::Datasets for DatasetsService {
                 }
                 index += 1;
             }
+            // The client may go (cancel, deadline) while the rows are written: tonic then
+            // drops this future, the guard raises the flag, and the store discards its work
+            // instead of committing a dataset nobody was told about.
+            let abandoned = AbandonOnDrop::default();
+            let flag = abandoned.0.clone();
             let store = self.0.datasets.clone();
-            let meta = tokio::task::spawn_blocking(move || store.store(&name, &rows))
+            let meta = tokio::task::spawn_blocking(move || store.store(&name, &rows, &flag))
                 .await
                 .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            abandoned.disarm();
             Ok(dataset_info(meta))
         }
         .await;
@@ -989,6 +1004,25 @@ impl pb::training_server::Training for TrainingService {
 }
 
 /// A stream fed by a task through a bounded channel.
+/// Raises its flag when dropped before [`AbandonOnDrop::disarm`]: the request it guards was
+/// abandoned by its client.
+#[derive(Default)]
+struct AbandonOnDrop(Arc<std::sync::atomic::AtomicBool>, bool);
+
+impl AbandonOnDrop {
+    fn disarm(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// Resolves once the server starts shutting down (or its state is gone).
 async fn shutting_down(closing: &mut tokio::sync::watch::Receiver<bool>) {
     loop {

@@ -71,7 +71,6 @@ fn pairs() -> impl Strategy<Value = Vec<pb::PreferencePair>> {
             prompt,
             chosen,
             rejected,
-            ..Default::default()
         }),
         0..4,
     )
@@ -419,7 +418,10 @@ fn fuzzed_requests_get_client_errors_and_leave_a_live_server() {
         });
         let code = code.map_err(|_| TestCaseError::fail(format!("no answer in 60 s: {shown}")))?;
         let kind = shown.split('(').next().unwrap_or_default().to_string();
-        *seen.borrow_mut().entry(format!("{kind} {code:?}")).or_default() += 1;
+        *seen
+            .borrow_mut()
+            .entry(format!("{kind} {code:?}"))
+            .or_default() += 1;
         prop_assert!(
             !matches!(code, Code::Internal | Code::Unknown | Code::Unavailable),
             "{code:?} for {shown}"
@@ -438,7 +440,6 @@ fn fuzzed_requests_get_client_errors_and_leave_a_live_server() {
                     prompt: "\n\nHuman: hi?".into(),
                     chosen: "\n\nAssistant: hello".into(),
                     rejected: "\n\nAssistant: no".into(),
-                    ..Default::default()
                 }],
                 scoring: pb::PairScoring::MeanLogprob as i32,
                 ..Default::default()
@@ -452,8 +453,20 @@ fn fuzzed_requests_get_client_errors_and_leave_a_live_server() {
     // Both outcomes occurred: the cases reached the server's logic, not just its front door.
     let seen = seen.into_inner();
     eprintln!("answers by request kind: {seen:?}");
-    let answered_ok = |kind: &str| seen.keys().any(|k| k.starts_with(kind) && k.ends_with(" Ok"));
-    for kind in ["ScorePairs", "TokenLogprobs", "ScoreTexts", "Generate", "Upload"] {
-        assert!(answered_ok(kind), "no {kind} case got through validation: {seen:?}");
+    let answered_ok = |kind: &str| {
+        seen.keys()
+            .any(|k| k.starts_with(kind) && k.ends_with(" Ok"))
+    };
+    for kind in [
+        "ScorePairs",
+        "TokenLogprobs",
+        "ScoreTexts",
+        "Generate",
+        "Upload",
+    ] {
+        assert!(
+            answered_ok(kind),
+            "no {kind} case got through validation: {seen:?}"
+        );
     }
 }

@@ -115,6 +115,8 @@ def main():
     parser.add_argument("--force", action="store_true", help="run even on a busy machine")
     parser.add_argument("--python", help="a Python with torch and transformers")
     parser.add_argument("--json", help="also write the measurements here")
+    parser.add_argument("--no-server", action="store_true",
+                        help="skip the server round trips (load-client; project only)")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
@@ -171,6 +173,18 @@ def main():
             peer = "n/a | n/a | n/a"
         print(f"| {workload} | {ours[0]:.4f} | {ours[1]:.4f}-{ours[2]:.4f} | {peer} | "
               f"{gflops:.1f} | {100 * gflops / peak:.0f} % |")
+    if not args.no_server:
+        # ScorePairs over gRPC at concurrency 1/8/32 (p50/p99): the project's own server, which
+        # has no PyTorch counterpart; load-client prints its table.
+        out = subprocess.run(
+            ["cargo", "run", "--quiet", "--release", "-p", "model-server", "--bin", "load-client",
+             "--", "--preset", "tiny-gpt2", "--tokens", "64", "--requests", "256", "--reps", "3"],
+            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        print()
+        print("Server round trips (project only: single-pair ScorePairs over loopback gRPC, "
+              "tiny-gpt2 preset, load-client):")
+        print()
+        print(out.strip())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": str(datetime.date.today()), "load_start": load,

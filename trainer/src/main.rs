@@ -61,13 +61,13 @@ struct ExperimentArgs {
     /// Output folder: world, cached models, runs, report.
     #[arg(long, default_value = "results/sandbox")]
     out: PathBuf,
-    /// The small configuration (about 2.5 minutes on 2 CPU cores; what CI runs).
+    /// The small configuration (under a minute on 2 CPU cores; what CI runs).
     #[arg(long)]
     quick: bool,
     /// The full configuration as TOML, or as JSON like the `experiment.json` every run writes.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Number of study seeds (default 1; 3 give intervals across seeds).
+    /// Number of study seeds (default 3, which give intervals across seeds; --quick uses 1).
     #[arg(long)]
     seeds: Option<usize>,
     /// Entities (facts) in the world.

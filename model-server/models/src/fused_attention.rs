@@ -78,6 +78,7 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Copies head `h`'s columns of rows `0..t` of sequence `b` into `dst` `[t, d]`, or
 /// transposed into `[d, t]`.
+#[inline(always)]
 fn gather(view: &View, b: usize, column: usize, dims: Dims, transposed: bool, dst: &mut [f32]) {
     let (t, d) = (dims.t, dims.head_dim());
     for i in 0..t {
@@ -94,7 +95,7 @@ fn gather(view: &View, b: usize, column: usize, dims: Dims, transposed: bool, ds
 
 /// Softmax probabilities of query `i` over keys `0..=i` into `p[..=i]`:
 /// `softmax(scale · q_i · k_j)`, from `keys_t` `[d, t]`.
-#[inline]
+#[inline(always)]
 fn probabilities(q_i: &[f32], keys_t: &[f32], t: usize, i: usize, scale: f32, p: &mut [f32]) {
     let p = &mut p[..=i];
     p.fill(0.0);
@@ -133,88 +134,127 @@ impl Scratch {
 
 /// Attention output `[batch, t, width]`, contiguous.
 fn forward(q: View, k: View, v: View, dims: Dims, scale: f32) -> Vec<f32> {
-    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
+    let (t, w) = (dims.t, dims.width);
     let mut out = vec![0f32; dims.batch * t * w];
-    out.par_chunks_mut(t * w).enumerate().for_each(|(b, out)| {
-        let mut s = Scratch::new(dims);
-        for h in 0..dims.heads {
-            let column = h * d;
-            gather(&q, b, column, dims, false, &mut s.q);
-            gather(&k, b, column, dims, true, &mut s.keys_t);
-            gather(&v, b, column, dims, false, &mut s.v);
-            for i in 0..t {
-                probabilities(&s.q[i * d..(i + 1) * d], &s.keys_t, t, i, scale, &mut s.p);
-                let o = &mut out[i * w + column..i * w + column + d];
-                for (j, &pj) in s.p[..=i].iter().enumerate() {
-                    axpy(pj, &s.v[j * d..(j + 1) * d], o);
-                }
+    out.par_chunks_mut(t * w)
+        .enumerate()
+        .for_each(|(b, out)| forward_sequence(&q, &k, &v, dims, scale, b, out));
+    out
+}
+
+crate::fused::avx2_dispatch! {
+    /// One sequence's attention output `[t, width]`.
+    fn forward_sequence(q: &View, k: &View, v: &View, dims: Dims, scale: f32, b: usize, out: &mut [f32])
+        => forward_sequence_body
+}
+
+#[inline(always)]
+fn forward_sequence_body(
+    q: &View,
+    k: &View,
+    v: &View,
+    dims: Dims,
+    scale: f32,
+    b: usize,
+    out: &mut [f32],
+) {
+    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
+    let mut s = Scratch::new(dims);
+    for h in 0..dims.heads {
+        let column = h * d;
+        gather(q, b, column, dims, false, &mut s.q);
+        gather(k, b, column, dims, true, &mut s.keys_t);
+        gather(v, b, column, dims, false, &mut s.v);
+        for i in 0..t {
+            probabilities(&s.q[i * d..(i + 1) * d], &s.keys_t, t, i, scale, &mut s.p);
+            let o = &mut out[i * w + column..i * w + column + d];
+            for (j, &pj) in s.p[..=i].iter().enumerate() {
+                axpy(pj, &s.v[j * d..(j + 1) * d], o);
             }
         }
-    });
-    out
+    }
 }
 
 /// Gradients `[batch, t, 3·width]` (q, k, v side by side) from the upstream gradient `dout`.
 /// (Accumulating over key positions with transposed `[d, t]` gradients instead measured
 /// slower at head width 16: it needs a horizontal reduction per column for `dQ`.)
 fn backward(q: View, k: View, v: View, dout: View, dims: Dims, scale: f32) -> Vec<f32> {
-    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
+    let (t, w) = (dims.t, dims.width);
     let mut grads = vec![0f32; dims.batch * t * 3 * w];
     grads
         .par_chunks_mut(t * 3 * w)
         .enumerate()
-        .for_each(|(b, grads)| {
-            let mut s = Scratch::new(dims);
-            let mut values_t = vec![0f32; t * d];
-            let mut dout_h = vec![0f32; t * d];
-            let mut dp = vec![0f32; t];
-            let mut dk = vec![0f32; t * d];
-            let mut dv = vec![0f32; t * d];
-            let mut keys = vec![0f32; t * d];
-            let mut dq_i = vec![0f32; d];
-            for h in 0..dims.heads {
-                let column = h * d;
-                gather(&q, b, column, dims, false, &mut s.q);
-                gather(&k, b, column, dims, true, &mut s.keys_t);
-                gather(&v, b, column, dims, true, &mut values_t);
-                gather(&dout, b, column, dims, false, &mut dout_h);
-                dk.fill(0.0);
-                dv.fill(0.0);
-                gather(&k, b, column, dims, false, &mut keys);
-                for i in 0..t {
-                    let q_i = &s.q[i * d..(i + 1) * d];
-                    let do_i = &dout_h[i * d..(i + 1) * d];
-                    probabilities(q_i, &s.keys_t, t, i, scale, &mut s.p);
-                    let p = &s.p[..=i];
-                    // dP_ij = dO_i · V_j.
-                    let dp = &mut dp[..=i];
-                    dp.fill(0.0);
-                    for (c, &g) in do_i.iter().enumerate() {
-                        axpy(g, &values_t[c * t..c * t + i + 1], dp);
-                    }
-                    // dS_ij = scale · P_ij (dP_ij − Σ_j P_ij dP_ij), in place of dP.
-                    let centre = crate::fused::lane_dot(p, dp);
-                    for (x, &pj) in dp.iter_mut().zip(p) {
-                        *x = scale * pj * (*x - centre);
-                    }
-                    let ds = &*dp;
-                    dq_i.fill(0.0);
-                    for j in 0..=i {
-                        axpy(ds[j], &keys[j * d..(j + 1) * d], &mut dq_i);
-                        axpy(ds[j], q_i, &mut dk[j * d..(j + 1) * d]);
-                        axpy(p[j], do_i, &mut dv[j * d..(j + 1) * d]);
-                    }
-                    grads[i * 3 * w + column..i * 3 * w + column + d].copy_from_slice(&dq_i);
-                }
-                for j in 0..t {
-                    let row = &mut grads[j * 3 * w..(j + 1) * 3 * w];
-                    row[w + column..w + column + d].copy_from_slice(&dk[j * d..(j + 1) * d]);
-                    row[2 * w + column..2 * w + column + d]
-                        .copy_from_slice(&dv[j * d..(j + 1) * d]);
-                }
-            }
-        });
+        .for_each(|(b, grads)| backward_sequence(&q, &k, &v, &dout, dims, scale, b, grads));
     grads
+}
+
+crate::fused::avx2_dispatch! {
+    /// One sequence's gradients `[t, 3·width]`.
+    fn backward_sequence(q: &View, k: &View, v: &View, dout: &View, dims: Dims, scale: f32, b: usize, grads: &mut [f32])
+        => backward_sequence_body
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_sequence_body(
+    q: &View,
+    k: &View,
+    v: &View,
+    dout: &View,
+    dims: Dims,
+    scale: f32,
+    b: usize,
+    grads: &mut [f32],
+) {
+    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
+    let mut s = Scratch::new(dims);
+    let mut values_t = vec![0f32; t * d];
+    let mut dout_h = vec![0f32; t * d];
+    let mut dp = vec![0f32; t];
+    let mut dk = vec![0f32; t * d];
+    let mut dv = vec![0f32; t * d];
+    let mut keys = vec![0f32; t * d];
+    let mut dq_i = vec![0f32; d];
+    for h in 0..dims.heads {
+        let column = h * d;
+        gather(q, b, column, dims, false, &mut s.q);
+        gather(k, b, column, dims, true, &mut s.keys_t);
+        gather(v, b, column, dims, true, &mut values_t);
+        gather(dout, b, column, dims, false, &mut dout_h);
+        dk.fill(0.0);
+        dv.fill(0.0);
+        gather(k, b, column, dims, false, &mut keys);
+        for i in 0..t {
+            let q_i = &s.q[i * d..(i + 1) * d];
+            let do_i = &dout_h[i * d..(i + 1) * d];
+            probabilities(q_i, &s.keys_t, t, i, scale, &mut s.p);
+            let p = &s.p[..=i];
+            // dP_ij = dO_i · V_j.
+            let dp = &mut dp[..=i];
+            dp.fill(0.0);
+            for (c, &g) in do_i.iter().enumerate() {
+                axpy(g, &values_t[c * t..c * t + i + 1], dp);
+            }
+            // dS_ij = scale · P_ij (dP_ij − Σ_j P_ij dP_ij), in place of dP.
+            let centre = crate::fused::lane_dot(p, dp);
+            for (x, &pj) in dp.iter_mut().zip(p) {
+                *x = scale * pj * (*x - centre);
+            }
+            let ds = &*dp;
+            dq_i.fill(0.0);
+            for j in 0..=i {
+                axpy(ds[j], &keys[j * d..(j + 1) * d], &mut dq_i);
+                axpy(ds[j], q_i, &mut dk[j * d..(j + 1) * d]);
+                axpy(p[j], do_i, &mut dv[j * d..(j + 1) * d]);
+            }
+            grads[i * 3 * w + column..i * 3 * w + column + d].copy_from_slice(&dq_i);
+        }
+        for j in 0..t {
+            let row = &mut grads[j * 3 * w..(j + 1) * 3 * w];
+            row[w + column..w + column + d].copy_from_slice(&dk[j * d..(j + 1) * d]);
+            row[2 * w + column..2 * w + column + d].copy_from_slice(&dv[j * d..(j + 1) * d]);
+        }
+    }
 }
 
 fn check_dims(
@@ -224,7 +264,7 @@ fn check_dims(
     what: &str,
 ) -> candle_core::Result<Dims> {
     let (batch, t, _) = layout.shape().dims3()?;
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         candle_core::bail!(
             "fused attention: {what}: width {width} is not a multiple of {heads} heads"
         );
@@ -250,7 +290,7 @@ impl CustomOp1 for PackedAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let packed = l.dims()[2];
-        if packed % 3 != 0 {
+        if !packed.is_multiple_of(3) {
             candle_core::bail!("fused attention: packed width {packed} is not 3 × width");
         }
         let dims = check_dims(l, packed / 3, self.heads, "qkv")?;

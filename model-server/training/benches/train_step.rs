@@ -78,6 +78,12 @@ fn time_steps(run: &mut TrainingRun, steps: usize) -> Result<f64, Box<dyn std::e
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: first statement of `main`, before any other thread starts.
     unsafe { superficial_models::pin_cpu_thread_count() };
+    // As `model_server::keep_freed_memory` does for the binaries (this crate cannot depend on
+    // model-server): mimalloc's `purge_delay` (15) to -1, never return freed memory.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting a mimalloc option is thread-safe.
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    }
     let steps = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -234,6 +234,12 @@ fn build(name: &str) -> Result<Workload, BoxError> {
 fn main() -> Result<(), BoxError> {
     // SAFETY: first statement of `main`, before any other thread starts.
     unsafe { superficial_models::pin_cpu_thread_count() };
+    // As `model_server::keep_freed_memory` does for the binaries (this crate cannot depend on
+    // model-server): mimalloc's `purge_delay` (15) to -1, never return freed memory.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting a mimalloc option is thread-safe.
+        unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    }
     let serve = std::env::args().any(|a| a == "--serve");
     let mut current: Option<(String, Workload)> = None;
     let mut time = |name: &str| -> Result<f64, BoxError> {
