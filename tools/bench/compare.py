@@ -113,6 +113,8 @@ def main():
     parser.add_argument("--only", default="", help="run workloads whose name contains this")
     parser.add_argument("--max-load", type=float, default=0.5, help="refuse above this load average")
     parser.add_argument("--force", action="store_true", help="run even on a busy machine")
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds of idle before each repetition")
     parser.add_argument("--python", help="a Python with torch and transformers")
     parser.add_argument("--json", help="also write the measurements here")
     parser.add_argument("--no-server", action="store_true",
@@ -144,6 +146,9 @@ def main():
             for rep in range(args.reps):
                 order = peers if rep % 2 == 0 else list(reversed(peers))
                 for peer in order:
+                    # Let the other side's worker threads stop spinning first (OpenMP keeps
+                    # them busy-waiting for a while after each parallel region).
+                    time.sleep(args.pause)
                     times[peer.label].append(peer.time(workload))
             results[workload] = times
             print(f"  {workload}: " + ", ".join(
@@ -158,7 +163,8 @@ def main():
     end_load = os.getloadavg()[0]
     print(f"# project vs PyTorch, {datetime.date.today()}, {platform.machine()} "
           f"{os.cpu_count()} CPUs ({cpu_model()}), load average {load:.2f} at start, "
-          f"{end_load:.2f} at end; medians of {args.reps} interleaved repetitions, "
+          f"{end_load:.2f} at end; medians of {args.reps} interleaved repetitions "
+          f"({args.pause} s idle before each), "
           f"spread = min-max; sgemm peak {peak:.0f} GFLOP/s (best of both at 2048^3)")
     print()
     print("| workload | project s | spread | PyTorch s | spread | PyTorch/project | project GFLOP/s | % of peak |")
