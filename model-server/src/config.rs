@@ -117,6 +117,13 @@ pub struct ServerConfig {
     /// are validated and committed).
     #[arg(long, env = "W2S_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: usize,
+    /// Most gRPC connections open at once; further peers wait in the listen backlog.
+    #[arg(long, env = "W2S_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a new connection may stay silent before it is closed (so sockets that never
+    /// speak cannot use up the descriptors).
+    #[arg(long, env = "W2S_FIRST_BYTES_SECONDS", default_value_t = 10.0)]
+    pub first_bytes_seconds: f64,
 }
 
 /// Per-request work caps, checked before a request is queued (a request beyond one is refused
@@ -263,6 +270,15 @@ impl ServerConfig {
             return Err(format!(
                 "--drain-seconds must be between 0 and 3600, got {}",
                 self.drain_seconds
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be positive".into());
+        }
+        if !(self.first_bytes_seconds.is_finite() && self.first_bytes_seconds > 0.0) {
+            return Err(format!(
+                "--first-bytes-seconds must be positive, got {}",
+                self.first_bytes_seconds
             ));
         }
         if self.max_message_bytes < 1024 {

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod datasets;
 pub mod error;
 pub mod jobs;

@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 use w2s_proto::v1::datasets_server::DatasetsServer;
@@ -20,6 +19,7 @@ use w2s_proto::v1::training_server::TrainingServer;
 
 use crate::auth::RequireBearer;
 use crate::config::ServerConfig;
+use crate::connections::{ConnectionLimits, guarded_incoming};
 use crate::datasets::DatasetStore;
 use crate::jobs::{JobPaths, JobSpec, JobStatus, read_json};
 use crate::metrics::{self, Metrics};
@@ -203,9 +203,14 @@ impl RunningServer {
                 .add_service(InterceptedService::new(inference, auth.clone()))
                 .add_service(InterceptedService::new(datasets, auth.clone()))
                 .add_service(InterceptedService::new(training, auth))
-                // TCP_NODELAY: without it small responses wait ~40 ms for delayed ACKs.
                 .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    guarded_incoming(
+                        listener,
+                        ConnectionLimits {
+                            max_connections: config.max_connections,
+                            first_bytes_within: Duration::from_secs_f64(config.first_bytes_seconds),
+                        },
+                    ),
                     async {
                         let _ = shutdown_rx.await;
                     },

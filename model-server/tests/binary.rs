@@ -210,3 +210,56 @@ fn sigterm_with_a_watch_open_exits_within_the_drain_limit() {
         "watch ended with {ended:?}"
     );
 }
+
+/// 300 connections that never speak, against a server allowed only 128 file descriptors: a new
+/// client is still served, because silent connections are closed after `--first-bytes-seconds`
+/// and accept errors (EMFILE) back off instead of spinning.
+#[test]
+fn silent_connections_do_not_lock_out_a_new_client() {
+    let data = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_model-server");
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 128 && exec '{binary}' --listen 127.0.0.1:0 --data-dir '{}' \
+                 --max-connections 64 --first-bytes-seconds 1",
+                data.path().display()
+            ),
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let _drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(
+        silent.len() >= 200,
+        "only {} connections opened",
+        silent.len()
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let client = model_server::W2sClient::connect(&format!("http://{addr}")).await?;
+            client.list_models().await
+        })
+        .await
+    });
+    assert!(
+        matches!(served, Ok(Ok(_))),
+        "a new client was not served: {served:?}"
+    );
+    drop(silent);
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+}

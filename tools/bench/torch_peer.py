@@ -2,13 +2,12 @@
 as the project's `workloads` bench (model-server/training/benches/workloads.rs), one timed
 repetition per request.
 
-Protocol (stdin/stdout, one line each): `list` answers the workload names; a workload name
-answers the seconds of one repetition (the first request builds the model and runs one untimed
+Protocol (stdin/stdout, one line each): a workload name (the project's bench owns the list,
+`list` there; this side builds any name of that form) answers the seconds of one repetition (the first request builds the model and runs one untimed
 warm-up); `quit` ends. Never run in CI: it needs torch and transformers (see README of
 tools/bench).
 """
 
-import math
 import os
 import sys
 import time
@@ -17,25 +16,6 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-WORKLOADS = [
-    "gpt2s-lm-forward-8x256",
-    "gpt2s-reward-forward-8x256",
-    "gpt2s-reward-step-2x4x128",
-    "gpt2s-lm-step-4x128",
-    "gpt2s-simpo-step-2x4x128",
-    "gpt2s-dpo-step-2x4x128",
-    "w32-lm-step-16x96",
-    "w32-simpo-step-32x70",
-    "w32-reward-step-32x70",
-    "w32-logprobs-64x70",
-    "w32-logprobs-2x70",
-    "w64-lm-step-16x96",
-    "w64-simpo-step-32x70",
-    "w64-reward-step-32x70",
-    "w64-logprobs-64x70",
-    "w64-logprobs-2x70",
-    "sgemm-2048",
-]
 
 
 def config_for(shape):
@@ -144,20 +124,17 @@ def main():
             continue
         if request == "quit":
             break
-        if request == "list":
-            answer = " ".join(WORKLOADS)
-        else:
-            try:
-                if current[0] != request:
-                    current = (None, None)
-                    run = build(request)
-                    run()
-                    current = (request, run)
-                start = time.perf_counter()
-                current[1]()
-                answer = f"{time.perf_counter() - start:.6f}"
-            except Exception as e:  # reported to the driver, which prints it
-                answer = f"error {type(e).__name__}: {e}".replace("\n", " ")
+        try:
+            if current[0] != request:
+                current = (None, None)
+                run = build(request)
+                run()
+                current = (request, run)
+            start = time.perf_counter()
+            current[1]()
+            answer = f"{time.perf_counter() - start:.6f}"
+        except Exception as e:  # reported to the driver, which prints it
+            answer = f"error {type(e).__name__}: {e}".replace("\n", " ")
         print(answer, flush=True)
 
 
