@@ -210,39 +210,51 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+/// Serves `GET /metrics` on `listener` until the task is dropped, under the same connection
+/// limits as the gRPC port (cap, silent-connection timeout, accept back-off); each connection
+/// gets `limits.first_bytes_within` in all to send its request and receive the answer, so a
+/// slow or stuck peer cannot hold a slot.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    limits: crate::connections::ConnectionLimits,
+) {
+    use tokio_stream::StreamExt;
+    let mut incoming = crate::connections::guarded_incoming(listener, limits);
+    while let Some(accepted) = incoming.next().await {
+        let Ok(mut stream) = accepted else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buffer = vec![0u8; 4096];
-            let mut read = 0;
-            while read < buffer.len() {
-                match stream.read(&mut buffer[read..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
+            let answer = async move {
+                let mut buffer = vec![0u8; 4096];
+                let mut read = 0;
+                while read < buffer.len() {
+                    match stream.read(&mut buffer[read..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                    if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
                 }
-                if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let request = String::from_utf8_lossy(&buffer[..read]);
-            let (status, body) = if request.starts_with("GET /metrics") {
-                ("200 OK", metrics.render())
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_string(),
-                )
+                let request = String::from_utf8_lossy(&buffer[..read]);
+                let (status, body) = if request.starts_with("GET /metrics") {
+                    ("200 OK", metrics.render())
+                } else {
+                    (
+                        "404 Not Found",
+                        "only GET /metrics is served here\n".to_string(),
+                    )
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
             };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = tokio::time::timeout(limits.first_bytes_within, answer).await;
         });
     }
 }

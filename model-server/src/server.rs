@@ -117,6 +117,10 @@ impl RunningServer {
             addr: config.listen,
             source,
         })?;
+        let connection_limits = ConnectionLimits {
+            max_connections: config.max_connections,
+            first_bytes_within: Duration::from_secs_f64(config.first_bytes_seconds),
+        };
         let (metrics_addr, metrics_task) = match config.metrics_listen {
             Some(metrics_listen) => {
                 let listener =
@@ -129,7 +133,11 @@ impl RunningServer {
                 let bound = listener.local_addr().ok();
                 (
                     bound,
-                    Some(tokio::spawn(metrics::serve(listener, metrics.clone()))),
+                    Some(tokio::spawn(metrics::serve(
+                        listener,
+                        metrics.clone(),
+                        connection_limits,
+                    ))),
                 )
             }
             None => (None, None),
