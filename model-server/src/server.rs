@@ -212,13 +212,7 @@ impl RunningServer {
                 .add_service(InterceptedService::new(datasets, auth.clone()))
                 .add_service(InterceptedService::new(training, auth))
                 .serve_with_incoming_shutdown(
-                    guarded_incoming(
-                        listener,
-                        ConnectionLimits {
-                            max_connections: config.max_connections,
-                            first_bytes_within: Duration::from_secs_f64(config.first_bytes_seconds),
-                        },
-                    ),
+                    guarded_incoming(listener, connection_limits),
                     async {
                         let _ = shutdown_rx.await;
                     },

@@ -302,11 +302,11 @@ fn confine_new_path(root: &std::path::Path, requested: &str) -> ServiceResult<Pa
         .and_then(|n| n.to_str())
         .filter(|n| *n != "..")
         .ok_or_else(|| ServiceError::invalid("path", "must end in a folder name"))?;
-    // The file system's own limits (NAME_MAX, PATH_MAX), refused here rather than failing
-    // half-way through the export.
     if requested.contains('\0') {
         return Err(ServiceError::invalid("path", "contains a NUL byte"));
     }
+    // The file system's own limits (NAME_MAX, PATH_MAX), refused here rather than failing
+    // half-way through the export.
     if name.len() > 255 || requested.len() > 4096 {
         return Err(ServiceError::invalid(
             "path",

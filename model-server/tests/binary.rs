@@ -24,9 +24,14 @@ fn start(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
-        .args(args)
-        .envs(envs.iter().copied())
+    let mut command = Command::new(env!("CARGO_BIN_EXE_model-server"));
+    command.args(args).envs(envs.iter().copied());
+    start_command(command)
+}
+
+/// Spawns `command` (the server, possibly behind a shell) and waits for its ready line.
+fn start_command(mut command: Command) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = command
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -218,27 +223,16 @@ fn sigterm_with_a_watch_open_exits_within_the_drain_limit() {
 fn silent_connections_do_not_lock_out_a_new_client() {
     let data = tempfile::tempdir().unwrap();
     let binary = env!("CARGO_BIN_EXE_model-server");
-    let mut child = Command::new("sh")
-        .args([
-            "-c",
-            &format!(
-                "ulimit -n 128 && exec '{binary}' --listen 127.0.0.1:0 --data-dir '{}' \
-                 --max-connections 64 --first-bytes-seconds 1",
-                data.path().display()
-            ),
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    let _drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let mut shell = Command::new("sh");
+    shell.args([
+        "-c",
+        &format!(
+            "ulimit -n 128 && exec '{binary}' --listen 127.0.0.1:0 --data-dir '{}' \
+             --max-connections 64 --first-bytes-seconds 1",
+            data.path().display()
+        ),
+    ]);
+    let (mut child, addr, _logs) = start_command(shell);
     let silent: Vec<std::net::TcpStream> = (0..300)
         .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
         .collect();
