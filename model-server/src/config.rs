@@ -117,6 +117,16 @@ pub struct ServerConfig {
     /// are validated and committed).
     #[arg(long, env = "W2S_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: usize,
+    /// Longest time one turn of the device loop advances long work (generations, big scoring
+    /// requests, preference-pair generation) before it looks at queued requests again, in
+    /// milliseconds. Each piece of work advances by at least one forward pass per turn, and
+    /// one training step runs per turn.
+    #[arg(long, env = "W2S_SLICE_MS", default_value_t = 50.0)]
+    pub slice_ms: f64,
+    /// Report NOT_SERVING on grpc.health.v1 while the device loop has work but has made no
+    /// progress for this many seconds (a stuck device or a runaway step); 0 turns it off.
+    #[arg(long, env = "W2S_STALL_SECONDS", default_value_t = 300.0)]
+    pub stall_seconds: f64,
     /// Most gRPC connections open at once; further peers wait in the listen backlog.
     #[arg(long, env = "W2S_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
@@ -274,6 +284,18 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be positive".into());
+        }
+        if !(self.slice_ms.is_finite() && (0.1..=60_000.0).contains(&self.slice_ms)) {
+            return Err(format!(
+                "--slice-ms must be between 0.1 and 60000, got {}",
+                self.slice_ms
+            ));
+        }
+        if !(self.stall_seconds.is_finite() && self.stall_seconds >= 0.0) {
+            return Err(format!(
+                "--stall-seconds must be 0 (off) or positive, got {}",
+                self.stall_seconds
+            ));
         }
         if !(self.first_bytes_seconds.is_finite() && self.first_bytes_seconds > 0.0) {
             return Err(format!(

@@ -69,6 +69,7 @@ pub struct RunningServer {
     drain: Duration,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
     state: ServiceState,
 }
 
@@ -99,6 +100,7 @@ impl RunningServer {
                 max_batch_requests: config.max_batch_requests,
                 data_dir: config.data_dir.clone(),
                 checkpoint_every: config.checkpoint_every,
+                slice: Duration::from_secs_f64(config.slice_ms / 1000.0),
             },
             jobs.clone(),
             events.clone(),
@@ -259,8 +261,16 @@ impl RunningServer {
         health_reporter
             .set_serving::<TrainingServer<TrainingService>>()
             .await;
+        let watchdog = (config.stall_seconds > 0.0).then(|| {
+            tokio::spawn(health_watchdog(
+                health_reporter.clone(),
+                worker.heartbeat(),
+                Duration::from_secs_f64(config.stall_seconds),
+            ))
+        });
         info!(%addr, "model-server listening on {addr}");
         Ok(Self {
+            watchdog,
             addr,
             metrics_addr,
             shutdown: Some(shutdown_tx),
@@ -314,7 +324,10 @@ impl RunningServer {
         if let Err(e) = self.state.worker.shutdown().await {
             warn!("worker shutdown: {e}");
         }
-        if let Some(task) = self.metrics_task.take() {
+        for task in [self.metrics_task.take(), self.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         match served {
@@ -331,6 +344,48 @@ impl RunningServer {
         signal.await;
         info!("shutting down");
         self.shutdown().await
+    }
+}
+
+/// Reports NOT_SERVING (every service and the server as a whole) while the device loop has
+/// work but has made no progress for `stall`, and SERVING again once it moves. With work
+/// sliced into single forward passes, a stall that long means a stuck device or a step far
+/// beyond what the machine can do; load balancers then route around the server.
+async fn health_watchdog(
+    reporter: tonic_health::server::HealthReporter,
+    heartbeat: Arc<crate::worker::Heartbeat>,
+    stall: Duration,
+) {
+    use tonic::server::NamedService;
+    const SERVICES: [&str; 5] = [
+        "",
+        <InferenceServer<InferenceService> as NamedService>::NAME,
+        <ModelsServer<ModelsService> as NamedService>::NAME,
+        <DatasetsServer<DatasetsService> as NamedService>::NAME,
+        <TrainingServer<TrainingService> as NamedService>::NAME,
+    ];
+    let mut interval = tokio::time::interval(Duration::from_millis(250).min(stall / 4));
+    let mut stalled = false;
+    loop {
+        interval.tick().await;
+        let now_stalled = heartbeat.stalled_for() >= stall;
+        if now_stalled == stalled {
+            continue;
+        }
+        stalled = now_stalled;
+        let status = if stalled {
+            warn!(
+                "device loop has made no progress for {:.1} s: health NOT_SERVING",
+                heartbeat.stalled_for().as_secs_f64()
+            );
+            tonic_health::ServingStatus::NotServing
+        } else {
+            info!("device loop is making progress again: health SERVING");
+            tonic_health::ServingStatus::Serving
+        };
+        for service in SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
     python3 tools/bench/compare.py                 # 5 repetitions, markdown table on stdout
     python3 tools/bench/compare.py --reps 7 --only w64 --json out.json
+    python3 tools/bench/compare.py --device cuda:0 --binary ./workloads --load-client ./load-client
 
 Runs the project's `workloads` bench and `torch_peer.py` as two long-lived processes and asks
 each for one repetition at a time, alternating which goes first, so load drift hits both
@@ -11,6 +12,9 @@ OpenMP threads degrade many-fold when another process holds a core). Prints medi
 (min-max), the ratio PyTorch/project (above 1: the project is faster) and achieved GFLOP/s
 against the sgemm peak measured in the same run. Without a Python that imports torch and
 transformers (--python, $BENCH_PYTHON or tools/bench/.venv) only the project side runs.
+With --device cuda:N both sides run on that GPU (the project's bench must be a CUDA build:
+tools/build-cuda.sh; --binary takes a prebuilt one) and the load check is skipped (a GPU run
+is bound by the GPU, and the lent machines' load averages count other tenants).
 Standard library only; never part of CI (timings are not assertions).
 """
 
@@ -119,18 +123,23 @@ def main():
     parser.add_argument("--json", help="also write the measurements here")
     parser.add_argument("--no-server", action="store_true",
                         help="skip the server round trips (load-client; project only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
+    parser.add_argument("--binary", help="a prebuilt workloads bench (default: cargo builds it)")
+    parser.add_argument("--load-client", help="a prebuilt load-client (default: cargo runs it)")
     args = parser.parse_args()
+    on_gpu = args.device != "cpu"
+    env = dict(os.environ, BENCH_DEVICE=args.device)
 
     load = os.getloadavg()[0]
-    if load > args.max_load and not args.force:
+    if load > args.max_load and not args.force and not on_gpu:
         sys.exit(f"load average {load:.2f} > {args.max_load}: the machine is busy; "
                  "a comparison is only honest on a quiet machine (--force to run anyway)")
 
-    binary = project_binary()
-    peers = [Peer("project", [binary, "--serve"])]
+    binary = args.binary or project_binary()
+    peers = [Peer("project", [os.path.abspath(binary), "--serve"], env)]
     python = torch_python(args.python)
     if python:
-        peers.append(Peer("pytorch", [python, os.path.join(HERE, "torch_peer.py")]))
+        peers.append(Peer("pytorch", [python, os.path.join(HERE, "torch_peer.py")], env))
     else:
         print("no Python with torch + transformers found: project side only", file=sys.stderr)
     workloads = [w for w in peers[0].ask("list").split() if args.only in w]
@@ -161,11 +170,12 @@ def main():
     peak = max(flops("sgemm-2048") / statistics.median(ts)
                for ts in results["sgemm-2048"].values()) / 1e9
     end_load = os.getloadavg()[0]
-    print(f"# project vs PyTorch, {datetime.date.today()}, {platform.machine()} "
+    where = f"{args.device} ({gpu_model()}), " if on_gpu else ""
+    print(f"# project vs PyTorch, {datetime.date.today()}, {where}{platform.machine()} "
           f"{os.cpu_count()} CPUs ({cpu_model()}), load average {load:.2f} at start, "
           f"{end_load:.2f} at end; medians of {args.reps} interleaved repetitions "
           f"({args.pause} s idle before each), "
-          f"spread = min-max; sgemm peak {peak:.0f} GFLOP/s (best of both at 2048^3)")
+          f"spread = min-max; sgemm peak {peak:.0f} GFLOP/s (best of both at 2048^3, fp32)")
     print()
     print("| workload | project s | spread | PyTorch s | spread | PyTorch/project | project GFLOP/s | % of peak |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -182,13 +192,17 @@ def main():
     if not args.no_server:
         # ScorePairs over gRPC at concurrency 1/8/32 (p50/p99): the project's own server, which
         # has no PyTorch counterpart; load-client prints its table.
+        load_client = [os.path.abspath(args.load_client)] if args.load_client else [
+            "cargo", "run", "--quiet", "--release", "-p", "model-server", "--bin", "load-client",
+            "--"]
+        preset = ["--preset", "gpt2", "--device", args.device] if on_gpu else [
+            "--preset", "tiny-gpt2"]
         out = subprocess.run(
-            ["cargo", "run", "--quiet", "--release", "-p", "model-server", "--bin", "load-client",
-             "--", "--preset", "tiny-gpt2", "--tokens", "64", "--requests", "256", "--reps", "3"],
+            load_client + preset + ["--tokens", "64", "--requests", "256", "--reps", "3"],
             cwd=ROOT, check=True, capture_output=True, text=True).stdout
         print()
         print("Server round trips (project only: single-pair ScorePairs over loopback gRPC, "
-              "tiny-gpt2 preset, load-client):")
+              f"{preset[1]} preset on {args.device}, load-client):")
         print()
         print(out.strip())
     if args.json:
@@ -196,6 +210,14 @@ def main():
             json.dump({"date": str(datetime.date.today()), "load_start": load,
                        "load_end": end_load, "peak_gflops": peak, "reps": args.reps,
                        "results": results}, f, indent=1)
+
+
+def gpu_model():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown GPU"
 
 
 def cpu_model():

@@ -4,7 +4,8 @@ repetition per request.
 
 Protocol (stdin/stdout, one line each): a workload name (the project's bench owns the list,
 `list` there; this side builds any name of that form) answers the seconds of one repetition (the first request builds the model and runs one untimed
-warm-up); `quit` ends. Never run in CI: it needs torch and transformers (see README of
+warm-up); `quit` ends. `BENCH_DEVICE=cuda:0` runs on a GPU (each repetition ends with a
+synchronisation). Never run in CI: it needs torch and transformers (see README of
 tools/bench).
 """
 
@@ -16,6 +17,12 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def config_for(shape):
@@ -37,7 +44,7 @@ def build(name):
     shape, rest = name.split("-", 1)
     if shape == "sgemm":
         n = int(rest)
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
         return lambda: torch.mm(a, b)
     kind, dims = rest.rsplit("-", 1)
     dims = [int(d) for d in dims.split("x")]
@@ -45,10 +52,10 @@ def build(name):
     config = config_for(shape)
     vocab = config.vocab_size - 1
     g = torch.Generator().manual_seed(7)
-    rand_ids = lambda n: torch.randint(0, vocab, (n, length), generator=g)
+    rand_ids = lambda n: torch.randint(0, vocab, (n, length), generator=g).to(DEVICE)
 
     if kind in ("lm-forward", "logprobs"):
-        model = GPT2LMHeadModel(config).eval()
+        model = GPT2LMHeadModel(config).to(DEVICE).eval()
         ids = rand_ids(pairs)
 
         def run():
@@ -57,8 +64,8 @@ def build(name):
         return run
 
     if kind == "reward-forward":
-        body = GPT2Model(config).eval()
-        head = torch.nn.Linear(config.n_embd, 1, bias=False)
+        body = GPT2Model(config).to(DEVICE).eval()
+        head = torch.nn.Linear(config.n_embd, 1, bias=False).to(DEVICE)
         ids = rand_ids(pairs)
 
         def run():
@@ -67,12 +74,12 @@ def build(name):
         return run
 
     if kind == "reward-step":
-        body = GPT2Model(config).train()
-        head = torch.nn.Linear(config.n_embd, 1, bias=False)
+        body = GPT2Model(config).to(DEVICE).train()
+        head = torch.nn.Linear(config.n_embd, 1, bias=False).to(DEVICE)
         params = list(body.parameters()) + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         ids = rand_ids(2 * pairs)
-        target = torch.ones(pairs)
+        target = torch.ones(pairs, device=DEVICE)
 
         def run():
             rewards = head(body(ids).last_hidden_state[:, -1]).squeeze(-1).view(pairs, 2)
@@ -82,7 +89,7 @@ def build(name):
             opt.zero_grad(set_to_none=True)
         return run
 
-    model = GPT2LMHeadModel(config).train()
+    model = GPT2LMHeadModel(config).to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
 
     def step(loss):
@@ -97,7 +104,7 @@ def build(name):
     if kind in ("simpo-step", "dpo-step"):
         ids = rand_ids(2 * pairs)
         half = length // 2
-        mask = torch.zeros(2 * pairs, length - 1)
+        mask = torch.zeros(2 * pairs, length - 1, device=DEVICE)
         mask[:, half - 1:] = 1.0  # log-probs of the response tokens
 
         def run():
@@ -106,7 +113,7 @@ def build(name):
                 means = sums / (length - half)
                 loss = -F.logsigmoid(2.0 * (means[:, 0] - means[:, 1]) - 1.0).mean()
             else:
-                reference = torch.tensor([-1.0, -1.2])
+                reference = torch.tensor([-1.0, -1.2], device=DEVICE)
                 margin = (sums[:, 0] - reference[0]) - (sums[:, 1] - reference[1])
                 loss = -F.logsigmoid(0.1 * margin).mean()
             step(loss)
@@ -116,6 +123,7 @@ def build(name):
 
 
 def main():
+    torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     current = (None, None)
     for line in sys.stdin:
@@ -129,9 +137,11 @@ def main():
                 current = (None, None)
                 run = build(request)
                 run()
+                synchronize()
                 current = (request, run)
             start = time.perf_counter()
             current[1]()
+            synchronize()
             answer = f"{time.perf_counter() - start:.6f}"
         except Exception as e:  # reported to the driver, which prints it
             answer = f"error {type(e).__name__}: {e}".replace("\n", " ")

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, KvCache};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +131,86 @@ pub struct GenerationConfig {
     pub stop_tokens: Vec<u32>,
 }
 
+/// A generation in progress: the KV cache, the sampler's state and the tokens so far. Each
+/// [`Generation::step`] adds one token, so a caller can interleave other work between tokens
+/// (the server's device thread serves short requests between slices of a long generation).
+pub struct Generation {
+    sampler: Sampler,
+    cache: KvCache,
+    /// Ids the next forward pass consumes: the prompt first, then the last sampled token.
+    input: Vec<u32>,
+    out: Vec<u32>,
+    max_new_tokens: usize,
+    stop_tokens: Vec<u32>,
+    finished: bool,
+}
+
+impl Generation {
+    /// Checks the prompt and the length budget; computes nothing yet.
+    pub fn new(model: &CausalLm, prompt: &[u32], config: &GenerationConfig) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "generation needs a non-empty prompt".into(),
+            ));
+        }
+        let max = model.config().max_positions();
+        if prompt.len() + config.max_new_tokens > max {
+            return Err(ModelError::SequenceTooLong {
+                len: prompt.len() + config.max_new_tokens,
+                max,
+            });
+        }
+        Ok(Self {
+            sampler: Sampler::new(config.sampling.clone())?,
+            cache: model.new_cache(),
+            input: prompt.to_vec(),
+            out: Vec::with_capacity(config.max_new_tokens),
+            max_new_tokens: config.max_new_tokens,
+            stop_tokens: config.stop_tokens.clone(),
+            finished: config.max_new_tokens == 0,
+        })
+    }
+
+    /// One forward pass and one sampled token; `None` once the generation has finished (the
+    /// token budget is spent or a stop token was emitted).
+    pub fn step(&mut self, model: &CausalLm) -> Result<Option<u32>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let input = Tensor::new(self.input.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward_cached(&input, &mut self.cache)?;
+        let last = logits
+            .narrow(1, logits.dim(1)? - 1, 1)?
+            .squeeze(1)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let token = self.sampler.sample(&last)?;
+        self.out.push(token);
+        self.input = vec![token];
+        self.finished = self.out.len() >= self.max_new_tokens || self.stop_tokens.contains(&token);
+        Ok(Some(token))
+    }
+
+    /// Ends the generation early (the caller's consumer has gone).
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+
+    pub fn into_tokens(self) -> Vec<u32> {
+        self.out
+    }
+}
+
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new token as
 /// soon as it is chosen (return `false` from it to stop early). Returns the new tokens.
 pub fn generate(
@@ -139,38 +219,13 @@ pub fn generate(
     config: &GenerationConfig,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        return Err(ModelError::InvalidInput(
-            "generation needs a non-empty prompt".into(),
-        ));
-    }
-    let max = model.config().max_positions();
-    if prompt.len() + config.max_new_tokens > max {
-        return Err(ModelError::SequenceTooLong {
-            len: prompt.len() + config.max_new_tokens,
-            max,
-        });
-    }
-    let mut sampler = Sampler::new(config.sampling.clone())?;
-    let mut cache = model.new_cache();
-    let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let mut out = Vec::with_capacity(config.max_new_tokens);
-    for _ in 0..config.max_new_tokens {
-        let logits = model.forward_cached(&input, &mut cache)?;
-        let last = logits
-            .narrow(1, logits.dim(1)? - 1, 1)?
-            .squeeze(1)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let token = sampler.sample(&last)?;
-        out.push(token);
-        if !on_token(token) || config.stop_tokens.contains(&token) {
-            break;
+    let mut generation = Generation::new(model, prompt, config)?;
+    while let Some(token) = generation.step(model)? {
+        if !on_token(token) {
+            generation.finish();
         }
-        input = Tensor::new(&[token], model.device())?.unsqueeze(0)?;
     }
-    Ok(out)
+    Ok(generation.into_tokens())
 }
 
 /// Greedy continuation computed without a cache (full re-forward each step); used to check the

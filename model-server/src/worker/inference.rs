@@ -1,392 +1,596 @@
-//! Inference on the device thread: tokenizing requests, running dynamic batches, DPO scoring,
-//! generation and preference-pair generation.
+//! Inference on the device thread, as resumable tasks: every long piece of work (a scoring
+//! batch, DPO scoring, a generation, preference-pair generation) advances one forward pass at
+//! a time, so the loop in `mod.rs` can serve short requests, notice cancelled clients and shut
+//! down between slices. Texts arrive already encoded (`tokenize.rs`).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use superficial_models::generation::{GenerationConfig, SamplingConfig, generate};
+use superficial_models::generation::{Generation, GenerationConfig, SamplingConfig};
 use superficial_models::{CausalLm, EncodedDialogue};
 use tokio::sync::mpsc;
 
+use super::tokenize::{DpoWork, GenerateWork, PairsWork, Prepared};
 use super::*;
 use crate::error::{ServiceError, ServiceResult};
 
-impl Worker {
-    /// Tokenizes a batchable request; on error the request is answered at once.
-    pub(super) fn prepare(&self, job: Job) -> Option<Prepared> {
-        let queued = job.enqueued.elapsed();
-        let started = Instant::now();
-        match job.command {
-            Command::Logprobs(request, reply) => {
-                if reply.is_closed() {
-                    return None;
-                }
-                match self.encode_logprobs(&request) {
-                    Ok(encoded) => Some(Prepared {
-                        model: request.model,
-                        primitive: Primitive::Logprobs,
-                        sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
-                        times: StageTimes {
-                            queue: queued,
-                            tokenize: started.elapsed(),
-                            compute: Duration::ZERO,
-                        },
-                        finish: Box::new(move |output, times| {
-                            let result = output.and_then(|o| match o {
-                                Output::Logprobs(rows) => Ok((
-                                    encoded
-                                        .into_iter()
-                                        .zip(rows)
-                                        .map(|(d, logprobs)| SequenceLogprobs {
-                                            response_mask: d.logprob_mask(),
-                                            token_ids: d.ids,
-                                            logprobs,
-                                            truncated: d.truncated,
-                                        })
-                                        .collect(),
-                                    times,
-                                )),
-                                Output::Rewards(_) => {
-                                    Err(ServiceError::Internal("wrong primitive".into()))
-                                }
-                            });
-                            let _ = reply.send(result);
-                        }),
-                    }),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        None
-                    }
-                }
-            }
-            Command::ScoreTexts(request, reply) => {
-                if reply.is_closed() {
-                    return None;
-                }
-                let encoded = self.resident(&request.model).and_then(|resident| {
-                    Self::require_head(resident)?;
-                    let max_ctx = Self::max_ctx(resident, request.max_ctx);
-                    request
-                        .texts
-                        .iter()
-                        .enumerate()
-                        .map(|(i, text)| {
-                            let (ids, _) = resident
-                                .tokenizer
-                                .encode_truncated(text, max_ctx)
-                                .map_err(|e| ServiceError::invalid(format!("texts[{i}]"), e))?;
-                            if ids.is_empty() {
-                                // A reward is read at the last token; a text without one is
-                                // the client's error, not the server's.
-                                return Err(ServiceError::invalid(
-                                    format!("texts[{i}]"),
-                                    "text has no tokens",
-                                ));
-                            }
-                            check_ids(resident, &ids, format!("texts[{i}]"))?;
-                            Ok(ids)
-                        })
-                        .collect::<ServiceResult<Vec<_>>>()
-                });
-                match encoded {
-                    Ok(sequences) => Some(Prepared {
-                        model: request.model,
-                        primitive: Primitive::Rewards,
-                        sequences,
-                        times: StageTimes {
-                            queue: queued,
-                            tokenize: started.elapsed(),
-                            compute: Duration::ZERO,
-                        },
-                        finish: Box::new(move |output, times| {
-                            let result = output.and_then(|o| match o {
-                                Output::Rewards(values) => {
-                                    Ok((values.into_iter().map(f64::from).collect(), times))
-                                }
-                                Output::Logprobs(_) => {
-                                    Err(ServiceError::Internal("wrong primitive".into()))
-                                }
-                            });
-                            let _ = reply.send(result);
-                        }),
-                    }),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        None
-                    }
-                }
-            }
-            Command::Score(request, reply) => {
-                if reply.is_closed() {
-                    return None;
-                }
-                match self.encode_pairs(&request) {
-                    Ok(encoded) => {
-                        let scoring = request.scoring.clone();
-                        Some(Prepared {
-                            model: request.model,
-                            primitive: if scoring == PairScoring::Reward {
-                                Primitive::Rewards
-                            } else {
-                                Primitive::Logprobs
-                            },
-                            sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
-                            times: StageTimes {
-                                queue: queued,
-                                tokenize: started.elapsed(),
-                                compute: Duration::ZERO,
-                            },
-                            finish: Box::new(move |output, times| {
-                                let result = output.and_then(|o| {
-                                    let values = match o {
-                                        Output::Rewards(values) => {
-                                            values.into_iter().map(f64::from).collect()
-                                        }
-                                        Output::Logprobs(rows) => pool_rows(
-                                            &rows,
-                                            &encoded,
-                                            scoring == PairScoring::MeanLogprob,
-                                        )?,
-                                    };
-                                    Ok((pair_scores(&values), times))
-                                });
-                                let _ = reply.send(result);
-                            }),
-                        })
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        None
-                    }
-                }
-            }
-            _ => None,
+/// Where a scoring request's results go and how they are shaped.
+pub(super) enum ReplyTo {
+    Logprobs {
+        encoded: Vec<EncodedDialogue>,
+        reply: Reply<(Vec<SequenceLogprobs>, StageTimes)>,
+    },
+    Texts {
+        reply: Reply<(Vec<f64>, StageTimes)>,
+    },
+    Score {
+        encoded: Vec<EncodedDialogue>,
+        mean: bool,
+        reply: Reply<(Vec<PairScore>, StageTimes)>,
+    },
+}
+
+impl ReplyTo {
+    fn is_closed(&self) -> bool {
+        match self {
+            ReplyTo::Logprobs { reply, .. } => reply.is_closed(),
+            ReplyTo::Texts { reply } => reply.is_closed(),
+            ReplyTo::Score { reply, .. } => reply.is_closed(),
         }
     }
 
-    /// Runs batchable requests for one model in shared forward passes.
-    pub(super) fn run_batch(&mut self, batch: Vec<Job>) {
-        let prepared: Vec<Prepared> = batch
-            .into_iter()
-            .filter_map(|job| self.prepare(job))
-            .collect();
-        let Some(first) = prepared.first() else {
-            return;
-        };
-        let (model_name, primitive) = (first.model.clone(), first.primitive);
-        self.metrics.observe_batch(
-            prepared.len(),
-            prepared.iter().map(|p| p.sequences.len()).sum(),
-        );
-        let all: Vec<Vec<u32>> = prepared
+    fn fail(self, error: ServiceError) {
+        match self {
+            ReplyTo::Logprobs { reply, .. } => drop(reply.send(Err(error))),
+            ReplyTo::Texts { reply } => drop(reply.send(Err(error))),
+            ReplyTo::Score { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+
+    fn finish(self, output: Output, times: StageTimes) {
+        let wrong = || ServiceError::Internal("wrong primitive".into());
+        match (self, output) {
+            (ReplyTo::Logprobs { encoded, reply }, Output::Logprobs(rows)) => {
+                let rows = encoded
+                    .into_iter()
+                    .zip(rows)
+                    .map(|(d, logprobs)| SequenceLogprobs {
+                        response_mask: d.logprob_mask(),
+                        token_ids: d.ids,
+                        logprobs,
+                        truncated: d.truncated,
+                    })
+                    .collect();
+                let _ = reply.send(Ok((rows, times)));
+            }
+            (ReplyTo::Texts { reply }, Output::Rewards(values)) => {
+                let _ = reply.send(Ok((values.into_iter().map(f64::from).collect(), times)));
+            }
+            (ReplyTo::Score { reply, .. }, Output::Rewards(values)) => {
+                let values: Vec<f64> = values.into_iter().map(f64::from).collect();
+                let _ = reply.send(Ok((pair_scores(&values), times)));
+            }
+            (
+                ReplyTo::Score {
+                    encoded,
+                    mean,
+                    reply,
+                },
+                Output::Logprobs(rows),
+            ) => {
+                let result = pool_rows(&rows, &encoded, mean).map(|v| (pair_scores(&v), times));
+                let _ = reply.send(result);
+            }
+            (other, _) => other.fail(wrong()),
+        }
+    }
+}
+
+/// Whether a task has more to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// Did work; call again.
+    Working,
+    /// Could not proceed (its consumer is not reading); call again later.
+    Blocked,
+    /// Finished, answered or abandoned: drop it.
+    Done,
+}
+
+/// Forward passes over many sequences, one token-budget batch per call.
+struct SlicedForward {
+    model: String,
+    primitive: Primitive,
+    sequences: Vec<Vec<u32>>,
+    next: usize,
+    logprobs: Vec<Vec<f32>>,
+    rewards: Vec<f32>,
+    compute: Duration,
+}
+
+impl SlicedForward {
+    fn new(model: String, primitive: Primitive, sequences: Vec<Vec<u32>>) -> Self {
+        Self {
+            model,
+            primitive,
+            sequences,
+            next: 0,
+            logprobs: Vec::new(),
+            rewards: Vec::new(),
+            compute: Duration::ZERO,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.next >= self.sequences.len()
+    }
+
+    /// Runs the next batch of at most `max_batch_tokens` padded tokens.
+    fn advance(&mut self, worker: &Worker) -> ServiceResult<()> {
+        let started = Instant::now();
+        let end = worker.batch_end(&self.sequences, self.next);
+        let batch = &self.sequences[self.next..end];
+        let resident = worker.resident(&self.model)?;
+        match self.primitive {
+            Primitive::Logprobs => self
+                .logprobs
+                .extend(resident.model.sequence_logprobs(batch)?),
+            Primitive::Rewards => self.rewards.extend(resident.model.sequence_rewards(batch)?),
+        }
+        self.next = end;
+        self.compute += started.elapsed();
+        Ok(())
+    }
+
+    fn take_output(&mut self) -> Output {
+        match self.primitive {
+            Primitive::Logprobs => Output::Logprobs(std::mem::take(&mut self.logprobs)),
+            Primitive::Rewards => Output::Rewards(std::mem::take(&mut self.rewards)),
+        }
+    }
+}
+
+/// Scoring requests for one model and primitive, merged into shared forward passes.
+pub(super) struct BatchTask {
+    forward: SlicedForward,
+    requests: Vec<Prepared>,
+}
+
+impl BatchTask {
+    pub(super) fn new(requests: Vec<Prepared>) -> Option<Self> {
+        let first = requests.first()?;
+        let sequences = requests
             .iter()
             .flat_map(|p| p.sequences.iter().cloned())
             .collect();
-        let started = Instant::now();
-        let computed = self.resident(&model_name).and_then(|r| match primitive {
-            Primitive::Logprobs => self.batched_logprobs(&r.model, &all).map(Output::Logprobs),
-            Primitive::Rewards => self.batched_rewards(&r.model, &all).map(Output::Rewards),
-        });
-        let compute = started.elapsed();
-        match computed {
-            Ok(output) => {
-                let mut offset = 0;
-                for p in prepared {
-                    let n = p.sequences.len();
-                    let part = match &output {
-                        Output::Logprobs(rows) => {
-                            Output::Logprobs(rows[offset..offset + n].to_vec())
-                        }
-                        Output::Rewards(values) => {
-                            Output::Rewards(values[offset..offset + n].to_vec())
-                        }
-                    };
-                    offset += n;
-                    (p.finish)(Ok(part), StageTimes { compute, ..p.times });
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                let code = e.code();
-                for p in prepared {
-                    let error = if code == tonic::Code::NotFound {
-                        ServiceError::UnknownModel(model_name.clone())
-                    } else {
-                        ServiceError::Internal(message.clone())
-                    };
-                    (p.finish)(Err(error), p.times);
-                }
-            }
-        }
+        Some(Self {
+            forward: SlicedForward::new(first.model.clone(), first.primitive, sequences),
+            requests,
+        })
     }
 
-    pub(super) fn encode_logprobs(&self, job: &LogprobsJob) -> ServiceResult<Vec<EncodedDialogue>> {
-        let resident = self.resident(&job.model)?;
-        let tokenizer = &resident.tokenizer;
-        let max_ctx = Self::max_ctx(resident, job.max_ctx);
-        let mut encoded = Vec::with_capacity(job.texts.len());
-        for (i, text) in job.texts.iter().enumerate() {
-            let field = || format!("texts[{i}]");
-            let dialogue = if job.split_dialogue {
-                tokenizer
-                    .encode_dialogue(text, usize::MAX)
-                    .map_err(|e| ServiceError::invalid(field(), e))?
-            } else {
-                let ids = tokenizer
-                    .encode(text)
-                    .map_err(|e| ServiceError::invalid(field(), e))?;
-                let n = ids.len();
-                EncodedDialogue::assemble(Vec::new(), ids, n)
+    fn advance(&mut self, worker: &Worker) -> Progress {
+        if self.requests.iter().all(|r| r.reply.is_closed()) {
+            return Progress::Done;
+        }
+        if let Err(e) = self.forward.advance(worker) {
+            let error = |e: &ServiceError| match e {
+                ServiceError::UnknownModel(name) => ServiceError::UnknownModel(name.clone()),
+                other => ServiceError::Internal(other.to_string()),
             };
-            if dialogue.ids.is_empty() {
-                return Err(ServiceError::invalid(field(), "text has no tokens"));
+            for request in self.requests.drain(..) {
+                request.reply.fail(error(&e));
             }
-            let dialogue = if dialogue.ids.len() > max_ctx {
-                if !job.truncate {
-                    return Err(ServiceError::invalid(
-                        field(),
-                        format!(
-                            "{} tokens exceed max_ctx {max_ctx} (set truncate to keep the last {max_ctx})",
-                            dialogue.ids.len()
-                        ),
-                    ));
-                }
-                truncate_dialogue(dialogue, max_ctx)
-            } else {
-                dialogue
+            return Progress::Done;
+        }
+        if !self.forward.is_done() {
+            return Progress::Working;
+        }
+        let compute = self.forward.compute;
+        let mut output = self.forward.take_output();
+        for request in self.requests.drain(..) {
+            let n = request.sequences.len();
+            let part = match &mut output {
+                Output::Logprobs(rows) => Output::Logprobs(rows.drain(..n).collect()),
+                Output::Rewards(values) => Output::Rewards(values.drain(..n).collect()),
             };
-            check_ids(resident, &dialogue.ids, field())?;
-            encoded.push(dialogue);
+            request.reply.finish(
+                part,
+                StageTimes {
+                    compute,
+                    ..request.times
+                },
+            );
         }
-        Ok(encoded)
+        Progress::Done
+    }
+}
+
+/// DPO implicit-reward scoring: the policy's summed response log-probs, then the reference's.
+pub(super) struct DpoTask {
+    work: DpoWork,
+    policy: SlicedForward,
+    reference: SlicedForward,
+}
+
+impl DpoTask {
+    pub(super) fn new(work: DpoWork) -> Self {
+        let ids = |encoded: &[EncodedDialogue]| encoded.iter().map(|d| d.ids.clone()).collect();
+        Self {
+            policy: SlicedForward::new(
+                work.job.model.clone(),
+                Primitive::Logprobs,
+                ids(&work.policy_encoded),
+            ),
+            reference: SlicedForward::new(
+                work.reference.clone(),
+                Primitive::Logprobs,
+                ids(&work.reference_encoded),
+            ),
+            work,
+        }
     }
 
-    /// Sequences of a pair request in the order chosen_0, rejected_0, chosen_1, ...
-    pub(super) fn encode_pairs_with(
-        &self,
-        resident: &Resident,
-        job: &ScoreJob,
-        whole_text: bool,
-    ) -> ServiceResult<Vec<EncodedDialogue>> {
-        let tokenizer = &resident.tokenizer;
-        let max_ctx = Self::max_ctx(resident, job.max_ctx);
-        let mut encoded = Vec::with_capacity(job.pairs.len() * 2);
-        for (i, pair) in job.pairs.iter().enumerate() {
-            for (side, response) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
-                let field = || format!("pairs[{i}].{side}");
-                let dialogue = if whole_text {
-                    let text = format!("{}{}", pair.prompt, response);
-                    let (ids, truncated) = tokenizer
-                        .encode_truncated(&text, max_ctx)
-                        .map_err(|e| ServiceError::invalid(field(), e))?;
-                    let n = ids.len();
-                    EncodedDialogue {
-                        response_mask: vec![true; n],
-                        ids,
-                        truncated,
-                    }
-                } else if pair.prompt.is_empty() {
-                    tokenizer
-                        .encode_dialogue(response, max_ctx)
-                        .map_err(|e| ServiceError::invalid(field(), e))?
-                } else {
-                    tokenizer
-                        .encode_prompt_response(&pair.prompt, response, max_ctx)
-                        .map_err(|e| ServiceError::invalid(field(), e))?
-                };
-                if dialogue.ids.is_empty() {
-                    return Err(ServiceError::invalid(field(), "text has no tokens"));
-                }
-                if !whole_text && !dialogue.logprob_mask().iter().any(|m| *m) {
-                    return Err(ServiceError::invalid(
-                        field(),
-                        "response has no tokens to score",
-                    ));
-                }
-                check_ids(resident, &dialogue.ids, field())?;
-                encoded.push(dialogue);
-            }
+    fn advance(&mut self, worker: &Worker) -> Progress {
+        if self.work.reply.is_closed() {
+            return Progress::Done;
         }
-        Ok(encoded)
-    }
-
-    pub(super) fn encode_pairs(&self, job: &ScoreJob) -> ServiceResult<Vec<EncodedDialogue>> {
-        let resident = self.resident(&job.model)?;
-        let whole_text = job.scoring == PairScoring::Reward;
-        if whole_text {
-            Self::require_head(resident)?;
-        }
-        self.encode_pairs_with(resident, job, whole_text)
-    }
-
-    pub(super) fn require_head(resident: &Resident) -> ServiceResult<()> {
-        if resident.model.has_reward_head() {
-            Ok(())
+        let result = if !self.policy.is_done() {
+            self.policy.advance(worker)
         } else {
-            Err(ServiceError::FailedPrecondition(format!(
-                "model `{}` has no reward head (load it with reward_head = true)",
-                resident.summary.name
-            )))
-        }
-    }
-
-    /// DPO implicit-reward scoring: policy and reference summed response log-probs.
-    pub(super) fn dpo_scores(&self, job: &ScoreJob) -> ServiceResult<(Vec<PairScore>, StageTimes)> {
-        let PairScoring::Dpo { reference } = &job.scoring else {
-            return Err(ServiceError::Internal("not a DPO request".into()));
+            self.reference.advance(worker)
         };
-        let policy = self.resident(&job.model)?;
-        let reference_model = self.resident(reference)?;
-        let started = Instant::now();
-        let encoded = self.encode_pairs_with(policy, job, false)?;
-        let ref_encoded = self.encode_pairs_with(reference_model, job, false)?;
-        let tokenize = started.elapsed();
-        let started = Instant::now();
-        let sequences: Vec<Vec<u32>> = encoded.iter().map(|d| d.ids.clone()).collect();
-        let ref_sequences: Vec<Vec<u32>> = ref_encoded.iter().map(|d| d.ids.clone()).collect();
-        let policy_sums = pool_rows(
-            &self.batched_logprobs(&policy.model, &sequences)?,
-            &encoded,
-            false,
-        )?;
-        let ref_sums = pool_rows(
-            &self.batched_logprobs(&reference_model.model, &ref_sequences)?,
-            &ref_encoded,
-            false,
-        )?;
-        let values: Vec<f64> = policy_sums
-            .iter()
-            .zip(&ref_sums)
-            .map(|(p, r)| p - r)
-            .collect();
-        Ok((
-            pair_scores(&values),
-            StageTimes {
-                queue: Duration::ZERO,
-                tokenize,
-                compute: started.elapsed(),
-            },
-        ))
+        if let Err(e) = result {
+            answer(&mut self.work.reply, Err(e));
+            return Progress::Done;
+        }
+        if !self.reference.is_done() {
+            return Progress::Working;
+        }
+        let scores = (|| {
+            let (Output::Logprobs(policy_rows), Output::Logprobs(reference_rows)) =
+                (self.policy.take_output(), self.reference.take_output())
+            else {
+                return Err(ServiceError::Internal("wrong primitive".into()));
+            };
+            let policy_sums = pool_rows(&policy_rows, &self.work.policy_encoded, false)?;
+            let reference_sums = pool_rows(&reference_rows, &self.work.reference_encoded, false)?;
+            let values: Vec<f64> = policy_sums
+                .iter()
+                .zip(&reference_sums)
+                .map(|(p, r)| p - r)
+                .collect();
+            Ok(pair_scores(&values))
+        })();
+        let times = StageTimes {
+            compute: self.policy.compute + self.reference.compute,
+            ..self.work.times
+        };
+        answer(&mut self.work.reply, scores.map(|s| (s, times)));
+        Progress::Done
+    }
+}
+
+/// Answers through a reply a task still holds; the task is dropped right after.
+fn answer<T>(reply: &mut Reply<T>, result: ServiceResult<T>) {
+    let (spent, _) = oneshot::channel();
+    let _ = std::mem::replace(reply, spent).send(result);
+}
+
+/// A streamed generation, one token per call.
+pub(super) struct GenerateTask {
+    work: GenerateWork,
+    generation: Option<Generation>,
+    /// Events the client's stream had no room for yet.
+    backlog: VecDeque<ServiceResult<GenerationEvent>>,
+    compute: Duration,
+    ended: bool,
+}
+
+impl GenerateTask {
+    pub(super) fn new(work: GenerateWork) -> Self {
+        Self {
+            work,
+            generation: None,
+            backlog: VecDeque::new(),
+            compute: Duration::ZERO,
+            ended: false,
+        }
     }
 
-    /// Splits sequences into batches of at most `max_batch_tokens` padded tokens, in order.
-    pub(super) fn batches<'a>(&self, sequences: &'a [Vec<u32>]) -> Vec<&'a [Vec<u32>]> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < sequences.len() {
-            let mut end = start;
-            let mut longest = 0;
-            while end < sequences.len() {
-                let longest_with = longest.max(sequences[end].len());
-                if end > start && longest_with * (end - start + 1) > self.config.max_batch_tokens {
-                    break;
+    /// Moves queued events into the stream; false while it is full.
+    fn flush(&mut self) -> bool {
+        while let Some(event) = self.backlog.pop_front() {
+            match self.work.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.backlog.push_front(event);
+                    return false;
                 }
-                longest = longest_with;
-                end += 1;
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    self.ended = true;
+                    return true;
+                }
             }
-            out.push(&sequences[start..end]);
-            start = end;
         }
-        out
+        true
+    }
+
+    fn advance(&mut self, worker: &Worker) -> Progress {
+        if self.work.events.is_closed() {
+            return Progress::Done;
+        }
+        if !self.flush() {
+            return Progress::Blocked;
+        }
+        if self.ended {
+            return Progress::Done;
+        }
+        if let Err(e) = self.step(worker) {
+            self.backlog.push_back(Err(e));
+            self.ended = true;
+        }
+        self.flush();
+        if self.ended && self.backlog.is_empty() {
+            Progress::Done
+        } else {
+            Progress::Working
+        }
+    }
+
+    fn step(&mut self, worker: &Worker) -> ServiceResult<()> {
+        let resident = worker.resident(&self.work.job.model)?;
+        let started = Instant::now();
+        let job = &self.work.job;
+        let generation = match &mut self.generation {
+            Some(generation) => generation,
+            None => {
+                let config = GenerationConfig {
+                    max_new_tokens: job.max_new_tokens,
+                    sampling: job.sampling.clone(),
+                    stop_tokens: if job.stop_at_eos {
+                        vec![resident.model.config().eos_token_id()]
+                    } else {
+                        Vec::new()
+                    },
+                };
+                self.generation.insert(
+                    Generation::new(&resident.model, &self.work.prompt, &config)
+                        .map_err(generation_error)?,
+                )
+            }
+        };
+        if let Some(id) = generation.step(&resident.model).map_err(generation_error)? {
+            let text = resident.tokenizer.decode(&[id]).unwrap_or_default();
+            self.backlog
+                .push_back(Ok(GenerationEvent::Token { id, text }));
+        }
+        self.compute += started.elapsed();
+        if generation.is_finished() {
+            let token_ids = generation.tokens().to_vec();
+            let text = resident.tokenizer.decode(&token_ids).unwrap_or_default();
+            self.backlog.push_back(Ok(GenerationEvent::Done {
+                token_ids,
+                text,
+                times: StageTimes {
+                    compute: self.compute,
+                    ..self.work.times
+                },
+            }));
+            self.ended = true;
+        }
+        Ok(())
+    }
+}
+
+fn generation_error(e: superficial_models::ModelError) -> ServiceError {
+    match e {
+        superficial_models::ModelError::SequenceTooLong { .. }
+        | superficial_models::ModelError::InvalidInput(_) => {
+            ServiceError::invalid("max_new_tokens", e)
+        }
+        other => ServiceError::Model(other),
+    }
+}
+
+/// Preference-pair generation: samples per prompt one token per call, then the judge's
+/// scoring of that prompt's responses as one step.
+pub(super) struct PairsTask {
+    work: PairsWork,
+    prompt: usize,
+    sample: usize,
+    generation: Option<Generation>,
+    responses: Vec<String>,
+    out: Vec<GeneratedPair>,
+    compute: Duration,
+}
+
+impl PairsTask {
+    pub(super) fn new(work: PairsWork) -> Self {
+        Self {
+            work,
+            prompt: 0,
+            sample: 0,
+            generation: None,
+            responses: Vec::new(),
+            out: Vec::new(),
+            compute: Duration::ZERO,
+        }
+    }
+
+    fn advance(&mut self, worker: &Worker) -> Progress {
+        if self.work.reply.is_closed() {
+            return Progress::Done;
+        }
+        let started = Instant::now();
+        let result = self.step(worker);
+        self.compute += started.elapsed();
+        let finished = match result {
+            Ok(()) if self.prompt < self.work.prompts.len() => return Progress::Working,
+            Ok(()) => Ok((
+                std::mem::take(&mut self.out),
+                StageTimes {
+                    compute: self.compute,
+                    ..self.work.times
+                },
+            )),
+            Err(e) => Err(e),
+        };
+        answer(&mut self.work.reply, finished);
+        Progress::Done
+    }
+
+    fn step(&mut self, worker: &Worker) -> ServiceResult<()> {
+        if self.prompt >= self.work.prompts.len() {
+            return Ok(());
+        }
+        let job = &self.work.job;
+        let policy = worker.resident(&job.policy)?;
+        let field = || format!("prompts[{}]", self.prompt);
+        let eos = policy.model.config().eos_token_id();
+        let generation = match &mut self.generation {
+            Some(generation) => generation,
+            None => {
+                let seed = job
+                    .sampling
+                    .seed
+                    .wrapping_add((self.prompt * job.samples_per_prompt + self.sample) as u64);
+                let config = GenerationConfig {
+                    max_new_tokens: job.max_new_tokens,
+                    sampling: SamplingConfig {
+                        seed,
+                        ..job.sampling.clone()
+                    },
+                    stop_tokens: vec![eos],
+                };
+                self.generation.insert(
+                    Generation::new(&policy.model, &self.work.prompts[self.prompt], &config)
+                        .map_err(|e| ServiceError::invalid(field(), e))?,
+                )
+            }
+        };
+        generation
+            .step(&policy.model)
+            .map_err(|e| ServiceError::invalid(field(), e))?;
+        if !generation.is_finished() {
+            return Ok(());
+        }
+        let kept: Vec<u32> = generation
+            .tokens()
+            .iter()
+            .copied()
+            .filter(|t| *t != eos)
+            .collect();
+        self.generation = None;
+        let mut text = policy.tokenizer.decode(&kept).unwrap_or_default();
+        if text.is_empty() {
+            // An immediately-ended sample still needs one response token to be judged.
+            text = " ".into();
+        }
+        self.responses.push(text);
+        self.sample += 1;
+        if self.sample < job.samples_per_prompt {
+            return Ok(());
+        }
+        self.judge(worker)?;
+        self.prompt += 1;
+        self.sample = 0;
+        Ok(())
+    }
+
+    /// Scores this prompt's responses with the judge; the best is `chosen` against each other.
+    fn judge(&mut self, worker: &Worker) -> ServiceResult<()> {
+        let job = &self.work.job;
+        let judge = worker.resident(&job.judge)?;
+        let prompt = &job.prompts[self.prompt];
+        let whole_text = job.judge_kind == JudgeKind::Reward;
+        let context = worker.context_of(judge);
+        let as_pairs: Vec<Pair> = self
+            .responses
+            .iter()
+            .map(|r| Pair {
+                prompt: prompt.clone(),
+                chosen: r.clone(),
+                rejected: r.clone(),
+            })
+            .collect();
+        // Each response was encoded twice (as chosen and rejected); score each once.
+        let singles: Vec<EncodedDialogue> = context
+            .encode_pairs(&as_pairs, 0, whole_text)?
+            .into_iter()
+            .step_by(2)
+            .collect();
+        let sequences: Vec<Vec<u32>> = singles.iter().map(|d| d.ids.clone()).collect();
+        let scores: Vec<f64> = if whole_text {
+            worker
+                .batched_rewards(&judge.model, &sequences)?
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        } else {
+            pool_rows(
+                &worker.batched_logprobs(&judge.model, &sequences)?,
+                &singles,
+                job.judge_kind == JudgeKind::MeanLogprob,
+            )?
+        };
+        let responses = std::mem::take(&mut self.responses);
+        let best = (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        for (k, response) in responses.iter().enumerate() {
+            if k == best {
+                continue;
+            }
+            self.out.push(GeneratedPair {
+                prompt_index: self.prompt,
+                prompt: prompt.clone(),
+                chosen: responses[best].clone(),
+                rejected: response.clone(),
+                chosen_score: scores[best],
+                rejected_score: scores[k],
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Long work in progress on the device thread.
+pub(super) enum Task {
+    Batch(BatchTask),
+    Dpo(Box<DpoTask>),
+    Generate(Box<GenerateTask>),
+    Pairs(Box<PairsTask>),
+}
+
+impl Task {
+    /// One slice: at most one forward pass (or one judge scoring of a prompt's samples).
+    pub(super) fn advance(&mut self, worker: &Worker) -> Progress {
+        match self {
+            Task::Batch(task) => task.advance(worker),
+            Task::Dpo(task) => task.advance(worker),
+            Task::Generate(task) => task.advance(worker),
+            Task::Pairs(task) => task.advance(worker),
+        }
+    }
+}
+
+impl Worker {
+    /// End (exclusive) of the batch starting at `start`: as many sequences as fit
+    /// `max_batch_tokens` padded tokens, at least one.
+    pub(super) fn batch_end(&self, sequences: &[Vec<u32>], start: usize) -> usize {
+        let mut end = start;
+        let mut longest = 0;
+        while end < sequences.len() {
+            let longest_with = longest.max(sequences[end].len());
+            if end > start && longest_with * (end - start + 1) > self.config.max_batch_tokens {
+                break;
+            }
+            longest = longest_with;
+            end += 1;
+        }
+        end
     }
 
     pub(super) fn batched_logprobs(
@@ -395,8 +599,11 @@ impl Worker {
         sequences: &[Vec<u32>],
     ) -> ServiceResult<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(sequences.len());
-        for batch in self.batches(sequences) {
-            out.extend(model.sequence_logprobs(batch)?);
+        let mut start = 0;
+        while start < sequences.len() {
+            let end = self.batch_end(sequences, start);
+            out.extend(model.sequence_logprobs(&sequences[start..end])?);
+            start = end;
         }
         Ok(out)
     }
@@ -407,176 +614,13 @@ impl Worker {
         sequences: &[Vec<u32>],
     ) -> ServiceResult<Vec<f32>> {
         let mut out = Vec::with_capacity(sequences.len());
-        for batch in self.batches(sequences) {
-            out.extend(model.sequence_rewards(batch)?);
+        let mut start = 0;
+        while start < sequences.len() {
+            let end = self.batch_end(sequences, start);
+            out.extend(model.sequence_rewards(&sequences[start..end])?);
+            start = end;
         }
         Ok(out)
-    }
-
-    pub(super) fn generate(
-        &mut self,
-        job: GenerateJob,
-        events: mpsc::Sender<ServiceResult<GenerationEvent>>,
-        queued: Duration,
-    ) {
-        let result = (|| -> ServiceResult<()> {
-            let resident = self.resident(&job.model)?;
-            let started = Instant::now();
-            let prompt = resident
-                .tokenizer
-                .encode(&job.prompt)
-                .map_err(|e| ServiceError::invalid("prompt", e))?;
-            check_ids(resident, &prompt, "prompt".into())?;
-            let tokenize = started.elapsed();
-            let started = Instant::now();
-            let config = GenerationConfig {
-                max_new_tokens: job.max_new_tokens,
-                sampling: job.sampling.clone(),
-                stop_tokens: if job.stop_at_eos {
-                    vec![resident.model.config().eos_token_id()]
-                } else {
-                    Vec::new()
-                },
-            };
-            let tokenizer = &resident.tokenizer;
-            let tokens = generate(&resident.model, &prompt, &config, |id| {
-                let text = tokenizer.decode(&[id]).unwrap_or_default();
-                events
-                    .blocking_send(Ok(GenerationEvent::Token { id, text }))
-                    .is_ok()
-            })
-            .map_err(|e| match e {
-                superficial_models::ModelError::SequenceTooLong { .. }
-                | superficial_models::ModelError::InvalidInput(_) => {
-                    ServiceError::invalid("max_new_tokens", e)
-                }
-                other => ServiceError::Model(other),
-            })?;
-            let text = tokenizer.decode(&tokens).unwrap_or_default();
-            let _ = events.blocking_send(Ok(GenerationEvent::Done {
-                token_ids: tokens,
-                text,
-                times: StageTimes {
-                    queue: queued,
-                    tokenize,
-                    compute: started.elapsed(),
-                },
-            }));
-            Ok(())
-        })();
-        if let Err(e) = result {
-            let _ = events.blocking_send(Err(e));
-        }
-    }
-
-    pub(super) fn generate_pairs(
-        &self,
-        job: &PairsJob,
-    ) -> ServiceResult<(Vec<GeneratedPair>, StageTimes)> {
-        if job.samples_per_prompt < 2 {
-            return Err(ServiceError::invalid(
-                "samples_per_prompt",
-                "must be at least 2",
-            ));
-        }
-        let policy = self.resident(&job.policy)?;
-        let judge = self.resident(&job.judge)?;
-        if job.judge_kind == JudgeKind::Reward {
-            Self::require_head(judge)?;
-        }
-        let started = Instant::now();
-        let mut out = Vec::new();
-        for (p, prompt) in job.prompts.iter().enumerate() {
-            let field = format!("prompts[{p}]");
-            let prompt_ids = policy
-                .tokenizer
-                .encode(prompt)
-                .map_err(|e| ServiceError::invalid(field.clone(), e))?;
-            check_ids(policy, &prompt_ids, field.clone())?;
-            let mut responses = Vec::with_capacity(job.samples_per_prompt);
-            for k in 0..job.samples_per_prompt {
-                let sampling = SamplingConfig {
-                    seed: job
-                        .sampling
-                        .seed
-                        .wrapping_add((p * job.samples_per_prompt + k) as u64),
-                    ..job.sampling.clone()
-                };
-                let config = GenerationConfig {
-                    max_new_tokens: job.max_new_tokens,
-                    sampling,
-                    stop_tokens: vec![policy.model.config().eos_token_id()],
-                };
-                let tokens = generate(&policy.model, &prompt_ids, &config, |_| true)
-                    .map_err(|e| ServiceError::invalid(field.clone(), e))?;
-                let eos = policy.model.config().eos_token_id();
-                let kept: Vec<u32> = tokens.into_iter().filter(|t| *t != eos).collect();
-                let mut text = policy.tokenizer.decode(&kept).unwrap_or_default();
-                if text.is_empty() {
-                    // An immediately-ended sample still needs one response token to be judged.
-                    text = " ".into();
-                }
-                responses.push(text);
-            }
-            let score_job = ScoreJob {
-                model: job.judge.clone(),
-                pairs: responses
-                    .iter()
-                    .map(|r| Pair {
-                        prompt: prompt.clone(),
-                        chosen: r.clone(),
-                        rejected: r.clone(),
-                    })
-                    .collect(),
-                scoring: match job.judge_kind {
-                    JudgeKind::Reward => PairScoring::Reward,
-                    JudgeKind::MeanLogprob => PairScoring::MeanLogprob,
-                    JudgeKind::SumLogprob => PairScoring::SumLogprob,
-                },
-                max_ctx: 0,
-            };
-            let whole_text = job.judge_kind == JudgeKind::Reward;
-            let encoded = self.encode_pairs_with(judge, &score_job, whole_text)?;
-            // Every response was encoded twice (as chosen and rejected); score each once.
-            let singles: Vec<EncodedDialogue> = encoded.into_iter().step_by(2).collect();
-            let sequences: Vec<Vec<u32>> = singles.iter().map(|d| d.ids.clone()).collect();
-            let scores: Vec<f64> = if whole_text {
-                self.batched_rewards(&judge.model, &sequences)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            } else {
-                pool_rows(
-                    &self.batched_logprobs(&judge.model, &sequences)?,
-                    &singles,
-                    job.judge_kind == JudgeKind::MeanLogprob,
-                )?
-            };
-            let best = (0..scores.len())
-                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))
-                .unwrap_or(0);
-            for (k, response) in responses.iter().enumerate() {
-                if k == best {
-                    continue;
-                }
-                out.push(GeneratedPair {
-                    prompt_index: p,
-                    prompt: prompt.clone(),
-                    chosen: responses[best].clone(),
-                    rejected: response.clone(),
-                    chosen_score: scores[best],
-                    rejected_score: scores[k],
-                });
-            }
-        }
-        Ok((
-            out,
-            StageTimes {
-                queue: Duration::ZERO,
-                tokenize: Duration::ZERO,
-                compute: started.elapsed(),
-            },
-        ))
     }
 }
 
@@ -614,26 +658,6 @@ pub(super) fn pair_scores(values: &[f64]) -> Vec<PairScore> {
             rejected: c.get(1).copied().unwrap_or(f64::NAN),
         })
         .collect()
-}
-
-pub(super) fn check_ids(resident: &Resident, ids: &[u32], field: String) -> ServiceResult<()> {
-    let vocab = resident.model.config().vocab_size();
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ServiceError::invalid(
-            field,
-            format!(
-                "token id {bad} from the tokenizer is outside the model's vocabulary of {vocab}"
-            ),
-        ));
-    }
-    let max = resident.model.config().max_positions();
-    if ids.len() > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("{} tokens exceed the model's {max} positions", ids.len()),
-        ));
-    }
-    Ok(())
 }
 
 pub(super) fn truncate_dialogue(dialogue: EncodedDialogue, max_ctx: usize) -> EncodedDialogue {

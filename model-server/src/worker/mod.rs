@@ -2,21 +2,29 @@
 //! training job. Commands arrive on a bounded channel (full → RESOURCE_EXHAUSTED) and are
 //! answered on oneshot channels; the async side never touches tensors.
 //!
-//! Scheduling: the worker drains every queued command, groups scoring/log-prob requests for the
+//! Scheduling, one turn of the loop: drain every queued command; hand the ones carrying text
+//! to the tokenizer thread (they come back encoded as one `Tokenized` message per group) and
+//! answer the rest in order; turn encoded work into tasks, grouping scoring requests for the
 //! same model into shared forward passes under a token budget (dynamic batching; padding never
-//! changes a sequence's result), answers the rest in order, then runs one step of the active
-//! training job, and repeats. Requests whose client has gone (deadline passed, cancelled) are
-//! skipped.
+//! changes a sequence's result); advance the tasks round-robin, one forward pass each, until
+//! the turn's slice (`--slice-ms`) is spent; run one step of the active training job; repeat.
+//! So no request holds the device for longer than one forward pass plus one training step
+//! before queued requests are looked at again. Work whose client has gone (deadline passed,
+//! cancelled) is dropped between slices. A heartbeat ([`Heartbeat`]) records the last time the
+//! loop made progress, for the health watchdog.
 //!
 //! - this file: the command types, the handle, the loop, the model registry;
-//! - [`inference`]: tokenizing, dynamic batches, scoring, generation, preference pairs;
+//! - [`tokenize`]: the tokenizer thread and the encoding rules of every request;
+//! - [`inference`]: the resumable tasks (scoring batches, DPO, generation, preference pairs);
 //! - [`training`]: the queue of training jobs, one step at a time, persistence.
 
 mod inference;
+mod tokenize;
 mod training;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +41,8 @@ use crate::datasets::Row;
 use crate::error::{ServiceError, ServiceResult};
 use crate::jobs::{JobEvent, JobPaths, JobSpec, JobStatus};
 use crate::metrics::Metrics;
+use inference::{BatchTask, DpoTask, GenerateTask, PairsTask, Progress, Task};
+use tokenize::{Contexts, TokenizeContext, Tokenized, TokenizerHandle, needs_tokenizing};
 
 /// Where a model's weights come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +227,8 @@ enum Command {
     StartJob(Box<JobSpec>, Vec<Row>, Reply<JobStatus>),
     CancelJob(String, Reply<JobStatus>),
     Shutdown(Reply<()>),
+    /// Requests the tokenizer thread has encoded (internal; never refused for a full queue).
+    Tokenized(Vec<Tokenized>),
 }
 
 struct Job {
@@ -240,6 +252,39 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// Default checkpoint interval of jobs, in steps.
     pub checkpoint_every: usize,
+    /// How long one turn of the loop may advance long work (generation, big scoring) before
+    /// queued requests are looked at again. Each task advances by at least one forward pass.
+    pub slice: Duration,
+}
+
+/// When the device loop last made progress, for the health watchdog: milliseconds since the
+/// worker started, and whether it has work (an idle worker makes no progress and is healthy).
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    started: std::sync::OnceLock<Instant>,
+    last_progress_ms: AtomicU64,
+    busy: AtomicBool,
+}
+
+impl Heartbeat {
+    fn origin(&self) -> Instant {
+        *self.started.get_or_init(Instant::now)
+    }
+
+    fn beat(&self, busy: bool) {
+        let ms = self.origin().elapsed().as_millis() as u64;
+        self.last_progress_ms.store(ms, Ordering::Relaxed);
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// How long a busy worker has gone without progress (zero when idle).
+    pub fn stalled_for(&self) -> Duration {
+        if !self.busy.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let now = self.origin().elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// Shared, read-mostly view of the jobs for the services.
@@ -251,6 +296,7 @@ pub struct WorkerHandle {
     sender: mpsc::Sender<Job>,
     capacity: usize,
     metrics: Arc<Metrics>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl WorkerHandle {
@@ -264,14 +310,34 @@ impl WorkerHandle {
         let capacity = config.queue_capacity.max(1);
         let (sender, receiver) = mpsc::channel(capacity);
         let worker_metrics = metrics.clone();
+        let tokenizer = TokenizerHandle::spawn(sender.downgrade())?;
+        let heartbeat = Arc::new(Heartbeat::default());
+        heartbeat.beat(false);
+        let worker_heartbeat = heartbeat.clone();
         std::thread::Builder::new()
             .name("w2s-device-worker".into())
-            .spawn(move || Worker::new(config, jobs, events, worker_metrics).run(receiver))?;
+            .spawn(move || {
+                Worker::new(
+                    config,
+                    jobs,
+                    events,
+                    worker_metrics,
+                    tokenizer,
+                    worker_heartbeat,
+                )
+                .run(receiver)
+            })?;
         Ok(Self {
             sender,
             capacity,
             metrics,
+            heartbeat,
         })
+    }
+
+    /// The device loop's progress record (the health watchdog reads it).
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// Requests waiting for the worker.
@@ -364,7 +430,7 @@ impl WorkerHandle {
 
 struct Resident {
     model: CausalLm,
-    tokenizer: TextTokenizer,
+    tokenizer: Arc<TextTokenizer>,
     summary: ModelSummary,
 }
 
@@ -393,18 +459,15 @@ enum Output {
     Rewards(Vec<f32>),
 }
 
-/// A tokenized request waiting for its forward pass.
-struct Prepared {
-    model: String,
-    primitive: Primitive,
-    sequences: Vec<Vec<u32>>,
-    times: StageTimes,
-    finish: Box<dyn FnOnce(ServiceResult<Output>, StageTimes)>,
-}
-
 struct Worker {
     config: WorkerConfig,
     models: BTreeMap<String, Resident>,
+    /// What the tokenizer thread needs of `models`, rebuilt whenever `models` changes.
+    contexts: Contexts,
+    tokenizer: TokenizerHandle,
+    /// Inference work in progress, advanced round-robin.
+    tasks: VecDeque<Task>,
+    heartbeat: Arc<Heartbeat>,
     jobs: JobTable,
     events: broadcast::Sender<JobEvent>,
     queue: VecDeque<ActiveJob>,
@@ -417,10 +480,16 @@ impl Worker {
         jobs: JobTable,
         events: broadcast::Sender<JobEvent>,
         metrics: Arc<Metrics>,
+        tokenizer: TokenizerHandle,
+        heartbeat: Arc<Heartbeat>,
     ) -> Self {
         Self {
             config,
             models: BTreeMap::new(),
+            contexts: Arc::new(BTreeMap::new()),
+            tokenizer,
+            tasks: VecDeque::new(),
+            heartbeat,
             jobs,
             events,
             queue: VecDeque::new(),
@@ -429,49 +498,130 @@ impl Worker {
     }
 
     fn run(mut self, mut receiver: mpsc::Receiver<Job>) {
-        let mut pending: VecDeque<Job> = VecDeque::new();
         loop {
-            if pending.is_empty() {
-                if self.queue.is_empty() {
-                    match receiver.blocking_recv() {
-                        Some(job) => pending.push_back(job),
-                        None => break,
-                    }
-                }
-                while let Ok(job) = receiver.try_recv() {
-                    pending.push_back(job);
+            let mut pending: VecDeque<Job> = VecDeque::new();
+            if self.queue.is_empty() && self.tasks.is_empty() {
+                self.heartbeat.beat(false);
+                match receiver.blocking_recv() {
+                    Some(job) => pending.push_back(job),
+                    None => break,
                 }
             }
+            while let Ok(job) = receiver.try_recv() {
+                pending.push_back(job);
+            }
+            self.heartbeat.beat(true);
             self.metrics.queue_depth.set(pending.len() as i64);
-            while let Some(job) = pending.pop_front() {
-                if let Command::Shutdown(reply) = job.command {
+            if !self.serve_commands(pending) {
+                return;
+            }
+            self.advance_tasks();
+            self.guarded("training step", Worker::train_one_step);
+            self.heartbeat.beat(true);
+        }
+    }
+
+    /// Answers or dispatches one drained group of commands in order; false on shutdown.
+    fn serve_commands(&mut self, pending: VecDeque<Job>) -> bool {
+        let mut to_tokenize = Vec::new();
+        let mut encoded = Vec::new();
+        for job in pending {
+            if needs_tokenizing(&job.command) {
+                to_tokenize.push(job);
+                continue;
+            }
+            // Requests ahead of a command are encoded against the models before it runs.
+            self.tokenizer
+                .submit(std::mem::take(&mut to_tokenize), self.contexts.clone());
+            match job.command {
+                Command::Shutdown(reply) => {
                     self.checkpoint_for_shutdown();
                     let _ = reply.send(Ok(()));
-                    return;
+                    return false;
                 }
-                if Self::batchable(&job.command) {
-                    let mut batch = vec![job];
-                    let mut rest = VecDeque::new();
-                    let key = self.batch_key(&batch[0].command);
-                    while let Some(other) = pending.pop_front() {
-                        if batch.len() < self.config.max_batch_requests.max(1)
-                            && Self::batchable(&other.command)
-                            && self.batch_key(&other.command) == key
-                        {
-                            batch.push(other);
-                        } else {
-                            rest.push_back(other);
-                        }
-                    }
-                    pending = rest;
-                    self.guarded("batch", |w| w.run_batch(batch));
-                } else {
+                Command::Tokenized(work) => encoded.extend(work),
+                command => {
                     let span = job.span.clone();
                     let _entered = span.enter();
+                    let job = Job { command, ..job };
                     self.guarded("command", |w| w.execute(job));
                 }
             }
-            self.guarded("training step", Worker::train_one_step);
+            self.heartbeat.beat(true);
+        }
+        self.tokenizer.submit(to_tokenize, self.contexts.clone());
+        self.start_tasks(encoded);
+        true
+    }
+
+    /// Turns encoded work into tasks; scoring requests for the same model and primitive share
+    /// forward passes (at most `max_batch_requests` per batch).
+    fn start_tasks(&mut self, encoded: Vec<Tokenized>) {
+        let mut groups: Vec<Vec<tokenize::Prepared>> = Vec::new();
+        for work in encoded {
+            match work {
+                Tokenized::Batch(prepared) => {
+                    let limit = self.config.max_batch_requests.max(1);
+                    match groups.iter_mut().find(|g| {
+                        g.len() < limit
+                            && g[0].model == prepared.model
+                            && g[0].primitive == prepared.primitive
+                    }) {
+                        Some(group) => group.push(prepared),
+                        None => groups.push(vec![prepared]),
+                    }
+                }
+                Tokenized::Dpo(work) => self
+                    .tasks
+                    .push_back(Task::Dpo(Box::new(DpoTask::new(work)))),
+                Tokenized::Generate(work) => self
+                    .tasks
+                    .push_back(Task::Generate(Box::new(GenerateTask::new(work)))),
+                Tokenized::Pairs(work) => self
+                    .tasks
+                    .push_back(Task::Pairs(Box::new(PairsTask::new(work)))),
+            }
+        }
+        for group in groups {
+            self.metrics
+                .observe_batch(group.len(), group.iter().map(|p| p.sequences.len()).sum());
+            if let Some(task) = BatchTask::new(group) {
+                // Short scoring goes ahead of long generations already running.
+                self.tasks.push_front(Task::Batch(task));
+            }
+        }
+    }
+
+    /// Advances tasks round-robin, one slice each, until the turn's slice is spent (every
+    /// task present at the start gets at least one slice when there is time for it).
+    fn advance_tasks(&mut self) {
+        let deadline = Instant::now() + self.config.slice;
+        let mut blocked_in_a_row = 0;
+        while let Some(mut task) = self.tasks.pop_front() {
+            let mut progress = Progress::Done;
+            self.guarded("task", |w| progress = task.advance(w));
+            self.heartbeat.beat(true);
+            match progress {
+                Progress::Done => blocked_in_a_row = 0,
+                Progress::Working => {
+                    blocked_in_a_row = 0;
+                    self.tasks.push_back(task);
+                }
+                Progress::Blocked => {
+                    blocked_in_a_row += 1;
+                    self.tasks.push_back(task);
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            if blocked_in_a_row >= self.tasks.len() && !self.tasks.is_empty() {
+                // Every task waits for its client to read: don't spin on them.
+                if self.queue.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                break;
+            }
         }
     }
 
@@ -489,32 +639,7 @@ impl Worker {
         }
     }
 
-    fn batchable(command: &Command) -> bool {
-        match command {
-            Command::Logprobs(..) | Command::ScoreTexts(..) => true,
-            Command::Score(job, _) => !matches!(job.scoring, PairScoring::Dpo { .. }),
-            _ => false,
-        }
-    }
-
-    fn batch_key(&self, command: &Command) -> Option<(String, Primitive)> {
-        match command {
-            Command::Logprobs(job, _) => Some((job.model.clone(), Primitive::Logprobs)),
-            Command::ScoreTexts(job, _) => Some((job.model.clone(), Primitive::Rewards)),
-            Command::Score(job, _) => Some((
-                job.model.clone(),
-                if job.scoring == PairScoring::Reward {
-                    Primitive::Rewards
-                } else {
-                    Primitive::Logprobs
-                },
-            )),
-            _ => None,
-        }
-    }
-
     fn execute(&mut self, job: Job) {
-        let queued = job.enqueued.elapsed();
         match job.command {
             Command::Load(spec, reply) => {
                 let _ = reply.send(self.load(spec));
@@ -524,6 +649,7 @@ impl Worker {
                     Some(_) => Ok(()),
                     None => Err(ServiceError::UnknownModel(name)),
                 };
+                self.models_changed();
                 let _ = reply.send(result);
             }
             Command::List(reply) => {
@@ -545,34 +671,20 @@ impl Worker {
                 });
                 let _ = reply.send(result);
             }
-            Command::Score(job, reply) => {
-                if reply.is_closed() {
-                    return;
-                }
-                let result = self.dpo_scores(&job).map(|(s, mut t)| {
-                    t.queue = queued;
-                    (s, t)
-                });
-                let _ = reply.send(result);
-            }
-            Command::Generate(job, events) => self.generate(job, events, queued),
-            Command::Pairs(job, reply) => {
-                if reply.is_closed() {
-                    return;
-                }
-                let result = self.generate_pairs(&job).map(|(p, mut t)| {
-                    t.queue = queued;
-                    (p, t)
-                });
-                let _ = reply.send(result);
-            }
             Command::StartJob(spec, rows, reply) => {
                 let _ = reply.send(self.enqueue_job(*spec, rows));
             }
             Command::CancelJob(id, reply) => {
                 let _ = reply.send(self.cancel_job(&id));
             }
-            Command::Logprobs(..) | Command::ScoreTexts(..) | Command::Shutdown(_) => {}
+            // Encoded first (tokenize.rs) or handled by the loop.
+            Command::Logprobs(..)
+            | Command::ScoreTexts(..)
+            | Command::Score(..)
+            | Command::Generate(..)
+            | Command::Pairs(..)
+            | Command::Tokenized(_)
+            | Command::Shutdown(_) => {}
         }
     }
 
@@ -605,11 +717,11 @@ impl Worker {
             spec.name,
             Resident {
                 model,
-                tokenizer,
+                tokenizer: Arc::new(tokenizer),
                 summary: summary.clone(),
             },
         );
-        self.metrics.resident_models.set(self.models.len() as i64);
+        self.models_changed();
         Ok(summary)
     }
 
@@ -652,19 +764,32 @@ impl Worker {
         Ok((model, tokenizer))
     }
 
+    /// Rebuilds what the tokenizer thread sees of the registry.
+    fn models_changed(&mut self) {
+        self.contexts = Arc::new(
+            self.models
+                .iter()
+                .map(|(name, resident)| (name.clone(), self.context_of(resident)))
+                .collect(),
+        );
+        self.metrics.resident_models.set(self.models.len() as i64);
+    }
+
+    fn context_of(&self, resident: &Resident) -> TokenizeContext {
+        let config = resident.model.config();
+        TokenizeContext {
+            name: resident.summary.name.clone(),
+            tokenizer: resident.tokenizer.clone(),
+            vocab_size: config.vocab_size(),
+            max_positions: config.max_positions(),
+            has_reward_head: resident.model.has_reward_head(),
+        }
+    }
+
     fn resident(&self, name: &str) -> ServiceResult<&Resident> {
         self.models
             .get(name)
             .ok_or_else(|| ServiceError::UnknownModel(name.to_string()))
-    }
-
-    fn max_ctx(resident: &Resident, requested: usize) -> usize {
-        let limit = resident.model.config().max_positions();
-        if requested == 0 {
-            limit
-        } else {
-            requested.min(limit)
-        }
     }
 }
 

@@ -239,6 +239,7 @@ impl Worker {
             superficial_training::export::save_hf_folder(&model, job.tokenizer.as_ref(), &folder)
                 .map_err(|e| ServiceError::Internal(format!("exporting the trained model: {e}")))?;
             self.models.remove(&job.spec.output_model);
+            self.models_changed();
             self.load(LoadSpec {
                 name: job.spec.output_model.clone(),
                 source: ModelSource::Job {

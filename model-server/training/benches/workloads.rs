@@ -9,6 +9,10 @@
 //!
 //!     cargo bench -p superficial-training --bench workloads            # runs each once
 //!     cargo bench -p superficial-training --bench workloads -- --serve # the protocol
+//!
+//! `BENCH_DEVICE=cuda:0` runs every workload on a GPU (a build with `--features cuda`, see
+//! `tools/build-cuda.sh`); each repetition ends with a device synchronisation so the time is the
+//! work's, not the launch queue's.
 
 use std::io::{BufRead, Write};
 use std::time::Instant;
@@ -24,6 +28,19 @@ use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
 use superficial_training::{AdamConfig, Example, Objective, Schedule, TrainConfig, TrainingRun};
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// The device named by `BENCH_DEVICE`: `cpu` (default), `cuda` or `cuda:N`.
+fn bench_device() -> Result<candle_core::Device, BoxError> {
+    let name = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    match name.as_str() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => Ok(candle_core::Device::new_cuda(ordinal)?),
+            _ => Err(format!("BENCH_DEVICE={other}: expected cpu, cuda or cuda:N").into()),
+        },
+    }
+}
 
 /// Every workload: name, model shape, what one repetition does. Shapes are the issue's:
 /// GPT-2-small (124M) at the paper's scale and the sandbox's 2-layer, 768-token models.
@@ -57,7 +74,7 @@ enum Workload {
 }
 
 impl Workload {
-    fn run(&mut self) -> Result<(), BoxError> {
+    fn run(&mut self, device: &candle_core::Device) -> Result<(), BoxError> {
         match self {
             Workload::Train(run) => {
                 run.train_step()?;
@@ -74,6 +91,7 @@ impl Workload {
                 a.matmul(b)?;
             }
         }
+        device.synchronize()?;
         Ok(())
     }
 }
@@ -115,15 +133,14 @@ fn train_config(objective: Objective, batch_size: usize) -> TrainConfig {
     }
 }
 
-fn build(name: &str) -> Result<Workload, BoxError> {
+fn build(name: &str, device: &candle_core::Device) -> Result<Workload, BoxError> {
     let mut parts = name.split('-');
     let shape = parts.next().ok_or("empty workload name")?;
     if shape == "sgemm" {
         let n: usize = parts.next().ok_or("sgemm without a size")?.parse()?;
-        let device = candle_core::Device::Cpu;
         return Ok(Workload::Matmul(
-            candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?,
-            candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?,
+            candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?,
+            candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?,
         ));
     }
     let config = match shape {
@@ -146,7 +163,10 @@ fn build(name: &str) -> Result<Workload, BoxError> {
         .map(|(kind, _)| kind.trim_start_matches('-'))
         .ok_or("workload name without a kind")?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let options = LoadOptions::default();
+    let options = LoadOptions {
+        device: device.clone(),
+        ..LoadOptions::default()
+    };
     let model = CausalLm::random_init(config, 1, &options)?;
     // Pairs: `[2, pairs, len]` or `[pairs, len]`; each pair has two sequences.
     let (pairs, len) = match dims.as_slice() {
@@ -241,17 +261,18 @@ fn main() -> Result<(), BoxError> {
         unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     }
     let serve = std::env::args().any(|a| a == "--serve");
+    let device = bench_device()?;
     let mut current: Option<(String, Workload)> = None;
     let mut time = |name: &str| -> Result<f64, BoxError> {
         if current.as_ref().map(|(n, _)| n.as_str()) != Some(name) {
             current = None; // free the previous workload's models first
-            let mut workload = build(name)?;
-            workload.run()?; // warm-up
+            let mut workload = build(name, &device)?;
+            workload.run(&device)?; // warm-up
             current = Some((name.to_string(), workload));
         }
         let (_, workload) = current.as_mut().ok_or("no workload")?;
         let start = Instant::now();
-        workload.run()?;
+        workload.run(&device)?;
         Ok(start.elapsed().as_secs_f64())
     };
     if !serve {

@@ -1,0 +1,256 @@
+//! Long work never holds the device: while a maximal Generate, GeneratePairs or ScorePairs runs
+//! on the GPT-2-small preset (minutes of CPU work each), a health check answers within 1 s and
+//! a tiny ScorePairs within 2 s; a client that goes away stops its work; and the health
+//! watchdog reports NOT_SERVING while the device loop is stuck in one long step.
+
+use std::time::{Duration, Instant};
+
+use model_server::{RunningServer, ServerConfig, W2sClient};
+use tokio_stream::StreamExt;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::load_model_request::Source;
+
+/// The tests share the process's rayon pool: one's unsliced pass would slow the other's
+/// short requests, so they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
+    pb::LoadModelRequest {
+        name: name.into(),
+        source: Some(Source::Preset(preset.into())),
+        role: "test".into(),
+        reward_head,
+        seed: 7,
+    }
+}
+
+async fn health(url: &str) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    ServingStatus::try_from(response.into_inner().status).unwrap()
+}
+
+fn tiny_pair_request() -> pb::ScorePairsRequest {
+    pb::ScorePairsRequest {
+        model: "tiny".into(),
+        pairs: vec![pb::PreferencePair {
+            prompt: String::new(),
+            chosen: "\n\nHuman: a?\n\nAssistant: yes".into(),
+            rejected: "\n\nHuman: a?\n\nAssistant: no".into(),
+        }],
+        scoring: pb::PairScoring::Reward as i32,
+        ..Default::default()
+    }
+}
+
+/// Health within 1 s and a tiny ScorePairs within 2 s, three times over, while `what` runs.
+async fn short_requests_are_served(url: &str, client: &W2sClient, what: &str) {
+    for round in 0..3 {
+        let started = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(1), health(url))
+            .await
+            .unwrap_or_else(|_| panic!("{what}, round {round}: health took over 1 s"));
+        assert_eq!(status, ServingStatus::Serving, "{what}");
+        let health_took = started.elapsed();
+        let started = Instant::now();
+        let Ok(scores) = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.score_pairs(tiny_pair_request()),
+        )
+        .await
+        else {
+            panic!("{what}, round {round}: tiny ScorePairs took over 2 s");
+        };
+        let scores = scores.unwrap();
+        assert_eq!(scores.scores.len(), 1);
+        eprintln!(
+            "{what}, round {round}: health {:.0} ms, tiny ScorePairs {:.0} ms",
+            health_took.as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The device is idle again: a tiny request is served at once (the abandoned work was dropped,
+/// not left running to its end).
+async fn abandoned_work_stops(client: &W2sClient, what: &str) {
+    // The server notices a gone client at its next slice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        client.score_pairs(tiny_pair_request()).await.unwrap();
+    }
+    let each = started.elapsed() / 5;
+    assert!(
+        each < Duration::from_millis(500),
+        "{what}: after the client left, a tiny ScorePairs still took {each:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maximal_requests_leave_room_for_short_ones() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = dir.path().to_path_buf();
+    config.model_root = dir.path().to_path_buf();
+    // The longest pass that cannot be interrupted: one 128-token sequence of GPT-2-small.
+    config.max_batch_tokens = 128;
+    let server = RunningServer::start(config).await.unwrap();
+    let url = server.url();
+    let client = W2sClient::connect(&url).await.unwrap();
+    client
+        .load_model(preset("big", "gpt2", false))
+        .await
+        .unwrap();
+    client
+        .load_model(preset("tiny", "tiny-gpt2", true))
+        .await
+        .unwrap();
+
+    // Generate: 1000 new tokens of GPT-2-small (the 1024-position limit).
+    let mut stream = client
+        .inference
+        .clone()
+        .generate(pb::GenerateRequest {
+            model: "big".into(),
+            prompt: "Hello".into(),
+            max_new_tokens: 1000,
+            sampling: None,
+            stop_at_eos: Some(false),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap(); // running
+    short_requests_are_served(&url, &client, "Generate").await;
+    drop(stream);
+    abandoned_work_stops(&client, "Generate").await;
+
+    // GeneratePairs: 4 prompts x 16 samples x 1000 tokens (the generated-token limit).
+    let pairs = {
+        let mut inference = client.inference.clone();
+        tokio::spawn(async move {
+            inference
+                .generate_pairs(pb::GeneratePairsRequest {
+                    policy: "big".into(),
+                    judge: "tiny".into(),
+                    judge_kind: pb::JudgeKind::Reward as i32,
+                    prompts: (0..4).map(|i| format!("prompt {i}")).collect(),
+                    samples_per_prompt: 16,
+                    max_new_tokens: 1000,
+                    sampling: None,
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    short_requests_are_served(&url, &client, "GeneratePairs").await;
+    pairs.abort();
+    abandoned_work_stops(&client, "GeneratePairs").await;
+
+    // ScorePairs: the most pairs a request may carry, each side ~110 tokens of GPT-2-small.
+    let long = |side: &str| format!("{side} {}", "word ".repeat(20));
+    let scoring = {
+        let mut inference = client.inference.clone();
+        let pairs = (0..4096)
+            .map(|i| pb::PreferencePair {
+                prompt: format!("question {i}"),
+                chosen: long("yes"),
+                rejected: long("no"),
+            })
+            .collect();
+        tokio::spawn(async move {
+            inference
+                .score_pairs(pb::ScorePairsRequest {
+                    model: "big".into(),
+                    pairs,
+                    scoring: pb::PairScoring::MeanLogprob as i32,
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    short_requests_are_served(&url, &client, "ScorePairs").await;
+    scoring.abort();
+    abandoned_work_stops(&client, "ScorePairs").await;
+    server.shutdown().await.unwrap();
+}
+
+/// The watchdog: with `--stall-seconds` below the length of one training step, health goes
+/// NOT_SERVING during a step and SERVING again once the device loop moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_reports_not_serving_while_the_device_loop_is_stuck() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = dir.path().to_path_buf();
+    config.model_root = dir.path().to_path_buf();
+    config.stall_seconds = 0.2;
+    let server = RunningServer::start(config).await.unwrap();
+    let url = server.url();
+    let client = W2sClient::connect(&url).await.unwrap();
+    client
+        .load_model(preset("big", "gpt2", false))
+        .await
+        .unwrap();
+    // (Loading GPT-2-small is itself a step longer than 0.2 s.)
+    wait_for_serving(&url).await;
+    // One pass over 8 x 1024 tokens of GPT-2-small: seconds of work that cannot be sliced
+    // (the default batch budget of 16384 tokens takes all 8 sequences at once).
+    let text = "word ".repeat(1100);
+    let scoring = {
+        let mut inference = client.inference.clone();
+        tokio::spawn(async move {
+            inference
+                .token_logprobs(pb::TokenLogprobsRequest {
+                    model: "big".into(),
+                    texts: vec![text; 8],
+                    truncate: true,
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    let started = Instant::now();
+    let mut saw_not_serving = false;
+    while started.elapsed() < Duration::from_secs(60) && !scoring.is_finished() {
+        if health(&url).await == ServingStatus::NotServing {
+            saw_not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        saw_not_serving,
+        "health never reported the stuck device loop"
+    );
+    scoring.await.unwrap().unwrap();
+    wait_for_serving(&url).await;
+    server.shutdown().await.unwrap();
+}
+
+async fn wait_for_serving(url: &str) {
+    let started = Instant::now();
+    while health(url).await != ServingStatus::Serving {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "health stayed NOT_SERVING with an idle device loop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
