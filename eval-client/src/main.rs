@@ -184,30 +184,37 @@ async fn logprobs(args: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads `dir` under `name` on a remote server unless a model of that name from the same
-/// folder is already resident.
+/// Uploads the folder `dir` (on this machine) under `name` to a remote server unless a model of
+/// that name from an identical folder is already resident. Nothing of the server's disk is
+/// needed: the folder travels over gRPC (by digest when the server already holds it).
 async fn ensure_loaded(session: &Session, name: &str, dir: &Path) -> Result<()> {
-    let source = dir.display().to_string();
+    let files = model_server::model_store::describe_folder(dir)
+        .with_context(|| format!("reading {}", dir.display()))?;
+    let source = format!(
+        "uploaded:{}",
+        model_server::model_store::folder_digest(&files)
+    );
     let models = session.client.list_models().await?;
     if let Some(existing) = models.iter().find(|m| m.name == name) {
         if existing.source == source {
             return Ok(());
         }
         bail!(
-            "the server already has a model named `{name}` from {}, not {source}",
-            existing.source
+            "the server already has a model named `{name}` from {}, not {} ({source})",
+            existing.source,
+            dir.display()
         );
     }
     session
         .client
-        .load_model(pb::LoadModelRequest {
-            name: name.to_string(),
-            source: Some(pb::load_model_request::Source::Path(source)),
-            role: String::new(),
-            reward_head: false,
-            seed: 0,
-        })
+        .upload_model(
+            pb::LoadModelRequest {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            dir,
+        )
         .await
-        .with_context(|| format!("loading {}", dir.display()))?;
+        .with_context(|| format!("uploading {}", dir.display()))?;
     Ok(())
 }

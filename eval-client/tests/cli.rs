@@ -71,8 +71,11 @@ fn logprobs_in_process_matches_reference_for_every_architecture() {
 #[test]
 fn logprobs_against_a_running_server() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The server shares no folder with the client: the model folder is uploaded.
+    let server_folders = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::ephemeral();
-    config.model_root = fixture("");
+    config.model_root = server_folders.path().to_path_buf();
+    config.data_dir = server_folders.path().join("data");
     let server = runtime.block_on(RunningServer::start(config)).unwrap();
     let url = server.url();
     let (text, ids, logprobs) = reference("opt-pre-ln", 1);

@@ -2,7 +2,7 @@
 //! running server by URL (optionally with a bearer token and TLS), or start one in-process on a
 //! loopback ephemeral port ("embedded").
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -29,7 +29,27 @@ pub enum ClientError {
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("embedded server: {0}")]
-    Embedded(#[from] StartError),
+    Embedded(Box<StartError>),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("download of `{model}`: {reason}")]
+    Download { model: String, reason: String },
+}
+
+impl From<StartError> for ClientError {
+    fn from(e: StartError) -> Self {
+        ClientError::Embedded(Box::new(e))
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// How to reach a server.
@@ -170,6 +190,177 @@ impl W2sClient {
             .into_inner())
     }
 
+    /// Loads the HF folder `dir` (on this machine) on the server as `load.name`: by its digest
+    /// when the server already holds an identical upload, else by streaming the files (1 MiB
+    /// messages, read lazily; the server checks sizes and SHA-256 and commits atomically).
+    /// `load.source` is ignored. Works the same against a server on another machine.
+    pub async fn upload_model(
+        &self,
+        mut load: pb::LoadModelRequest,
+        dir: &Path,
+    ) -> Result<pb::ModelInfo, ClientError> {
+        let described = dir.to_path_buf();
+        let files =
+            tokio::task::spawn_blocking(move || crate::model_store::describe_folder(&described))
+                .await
+                .map_err(|e| ClientError::Settings(e.to_string()))?
+                .map_err(io_error(dir))?;
+        let digest = crate::model_store::folder_digest(&files);
+        load.source = Some(pb::load_model_request::Source::Uploaded(digest));
+        match self.models.clone().load_model(load.clone()).await {
+            Ok(info) => return Ok(info.into_inner()),
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(status.into()),
+        }
+        load.source = None;
+        let header = pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Header(
+                pb::UploadModelHeader {
+                    load: Some(load),
+                    files: files.clone(),
+                },
+            )),
+        };
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.name)).collect();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
+            use std::io::Read;
+            if sender.blocking_send(header).is_err() {
+                return Ok(());
+            }
+            for path in paths {
+                let mut file = std::fs::File::open(&path).map_err(io_error(&path))?;
+                loop {
+                    let mut chunk = vec![0u8; crate::model_store::CHUNK_BYTES];
+                    let n = file.read(&mut chunk).map_err(io_error(&path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    chunk.truncate(n);
+                    let message = pb::UploadModelRequest {
+                        part: Some(pb::upload_model_request::Part::Data(chunk)),
+                    };
+                    if sender.blocking_send(message).is_err() {
+                        return Ok(()); // the call failed; its status says why
+                    }
+                }
+            }
+            Ok(())
+        });
+        let uploaded = self
+            .models
+            .clone()
+            .upload_model(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await;
+        reader
+            .await
+            .map_err(|e| ClientError::Settings(e.to_string()))??;
+        Ok(uploaded?.into_inner())
+    }
+
+    /// Writes the resident model `name` as an HF folder at `dir` on this machine (which must
+    /// not exist yet): the files are written into a temporary sibling, each checked against the
+    /// size and SHA-256 the server announced, then renamed into place together.
+    pub async fn download_model(&self, name: &str, dir: &Path) -> Result<(), ClientError> {
+        use pb::download_model_response::Part;
+        use sha2::Digest;
+        use std::io::Write;
+        if dir.exists() {
+            return Err(ClientError::Download {
+                model: name.into(),
+                reason: format!(
+                    "{} exists; downloads only go into a new folder",
+                    dir.display()
+                ),
+            });
+        }
+        let partial = dir.with_file_name(format!(
+            ".{}.partial-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(io_error(&partial))?;
+        let cleanup = RemoveOnDrop(partial.clone());
+        let mut stream = self
+            .models
+            .clone()
+            .download_model(pb::DownloadModelRequest { name: name.into() })
+            .await?
+            .into_inner();
+        let failed = |reason: String| ClientError::Download {
+            model: name.into(),
+            reason,
+        };
+        let mut current: Option<(
+            pb::ModelFile,
+            std::io::BufWriter<std::fs::File>,
+            sha2::Sha256,
+            u64,
+        )> = None;
+        let finish = |current: Option<(
+            pb::ModelFile,
+            std::io::BufWriter<std::fs::File>,
+            sha2::Sha256,
+            u64,
+        )>|
+         -> Result<(), ClientError> {
+            let Some((file, writer, hasher, written)) = current else {
+                return Ok(());
+            };
+            let path = partial.join(&file.name);
+            writer
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(&path))?;
+            let digest = crate::model_store::hex(&hasher.finalize());
+            if written != file.size || digest != file.sha256 {
+                return Err(failed(format!(
+                    "`{}` arrived with {written} bytes and SHA-256 {digest}; the server announced {} bytes and {}",
+                    file.name, file.size, file.sha256
+                )));
+            }
+            Ok(())
+        };
+        while let Some(message) = stream.message().await? {
+            match message.part {
+                Some(Part::File(file)) => {
+                    finish(current.take())?;
+                    if !crate::model_store::is_plain_file_name(&file.name) {
+                        return Err(failed(format!("refusing the file name `{}`", file.name)));
+                    }
+                    let path = partial.join(&file.name);
+                    let writer = std::fs::File::create(&path).map_err(io_error(&path))?;
+                    current = Some((
+                        file,
+                        std::io::BufWriter::new(writer),
+                        sha2::Sha256::new(),
+                        0,
+                    ));
+                }
+                Some(Part::Data(bytes)) => {
+                    let Some((file, writer, hasher, written)) = &mut current else {
+                        return Err(failed("data before any file header".into()));
+                    };
+                    writer
+                        .write_all(&bytes)
+                        .map_err(io_error(&partial.join(&file.name)))?;
+                    hasher.update(&bytes);
+                    *written += bytes.len() as u64;
+                }
+                None => return Err(failed("an empty message".into())),
+            }
+        }
+        finish(current.take())?;
+        if !partial.join("config.json").is_file() {
+            return Err(failed("the stream carried no config.json".into()));
+        }
+        std::fs::rename(&partial, dir).map_err(io_error(dir))?;
+        std::mem::forget(cleanup);
+        Ok(())
+    }
+
     /// Starts a job and follows it to its end, calling `on_event` for each event; returns the
     /// final job state.
     pub async fn run_job(
@@ -201,6 +392,15 @@ impl W2sClient {
         last.ok_or_else(|| {
             ClientError::Settings(format!("job {id}: the watch stream ended without events"))
         })
+    }
+}
+
+/// Removes a temporary folder unless forgotten.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

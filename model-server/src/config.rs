@@ -127,6 +127,10 @@ pub struct ServerConfig {
     /// progress for this many seconds (a stuck device or a runaway step); 0 turns it off.
     #[arg(long, env = "W2S_STALL_SECONDS", default_value_t = 300.0)]
     pub stall_seconds: f64,
+    /// Largest model folder one UploadModel stream may carry, in bytes (streamed to disk, not
+    /// held in memory).
+    #[arg(long, env = "W2S_MAX_MODEL_UPLOAD_BYTES", default_value_t = 64 << 30)]
+    pub max_model_upload_bytes: u64,
     /// Most gRPC connections open at once; further peers wait in the listen backlog.
     #[arg(long, env = "W2S_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
@@ -147,6 +151,7 @@ pub struct Limits {
     pub max_samples_per_prompt: usize,
     pub max_generated_tokens: usize,
     pub max_upload_bytes: usize,
+    pub max_model_upload_bytes: u64,
 }
 
 impl From<&ServerConfig> for Limits {
@@ -158,6 +163,7 @@ impl From<&ServerConfig> for Limits {
             max_samples_per_prompt: c.max_samples_per_prompt,
             max_generated_tokens: c.max_generated_tokens,
             max_upload_bytes: c.max_upload_bytes,
+            max_model_upload_bytes: c.max_model_upload_bytes,
         }
     }
 }

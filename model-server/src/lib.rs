@@ -14,6 +14,7 @@ pub mod datasets;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod model_store;
 pub mod paths;
 pub mod server;
 pub mod service;

@@ -23,6 +23,7 @@ use crate::connections::{ConnectionLimits, guarded_incoming};
 use crate::datasets::DatasetStore;
 use crate::jobs::{JobPaths, JobSpec, JobStatus, read_json};
 use crate::metrics::{self, Metrics};
+use crate::model_store::ModelStore;
 use crate::service::{
     DatasetsService, InferenceService, ModelsService, ServiceState, TrainingService,
 };
@@ -155,6 +156,10 @@ impl RunningServer {
             model_root: config.model_root.clone(),
             data_dir: config.data_dir.clone(),
             datasets,
+            models: ModelStore::open(&config.data_dir).map_err(|source| StartError::DataDir {
+                path: config.data_dir.join("models"),
+                source,
+            })?,
             jobs: jobs.clone(),
             events,
             metrics: metrics.clone(),

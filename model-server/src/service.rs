@@ -21,6 +21,7 @@ use crate::jobs::{
     Hyperparameters, JobEvent, JobPaths, JobSpec, JobState, JobStatus, ObjectiveKind,
 };
 use crate::metrics::Metrics;
+use crate::model_store::ModelStore;
 use crate::paths::resolve_in_root;
 use crate::worker::{
     GenerateJob, GenerationEvent, JobTable, JudgeKind, LoadSpec, LogprobsJob, ModelSource,
@@ -34,6 +35,8 @@ pub struct ServiceState {
     pub model_root: PathBuf,
     pub data_dir: PathBuf,
     pub datasets: DatasetStore,
+    /// Model folders uploaded by clients and downloads in progress.
+    pub models: ModelStore,
     pub jobs: JobTable,
     pub events: broadcast::Sender<JobEvent>,
     pub metrics: Arc<Metrics>,
@@ -100,9 +103,30 @@ impl ServiceState {
                     id,
                 })
             }
+            Some(Source::Uploaded(digest)) => {
+                let folder = self.models.folder(&digest).ok_or_else(|| {
+                    ServiceError::PathNotFound(format!("uploaded:{digest} (upload it first)"))
+                })?;
+                Ok(ModelSource::Uploaded { digest, folder })
+            }
+            Some(Source::RandomInit(init)) => {
+                ModelConfig::from_json_str(
+                    &init.config_json,
+                    std::path::Path::new("random_init.config_json"),
+                )
+                .map_err(|e| ServiceError::invalid("random_init.config_json", e))?;
+                if !init.tokenizer_json.is_empty() {
+                    superficial_models::TextTokenizer::from_json_str(&init.tokenizer_json)
+                        .map_err(|e| ServiceError::invalid("random_init.tokenizer_json", e))?;
+                }
+                Ok(ModelSource::RandomInit {
+                    config_json: init.config_json,
+                    tokenizer_json: init.tokenizer_json,
+                })
+            }
             None => Err(ServiceError::invalid(
                 "source",
-                "give a path, a preset or a job",
+                "give a path, a preset, a job, an uploaded digest or a random_init",
             )),
         }
     }
@@ -249,6 +273,155 @@ impl pb::models_server::Models for ModelsService {
         }
         .await;
         self.0.finish("ExportModel", started, result)
+    }
+
+    #[instrument(skip_all)]
+    async fn upload_model(
+        &self,
+        request: Request<Streaming<pb::UploadModelRequest>>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        use pb::upload_model_request::Part;
+        let started = Instant::now();
+        let mut stream = request.into_inner();
+        let result = async {
+            let header = match stream.next().await {
+                Some(Ok(pb::UploadModelRequest {
+                    part: Some(Part::Header(header)),
+                })) => header,
+                Some(Err(e)) => return Err(ServiceError::invalid("stream", e.message())),
+                _ => {
+                    return Err(ServiceError::invalid(
+                        "header",
+                        "the first message must be the header",
+                    ));
+                }
+            };
+            let load = header.load.unwrap_or_default();
+            check_name("load.name", &load.name)?;
+            if load.source.is_some() {
+                return Err(ServiceError::invalid(
+                    "load.source",
+                    "must be unset (the upload is the source)",
+                ));
+            }
+            // Written as it arrives (bounded memory); dropped — and removed — on any error or
+            // when the client goes away, since tonic then drops this future.
+            let mut upload = self
+                .0
+                .models
+                .begin(header.files, self.0.limits.max_model_upload_bytes)?;
+            while let Some(message) = stream.next().await {
+                let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
+                match message.part {
+                    Some(Part::Data(bytes)) => {
+                        upload = tokio::task::spawn_blocking(move || {
+                            upload.write(&bytes).map(|()| upload)
+                        })
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                    }
+                    _ => {
+                        return Err(ServiceError::invalid(
+                            "header",
+                            "only the first message may be a header",
+                        ));
+                    }
+                }
+            }
+            let digest = upload.digest().to_string();
+            let folder = tokio::task::spawn_blocking(move || upload.commit())
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            let summary = self
+                .0
+                .worker
+                .load(LoadSpec {
+                    name: load.name,
+                    source: ModelSource::Uploaded { digest, folder },
+                    role: load.role,
+                    reward_head: load.reward_head,
+                    seed: load.seed,
+                })
+                .await?;
+            Ok(model_info(summary))
+        }
+        .await;
+        self.0.finish("UploadModel", started, result)
+    }
+
+    type DownloadModelStream = EventStream<pb::DownloadModelResponse>;
+
+    #[instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn download_model(
+        &self,
+        request: Request<pb::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let started = Instant::now();
+        let name = request.into_inner().name;
+        let prepared = async {
+            require("name", &name)?;
+            let folder = self.0.models.download_folder();
+            self.0.worker.export(name.clone(), folder.0.clone()).await?;
+            let dir = folder.0.clone();
+            let files =
+                tokio::task::spawn_blocking(move || crate::model_store::describe_folder(&dir))
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?
+                    .map_err(|e| {
+                        ServiceError::Internal(format!("reading the export of {name}: {e}"))
+                    })?;
+            Ok((folder, files))
+        }
+        .await;
+        let (folder, files) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(self.0.fail("DownloadModel", started, e)),
+        };
+        self.0
+            .metrics
+            .observe_request("DownloadModel", tonic::Code::Ok, started.elapsed());
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        // A blocking reader feeds the stream; it stops (and the export is removed) when the
+        // client goes away, because sending then fails.
+        tokio::task::spawn_blocking(move || {
+            use pb::download_model_response::Part;
+            use std::io::Read;
+            for file in files {
+                let path = folder.0.join(&file.name);
+                let message = |part| Ok(pb::DownloadModelResponse { part: Some(part) });
+                if sender.blocking_send(message(Part::File(file))).is_err() {
+                    return;
+                }
+                let mut reader = match std::fs::File::open(&path) {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        let status = Status::internal(format!("{}: {e}", path.display()));
+                        let _ = sender.blocking_send(Err(status));
+                        return;
+                    }
+                };
+                loop {
+                    let mut chunk = vec![0u8; crate::model_store::CHUNK_BYTES];
+                    match reader.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            chunk.truncate(n);
+                            if sender.blocking_send(message(Part::Data(chunk))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let status = Status::internal(format!("{}: {e}", path.display()));
+                            let _ = sender.blocking_send(Err(status));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }
 

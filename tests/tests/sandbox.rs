@@ -4,7 +4,7 @@
 //! and nests.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use model_server::{ServerConfig, Session};
 use trainer::sandbox::experiment;
@@ -64,10 +64,20 @@ async fn run(
     config: &ExperimentConfig,
     out: &Path,
 ) -> (experiment::ExperimentOutcome, Vec<String>) {
-    let mut server = ServerConfig::ephemeral();
-    server.data_dir = out.join(".server");
-    server.model_root = PathBuf::from("/");
-    let session = Session::open(None, server).await.unwrap();
+    run_on(config, out, None).await
+}
+
+/// The experiment against `server` (a URL), or an embedded server keeping its state in
+/// `out/.server`.
+async fn run_on(
+    config: &ExperimentConfig,
+    out: &Path,
+    server: Option<&str>,
+) -> (experiment::ExperimentOutcome, Vec<String>) {
+    let mut embedded = ServerConfig::ephemeral();
+    embedded.data_dir = out.join(".server");
+    embedded.model_root = out.join(".server");
+    let session = Session::open(server, embedded).await.unwrap();
     let mut progress = Quiet(Vec::new());
     let outcome = experiment::run(config, out, &session.client, false, false, &mut progress)
         .await
@@ -116,8 +126,18 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     }
     assert!(a.path().join("world/tokenizer/tokenizer.json").is_file());
 
-    let (_, log_b) = run(&config, b.path()).await;
+    // The second time on a server that shares no folder with the trainer: its data folder and
+    // model root are its own (models, datasets, weak labels and predictions travel over gRPC).
+    let server_folders = tempfile::tempdir().unwrap();
+    let mut remote = ServerConfig::ephemeral();
+    remote.data_dir = server_folders.path().join("data");
+    remote.model_root = server_folders.path().join("root");
+    std::fs::create_dir_all(&remote.model_root).unwrap();
+    let remote = model_server::RunningServer::start(remote).await.unwrap();
+    let (_, log_b) = run_on(&config, b.path(), Some(&remote.url())).await;
+    remote.shutdown().await.unwrap();
     assert!(log_b.iter().any(|l| l.starts_with("pretraining a")));
+    assert!(!b.path().join(".server").exists());
     let (first, second) = (predictions(a.path()), predictions(b.path()));
     assert_eq!(first.len(), 8);
     assert_eq!(

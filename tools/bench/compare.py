@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def torch_python(explicit):
     candidates = [explicit, os.environ.get("BENCH_PYTHON"),
                   os.path.join(HERE, ".venv", "bin", "python")]
     for python in filter(None, candidates):
+        python = shutil.which(python) or python
         if os.path.exists(python) and subprocess.run(
                 [python, "-c", "import torch, transformers"], capture_output=True).returncode == 0:
             return python

@@ -169,7 +169,8 @@ async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut config = ServerConfig::ephemeral();
     config.data_dir = out.join(".server");
-    config.model_root = PathBuf::from("/");
+    // Models travel over gRPC (uploads, downloads, random inits), never by server-side path.
+    config.model_root = out.join(".server");
     let options = ClientOptions {
         token: server.token.clone(),
         ..Default::default()

@@ -100,6 +100,21 @@ impl TextTokenizer {
         Ok(tokenizer)
     }
 
+    /// Parses the text of a `tokenizer.json` (as [`TextTokenizer::from_folder`] reads the file).
+    pub fn from_json_str(json: &str) -> Result<Self> {
+        let mut inner: Tokenizer = json
+            .parse()
+            .map_err(|e| tokenizer_error(Path::new("tokenizer_json"), e))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| tokenizer_error(Path::new("tokenizer_json"), e))?;
+        inner.with_padding(None);
+        Ok(Self {
+            inner,
+            bos_to_prepend: None,
+        })
+    }
+
     /// A byte-level tokenizer with no merges: token `i` is byte `i` (GPT-2's byte-to-unicode
     /// alphabet, so it saves as an ordinary `tokenizer.json`). Built-in presets use it, so any
     /// model can take text without tokenizer files.
@@ -193,6 +208,28 @@ impl TextTokenizer {
     /// minimal `tokenizer_config.json`, so that this project and `transformers` load the folder
     /// to the same encoder.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        let inner = self.with_bos_template(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        inner
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| tokenizer_error(dir, e))?;
+        let config = serde_json::json!({ "tokenizer_class": "GPT2Tokenizer" });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, config.to_string()).map_err(|e| ModelError::io(&path, e))
+    }
+
+    /// The text of the `tokenizer.json` that [`TextTokenizer::save`] writes (what
+    /// [`TextTokenizer::from_json_str`] reads back).
+    pub fn to_json_string(&self) -> Result<String> {
+        let dir = Path::new("tokenizer_json");
+        self.with_bos_template(dir)?
+            .to_string(false)
+            .map_err(|e| tokenizer_error(dir, e))
+    }
+
+    /// The inner tokenizer with a prepended BOS expressed as a post-processor, so that the
+    /// saved file is complete on its own.
+    fn with_bos_template(&self, dir: &Path) -> Result<Tokenizer> {
         let mut inner = self.inner.clone();
         if let Some(bos) = self.bos_to_prepend {
             let token = inner
@@ -206,13 +243,7 @@ impl TextTokenizer {
                 .map_err(|e| tokenizer_error(dir, e))?;
             inner.with_post_processor(Some(template));
         }
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        inner
-            .save(dir.join("tokenizer.json"), false)
-            .map_err(|e| tokenizer_error(dir, e))?;
-        let config = serde_json::json!({ "tokenizer_class": "GPT2Tokenizer" });
-        let path = dir.join("tokenizer_config.json");
-        std::fs::write(&path, config.to_string()).map_err(|e| ModelError::io(&path, e))
+        Ok(inner)
     }
 
     /// Encodes a whole text and keeps its last `max_ctx` tokens. Returns the ids and whether

@@ -54,6 +54,14 @@ pub enum ModelSource {
     Preset(String),
     /// The model folder of a finished training job.
     Job { id: String, folder: PathBuf },
+    /// A folder a client uploaded (`DATA_DIR/models/<digest>`).
+    Uploaded { digest: String, folder: PathBuf },
+    /// A random initialisation of an HF config (validated by the caller), with a
+    /// `tokenizer.json` text or, when empty, the byte-level tokenizer.
+    RandomInit {
+        config_json: String,
+        tokenizer_json: String,
+    },
 }
 
 impl std::fmt::Display for ModelSource {
@@ -62,6 +70,12 @@ impl std::fmt::Display for ModelSource {
             ModelSource::Folder(p) => write!(f, "{}", p.display()),
             ModelSource::Preset(p) => write!(f, "preset:{p}"),
             ModelSource::Job { id, .. } => write!(f, "job:{id}"),
+            ModelSource::Uploaded { digest, .. } => write!(f, "uploaded:{digest}"),
+            ModelSource::RandomInit { config_json, .. } => {
+                use sha2::Digest;
+                let digest = crate::model_store::hex(&sha2::Sha256::digest(config_json));
+                write!(f, "random-init:{}", &digest[..12])
+            }
         }
     }
 }
@@ -737,10 +751,27 @@ impl Worker {
             dtype: self.config.dtype,
         };
         let (mut model, tokenizer) = match source {
-            ModelSource::Folder(dir) | ModelSource::Job { folder: dir, .. } => {
+            ModelSource::Folder(dir)
+            | ModelSource::Job { folder: dir, .. }
+            | ModelSource::Uploaded { folder: dir, .. } => {
                 let model = CausalLm::from_folder(dir, &options)?;
                 let tokenizer = TextTokenizer::from_folder(dir, model.config())?;
                 (model, tokenizer)
+            }
+            ModelSource::RandomInit {
+                config_json,
+                tokenizer_json,
+            } => {
+                let config = ModelConfig::from_json_str(
+                    config_json,
+                    std::path::Path::new("random_init.config_json"),
+                )?;
+                let tokenizer = if tokenizer_json.is_empty() {
+                    TextTokenizer::bytes()?
+                } else {
+                    TextTokenizer::from_json_str(tokenizer_json)?
+                };
+                (CausalLm::random_init(config, seed, &options)?, tokenizer)
             }
             ModelSource::Preset(preset) => {
                 let config = ModelConfig::preset(preset).ok_or_else(|| {

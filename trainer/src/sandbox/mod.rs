@@ -23,7 +23,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use superficial_models::config::{Gpt2Config, OptConfig};
 use superficial_models::model::parameter_count;
-use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
+use superficial_models::{ModelConfig, TextTokenizer};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
@@ -496,25 +496,27 @@ async fn pretrain_one(
         "pretraining {} ({} parameters, {} layers x {} wide)",
         size.name, parameters, size.layers, size.width
     ));
-    // The random initialisation travels to the server as an ordinary HF folder.
-    let init_dir = dir.with_file_name(format!(
-        ".init-{}",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")
-    ));
+    // The server makes the random initialisation itself from the config and the seed (the
+    // same weights `CausalLm::random_init` gives here): nothing travels but two JSON texts.
     let seed = config.pretrain.seed ^ sha256_seed(&size.name);
-    let init = CausalLm::random_init(model_config, seed, &LoadOptions::default())
-        .with_context(|| format!("initialising {}", size.name))?;
-    init.save_folder(&init_dir)?;
-    tokenizer.save(&init_dir)?;
-    drop(init);
     let base = format!("sandbox-init-{}", size.name);
     let output = format!("sandbox-pretrained-{}", size.name);
     for name in [&base, &output] {
         unload(client, name).await;
     }
-    load_folder(client, &base, &init_dir, "pretraining")
+    client
+        .load_model(pb::LoadModelRequest {
+            name: base.clone(),
+            source: Some(pb::load_model_request::Source::RandomInit(pb::RandomInit {
+                config_json: model_config.to_hf_json().to_string(),
+                tokenizer_json: tokenizer.to_json_string()?,
+            })),
+            role: "pretraining".into(),
+            seed,
+            ..Default::default()
+        })
         .await
-        .with_context(|| format!("loading the initialisation of {}", size.name))?;
+        .with_context(|| format!("initialising {} on the server", size.name))?;
     let request = pb::StartJobRequest {
         objective: pb::ObjectiveKind::CausalLm as i32,
         base_model: base.clone(),
@@ -558,27 +560,20 @@ async fn pretrain_one(
     if let Some(metrics) = &ended.final_metrics {
         last_loss = metrics.loss;
     }
-    // Exports go into a new folder (the server refuses to replace a folder it did not write);
-    // a leftover from an interrupted run of this cache entry is ours to clear.
+    // Downloads go into a new folder; a leftover from an interrupted run of this cache entry
+    // (no marker yet) is ours to clear.
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     if dir.is_dir() && !dir.join(PRETRAINED_MARKER).is_file() {
         std::fs::remove_dir_all(dir)?;
     }
-    let export_path = std::fs::canonicalize(parent)?.join(dir.file_name().unwrap_or_default());
     client
-        .models
-        .clone()
-        .export_model(pb::ExportModelRequest {
-            name: output.clone(),
-            path: export_path.display().to_string(),
-        })
+        .download_model(&output, dir)
         .await
-        .with_context(|| format!("exporting {}", size.name))?;
+        .with_context(|| format!("downloading the pretrained {}", size.name))?;
     for name in [base, output] {
         unload(client, &name).await;
     }
-    let _ = std::fs::remove_dir_all(&init_dir);
     let seconds = started.elapsed().as_secs_f64();
     progress.line(&format!(
         "pretrained {} in {seconds:.0} s, final loss {last_loss:.3}",
@@ -595,18 +590,18 @@ async fn pretrain_one(
     })
 }
 
-/// Loads the HF folder `dir` on the server under `name` (the server's model root is `/`).
+/// Loads the HF folder `dir` (on this machine) on the server under `name`: uploaded, or by its
+/// digest when the server already holds it.
 async fn load_folder(client: &W2sClient, name: &str, dir: &Path, role: &str) -> Result<()> {
-    let path = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
     client
-        .load_model(pb::LoadModelRequest {
-            name: name.to_string(),
-            source: Some(pb::load_model_request::Source::Path(
-                path.display().to_string(),
-            )),
-            role: role.into(),
-            ..Default::default()
-        })
+        .upload_model(
+            pb::LoadModelRequest {
+                name: name.to_string(),
+                role: role.into(),
+                ..Default::default()
+            },
+            dir,
+        )
         .await?;
     Ok(())
 }

@@ -27,23 +27,28 @@ impl Study<'_> {
         name: &str,
         reward_head: bool,
     ) -> Result<String> {
-        let source = match (&model.path, &model.preset) {
-            (Some(path), _) => pb::load_model_request::Source::Path(path.display().to_string()),
-            (None, Some(preset)) => pb::load_model_request::Source::Preset(preset.clone()),
-            _ => bail!("model `{}` has no source", model.name),
-        };
         self.unload(name).await;
-        let info = self
-            .client
-            .load_model(pb::LoadModelRequest {
-                name: name.into(),
-                source: Some(source),
-                role: "base".into(),
-                reward_head,
-                seed: model.seed,
-            })
-            .await
-            .with_context(|| format!("loading model {}", model.name))?;
+        let load = pb::LoadModelRequest {
+            name: name.into(),
+            source: None,
+            role: "base".into(),
+            reward_head,
+            seed: model.seed,
+        };
+        // A folder on this machine travels to the server (once: later loads go by digest).
+        let info = match (&model.path, &model.preset) {
+            (Some(path), _) => self.client.upload_model(load, path).await,
+            (None, Some(preset)) => {
+                self.client
+                    .load_model(pb::LoadModelRequest {
+                        source: Some(pb::load_model_request::Source::Preset(preset.clone())),
+                        ..load
+                    })
+                    .await
+            }
+            _ => bail!("model `{}` has no source", model.name),
+        }
+        .with_context(|| format!("loading model {}", model.name))?;
         Ok(info.content_hash)
     }
 

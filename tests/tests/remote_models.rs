@@ -1,0 +1,253 @@
+//! Models travel over gRPC, so a client never needs the server's disk: a folder on the
+//! client's machine is uploaded (checked, content-addressed, deduplicated), trained on the
+//! server, downloaded, and gives the same log-probs when loaded here and on a second server
+//! with folders of its own; random initialisations are made on the server from a config; a
+//! corrupted or abandoned upload leaves nothing behind.
+
+use std::path::Path;
+
+use model_server::{RunningServer, ServerConfig, W2sClient};
+use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
+use tonic::Code;
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::load_model_request::Source;
+
+/// A server whose data folder and model root are its own temporary folders.
+async fn server_of_its_own() -> (RunningServer, W2sClient, tempfile::TempDir) {
+    let folders = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = folders.path().join("data");
+    config.model_root = folders.path().join("root");
+    std::fs::create_dir_all(&config.model_root).unwrap();
+    let server = RunningServer::start(config).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    (server, client, folders)
+}
+
+fn load(name: &str) -> pb::LoadModelRequest {
+    pb::LoadModelRequest {
+        name: name.into(),
+        role: "test".into(),
+        ..Default::default()
+    }
+}
+
+/// The tiny GPT-2 preset as an HF folder on the client's side (random init, byte tokenizer).
+fn client_folder(dir: &Path) -> ModelConfig {
+    let config = ModelConfig::preset("tiny-gpt2").unwrap();
+    let model = CausalLm::random_init(config.clone(), 11, &LoadOptions::default()).unwrap();
+    model.save_folder(dir).unwrap();
+    TextTokenizer::bytes().unwrap().save(dir).unwrap();
+    config
+}
+
+const TEXTS: [&str; 2] = [
+    "\n\nHuman: is the sky blue?\n\nAssistant: yes, on a clear day",
+    "\n\nHuman: what is two plus two?\n\nAssistant: four",
+];
+
+async fn server_logprobs(client: &W2sClient, model: &str) -> Vec<Vec<f32>> {
+    client
+        .token_logprobs(pb::TokenLogprobsRequest {
+            model: model.into(),
+            texts: TEXTS.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .sequences
+        .into_iter()
+        .map(|s| s.logprobs)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_uploaded_trained_remotely_and_downloaded_gives_the_same_logprobs() {
+    let (server, client, server_folders) = server_of_its_own().await;
+    let here = tempfile::tempdir().unwrap();
+    let base_dir = here.path().join("base");
+    client_folder(&base_dir);
+
+    // Upload; a second load of the same folder goes by digest (no bytes) to the same weights.
+    let first = client.upload_model(load("base"), &base_dir).await.unwrap();
+    assert!(first.source.starts_with("uploaded:"), "{first:?}");
+    let again = client
+        .upload_model(load("base-again"), &base_dir)
+        .await
+        .unwrap();
+    assert_eq!(first.content_hash, again.content_hash);
+    assert_eq!(first.source, again.source);
+    let local = CausalLm::from_folder(&base_dir, &LoadOptions::default()).unwrap();
+    assert_eq!(local.weights().content_hash().unwrap(), first.content_hash);
+
+    // Train on the server (a short causal-LM job), then download the result here.
+    let dataset = client
+        .upload_dataset(
+            "texts",
+            TEXTS
+                .iter()
+                .map(|t| {
+                    pb::upload_dataset_request::Item::Text(pb::TextRow {
+                        text: t.to_string(),
+                    })
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let ended = client
+        .run_job(
+            pb::StartJobRequest {
+                objective: pb::ObjectiveKind::CausalLm as i32,
+                base_model: "base".into(),
+                dataset_ids: vec![dataset.id],
+                hyperparameters: Some(pb::TrainingHyperparameters {
+                    lr: 1e-3,
+                    batch_size: 2,
+                    minibatch_size: 2,
+                    epochs: 3,
+                    max_ctx: 96,
+                    seed: 1,
+                    schedule: pb::LrSchedule::Constant as i32,
+                    ..Default::default()
+                }),
+                output_model: "trained".into(),
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+    let trained_dir = here.path().join("trained");
+    client
+        .download_model("trained", &trained_dir)
+        .await
+        .unwrap();
+    assert!(trained_dir.join("config.json").is_file());
+    assert!(trained_dir.join("model.safetensors").is_file());
+    assert!(trained_dir.join("tokenizer.json").is_file());
+    // Only into a new folder.
+    assert!(
+        client
+            .download_model("trained", &trained_dir)
+            .await
+            .is_err()
+    );
+
+    // The same log-probs: on the training server, loaded here, and on a second server.
+    let on_server = server_logprobs(&client, "trained").await;
+    let downloaded = CausalLm::from_folder(&trained_dir, &LoadOptions::default()).unwrap();
+    let tokenizer = TextTokenizer::from_folder(&trained_dir, downloaded.config()).unwrap();
+    let sequences: Vec<Vec<u32>> = TEXTS.iter().map(|t| tokenizer.encode(t).unwrap()).collect();
+    let here_logprobs = downloaded.sequence_logprobs(&sequences).unwrap();
+    for (a, b) in on_server.iter().zip(&here_logprobs) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+    }
+    let (other, other_client, other_folders) = server_of_its_own().await;
+    other_client
+        .upload_model(load("trained"), &trained_dir)
+        .await
+        .unwrap();
+    assert_eq!(server_logprobs(&other_client, "trained").await, on_server);
+    // Neither server's folders hold anything of the client's, nor the client's of theirs.
+    for folders in [server_folders.path(), other_folders.path()] {
+        assert!(!folders.starts_with(here.path()) && !here.path().starts_with(folders));
+    }
+    other.shutdown().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_inits_are_made_on_the_server_and_bad_uploads_leave_nothing() {
+    let (server, client, folders) = server_of_its_own().await;
+    let config = ModelConfig::preset("tiny-opt").unwrap();
+    let made = client
+        .load_model(pb::LoadModelRequest {
+            source: Some(Source::RandomInit(pb::RandomInit {
+                config_json: config.to_hf_json().to_string(),
+                tokenizer_json: String::new(),
+            })),
+            seed: 5,
+            ..load("init")
+        })
+        .await
+        .unwrap();
+    let local = CausalLm::random_init(config, 5, &LoadOptions::default()).unwrap();
+    assert_eq!(made.content_hash, local.weights().content_hash().unwrap());
+    let status = client
+        .models
+        .clone()
+        .load_model(pb::LoadModelRequest {
+            source: Some(Source::RandomInit(pb::RandomInit {
+                config_json: "{\"model_type\": \"llama\"}".into(),
+                tokenizer_json: String::new(),
+            })),
+            ..load("bad")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = client
+        .models
+        .clone()
+        .load_model(pb::LoadModelRequest {
+            source: Some(Source::Uploaded("0".repeat(64))),
+            ..load("missing")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // A header that lies about a file's digest: refused, nothing kept.
+    let upload = |files: Vec<pb::ModelFile>, data: Vec<u8>| {
+        let mut models = client.models.clone();
+        async move {
+            let messages = vec![
+                pb::UploadModelRequest {
+                    part: Some(pb::upload_model_request::Part::Header(
+                        pb::UploadModelHeader {
+                            load: Some(load("lied")),
+                            files,
+                        },
+                    )),
+                },
+                pb::UploadModelRequest {
+                    part: Some(pb::upload_model_request::Part::Data(data)),
+                },
+            ];
+            models.upload_model(tokio_stream::iter(messages)).await
+        }
+    };
+    let file = |name: &str, size: u64| pb::ModelFile {
+        name: name.into(),
+        size,
+        sha256: "ab".repeat(32),
+    };
+    let status = upload(vec![file("config.json", 2)], b"{}".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("SHA-256"), "{status:?}");
+    for (files, needle) in [
+        (vec![file("../config.json", 2)], "plain file name"),
+        (vec![file("weights.bin", 2)], "config.json"),
+    ] {
+        let status = upload(files, b"{}".to_vec()).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{status:?}");
+    }
+    // A stream that ends early (the client went away mid-file) is not committed.
+    let status = upload(vec![file("config.json", 10)], b"{}".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let kept: Vec<_> = std::fs::read_dir(folders.path().join("data/models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    server.shutdown().await.unwrap();
+}
