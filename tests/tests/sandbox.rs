@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use model_server::{ServerConfig, Session};
+use model_server::{RunningServer, ServerConfig, Session, W2sClient};
 use trainer::sandbox::experiment;
 use trainer::sandbox::world::WorldConfig;
 use trainer::sandbox::{ExperimentConfig, PretrainConfig, SizeSpec};
@@ -64,26 +64,39 @@ async fn run(
     config: &ExperimentConfig,
     out: &Path,
 ) -> (experiment::ExperimentOutcome, Vec<String>) {
-    run_on(config, out, None).await
-}
-
-/// The experiment against `server` (a URL), or an embedded server keeping its state in
-/// `out/.server`.
-async fn run_on(
-    config: &ExperimentConfig,
-    out: &Path,
-    server: Option<&str>,
-) -> (experiment::ExperimentOutcome, Vec<String>) {
     let mut embedded = ServerConfig::ephemeral();
     embedded.data_dir = out.join(".server");
     embedded.model_root = out.join(".server");
-    let session = Session::open(server, embedded).await.unwrap();
+    let session = Session::open(None, embedded).await.unwrap();
+    let outcome = run_on(config, out, std::slice::from_ref(&session.client)).await;
+    session.close().await.unwrap();
+    outcome
+}
+
+/// The experiment with its runs spread over `servers`.
+async fn run_on(
+    config: &ExperimentConfig,
+    out: &Path,
+    servers: &[W2sClient],
+) -> (experiment::ExperimentOutcome, Vec<String>) {
     let mut progress = Quiet(Vec::new());
-    let outcome = experiment::run(config, out, &session.client, false, false, &mut progress)
+    let outcome = experiment::run(config, out, servers, false, false, &mut progress)
         .await
         .unwrap();
-    session.close().await.unwrap();
     (outcome, progress.0)
+}
+
+/// A server whose data folder and model root are its own temporary folders, shared with no
+/// one (the trainer reaches it only over gRPC).
+async fn server_of_its_own() -> (RunningServer, W2sClient, tempfile::TempDir) {
+    let folders = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::ephemeral();
+    config.data_dir = folders.path().join("data");
+    config.model_root = folders.path().join("root");
+    std::fs::create_dir_all(&config.model_root).unwrap();
+    let server = RunningServer::start(config).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    (server, client, folders)
 }
 
 /// Every `predictions.jsonl` under `runs/`, by run folder name.
@@ -126,17 +139,44 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     }
     assert!(a.path().join("world/tokenizer/tokenizer.json").is_file());
 
-    // The second time on a server that shares no folder with the trainer: its data folder and
-    // model root are its own (models, datasets, weak labels and predictions travel over gRPC).
-    let server_folders = tempfile::tempdir().unwrap();
-    let mut remote = ServerConfig::ephemeral();
-    remote.data_dir = server_folders.path().join("data");
-    remote.model_root = server_folders.path().join("root");
-    std::fs::create_dir_all(&remote.model_root).unwrap();
-    let remote = model_server::RunningServer::start(remote).await.unwrap();
-    let (_, log_b) = run_on(&config, b.path(), Some(&remote.url())).await;
-    remote.shutdown().await.unwrap();
+    // The second time spread over two servers that share no folder with the trainer (models,
+    // datasets, weak labels and predictions travel over gRPC), and server 1 stops in the
+    // middle of a run: its run moves to server 0, and the predictions stay byte-identical.
+    let (server_a, client_a, _folders_a) = server_of_its_own().await;
+    let (server_b, client_b, _folders_b) = server_of_its_own().await;
+    let stopper = tokio::spawn({
+        let mut training = client_b.training.clone();
+        async move {
+            loop {
+                let running = training
+                    .list_jobs(w2s_proto::v1::ListJobsRequest {})
+                    .await
+                    .map(|r| {
+                        r.into_inner()
+                            .jobs
+                            .iter()
+                            .any(|j| j.state == w2s_proto::v1::JobState::Running as i32)
+                    })
+                    .unwrap_or(false);
+                if running {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            server_b.shutdown().await.unwrap();
+        }
+    });
+    let (_, log_b) = run_on(&config, b.path(), &[client_a, client_b]).await;
+    stopper.await.unwrap();
+    server_a.shutdown().await.unwrap();
     assert!(log_b.iter().any(|l| l.starts_with("pretraining a")));
+    assert!(
+        log_b
+            .iter()
+            .any(|l| l.starts_with("[server 1] server 1 failed")),
+        "{log_b:?}"
+    );
+    assert!(log_b.iter().any(|l| l.starts_with("[server 1] run ")));
     assert!(!b.path().join(".server").exists());
     let (first, second) = (predictions(a.path()), predictions(b.path()));
     assert_eq!(first.len(), 8);

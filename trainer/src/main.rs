@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use model_server::{ClientOptions, ServerConfig, Session};
+use model_server::{ClientOptions, ServerConfig, Session, W2sClient};
 use superficial_models::ModelConfig;
 use superficial_models::model::parameter_count;
 use trainer::sandbox::{ExperimentConfig, Family, experiment};
@@ -152,19 +152,53 @@ impl ExperimentArgs {
     }
 }
 
-/// Where the model server is (shared by `run` and `experiment`).
+/// Where the model servers are (shared by `run` and `experiment`).
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
-    /// A running model server; without it an in-process server keeps its state in OUT/.server.
-    #[arg(long, env = "W2S_SERVER")]
-    server: Option<String>,
+    /// A running model server (repeatable, or comma-separated in the env var): the study's runs
+    /// are spread over all of them, one run in flight per server, and a server that fails
+    /// mid-run has its run moved to another. Without any, an in-process server keeps its state
+    /// in OUT/.server. Servers need no folder in common with the trainer.
+    #[arg(long = "server", env = "W2S_SERVER", value_delimiter = ',')]
+    servers: Vec<String>,
     /// Bearer token for --server.
     #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 
-/// Creates `out` and connects to the given server, or starts an in-process server that keeps
+/// The study's servers: a session (the first server, or an in-process one) and the others.
+struct Servers {
+    session: Session,
+    more: Vec<W2sClient>,
+}
+
+impl Servers {
+    fn clients(&self) -> Vec<W2sClient> {
+        std::iter::once(self.session.client.clone())
+            .chain(self.more.iter().cloned())
+            .collect()
+    }
+}
+
+/// Creates `out` and connects to the given servers, or starts an in-process server that keeps
 /// its state in `out/.server`.
+async fn open_servers(out: &Path, server: &ServerArgs) -> Result<Servers> {
+    let session = open_session(out, server).await?;
+    let options = ClientOptions {
+        token: server.token.clone(),
+        ..Default::default()
+    };
+    let mut more = Vec::new();
+    for url in server.servers.iter().skip(1) {
+        more.push(
+            W2sClient::connect_with(url, &options)
+                .await
+                .with_context(|| format!("connecting to {url}"))?,
+        );
+    }
+    Ok(Servers { session, more })
+}
+
 async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut config = ServerConfig::ephemeral();
@@ -175,27 +209,27 @@ async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
         token: server.token.clone(),
         ..Default::default()
     };
-    Session::open_with(server.server.as_deref(), &options, config)
+    Session::open_with(server.servers.first().map(String::as_str), &options, config)
         .await
         .context("opening a model-server session")
 }
 
 async fn experiment(args: ExperimentArgs) -> Result<()> {
     let config = args.config()?;
-    let session = open_session(&args.out, &args.server).await?;
+    let servers = open_servers(&args.out, &args.server).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
     let result = experiment::run(
         &config,
         &args.out,
-        &session.client,
+        &servers.clients(),
         args.force,
         args.pretrain_only,
         progress.as_mut(),
     )
     .await;
     drop(progress);
-    session.close().await?;
+    servers.session.close().await?;
     let outcome = result?;
     eprintln!(
         "sandbox study finished in {:.0} s: {} runs",
@@ -231,18 +265,19 @@ async fn run(args: RunArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
-    let session = open_session(&args.out, &args.server).await?;
+    let servers = open_servers(&args.out, &args.server).await?;
     let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(
         &spec,
         &data,
-        session.client.clone(),
+        servers.session.client.clone(),
         args.out.clone(),
         args.force,
         progress.as_mut(),
-    );
+    )
+    .with_more_servers(servers.more.iter().cloned());
     let result = study.run_all().await;
-    session.close().await?;
+    servers.session.close().await?;
     let runs = result?;
     eprintln!("{} runs finished in {}", runs.len(), args.out.display());
     Ok(())

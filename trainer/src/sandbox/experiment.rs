@@ -20,16 +20,20 @@ pub struct ExperimentOutcome {
     pub runs: usize,
 }
 
-/// Runs world → pretraining → probe → study → report under `out`.
+/// Runs world → pretraining → probe → study → report under `out`. Pretraining and probes go
+/// to the first server; the study's runs are spread over all of them.
 pub async fn run(
     config: &ExperimentConfig,
     out: &Path,
-    client: &W2sClient,
+    servers: &[W2sClient],
     force: bool,
     pretrain_only: bool,
     progress: &mut dyn Progress,
 ) -> Result<ExperimentOutcome> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let Some(client) = servers.first() else {
+        anyhow::bail!("an experiment needs at least one model server");
+    };
     let started = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     super::write_file(
@@ -91,7 +95,8 @@ pub async fn run(
         runs_dir.clone(),
         force,
         progress,
-    );
+    )
+    .with_more_servers(servers[1..].iter().cloned());
     let finished = study.run_all().await?;
     let study_seconds = started.elapsed().as_secs_f64() - pretrain_seconds;
 

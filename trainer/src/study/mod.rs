@@ -4,6 +4,7 @@
 //! (runs that label data) and, last, `results_summary.json`, which marks the run finished: a
 //! rerun skips finished runs, and an interrupted run follows (or restarts) its server job.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,7 @@ use crate::data::{HhPair, read_hh_jsonl};
 use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
 
 mod jobs;
+mod pool;
 mod rows;
 
 use rows::{pair_row, rows_key, student_rows};
@@ -138,10 +140,14 @@ impl Progress for PlainProgress {
 pub struct Study<'a> {
     pub spec: &'a StudySpec,
     pub data: &'a StudyData,
+    /// The server this runner's runs go to.
     pub client: W2sClient,
+    /// Every server of the study (`client` first); runs are spread over them.
+    servers: Vec<W2sClient>,
     pub out: PathBuf,
     pub force: bool,
     pub progress: &'a mut dyn Progress,
+    /// Datasets uploaded to `client`, by content.
     datasets: BTreeMap<String, String>,
 }
 
@@ -227,12 +233,19 @@ impl<'a> Study<'a> {
         Self {
             spec,
             data,
+            servers: vec![client.clone()],
             client,
             out,
             force,
             progress,
             datasets: BTreeMap::new(),
         }
+    }
+
+    /// Spreads the runs over these servers too (the first stays `client`).
+    pub fn with_more_servers(mut self, more: impl IntoIterator<Item = W2sClient>) -> Self {
+        self.servers.extend(more);
+        self
     }
 
     fn model(&self, name: &str) -> Result<&ModelSpec> {
@@ -291,53 +304,94 @@ impl<'a> Study<'a> {
         }
     }
 
-    /// Runs every scenario, seed, model and (weak, strong, setting) of the spec; returns the
-    /// run folders.
+    /// Runs every scenario, seed, model and (weak, strong, setting) of the spec over the
+    /// servers (`pool.rs`); returns the run folders in the order one server would produce them.
     pub async fn run_all(&mut self) -> Result<Vec<PathBuf>> {
         std::fs::create_dir_all(&self.out)?;
         let total = self.planned_runs();
         self.progress.set_total(total);
-        let mut finished = Vec::new();
         let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
-        let seeds = self.spec.seeds.clone();
-        let scenarios = self.spec.scenarios.clone();
-        for &seed in &seeds {
-            for &scenario in &scenarios {
-                let mut labels = BTreeMap::new();
-                for name in &names {
-                    let (dir, weak_labels) = self.ceiling(scenario, name, seed).await?;
-                    labels.insert(name.clone(), weak_labels);
-                    finished.push(dir);
-                }
+        let (spec, data, out, force) = (self.spec, self.data, self.out.clone(), self.force);
+        let several = self.servers.len() > 1;
+        let servers = self.servers.clone();
+        // Plan every phase first (it needs `&self`), then hand out the progress display.
+        let mut phases = Vec::new();
+        for &seed in &spec.seeds {
+            for &scenario in &spec.scenarios {
+                let ceilings: Vec<pool::Task> = names
+                    .iter()
+                    .map(|model| pool::Task::Ceiling {
+                        scenario,
+                        model: model.clone(),
+                        seed,
+                    })
+                    .collect();
+                let mut students = Vec::new();
                 if scenario != Scenario::Reward {
-                    for chain in &self.spec.bootstrap.clone() {
-                        let labels_of_weak = labels[&chain[0]].clone();
-                        finished.extend(
-                            self.bootstrap(scenario, chain, seed, &labels_of_weak)
-                                .await?,
-                        );
-                    }
+                    students.extend(spec.bootstrap.iter().map(|chain| pool::Task::Bootstrap {
+                        scenario,
+                        chain: chain.clone(),
+                        seed,
+                    }));
                 }
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
                         for conflict in self.conflicts(scenario) {
                             for high_conf in self.high_conf_variants(scenario, conflict) {
-                                finished.push(
-                                    self.student(
-                                        scenario,
-                                        weak,
-                                        strong,
-                                        conflict,
-                                        seed,
-                                        &labels[weak],
-                                        high_conf,
-                                    )
-                                    .await?,
-                                );
+                                students.push(pool::Task::Student {
+                                    scenario,
+                                    weak: weak.clone(),
+                                    strong: strong.clone(),
+                                    conflict,
+                                    seed,
+                                    high_conf,
+                                });
                             }
                         }
                     }
                 }
+                phases.push((ceilings, students));
+            }
+        }
+        let shared: RefCell<&mut dyn Progress> = RefCell::new(&mut *self.progress);
+        let mut progresses: Vec<pool::ServerProgress> = (0..servers.len())
+            .map(|i| pool::ServerProgress {
+                shared: &shared,
+                prefix: if several {
+                    format!("[server {i}] ")
+                } else {
+                    String::new()
+                },
+            })
+            .collect();
+        let mut workers: Vec<Study> = servers
+            .iter()
+            .zip(progresses.iter_mut())
+            .map(|(client, progress)| Study {
+                spec,
+                data,
+                client: client.clone(),
+                servers: Vec::new(),
+                out: out.clone(),
+                force,
+                progress,
+                datasets: BTreeMap::new(),
+            })
+            .collect();
+        let alive: Vec<Cell<bool>> = servers.iter().map(|_| Cell::new(true)).collect();
+        let mut finished = Vec::new();
+        for (ceilings, students) in phases {
+            let mut labels = BTreeMap::new();
+            // Outputs come in task order: one ceiling per model, in `names` order.
+            let outputs = pool::run_phase(&mut workers, &alive, ceilings, &labels).await?;
+            for (model, output) in names.iter().zip(outputs) {
+                finished.extend(output.dirs);
+                if let Some(made) = output.labels {
+                    labels.insert(model.clone(), made);
+                }
+            }
+            for output in pool::run_phase(&mut workers, &alive, students, &labels).await? {
+                finished.extend(output.dirs);
             }
         }
         Ok(finished)
