@@ -133,6 +133,18 @@ impl W2sClient {
             .models)
     }
 
+    /// The server's device and memory (see `ServerInfo`).
+    pub async fn server_info(&self) -> Result<pb::ServerInfo, ClientError> {
+        Ok(self
+            .models
+            .clone()
+            .list_models(pb::ListModelsRequest {})
+            .await?
+            .into_inner()
+            .server
+            .unwrap_or_default())
+    }
+
     pub async fn load_model(
         &self,
         request: pb::LoadModelRequest,

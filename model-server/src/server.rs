@@ -80,6 +80,7 @@ impl RunningServer {
     pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
         let device = parse_device(&config.device).map_err(StartError::Config)?;
+        let device_label = crate::worker::device_name(&device);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -164,6 +165,7 @@ impl RunningServer {
             events,
             metrics: metrics.clone(),
             limits: crate::config::Limits::from(&config),
+            device: device_label,
             closing: closing_rx,
         };
         let reflection_builder = || {

@@ -41,6 +41,8 @@ pub struct ServiceState {
     pub events: broadcast::Sender<JobEvent>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::config::Limits,
+    /// The device the models live on (`cpu`, `cuda:N`).
+    pub device: String,
     /// Becomes `true` when the server starts shutting down: long-lived streams end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
@@ -201,14 +203,23 @@ impl pb::models_server::Models for ModelsService {
         _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .0
-            .worker
-            .list()
-            .await
-            .map(|models| pb::ListModelsResponse {
+        let result = self.0.worker.list().await.map(|models| {
+            let (memory_total_bytes, memory_available_bytes) = if self.0.device == "cpu" {
+                crate::resources::host_memory().unwrap_or((0, 0))
+            } else {
+                (0, 0)
+            };
+            pb::ListModelsResponse {
+                server: Some(pb::ServerInfo {
+                    device: self.0.device.clone(),
+                    memory_total_bytes,
+                    memory_available_bytes,
+                    resident_model_bytes: models.iter().map(|m| m.memory_bytes).sum(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }),
                 models: models.into_iter().map(model_info).collect(),
-            });
+            }
+        });
         self.0.finish("ListModels", started, result)
     }
 

@@ -710,6 +710,23 @@ impl Worker {
         if self.models.contains_key(&spec.name) {
             return Err(ServiceError::AlreadyLoaded(spec.name));
         }
+        let config = match &spec.source {
+            ModelSource::Folder(dir)
+            | ModelSource::Job { folder: dir, .. }
+            | ModelSource::Uploaded { folder: dir, .. } => crate::resources::folder_config(dir),
+            ModelSource::Preset(preset) => ModelConfig::preset(preset),
+            ModelSource::RandomInit { config_json, .. } => {
+                ModelConfig::from_json_str(config_json, std::path::Path::new("config_json")).ok()
+            }
+        };
+        if let Some(config) = config {
+            crate::resources::check_fits(
+                &spec.name,
+                &config,
+                self.config.dtype,
+                self.config.device.is_cpu(),
+            )?;
+        }
         let (model, tokenizer) = self.build_model(&spec.source, spec.reward_head, spec.seed)?;
         let weights = model.weights();
         let summary = ModelSummary {

@@ -242,6 +242,72 @@ impl<'a> Study<'a> {
         }
     }
 
+    /// The servers that can train the study's largest model, after asking each for its device
+    /// and memory; a clear error when none can.
+    async fn servers_that_fit(&mut self) -> Result<Vec<W2sClient>> {
+        // Weights, gradients, Adam's two moments and a frozen copy (DPO's reference), in f32.
+        const TRAINING_BYTES_PER_PARAMETER: u64 = 20;
+        let mut largest = 0u64;
+        for model in &self.spec.models {
+            let config = match (&model.path, &model.preset) {
+                (Some(dir), _) => {
+                    superficial_models::ModelConfig::from_file(&dir.join("config.json"))
+                        .with_context(|| format!("model {}", model.name))?
+                }
+                (None, Some(preset)) => superficial_models::ModelConfig::preset(preset)
+                    .with_context(|| format!("model {}: unknown preset {preset}", model.name))?,
+                _ => bail!("model `{}` has no source", model.name),
+            };
+            largest = largest.max(superficial_models::model::parameter_count(&config) as u64);
+        }
+        let needed = largest * TRAINING_BYTES_PER_PARAMETER;
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        let mut fit = Vec::new();
+        let mut refused = Vec::new();
+        for (i, client) in self.servers.iter().enumerate() {
+            let info = client
+                .server_info()
+                .await
+                .with_context(|| format!("asking server {i} for its device and memory"))?;
+            let known = info.memory_available_bytes > 0;
+            if self.servers.len() > 1 {
+                self.progress.line(&format!(
+                    "server {i}: {} ({}), version {}",
+                    info.device,
+                    if known {
+                        format!("{:.1} GiB available", gib(info.memory_available_bytes))
+                    } else {
+                        "memory not reported".into()
+                    },
+                    info.version
+                ));
+            }
+            if known && info.memory_available_bytes < needed {
+                refused.push(format!(
+                    "server {i} ({}) has {:.2} GiB available",
+                    info.device,
+                    gib(info.memory_available_bytes)
+                ));
+            } else {
+                fit.push(client.clone());
+            }
+        }
+        for line in &refused {
+            self.progress.line(&format!(
+                "{line}, less than the ~{:.2} GiB training the largest model needs: not used",
+                gib(needed)
+            ));
+        }
+        if fit.is_empty() {
+            bail!(
+                "no model server can train the study's largest model (~{:.2} GiB): {}",
+                gib(needed),
+                refused.join("; ")
+            );
+        }
+        Ok(fit)
+    }
+
     /// Spreads the runs over these servers too (the first stays `client`).
     pub fn with_more_servers(mut self, more: impl IntoIterator<Item = W2sClient>) -> Self {
         self.servers.extend(more);
@@ -312,8 +378,8 @@ impl<'a> Study<'a> {
         self.progress.set_total(total);
         let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
         let (spec, data, out, force) = (self.spec, self.data, self.out.clone(), self.force);
-        let several = self.servers.len() > 1;
-        let servers = self.servers.clone();
+        let servers = self.servers_that_fit().await?;
+        let several = servers.len() > 1;
         // Plan every phase first (it needs `&self`), then hand out the progress display.
         let mut phases = Vec::new();
         for &seed in &spec.seeds {
