@@ -161,6 +161,11 @@ struct ServerArgs {
     /// in OUT/.server. Servers need no folder in common with the trainer.
     #[arg(long = "server", env = "W2S_SERVER", value_delimiter = ',')]
     servers: Vec<String>,
+    /// How long to wait for each --server to answer before giving up, in seconds (servers
+    /// started beside the trainer, as in a Kubernetes Job or a Slurm allocation, may still be
+    /// starting).
+    #[arg(long, env = "W2S_WAIT_SECONDS", default_value_t = 120.0)]
+    wait_seconds: f64,
     /// Bearer token for --server.
     #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -190,13 +195,44 @@ async fn open_servers(out: &Path, server: &ServerArgs) -> Result<Servers> {
     };
     let mut more = Vec::new();
     for url in server.servers.iter().skip(1) {
-        more.push(
-            W2sClient::connect_with(url, &options)
-                .await
-                .with_context(|| format!("connecting to {url}"))?,
-        );
+        more.push(connect_when_up(url, &options, server.wait_seconds).await?);
     }
     Ok(Servers { session, more })
+}
+
+/// Connects to `url` and asks it for its identity, retrying each second for up to `wait`
+/// seconds while it is not up yet.
+async fn connect_when_up(url: &str, options: &ClientOptions, wait: f64) -> Result<W2sClient> {
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = async {
+            let client = W2sClient::connect_with(url, options).await?;
+            client.server_info().await?;
+            Ok::<_, model_server::ClientError>(client)
+        }
+        .await;
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) if started.elapsed().as_secs_f64() < wait => {
+                print_at_most_every_10_seconds(&format!("waiting for {url}: {e}"));
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("{url} did not answer within {wait} s"));
+            }
+        }
+    }
+}
+
+/// One line per retry, not per second of a long wait.
+fn print_at_most_every_10_seconds(line: &str) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    if let Ok(mut last) = LAST.lock()
+        && last.is_none_or(|t| t.elapsed().as_secs() >= 10)
+    {
+        *last = Some(std::time::Instant::now());
+        eprintln!("{line}");
+    }
 }
 
 async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
@@ -209,6 +245,10 @@ async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
         token: server.token.clone(),
         ..Default::default()
     };
+    if let Some(url) = server.servers.first() {
+        // Wait for the first server like the others, then open the session on it.
+        connect_when_up(url, &options, server.wait_seconds).await?;
+    }
     Session::open_with(server.servers.first().map(String::as_str), &options, config)
         .await
         .context("opening a model-server session")
