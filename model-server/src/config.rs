@@ -59,6 +59,10 @@ pub struct ServerConfig {
     /// Address of the Prometheus metrics endpoint (GET /metrics); off when not given.
     #[arg(long, env = "W2S_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Require the bearer token (`--token`) on the metrics port too (Prometheus sends it with
+    /// `authorization.credentials`).
+    #[arg(long, env = "W2S_METRICS_TOKEN")]
+    pub metrics_token: bool,
     /// Folder for uploaded datasets and training jobs (created if missing).
     #[arg(long, env = "W2S_DATA_DIR", default_value = "w2s-data")]
     pub data_dir: PathBuf,
@@ -113,8 +117,8 @@ pub struct ServerConfig {
     /// after this is cut off (the training job is checkpointed either way).
     #[arg(long, env = "W2S_DRAIN_SECONDS", default_value_t = 10.0)]
     pub drain_seconds: f64,
-    /// Largest dataset upload, in bytes of row text (uploads are held in memory until they
-    /// are validated and committed).
+    /// Largest dataset upload, in bytes of row text (rows are written to disk as they arrive;
+    /// this caps the disk one upload may take).
     #[arg(long, env = "W2S_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
     pub max_upload_bytes: usize,
     /// Longest time one turn of the device loop advances long work (generations, big scoring
@@ -287,6 +291,9 @@ impl ServerConfig {
                 "--drain-seconds must be between 0 and 3600, got {}",
                 self.drain_seconds
             ));
+        }
+        if self.metrics_token && self.token.is_none() {
+            return Err("--metrics-token needs --token".into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be positive".into());

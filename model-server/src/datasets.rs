@@ -108,16 +108,14 @@ fn is_complete(dir: &Path) -> bool {
     dir.join("meta.json").is_file() && dir.join("rows.jsonl").is_file()
 }
 
-/// Writes an entry's two files into `tmp` and flushes them to disk.
-fn write_entry(tmp: &Path, rows: &[u8], meta: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    std::fs::create_dir_all(tmp)?;
-    for (name, bytes) in [("rows.jsonl", rows), ("meta.json", meta)] {
-        let mut file = std::fs::File::create(tmp.join(name))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
+/// An I/O failure while storing: a full disk or quota is the client's RESOURCE_EXHAUSTED.
+fn storage_error(what: &str, e: std::io::Error) -> ServiceError {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            ServiceError::ResourceExhausted(format!("{what}: {e}"))
+        }
+        _ => ServiceError::Internal(format!("{what}: {e}")),
     }
-    Ok(())
 }
 
 /// The datasets under a data directory.
@@ -154,69 +152,37 @@ impl DatasetStore {
         rows: &[Row],
         abandoned: &std::sync::atomic::AtomicBool,
     ) -> ServiceResult<DatasetMeta> {
-        let kind = rows
-            .first()
-            .map(Row::kind)
-            .ok_or_else(|| ServiceError::invalid("rows", "a dataset needs at least one row"))?;
-        let mut body = String::new();
-        for (i, row) in rows.iter().enumerate() {
-            if row.kind() != kind {
-                return Err(ServiceError::invalid(
-                    format!("rows[{i}]"),
-                    "all rows of a dataset must be of one kind",
-                ));
-            }
-            row.validate()
-                .map_err(|e| ServiceError::invalid(format!("rows[{i}]"), e))?;
-            body.push_str(
-                &serde_json::to_string(row)
-                    .map_err(|e| ServiceError::invalid(format!("rows[{i}]"), e))?,
-            );
-            body.push('\n');
+        let mut upload = self.begin(name)?;
+        for row in rows {
+            upload.push(row)?;
         }
-        let hash = format!("{:x}", Sha256::digest(body.as_bytes()));
-        let id = format!("ds-{}", &hash[..16]);
-        let meta = DatasetMeta {
-            id: id.clone(),
-            name: name.to_string(),
-            kind,
-            rows: rows.len() as u64,
-            content_hash: hash,
-        };
-        let dir = self.root.join(&id);
-        if is_complete(&dir) {
-            return Ok(meta);
-        }
-        let meta_text = serde_json::to_string_pretty(&meta)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        upload.commit(abandoned)
+    }
+
+    /// Starts an upload written to disk row by row (bounded memory); see [`DatasetUpload`].
+    pub fn begin(&self, name: &str) -> ServiceResult<DatasetUpload> {
         // Each writer has its own temporary folder, so concurrent uploads of the same rows
         // never touch each other's files; the first rename wins and the others find it done.
         let tmp = self.root.join(format!(
-            ".{id}.{}.{}.partial",
+            ".upload.{}.{}.partial",
             std::process::id(),
             WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let written = write_entry(&tmp, body.as_bytes(), meta_text.as_bytes());
-        if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(ServiceError::FailedPrecondition(
-                "the upload was abandoned by its client; nothing was stored".into(),
-            ));
-        }
-        let committed = written.and_then(|()| match std::fs::rename(&tmp, &dir) {
-            Ok(()) => Ok(()),
-            // Another writer committed the same content first.
-            Err(_) if is_complete(&dir) => Ok(()),
-            Err(e) => Err(e),
-        });
-        let _ = std::fs::remove_dir_all(&tmp);
-        committed.map_err(|e| match e.kind() {
-            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
-                ServiceError::ResourceExhausted(format!("storing dataset {id}: {e}"))
-            }
-            _ => ServiceError::Internal(format!("storing dataset {id}: {e}")),
-        })?;
-        Ok(meta)
+        std::fs::create_dir_all(&tmp).map_err(|e| storage_error("starting an upload", e))?;
+        let file = std::fs::File::create(tmp.join("rows.jsonl"));
+        let mut upload = DatasetUpload {
+            root: self.root.clone(),
+            name: name.to_string(),
+            tmp,
+            writer: None,
+            hasher: Sha256::new(),
+            kind: None,
+            rows: 0,
+        };
+        upload.writer = Some(std::io::BufWriter::new(
+            file.map_err(|e| storage_error("starting an upload", e))?,
+        ));
+        Ok(upload)
     }
 
     pub fn list(&self) -> ServiceResult<Vec<DatasetMeta>> {
@@ -262,6 +228,119 @@ impl DatasetStore {
             })
             .collect::<ServiceResult<Vec<Row>>>()?;
         Ok((meta, rows))
+    }
+}
+
+/// A dataset being uploaded: rows are validated and appended to a temporary `rows.jsonl` as
+/// they arrive; [`DatasetUpload::commit`] names the dataset by the hash of those bytes and
+/// renames the folder into place. Dropped before that (an invalid row, a full disk, a client
+/// that went away), it removes everything it wrote.
+pub struct DatasetUpload {
+    root: PathBuf,
+    name: String,
+    tmp: PathBuf,
+    writer: Option<std::io::BufWriter<std::fs::File>>,
+    hasher: Sha256,
+    kind: Option<RowKind>,
+    rows: u64,
+}
+
+impl DatasetUpload {
+    /// Validates and appends the next row (`rows[i]` in errors is its index in the upload).
+    pub fn push(&mut self, row: &Row) -> ServiceResult<()> {
+        use std::io::Write as _;
+        let field = || format!("rows[{}]", self.rows);
+        let kind = *self.kind.get_or_insert(row.kind());
+        if row.kind() != kind {
+            return Err(ServiceError::invalid(
+                field(),
+                "all rows of a dataset must be of one kind",
+            ));
+        }
+        row.validate()
+            .map_err(|e| ServiceError::invalid(field(), e))?;
+        let mut line = serde_json::to_string(row).map_err(|e| ServiceError::invalid(field(), e))?;
+        line.push('\n');
+        self.hasher.update(line.as_bytes());
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| ServiceError::Internal("the upload is closed".into()))?;
+        writer
+            .write_all(line.as_bytes())
+            .map_err(|e| storage_error("storing an upload", e))?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Flushes, names and commits the dataset, unless `abandoned` is set by then.
+    pub fn commit(
+        mut self,
+        abandoned: &std::sync::atomic::AtomicBool,
+    ) -> ServiceResult<DatasetMeta> {
+        let kind = self
+            .kind
+            .ok_or_else(|| ServiceError::invalid("rows", "a dataset needs at least one row"))?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| ServiceError::Internal("the upload is closed".into()))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| storage_error("storing an upload", e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| storage_error("storing an upload", e))?;
+        drop(file);
+        let hash = format!("{:x}", std::mem::take(&mut self.hasher).finalize());
+        let id = format!("ds-{}", &hash[..16]);
+        let meta = DatasetMeta {
+            id: id.clone(),
+            name: self.name.clone(),
+            kind,
+            rows: self.rows,
+            content_hash: hash,
+        };
+        let dir = self.root.join(&id);
+        if is_complete(&dir) {
+            return Ok(meta); // the drop removes our copy
+        }
+        let meta_text = serde_json::to_string_pretty(&meta)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let what = format!("storing dataset {id}");
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(self.tmp.join("meta.json"))
+                .map_err(|e| storage_error(&what, e))?;
+            file.write_all(meta_text.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| storage_error(&what, e))?;
+        }
+        if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServiceError::FailedPrecondition(
+                "the upload was abandoned by its client; nothing was stored".into(),
+            ));
+        }
+        match std::fs::rename(&self.tmp, &dir) {
+            Ok(()) => Ok(meta),
+            // Another writer committed the same content first.
+            Err(_) if is_complete(&dir) => Ok(meta),
+            Err(e) => Err(storage_error(&what, e)),
+        }
+    }
+
+    /// Test hook: sends the rows to another file (e.g. `/dev/full`, to play a full disk).
+    #[cfg(test)]
+    fn redirect_rows_to(&mut self, path: &Path) {
+        self.writer = Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new().write(true).open(path).unwrap(),
+        ));
+    }
+}
+
+impl Drop for DatasetUpload {
+    fn drop(&mut self) {
+        self.writer = None;
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 
@@ -320,6 +399,28 @@ mod tests {
         let again = store.store("x", &rows(3), &KEPT).unwrap();
         assert_eq!(again.id, meta.id);
         assert_eq!(store.rows(&meta.id).unwrap().1, rows(3));
+    }
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DatasetStore::new(dir.path()).unwrap();
+        let mut upload = store.begin("x").unwrap();
+        upload.redirect_rows_to(Path::new("/dev/full"));
+        let data = rows(20_000); // more than the write buffer holds
+        let error = match data.iter().try_for_each(|row| upload.push(row)) {
+            Err(e) => {
+                drop(upload); // as the upload handler does on an error
+                e
+            }
+            Ok(()) => upload.commit(&KEPT).unwrap_err(),
+        };
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error}");
+        let left = std::fs::read_dir(dir.path().join("datasets"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "temporary files left behind");
+        assert!(store.list().unwrap().is_empty());
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A settable integer.
@@ -210,52 +209,71 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped, under the same connection
-/// limits as the gRPC port (cap, silent-connection timeout, accept back-off); each connection
-/// gets `limits.first_bytes_within` in all to send its request and receive the answer, so a
-/// slow or stuck peer cannot hold a slot.
+/// Serves `GET /metrics` on `listener` with hyper's HTTP/1 server until the task is dropped,
+/// under the same connection limits as the gRPC port (cap, silent-connection timeout, accept
+/// back-off); each connection gets `limits.first_bytes_within` in all (headers, answer and any
+/// keep-alive), so a slow or stuck peer cannot hold a slot. With `token`, a request must carry
+/// `Authorization: Bearer <token>` (401 otherwise).
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
     limits: crate::connections::ConnectionLimits,
+    token: Option<String>,
 ) {
     use tokio_stream::StreamExt;
+    let token = std::sync::Arc::new(token);
     let mut incoming = crate::connections::guarded_incoming(listener, limits);
     while let Some(accepted) = incoming.next().await {
-        let Ok(mut stream) = accepted else {
+        let Ok(stream) = accepted else {
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, token) = (metrics.clone(), token.clone());
         tokio::spawn(async move {
-            let answer = async move {
-                let mut buffer = vec![0u8; 4096];
-                let mut read = 0;
-                while read < buffer.len() {
-                    match stream.read(&mut buffer[read..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => read += n,
-                    }
-                    if buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let request = String::from_utf8_lossy(&buffer[..read]);
-                let (status, body) = if request.starts_with("GET /metrics") {
-                    ("200 OK", metrics.render())
-                } else {
-                    (
-                        "404 Not Found",
-                        "only GET /metrics is served here\n".to_string(),
-                    )
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-            };
-            let _ = tokio::time::timeout(limits.first_bytes_within, answer).await;
+            let service = hyper::service::service_fn(move |request| {
+                let answer = answer(&metrics, token.as_deref(), &request);
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.first_bytes_within)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.first_bytes_within, connection).await;
         });
+    }
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+/// The answer to one request: the metrics, 401 without the token, 404 elsewhere.
+fn answer<B>(
+    metrics: &Metrics,
+    token: Option<&str>,
+    request: &hyper::Request<B>,
+) -> hyper::Response<Body> {
+    let reply = |status: u16, body: String| {
+        let mut response = hyper::Response::new(Body::from(body));
+        *response.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        response
+    };
+    if let Some(token) = token {
+        let expected = format!("Bearer {token}");
+        let given = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(expected.as_str()) {
+            return reply(401, "missing or invalid bearer token\n".into());
+        }
+    }
+    if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
+        reply(200, metrics.render())
+    } else {
+        reply(404, "only GET /metrics is served here\n".into())
     }
 }
 

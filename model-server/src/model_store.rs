@@ -391,6 +391,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_resource_exhausted_and_leaves_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(data.path()).unwrap();
+        let files = vec![
+            file("config.json", b"{}"),
+            file("model.safetensors", b"weights"),
+        ];
+        let mut upload = store.begin(files, 1 << 20).unwrap();
+        // The weights file lands on a device that is always full.
+        std::os::unix::fs::symlink("/dev/full", upload.dir.join("model.safetensors")).unwrap();
+        let error = upload.write(b"{}weights").unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error}");
+        drop(upload);
+        let left = std::fs::read_dir(data.path().join("models"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "temporary files left behind");
+    }
+
+    #[test]
     fn headers_are_validated() {
         let data = tempfile::tempdir().unwrap();
         let store = ModelStore::open(data.path()).unwrap();

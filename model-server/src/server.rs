@@ -141,6 +141,7 @@ impl RunningServer {
                         listener,
                         metrics.clone(),
                         connection_limits,
+                        config.metrics_token.then(|| config.token.clone()).flatten(),
                     ))),
                 )
             }

@@ -803,24 +803,49 @@ impl pb::datasets_server::Datasets for DatasetsService {
         let started = Instant::now();
         let mut stream = request.into_inner();
         let result = async {
+            // Rows are validated and written to disk in batches of about this many bytes, so
+            // an upload holds little memory however large it is.
+            const BATCH_BYTES: usize = 4 << 20;
             let mut name = String::new();
-            let mut rows = Vec::new();
-            let mut index = 0usize;
-            let mut bytes = 0usize;
+            let mut upload = None;
+            let mut batch: Vec<Row> = Vec::new();
+            let (mut batch_bytes, mut bytes, mut index) = (0usize, 0usize, 0usize);
+            let store = self.0.datasets.clone();
+            // Writes the batch on a blocking thread and hands the upload back.
+            let flush =
+                |upload: Option<crate::datasets::DatasetUpload>, batch: Vec<Row>, name: String| {
+                    let store = store.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            let mut upload = match upload {
+                                Some(upload) => upload,
+                                None => store.begin(&name)?,
+                            };
+                            for row in &batch {
+                                upload.push(row)?;
+                            }
+                            Ok::<_, ServiceError>(upload)
+                        })
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?
+                    }
+                };
             while let Some(message) = stream.next().await {
                 let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
                 use pb::upload_dataset_request::Item;
-                bytes += match &message.item {
+                let size = match &message.item {
                     Some(Item::Pair(p)) => p.prompt.len() + p.chosen.len() + p.rejected.len(),
                     Some(Item::Text(t)) => t.text.len(),
                     Some(Item::Prompt(p)) => p.prompt.len(),
                     Some(Item::Header(h)) => h.name.len(),
                     None => 0,
                 };
+                bytes += size;
                 self.0.limits.check_upload(bytes)?;
-                match message.item {
-                    Some(Item::Header(header)) if index == 0 && rows.is_empty() => {
-                        name = header.name
+                let row = match message.item {
+                    Some(Item::Header(header)) if index == 0 => {
+                        name = header.name;
+                        continue;
                     }
                     Some(Item::Header(_)) => {
                         return Err(ServiceError::invalid(
@@ -828,32 +853,44 @@ impl pb::datasets_server::Datasets for DatasetsService {
                             "only the first message may be a header",
                         ));
                     }
-                    Some(Item::Pair(p)) => rows.push(Row::Pair {
+                    Some(Item::Pair(p)) => Row::Pair {
                         prompt: p.prompt,
                         chosen: p.chosen,
                         rejected: p.rejected,
                         label: p.label.unwrap_or(1.0),
                         chosen_is_human_choice: p.chosen_is_human_choice.unwrap_or(true),
                         conflict_prefers_chosen: p.conflict_prefers_chosen,
-                    }),
-                    Some(Item::Text(t)) => rows.push(Row::Text { text: t.text }),
-                    Some(Item::Prompt(p)) => rows.push(Row::Prompt { prompt: p.prompt }),
+                    },
+                    Some(Item::Text(t)) => Row::Text { text: t.text },
+                    Some(Item::Prompt(p)) => Row::Prompt { prompt: p.prompt },
                     None => {
                         return Err(ServiceError::invalid(
-                            format!("rows[{}]", rows.len()),
+                            format!("rows[{index}]"),
                             "empty message",
                         ));
                     }
-                }
+                };
                 index += 1;
+                batch.push(row);
+                batch_bytes += size;
+                if batch_bytes >= BATCH_BYTES {
+                    upload = Some(flush(upload, std::mem::take(&mut batch), name.clone()).await?);
+                    batch_bytes = 0;
+                }
             }
-            // The client may go (cancel, deadline) while the rows are written: tonic then
+            if upload.is_none() && batch.is_empty() {
+                return Err(ServiceError::invalid(
+                    "rows",
+                    "a dataset needs at least one row",
+                ));
+            }
+            let upload = flush(upload, batch, name).await?;
+            // The client may go (cancel, deadline) while the rows are committed: tonic then
             // drops this future, the guard raises the flag, and the store discards its work
             // instead of committing a dataset nobody was told about.
             let abandoned = AbandonOnDrop::default();
             let flag = abandoned.0.clone();
-            let store = self.0.datasets.clone();
-            let meta = tokio::task::spawn_blocking(move || store.store(&name, &rows, &flag))
+            let meta = tokio::task::spawn_blocking(move || upload.commit(&flag))
                 .await
                 .map_err(|e| ServiceError::Internal(e.to_string()))??;
             abandoned.disarm();

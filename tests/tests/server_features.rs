@@ -813,18 +813,7 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
 
     // The metrics endpoint serves the registry over HTTP.
     let addr = batched.metrics_addr().unwrap();
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body
-    })
-    .await
-    .unwrap();
+    let body = http_get(addr, "/metrics", None).await;
     assert!(
         body.starts_with("HTTP/1.1 200")
             && body.contains("w2s_requests_total{rpc=\"ScorePairs\",code=\"Ok\"}"),
@@ -832,6 +821,48 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     );
     batched.shutdown().await.unwrap();
     single.shutdown().await.unwrap();
+}
+
+/// One HTTP/1.1 request to the metrics port; the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap()
+}
+
+/// The metrics port (hyper's HTTP/1 server) asks for the bearer token with --metrics-token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_can_require_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.token = Some("secret-token".into());
+    config.metrics_token = true;
+    let server = RunningServer::start(config).await.unwrap();
+    let addr = server.metrics_addr().unwrap();
+    let refused = http_get(addr, "/metrics", None).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let wrong = http_get(addr, "/metrics", Some("other")).await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let served = http_get(addr, "/metrics", Some("secret-token")).await;
+    assert!(
+        served.starts_with("HTTP/1.1 200") && served.contains("w2s_"),
+        "{served}"
+    );
+    let elsewhere = http_get(addr, "/other", Some("secret-token")).await;
+    assert!(elsewhere.starts_with("HTTP/1.1 404"), "{elsewhere}");
+    server.shutdown().await.unwrap();
 }
 
 fn metric_value(text: &str, key: &str) -> u64 {
