@@ -130,6 +130,9 @@ fn upload_item() -> impl Strategy<Value = Item> {
     ]
 }
 
+/// A valid HF config of the tiny GPT-2 preset, for server-side random initialisations.
+const TINY_CONFIG: &str = r#"{"model_type": "gpt2", "vocab_size": 512, "n_positions": 128, "n_embd": 32, "n_layer": 2, "n_head": 4}"#;
+
 #[derive(Debug, Clone)]
 enum Request {
     ScorePairs(pb::ScorePairsRequest),
@@ -141,6 +144,8 @@ enum Request {
     Unload(pb::UnloadModelRequest),
     Export(pb::ExportModelRequest),
     Upload(Vec<Item>),
+    UploadModel(Vec<pb::UploadModelRequest>),
+    DownloadModel(pb::DownloadModelRequest),
     StartJob(pb::StartJobRequest),
     Watch(String),
     Cancel(String),
@@ -248,6 +253,21 @@ fn request() -> impl Strategy<Value = Request> {
                 text().prop_map(Source::Preset),
                 text().prop_map(Source::Path),
                 Just(Source::Preset("tiny-gpt2".into())),
+                text().prop_map(Source::Uploaded),
+                (
+                    prop_oneof![
+                        text(),
+                        Just(TINY_CONFIG.to_string()),
+                        Just("{\"model_type\": \"gpt2\", \"n_embd\": -1}".to_string()),
+                    ],
+                    prop_oneof![Just(String::new()), text()]
+                )
+                    .prop_map(|(config_json, tokenizer_json)| Source::RandomInit(
+                        pb::RandomInit {
+                            config_json,
+                            tokenizer_json
+                        }
+                    )),
             ],
             text(),
             any::<bool>(),
@@ -269,6 +289,48 @@ fn request() -> impl Strategy<Value = Request> {
         (model_name(), text())
             .prop_map(|(name, path)| Request::Export(pb::ExportModelRequest { name, path })),
         prop::collection::vec(upload_item(), 0..5).prop_map(Request::Upload),
+        (
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("config.json".to_string()),
+                        Just("../x".to_string()),
+                        text()
+                    ],
+                    prop_oneof![0..8u64, Just(u64::MAX)],
+                    prop_oneof![text(), Just("ab".repeat(32))]
+                ),
+                0..3
+            ),
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..12), 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(files, chunks, header_first)| {
+                use pb::upload_model_request::Part;
+                let header = pb::UploadModelRequest {
+                    part: Some(Part::Header(pb::UploadModelHeader {
+                        load: Some(pb::LoadModelRequest {
+                            name: "fuzzed".into(),
+                            ..Default::default()
+                        }),
+                        files: files
+                            .into_iter()
+                            .map(|(name, size, sha256)| pb::ModelFile { name, size, sha256 })
+                            .collect(),
+                    })),
+                };
+                let data = chunks.into_iter().map(|bytes| pb::UploadModelRequest {
+                    part: Some(Part::Data(bytes)),
+                });
+                let mut messages: Vec<_> = data.collect();
+                if header_first {
+                    messages.insert(0, header);
+                } else {
+                    messages.push(header);
+                }
+                Request::UploadModel(messages)
+            }),
+        model_name().prop_map(|name| Request::DownloadModel(pb::DownloadModelRequest { name })),
         (
             any::<i32>().prop_map(|o| o.rem_euclid(8)),
             model_name(),
@@ -334,6 +396,27 @@ async fn send(client: &W2sClient, request: Request) -> Code {
                     .map(drop),
             )
         }
+        Request::UploadModel(messages) => code(
+            client
+                .models
+                .clone()
+                .upload_model(tokio_stream::iter(messages))
+                .await
+                .map(drop),
+        ),
+        Request::DownloadModel(r) => match client.models.clone().download_model(r).await {
+            Err(s) => s.code(),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break Code::Ok,
+                        Err(s) => break s.code(),
+                    }
+                }
+            }
+        },
         Request::StartJob(r) => {
             let started = client.training.clone().start_job(r).await;
             match started {
