@@ -373,6 +373,72 @@ impl W2sClient {
         Ok(())
     }
 
+    /// Drops a resident model; a model that is not there is no error.
+    pub async fn unload_if_present(&self, name: &str) -> Result<(), ClientError> {
+        let request = pb::UnloadModelRequest { name: name.into() };
+        match self.models.clone().unload_model(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// Each pair's margin (chosen − rejected) under `scoring`, in order, sent `chunk` pairs
+    /// per ScorePairs request.
+    pub async fn pair_margins(
+        &self,
+        model: &str,
+        pairs: &[pb::PreferencePair],
+        scoring: pb::PairScoring,
+        max_ctx: u32,
+        chunk: usize,
+    ) -> Result<Vec<f64>, ClientError> {
+        let mut margins = Vec::with_capacity(pairs.len());
+        for part in pairs.chunks(chunk.max(1)) {
+            let response = self
+                .score_pairs(pb::ScorePairsRequest {
+                    model: model.into(),
+                    pairs: part.to_vec(),
+                    scoring: scoring as i32,
+                    max_ctx,
+                    ..Default::default()
+                })
+                .await?;
+            margins.extend(response.scores.iter().map(|s| s.margin));
+        }
+        Ok(margins)
+    }
+
+    /// Picks up the job `previous` (an id recorded by an earlier attempt) when this server
+    /// still knows it, else starts `request` anew.
+    pub async fn resume_or_start_job(
+        &self,
+        request: pb::StartJobRequest,
+        previous: Option<&str>,
+    ) -> Result<JobStart, ClientError> {
+        if let Some(id) = previous {
+            let known = self
+                .training
+                .clone()
+                .list_jobs(pb::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs;
+            if let Some(job) = known.into_iter().find(|j| j.id == id) {
+                if job.state == pb::JobState::Succeeded as i32 {
+                    return Ok(JobStart::Finished(job));
+                }
+                if job.state == pb::JobState::Queued as i32
+                    || job.state == pb::JobState::Running as i32
+                {
+                    return Ok(JobStart::Resumed(job));
+                }
+            }
+        }
+        let job = self.training.clone().start_job(request).await?.into_inner();
+        Ok(JobStart::Started(job))
+    }
+
     /// Starts a job and follows it to its end, calling `on_event` for each event; returns the
     /// final job state.
     pub async fn run_job(
@@ -405,6 +471,17 @@ impl W2sClient {
             ClientError::Settings(format!("job {id}: the watch stream ended without events"))
         })
     }
+}
+
+/// What [`W2sClient::resume_or_start_job`] found.
+#[derive(Debug, Clone)]
+pub enum JobStart {
+    /// The earlier job has already succeeded: its model can be loaded (`LoadModel` `job`).
+    Finished(pb::JobInfo),
+    /// The earlier job is queued or running (e.g. resumed after a server restart): follow it.
+    Resumed(pb::JobInfo),
+    /// A new job (the server did not know the earlier one, or it had failed).
+    Started(pb::JobInfo),
 }
 
 /// Removes a temporary folder unless forgotten.

@@ -21,7 +21,7 @@ pub mod server;
 pub mod service;
 pub mod worker;
 
-pub use client::{ClientError, ClientOptions, Session, W2sClient};
+pub use client::{ClientError, ClientOptions, JobStart, Session, W2sClient};
 pub use config::ServerConfig;
 pub use error::ServiceError;
 pub use server::RunningServer;

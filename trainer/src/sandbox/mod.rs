@@ -608,10 +608,7 @@ async fn load_folder(client: &W2sClient, name: &str, dir: &Path, role: &str) -> 
 
 /// Drops a model from the server; best effort (it may not be there).
 async fn unload(client: &W2sClient, name: &str) {
-    let request = pb::UnloadModelRequest {
-        name: name.to_string(),
-    };
-    let _ = client.models.clone().unload_model(request).await;
+    let _ = client.unload_if_present(name).await;
 }
 
 fn sha256_seed(text: &str) -> u64 {
@@ -668,21 +665,10 @@ async fn mean_logprob_margins(
     pairs: Vec<pb::PreferencePair>,
     max_ctx: u32,
 ) -> Result<Vec<f64>> {
-    let mut margins = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(64) {
-        let response = client
-            .score_pairs(pb::ScorePairsRequest {
-                model: model.to_string(),
-                pairs: chunk.to_vec(),
-                scoring: pb::PairScoring::MeanLogprob as i32,
-                max_ctx,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("probing {model}"))?;
-        margins.extend(response.scores.iter().map(|s| s.margin));
-    }
-    Ok(margins)
+    client
+        .pair_margins(model, &pairs, pb::PairScoring::MeanLogprob, max_ctx, 64)
+        .await
+        .with_context(|| format!("probing {model}"))
 }
 
 pub async fn probe(

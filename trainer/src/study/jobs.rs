@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use model_server::JobStart;
 use serde_json::json;
 use w2s_proto::v1 as pb;
 
@@ -16,8 +17,7 @@ use crate::spec::{ModelSpec, StageHyper};
 impl Study<'_> {
     /// Drops a model from the server; best effort (it may already be gone).
     pub(super) async fn unload(&self, name: impl Into<String>) {
-        let request = pb::UnloadModelRequest { name: name.into() };
-        let _ = self.client.models.clone().unload_model(request).await;
+        let _ = self.client.unload_if_present(&name.into()).await;
     }
 
     /// Loads a fresh copy of a study model under `name` (with a reward head for reward runs).
@@ -92,22 +92,15 @@ impl Study<'_> {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         let output = request.output_model.clone();
-        let known = self
-            .client
-            .training
-            .clone()
-            .list_jobs(pb::ListJobsRequest {})
-            .await?
-            .into_inner()
-            .jobs;
-        let previous = jobs
-            .get(stage)
-            .and_then(|id| known.iter().find(|j| &j.id == id))
-            .cloned();
         // A stale model of that name (from an earlier attempt) must not shadow the result.
         self.unload(output.clone()).await;
-        let job_id = match previous {
-            Some(job) if job.state == pb::JobState::Succeeded as i32 => {
+        let job_id = match self
+            .client
+            .resume_or_start_job(request, jobs.get(stage).map(String::as_str))
+            .await
+            .context("starting a job")?
+        {
+            JobStart::Finished(job) => {
                 self.client
                     .load_model(pb::LoadModelRequest {
                         name: output.clone(),
@@ -119,25 +112,14 @@ impl Study<'_> {
                     .line(&format!("    {stage}: reusing finished job {}", job.id));
                 return Ok(output);
             }
-            Some(job)
-                if job.state == pb::JobState::Queued as i32
-                    || job.state == pb::JobState::Running as i32 =>
-            {
+            JobStart::Resumed(job) => {
                 self.progress.line(&format!(
                     "    {stage}: following resumed job {} at step {}",
                     job.id, job.step
                 ));
                 job.id
             }
-            _ => {
-                let job = self
-                    .client
-                    .training
-                    .clone()
-                    .start_job(request)
-                    .await
-                    .context("starting a job")?
-                    .into_inner();
+            JobStart::Started(job) => {
                 jobs.insert(stage.to_string(), job.id.clone());
                 write_atomic(&jobs_path, serde_json::to_string_pretty(&jobs)?.as_bytes())?;
                 job.id
@@ -194,28 +176,18 @@ impl Study<'_> {
         scoring: pb::PairScoring,
         h: &StageHyper,
     ) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(h.eval_batch) {
-            let response = self
-                .client
-                .score_pairs(pb::ScorePairsRequest {
-                    model: model.into(),
-                    pairs: chunk
-                        .iter()
-                        .map(|p| pb::PreferencePair {
-                            prompt: String::new(),
-                            chosen: p.chosen.clone(),
-                            rejected: p.rejected.clone(),
-                        })
-                        .collect(),
-                    scoring: scoring as i32,
-                    max_ctx: h.max_ctx,
-                    ..Default::default()
-                })
-                .await?;
-            out.extend(response.scores.iter().map(|s| s.margin));
-        }
-        Ok(out)
+        let pairs: Vec<pb::PreferencePair> = pairs
+            .iter()
+            .map(|p| pb::PreferencePair {
+                prompt: String::new(),
+                chosen: p.chosen.clone(),
+                rejected: p.rejected.clone(),
+            })
+            .collect();
+        Ok(self
+            .client
+            .pair_margins(model, &pairs, scoring, h.max_ctx, h.eval_batch)
+            .await?)
     }
 
     pub(super) fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
