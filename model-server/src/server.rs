@@ -397,6 +397,28 @@ async fn health_watchdog(
     }
 }
 
+/// Removes what a killed or disk-full writer left in a job folder: the temporary checkpoint
+/// (`checkpoint.tmp`; a `checkpoint.old` is kept, it is the fallback `load` reads), half-written
+/// JSON (`*.json.tmp`) and an export's temporary folder (`.model.partial*`).
+fn sweep_job_leftovers(paths: &JobPaths) {
+    let Ok(entries) = std::fs::read_dir(&paths.dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let leftover =
+            name == "checkpoint.tmp" || name.ends_with(".json.tmp") || name.contains(".partial");
+        if leftover {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}
+
 /// Loads every job's state from the data folder; unfinished jobs are queued again and resume
 /// from their last checkpoint.
 async fn recover_jobs(config: &ServerConfig, state: &ServiceState) {
@@ -408,12 +430,20 @@ async fn recover_jobs(config: &ServerConfig, state: &ServiceState) {
         let Some(id) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
+        if id.starts_with('.') {
+            continue; // quarantined earlier
+        }
         let paths = JobPaths::new(&config.data_dir, &id);
+        sweep_job_leftovers(&paths);
         let (Ok(spec), Ok(status)) = (
             read_json::<JobSpec>(&paths.spec()),
             read_json::<JobStatus>(&paths.state()),
         ) else {
-            warn!(job = %id, "skipping a job folder without readable spec.json/state.json");
+            // Neither listed nor resumed, kept for inspection; the id is free again.
+            let aside = paths.dir.with_file_name(format!(".broken-{id}"));
+            warn!(job = %id, "job folder without readable spec.json/state.json: set aside as {}", aside.display());
+            let _ = std::fs::remove_dir_all(&aside);
+            let _ = std::fs::rename(&paths.dir, &aside);
             continue;
         };
         if let Ok(mut table) = state.jobs.lock() {

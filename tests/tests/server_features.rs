@@ -823,6 +823,48 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     single.shutdown().await.unwrap();
 }
 
+/// At start-up, job folders are swept of what killed or disk-full writers leave (temporary
+/// checkpoints, half-written JSON, export temporaries) and folders without a readable spec and
+/// state are set aside, so they are neither listed nor resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_sweeps_job_leftovers_and_sets_broken_jobs_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = simpo_job_to_end(dir.path(), None).await;
+    assert!(!hash.is_empty());
+    let jobs = dir.path().join("jobs");
+    let job = std::fs::read_dir(&jobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("spec.json").is_file())
+        .unwrap();
+    std::fs::create_dir_all(job.join("checkpoint.tmp")).unwrap();
+    std::fs::write(job.join("checkpoint.tmp/weights.safetensors"), b"half").unwrap();
+    std::fs::write(job.join("state.json.tmp"), b"{").unwrap();
+    std::fs::create_dir_all(job.join("model.partial")).unwrap();
+    std::fs::create_dir_all(jobs.join("ghost/checkpoint")).unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    for leftover in ["checkpoint.tmp", "state.json.tmp", "model.partial"] {
+        assert!(
+            !job.join(leftover).exists(),
+            "{leftover} survived the sweep"
+        );
+    }
+    assert!(job.join("spec.json").is_file() && job.join("model").is_dir());
+    assert!(!jobs.join("ghost").exists());
+    assert!(jobs.join(".broken-ghost/checkpoint").is_dir());
+    let listed = client
+        .training
+        .clone()
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    server.shutdown().await.unwrap();
+}
+
 /// One HTTP/1.1 request to the metrics port; the whole response.
 async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
     let auth = token

@@ -63,17 +63,32 @@ pub fn save(
     let tmp = sibling(dir, ".tmp");
     let old = sibling(dir, ".old");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    let weight_map: HashMap<String, Tensor> = weights.iter().cloned().collect();
-    candle_core::safetensors::save(&weight_map, tmp.join(WEIGHTS))?;
-    let mut moment_map = HashMap::new();
-    for (name, m, v) in moments {
-        moment_map.insert(format!("m.{name}"), m.clone());
-        moment_map.insert(format!("v.{name}"), v.clone());
+    let written = (|| {
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        let weight_map: HashMap<String, Tensor> = weights.iter().cloned().collect();
+        candle_core::safetensors::save(&weight_map, tmp.join(WEIGHTS))?;
+        let mut moment_map = HashMap::new();
+        for (name, m, v) in moments {
+            moment_map.insert(format!("m.{name}"), m.clone());
+            moment_map.insert(format!("v.{name}"), v.clone());
+        }
+        candle_core::safetensors::save(&moment_map, tmp.join(OPTIMIZER))?;
+        let text = serde_json::to_string_pretty(state).map_err(|e| checkpoint_error(dir, e))?;
+        std::fs::write(tmp.join(STATE), text).map_err(|e| TrainError::io(tmp.join(STATE), e))?;
+        // On disk before the rename makes it the checkpoint.
+        for file in [WEIGHTS, OPTIMIZER, STATE] {
+            let path = tmp.join(file);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| TrainError::io(&path, e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        // A full disk (or any failure) leaves no half-written checkpoint behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    candle_core::safetensors::save(&moment_map, tmp.join(OPTIMIZER))?;
-    let text = serde_json::to_string_pretty(state).map_err(|e| checkpoint_error(dir, e))?;
-    std::fs::write(tmp.join(STATE), text).map_err(|e| TrainError::io(tmp.join(STATE), e))?;
     swap_in(&tmp, dir, &old)
 }
 
