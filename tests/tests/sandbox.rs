@@ -155,7 +155,11 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
                         r.into_inner()
                             .jobs
                             .iter()
-                            .any(|j| j.state == w2s_proto::v1::JobState::Running as i32)
+                            // A study job (pretraining, CAUSAL_LM, also runs there now).
+                            .any(|j| {
+                                j.state == w2s_proto::v1::JobState::Running as i32
+                                    && j.objective != w2s_proto::v1::ObjectiveKind::CausalLm as i32
+                            })
                     })
                     .unwrap_or(false);
                 if running {
@@ -169,7 +173,17 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     let (_, log_b) = run_on(&config, b.path(), &[client_a, client_b]).await;
     stopper.await.unwrap();
     server_a.shutdown().await.unwrap();
-    assert!(log_b.iter().any(|l| l.starts_with("pretraining a")));
+    // The two sizes pretrained side by side, one on each server.
+    assert!(
+        log_b.iter().any(|l| l.contains("] pretraining a")),
+        "{log_b:?}"
+    );
+    assert!(
+        log_b
+            .iter()
+            .any(|l| l.starts_with("[server 1] pretraining ")),
+        "{log_b:?}"
+    );
     assert!(
         log_b
             .iter()

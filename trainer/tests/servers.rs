@@ -107,8 +107,13 @@ fn a_study_over_two_servers_survives_a_killed_server_with_identical_predictions(
     let mut killed = false;
     for line in BufReader::new(study.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
-        // Server 1 is in the middle of a run: its training job has taken steps.
-        if !killed && line.contains("[server 1]") && line.contains(": step ") {
+        // Server 1 is in the middle of a study run (not pretraining, which it also does): its
+        // training job has taken steps.
+        if !killed
+            && line.contains("[server 1]")
+            && line.contains(": step ")
+            && !line.contains("pretrain")
+        {
             server_b.kill().unwrap(); // SIGKILL
             server_b.wait().unwrap();
             killed = true;

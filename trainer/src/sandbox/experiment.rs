@@ -53,7 +53,7 @@ pub async fn run(
         config,
         &files,
         &world,
-        client,
+        servers,
         &out.join("models"),
         progress,
     )

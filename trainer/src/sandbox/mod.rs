@@ -403,23 +403,27 @@ pub struct PretrainedModel {
 
 const PRETRAINED_MARKER: &str = "pretraining.json";
 
-/// Pretrains (or finds in the cache) every model of the configured families.
+/// Pretrains (or finds in the cache) every model of the configured families. The sizes left to
+/// pretrain are spread over the servers (one at a time per server, the corpus uploaded once per
+/// server); a server that fails leaves the pool and its size goes to another.
 pub async fn pretrain_models(
     config: &ExperimentConfig,
     files: &WorldFiles,
     world: &World,
-    client: &W2sClient,
+    servers: &[W2sClient],
     cache: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Vec<PretrainedModel>> {
+    use crate::study::pool::{ServerProgress, is_server_failure};
+    use std::cell::RefCell;
     let tokenizer = &files.tokenizer;
     let vocab = tokenizer.vocab_size();
     let mut families = vec![config.family];
     if config.pretrain_both_families {
         families = vec![Family::Gpt2, Family::Opt];
     }
-    let mut corpus_dataset: Option<String> = None;
-    let mut out = Vec::new();
+    let mut out: Vec<Option<PretrainedModel>> = Vec::new();
+    let mut todo = std::collections::VecDeque::new();
     for family in families {
         for size in config.family_sizes(family) {
             let model_config = config.model_config(family, size, vocab);
@@ -440,42 +444,112 @@ pub async fn pretrain_models(
                 ));
                 model.dir = dir;
                 model.cached = true;
-                out.push(model);
+                out.push(Some(model));
                 continue;
             }
-            let dataset = match &corpus_dataset {
-                Some(id) => id.clone(),
-                None => {
-                    let rows = world
-                        .corpus
-                        .iter()
-                        .map(|text| Item::Text(pb::TextRow { text: text.clone() }))
-                        .collect();
-                    let info = client
-                        .upload_dataset("sandbox-corpus", rows)
-                        .await
-                        .context("uploading the pretraining corpus")?;
-                    corpus_dataset = Some(info.id.clone());
-                    info.id
-                }
-            };
-            let model = pretrain_one(
-                config,
-                family,
-                size,
-                model_config,
-                tokenizer,
-                &dataset,
-                client,
-                &dir,
-                progress,
-            )
-            .await?;
-            write_file(&marker, serde_json::to_string_pretty(&model)?.as_bytes())?;
-            out.push(model);
+            todo.push_back((out.len(), family, size, model_config, dir));
+            out.push(None);
         }
     }
-    Ok(out)
+    if todo.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
+    }
+    let several = servers.len() > 1;
+    let queue = RefCell::new(todo);
+    let results = RefCell::new(out);
+    let fatal: RefCell<Option<anyhow::Error>> = RefCell::new(None);
+    let busy = std::cell::Cell::new(0usize);
+    let shared: RefCell<&mut dyn Progress> = RefCell::new(progress);
+    let corpus: Vec<Item> = world
+        .corpus
+        .iter()
+        .map(|text| Item::Text(pb::TextRow { text: text.clone() }))
+        .collect();
+    let loops = servers.iter().enumerate().map(|(server, client)| {
+        let (queue, results, fatal, busy, shared, corpus) =
+            (&queue, &results, &fatal, &busy, &shared, &corpus);
+        async move {
+            let mut progress = ServerProgress {
+                shared,
+                prefix: if several {
+                    format!("[server {server}] ")
+                } else {
+                    String::new()
+                },
+            };
+            let mut dataset: Option<String> = None;
+            loop {
+                if fatal.borrow().is_some() {
+                    return;
+                }
+                let next = queue.borrow_mut().pop_front();
+                let Some(item) = next else {
+                    if busy.get() == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
+                busy.set(busy.get() + 1);
+                let (index, family, size, model_config, dir) = &item;
+                let attempt = async {
+                    let id = match &dataset {
+                        Some(id) => id.clone(),
+                        None => {
+                            let info = client
+                                .upload_dataset("sandbox-corpus", corpus.clone())
+                                .await
+                                .context("uploading the pretraining corpus")?;
+                            dataset = Some(info.id.clone());
+                            info.id
+                        }
+                    };
+                    let model = pretrain_one(
+                        config,
+                        *family,
+                        size,
+                        model_config.clone(),
+                        tokenizer,
+                        &id,
+                        client,
+                        dir,
+                        &mut progress,
+                    )
+                    .await?;
+                    write_file(
+                        &dir.join(PRETRAINED_MARKER),
+                        serde_json::to_string_pretty(&model)?.as_bytes(),
+                    )?;
+                    Ok::<_, anyhow::Error>(model)
+                }
+                .await;
+                busy.set(busy.get() - 1);
+                match attempt {
+                    Ok(model) => results.borrow_mut()[*index] = Some(model),
+                    Err(e) if several && is_server_failure(&e) => {
+                        progress.line(&format!(
+                            "server {server} failed ({e:#}); it leaves the pool and its pretraining goes to another server"
+                        ));
+                        queue.borrow_mut().push_front(item);
+                        return;
+                    }
+                    Err(e) => {
+                        *fatal.borrow_mut() = Some(e);
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(loops).await;
+    if let Some(e) = fatal.into_inner() {
+        return Err(e);
+    }
+    let out = results.into_inner();
+    if out.iter().any(Option::is_none) {
+        bail!("every model server failed before pretraining was done");
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 #[allow(clippy::too_many_arguments)]

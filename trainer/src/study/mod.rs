@@ -23,7 +23,7 @@ use crate::data::{HhPair, read_hh_jsonl};
 use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
 
 mod jobs;
-mod pool;
+pub(crate) mod pool;
 mod rows;
 
 use rows::{pair_row, rows_key, student_rows};

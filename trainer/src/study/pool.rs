@@ -109,7 +109,7 @@ impl Study<'_> {
 }
 
 /// Whether an error says the server is gone (rather than that the run itself is wrong).
-pub(super) fn is_server_failure(error: &anyhow::Error) -> bool {
+pub(crate) fn is_server_failure(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         let status = cause.downcast_ref::<tonic::Status>().or_else(|| {
             match cause.downcast_ref::<ClientError>() {
@@ -132,9 +132,9 @@ pub(super) fn is_server_failure(error: &anyhow::Error) -> bool {
 
 /// Progress of one server's share of the work, into the study's one progress display; lines
 /// are prefixed with the server when there are several.
-pub(super) struct ServerProgress<'p, 'q> {
-    pub shared: &'p RefCell<&'q mut dyn Progress>,
-    pub prefix: String,
+pub(crate) struct ServerProgress<'p, 'q> {
+    pub(crate) shared: &'p RefCell<&'q mut dyn Progress>,
+    pub(crate) prefix: String,
 }
 
 impl Progress for ServerProgress<'_, '_> {
