@@ -49,3 +49,25 @@ pub fn max_abs_diff(a: impl IntoIterator<Item = f64>, b: impl IntoIterator<Item 
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// A model server whose data folder and model root are its own temporary folders, shared with
+/// no one (clients reach it only over gRPC), and a client of it. Keep the folder alive as long
+/// as the server.
+pub async fn server_of_its_own() -> (
+    model_server::RunningServer,
+    model_server::W2sClient,
+    tempfile::TempDir,
+) {
+    let folders = tempfile::tempdir().expect("a temporary folder");
+    let mut config = model_server::ServerConfig::ephemeral();
+    config.data_dir = folders.path().join("data");
+    config.model_root = folders.path().join("root");
+    std::fs::create_dir_all(&config.model_root).expect("the model root");
+    let server = model_server::RunningServer::start(config)
+        .await
+        .expect("a server of its own");
+    let client = model_server::W2sClient::connect(&server.url())
+        .await
+        .expect("a client");
+    (server, client, folders)
+}

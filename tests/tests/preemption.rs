@@ -100,15 +100,15 @@ async fn abandoned_work_stops(client: &W2sClient, what: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn maximal_requests_leave_room_for_short_ones() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+/// A server on `dir` (after `adjust` on its config) with the GPT-2-small preset as `big`.
+async fn server_with_gpt2_small(
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut ServerConfig),
+) -> (RunningServer, String, W2sClient) {
     let mut config = ServerConfig::ephemeral();
-    config.data_dir = dir.path().to_path_buf();
-    config.model_root = dir.path().to_path_buf();
-    // The longest pass that cannot be interrupted: one 128-token sequence of GPT-2-small.
-    config.max_batch_tokens = 128;
+    config.data_dir = dir.to_path_buf();
+    config.model_root = dir.to_path_buf();
+    adjust(&mut config);
     let server = RunningServer::start(config).await.unwrap();
     let url = server.url();
     let client = W2sClient::connect(&url).await.unwrap();
@@ -116,6 +116,18 @@ async fn maximal_requests_leave_room_for_short_ones() {
         .load_model(preset("big", "gpt2", false))
         .await
         .unwrap();
+    (server, url, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maximal_requests_leave_room_for_short_ones() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url, client) = server_with_gpt2_small(dir.path(), |config| {
+        // The longest pass that cannot be interrupted: one 128-token sequence of GPT-2-small.
+        config.max_batch_tokens = 128;
+    })
+    .await;
     client
         .load_model(preset("tiny", "tiny-gpt2", true))
         .await
@@ -197,17 +209,8 @@ async fn maximal_requests_leave_room_for_short_ones() {
 async fn health_reports_not_serving_while_the_device_loop_is_stuck() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::ephemeral();
-    config.data_dir = dir.path().to_path_buf();
-    config.model_root = dir.path().to_path_buf();
-    config.stall_seconds = 0.2;
-    let server = RunningServer::start(config).await.unwrap();
-    let url = server.url();
-    let client = W2sClient::connect(&url).await.unwrap();
-    client
-        .load_model(preset("big", "gpt2", false))
-        .await
-        .unwrap();
+    let (server, url, client) =
+        server_with_gpt2_small(dir.path(), |config| config.stall_seconds = 0.2).await;
     // (Loading GPT-2-small is itself a step longer than 0.2 s.)
     wait_for_serving(&url).await;
     // One pass over 8 x 1024 tokens of GPT-2-small: seconds of work that cannot be sliced

@@ -6,23 +6,12 @@
 
 use std::path::Path;
 
-use model_server::{RunningServer, ServerConfig, W2sClient};
+use model_server::W2sClient;
 use superficial_models::{CausalLm, LoadOptions, ModelConfig, TextTokenizer};
+use superficial_tests::server_of_its_own;
 use tonic::Code;
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::load_model_request::Source;
-
-/// A server whose data folder and model root are its own temporary folders.
-async fn server_of_its_own() -> (RunningServer, W2sClient, tempfile::TempDir) {
-    let folders = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::ephemeral();
-    config.data_dir = folders.path().join("data");
-    config.model_root = folders.path().join("root");
-    std::fs::create_dir_all(&config.model_root).unwrap();
-    let server = RunningServer::start(config).await.unwrap();
-    let client = W2sClient::connect(&server.url()).await.unwrap();
-    (server, client, folders)
-}
 
 fn load(name: &str) -> pb::LoadModelRequest {
     pb::LoadModelRequest {

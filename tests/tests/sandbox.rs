@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use model_server::{RunningServer, ServerConfig, Session, W2sClient};
+use model_server::{ServerConfig, Session, W2sClient};
+use superficial_tests::server_of_its_own;
 use trainer::sandbox::experiment;
 use trainer::sandbox::world::WorldConfig;
 use trainer::sandbox::{ExperimentConfig, PretrainConfig, SizeSpec};
@@ -84,19 +85,6 @@ async fn run_on(
         .await
         .unwrap();
     (outcome, progress.0)
-}
-
-/// A server whose data folder and model root are its own temporary folders, shared with no
-/// one (the trainer reaches it only over gRPC).
-async fn server_of_its_own() -> (RunningServer, W2sClient, tempfile::TempDir) {
-    let folders = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::ephemeral();
-    config.data_dir = folders.path().join("data");
-    config.model_root = folders.path().join("root");
-    std::fs::create_dir_all(&config.model_root).unwrap();
-    let server = RunningServer::start(config).await.unwrap();
-    let client = W2sClient::connect(&server.url()).await.unwrap();
-    (server, client, folders)
 }
 
 /// Every `predictions.jsonl` under `runs/`, by run folder name.

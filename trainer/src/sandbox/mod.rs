@@ -414,7 +414,7 @@ pub async fn pretrain_models(
     cache: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Vec<PretrainedModel>> {
-    use crate::study::pool::{ServerProgress, is_server_failure};
+    use crate::study::pool::{ServerProgress, spread};
     use std::cell::RefCell;
     let tokenizer = &files.tokenizer;
     let vocab = tokenizer.vocab_size();
@@ -423,7 +423,7 @@ pub async fn pretrain_models(
         families = vec![Family::Gpt2, Family::Opt];
     }
     let mut out: Vec<Option<PretrainedModel>> = Vec::new();
-    let mut todo = std::collections::VecDeque::new();
+    let mut todo = Vec::new();
     for family in families {
         for size in config.family_sizes(family) {
             let model_config = config.model_config(family, size, vocab);
@@ -447,7 +447,7 @@ pub async fn pretrain_models(
                 out.push(Some(model));
                 continue;
             }
-            todo.push_back((out.len(), family, size, model_config, dir));
+            todo.push((out.len(), family, size, model_config, dir));
             out.push(None);
         }
     }
@@ -455,99 +455,87 @@ pub async fn pretrain_models(
         return Ok(out.into_iter().flatten().collect());
     }
     let several = servers.len() > 1;
-    let queue = RefCell::new(todo);
-    let results = RefCell::new(out);
-    let fatal: RefCell<Option<anyhow::Error>> = RefCell::new(None);
-    let busy = std::cell::Cell::new(0usize);
     let shared: RefCell<&mut dyn Progress> = RefCell::new(progress);
     let corpus: Vec<Item> = world
         .corpus
         .iter()
         .map(|text| Item::Text(pb::TextRow { text: text.clone() }))
         .collect();
-    let loops = servers.iter().enumerate().map(|(server, client)| {
-        let (queue, results, fatal, busy, shared, corpus) =
-            (&queue, &results, &fatal, &busy, &shared, &corpus);
-        async move {
-            let mut progress = ServerProgress {
-                shared,
+    /// One server's share: its client, its progress lines, the corpus once uploaded there.
+    struct Pretrainer<'p, 'q> {
+        client: W2sClient,
+        progress: ServerProgress<'p, 'q>,
+        corpus_dataset: Option<String>,
+    }
+    let mut workers: Vec<Pretrainer> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, client)| Pretrainer {
+            client: client.clone(),
+            progress: ServerProgress {
+                shared: &shared,
                 prefix: if several {
-                    format!("[server {server}] ")
+                    format!("[server {i}] ")
                 } else {
                     String::new()
                 },
+            },
+            corpus_dataset: None,
+        })
+        .collect();
+    let alive: Vec<std::cell::Cell<bool>> =
+        servers.iter().map(|_| std::cell::Cell::new(true)).collect();
+    let indices: Vec<usize> = todo.iter().map(|(index, ..)| *index).collect();
+    let models = spread(
+        &mut workers,
+        &alive,
+        todo,
+        async |worker: &mut Pretrainer, (_, family, size, model_config, dir): &(
+            usize,
+            Family,
+            &SizeSpec,
+            ModelConfig,
+            PathBuf,
+        )| {
+            let dataset = match &worker.corpus_dataset {
+                Some(id) => id.clone(),
+                None => {
+                    let info = worker
+                        .client
+                        .upload_dataset("sandbox-corpus", corpus.clone())
+                        .await
+                        .context("uploading the pretraining corpus")?;
+                    worker.corpus_dataset = Some(info.id.clone());
+                    info.id
+                }
             };
-            let mut dataset: Option<String> = None;
-            loop {
-                if fatal.borrow().is_some() {
-                    return;
-                }
-                let next = queue.borrow_mut().pop_front();
-                let Some(item) = next else {
-                    if busy.get() == 0 {
-                        return;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                };
-                busy.set(busy.get() + 1);
-                let (index, family, size, model_config, dir) = &item;
-                let attempt = async {
-                    let id = match &dataset {
-                        Some(id) => id.clone(),
-                        None => {
-                            let info = client
-                                .upload_dataset("sandbox-corpus", corpus.clone())
-                                .await
-                                .context("uploading the pretraining corpus")?;
-                            dataset = Some(info.id.clone());
-                            info.id
-                        }
-                    };
-                    let model = pretrain_one(
-                        config,
-                        *family,
-                        size,
-                        model_config.clone(),
-                        tokenizer,
-                        &id,
-                        client,
-                        dir,
-                        &mut progress,
-                    )
-                    .await?;
-                    write_file(
-                        &dir.join(PRETRAINED_MARKER),
-                        serde_json::to_string_pretty(&model)?.as_bytes(),
-                    )?;
-                    Ok::<_, anyhow::Error>(model)
-                }
-                .await;
-                busy.set(busy.get() - 1);
-                match attempt {
-                    Ok(model) => results.borrow_mut()[*index] = Some(model),
-                    Err(e) if several && is_server_failure(&e) => {
-                        progress.line(&format!(
-                            "server {server} failed ({e:#}); it leaves the pool and its pretraining goes to another server"
-                        ));
-                        queue.borrow_mut().push_front(item);
-                        return;
-                    }
-                    Err(e) => {
-                        *fatal.borrow_mut() = Some(e);
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    futures_util::future::join_all(loops).await;
-    if let Some(e) = fatal.into_inner() {
-        return Err(e);
-    }
-    let out = results.into_inner();
-    if out.iter().any(Option::is_none) {
-        bail!("every model server failed before pretraining was done");
+            let model = pretrain_one(
+                config,
+                *family,
+                size,
+                model_config.clone(),
+                tokenizer,
+                &dataset,
+                &worker.client,
+                dir,
+                &mut worker.progress,
+            )
+            .await?;
+            write_file(
+                &dir.join(PRETRAINED_MARKER),
+                serde_json::to_string_pretty(&model)?.as_bytes(),
+            )?;
+            Ok(model)
+        },
+        |worker: &mut Pretrainer, server, e| {
+            worker.progress.line(&format!(
+                "server {server} failed ({e:#}); it leaves the pool and its pretraining goes to another server"
+            ))
+        },
+    )
+    .await?;
+    for (index, model) in indices.into_iter().zip(models) {
+        out[index] = Some(model);
     }
     Ok(out.into_iter().flatten().collect())
 }

@@ -168,12 +168,39 @@ pub(super) async fn run_phase(
     tasks: Vec<Task>,
     labels: &BTreeMap<String, Vec<WeakLabel>>,
 ) -> Result<Vec<TaskOutput>> {
+    spread(
+        workers,
+        alive,
+        tasks,
+        async |worker: &mut Study<'_>, task: &Task| worker.run_task(task, labels).await,
+        |worker: &mut Study<'_>, server, e| {
+            worker.progress.line(&format!(
+                "server {server} failed ({e:#}); it leaves the pool and its run goes to another server"
+            ))
+        },
+    )
+    .await
+}
+
+/// Hands `tasks` to the workers still `alive` (one per server), one task in flight each, from
+/// one queue. A task that fails because its server is gone ([`is_server_failure`], with more
+/// than one server) goes back to the front of the queue for another worker, and that worker
+/// is marked dead (`on_failure` reports it); any other error stops the whole phase. Outputs
+/// come back in task order.
+pub(crate) async fn spread<W, T, O>(
+    workers: &mut [W],
+    alive: &[Cell<bool>],
+    tasks: Vec<T>,
+    run: impl AsyncFn(&mut W, &T) -> Result<O>,
+    on_failure: impl Fn(&mut W, usize, &anyhow::Error),
+) -> Result<Vec<O>> {
     let total = tasks.len();
     let queue = RefCell::new(tasks.into_iter().enumerate().collect::<VecDeque<_>>());
     let in_flight = Cell::new(0usize);
     let outputs = RefCell::new(BTreeMap::new());
     let fatal: RefCell<Option<anyhow::Error>> = RefCell::new(None);
-    let servers = workers.len();
+    let several = workers.len() > 1;
+    let (run, on_failure) = (&run, &on_failure);
     let loops = workers
         .iter_mut()
         .zip(alive)
@@ -191,21 +218,19 @@ pub(super) async fn run_phase(
                         if in_flight.get() == 0 {
                             return;
                         }
-                        // Another server may fail and hand its run back.
+                        // Another server may fail and hand its task back.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
                     in_flight.set(in_flight.get() + 1);
-                    let result = worker.run_task(&task, labels).await;
+                    let result = run(worker, &task).await;
                     in_flight.set(in_flight.get() - 1);
                     match result {
                         Ok(output) => {
                             outputs.borrow_mut().insert(index, output);
                         }
-                        Err(e) if servers > 1 && is_server_failure(&e) => {
-                            worker.progress.line(&format!(
-                                "server {server} failed ({e:#}); it leaves the pool and its run goes to another server"
-                            ));
+                        Err(e) if several && is_server_failure(&e) => {
+                            on_failure(worker, server, &e);
                             alive.set(false);
                             queue.borrow_mut().push_front((index, task));
                             return;
@@ -225,7 +250,7 @@ pub(super) async fn run_phase(
     let outputs = outputs.into_inner();
     if outputs.len() < total {
         bail!(
-            "every model server failed: {} of {total} runs of this phase were not done",
+            "every model server failed: {} of {total} tasks were not done",
             total - outputs.len()
         );
     }
