@@ -123,26 +123,18 @@ impl W2sClient {
         })
     }
 
+    async fn list(&self) -> Result<pb::ListModelsResponse, ClientError> {
+        let request = pb::ListModelsRequest {};
+        Ok(self.models.clone().list_models(request).await?.into_inner())
+    }
+
     pub async fn list_models(&self) -> Result<Vec<pb::ModelInfo>, ClientError> {
-        Ok(self
-            .models
-            .clone()
-            .list_models(pb::ListModelsRequest {})
-            .await?
-            .into_inner()
-            .models)
+        Ok(self.list().await?.models)
     }
 
     /// The server's device and memory (see `ServerInfo`).
     pub async fn server_info(&self) -> Result<pb::ServerInfo, ClientError> {
-        Ok(self
-            .models
-            .clone()
-            .list_models(pb::ListModelsRequest {})
-            .await?
-            .into_inner()
-            .server
-            .unwrap_or_default())
+        Ok(self.list().await?.server.unwrap_or_default())
     }
 
     pub async fn load_model(
@@ -304,20 +296,15 @@ impl W2sClient {
             model: name.into(),
             reason,
         };
-        let mut current: Option<(
-            pb::ModelFile,
-            std::io::BufWriter<std::fs::File>,
-            sha2::Sha256,
-            u64,
-        )> = None;
-        let finish = |current: Option<(
-            pb::ModelFile,
-            std::io::BufWriter<std::fs::File>,
-            sha2::Sha256,
-            u64,
-        )>|
-         -> Result<(), ClientError> {
-            let Some((file, writer, hasher, written)) = current else {
+        let mut current: Option<IncomingFile> = None;
+        let finish = |current: Option<IncomingFile>| -> Result<(), ClientError> {
+            let Some(IncomingFile {
+                file,
+                writer,
+                hasher,
+                written,
+            }) = current
+            else {
                 return Ok(());
             };
             let path = partial.join(&file.name);
@@ -344,15 +331,21 @@ impl W2sClient {
                     }
                     let path = partial.join(&file.name);
                     let writer = std::fs::File::create(&path).map_err(io_error(&path))?;
-                    current = Some((
+                    current = Some(IncomingFile {
                         file,
-                        std::io::BufWriter::new(writer),
-                        sha2::Sha256::new(),
-                        0,
-                    ));
+                        writer: std::io::BufWriter::new(writer),
+                        hasher: sha2::Sha256::new(),
+                        written: 0,
+                    });
                 }
                 Some(Part::Data(bytes)) => {
-                    let Some((file, writer, hasher, written)) = &mut current else {
+                    let Some(IncomingFile {
+                        file,
+                        writer,
+                        hasher,
+                        written,
+                    }) = &mut current
+                    else {
                         return Err(failed("data before any file header".into()));
                     };
                     writer
@@ -482,6 +475,14 @@ pub enum JobStart {
     Resumed(pb::JobInfo),
     /// A new job (the server did not know the earlier one, or it had failed).
     Started(pb::JobInfo),
+}
+
+/// A file of a download being written: what the server announced, and what has arrived.
+struct IncomingFile {
+    file: pb::ModelFile,
+    writer: std::io::BufWriter<std::fs::File>,
+    hasher: sha2::Sha256,
+    written: u64,
 }
 
 /// Removes a temporary folder unless forgotten.

@@ -354,6 +354,17 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
+/// Reads a server stream to its end: OK, or the code it ended with.
+async fn drain<T>(mut stream: tonic::Streaming<T>) -> Code {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Code::Ok,
+            Err(s) => return s.code(),
+        }
+    }
+}
+
 /// Sends one request and returns its status code (OK when it succeeded).
 async fn send(client: &W2sClient, request: Request) -> Code {
     let code = |r: Result<(), tonic::Status>| r.map_or_else(|s| s.code(), |_| Code::Ok);
@@ -365,16 +376,7 @@ async fn send(client: &W2sClient, request: Request) -> Code {
         Request::ScoreTexts(r) => code(client.inference.clone().score_texts(r).await.map(drop)),
         Request::Generate(r) => match client.inference.clone().generate(r).await {
             Err(s) => s.code(),
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => break Code::Ok,
-                        Err(s) => break s.code(),
-                    }
-                }
-            }
+            Ok(stream) => drain(stream.into_inner()).await,
         },
         Request::GeneratePairs(r) => {
             code(client.inference.clone().generate_pairs(r).await.map(drop))
@@ -406,16 +408,7 @@ async fn send(client: &W2sClient, request: Request) -> Code {
         ),
         Request::DownloadModel(r) => match client.models.clone().download_model(r).await {
             Err(s) => s.code(),
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => break Code::Ok,
-                        Err(s) => break s.code(),
-                    }
-                }
-            }
+            Ok(stream) => drain(stream.into_inner()).await,
         },
         Request::StartJob(r) => {
             let started = client.training.clone().start_job(r).await;

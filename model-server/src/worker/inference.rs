@@ -216,6 +216,11 @@ pub(super) struct DpoTask {
 impl DpoTask {
     pub(super) fn new(work: DpoWork) -> Self {
         let ids = |encoded: &[EncodedDialogue]| encoded.iter().map(|d| d.ids.clone()).collect();
+        // The tokenizer only makes DPO work from DPO scoring.
+        let reference = match &work.job.scoring {
+            PairScoring::Dpo { reference } => reference.clone(),
+            _ => String::new(),
+        };
         Self {
             policy: SlicedForward::new(
                 work.job.model.clone(),
@@ -223,7 +228,7 @@ impl DpoTask {
                 ids(&work.policy_encoded),
             ),
             reference: SlicedForward::new(
-                work.reference.clone(),
+                reference,
                 Primitive::Logprobs,
                 ids(&work.reference_encoded),
             ),

@@ -220,7 +220,6 @@ pub(super) struct Prepared {
 /// DPO scoring: the pair texts encoded for the policy and for the reference model.
 pub(super) struct DpoWork {
     pub job: ScoreJob,
-    pub reference: String,
     pub policy_encoded: Vec<EncodedDialogue>,
     pub reference_encoded: Vec<EncodedDialogue>,
     pub times: StageTimes,
@@ -326,7 +325,6 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 })();
                 return match encoded {
                     Ok((policy_encoded, reference_encoded)) => Some(Tokenized::Dpo(DpoWork {
-                        reference: reference.clone(),
                         job: request,
                         policy_encoded,
                         reference_encoded,
