@@ -77,10 +77,10 @@ fn fast_tanh(x: f32) -> f32 {
 /// baseline build otherwise. `$body` and everything it calls must be `#[inline(always)]` so
 /// that it is compiled into the AVX2 copy.
 macro_rules! avx2_dispatch {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -102,7 +102,7 @@ macro_rules! avx2_dispatch {
 pub(crate) use avx2_dispatch;
 
 /// Rows per parallel task: enough work to amortise the hand-off.
-fn rows_per_task(row_len: usize) -> usize {
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
 }
 
@@ -160,6 +160,7 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `max` and `log(sum(exp(x - max)))` of one row.
+#[inline(always)]
 fn row_log_normaliser(row: &[f32]) -> (f32, f32) {
     let max = lane_max(row);
     (max, lane_sum(row, |x| fast_exp(x - max)).ln())
@@ -194,12 +195,12 @@ impl CustomOp2 for TargetLogprob {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(task, out_rows)| {
-                for (k, slot) in out_rows.iter_mut().enumerate() {
-                    let n = task * chunk + k;
-                    let row = &logits[n * vocab..(n + 1) * vocab];
-                    let (max, log_sum) = row_log_normaliser(row);
-                    *slot = row[targets[n] as usize] - max - log_sum;
-                }
+                let rows = task * chunk..task * chunk + out_rows.len();
+                target_logprob_rows(
+                    &logits[rows.start * vocab..rows.end * vocab],
+                    &targets[rows],
+                    out_rows,
+                );
             });
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
@@ -215,6 +216,80 @@ impl CustomOp2 for TargetLogprob {
         let upstream = Tensor::stack(&[grad_res.contiguous()?, res.contiguous()?], 1)?;
         let grad = logits.apply_op3_no_bwd(targets, &upstream, &TargetLogprobGrad)?;
         Ok((Some(grad), None))
+    }
+}
+
+avx2_dispatch! {
+    /// `log_softmax(row)[target]` of consecutive rows of width `logits.len() / out.len()`.
+    pub(crate) fn target_logprob_rows(logits: &[f32], targets: &[u32], out: &mut [f32]) => target_logprob_rows_body
+}
+
+#[inline(always)]
+fn target_logprob_rows_body(logits: &[f32], targets: &[u32], out: &mut [f32]) {
+    let vocab = logits.len() / out.len().max(1);
+    for ((slot, row), &target) in out.iter_mut().zip(logits.chunks(vocab)).zip(targets) {
+        let (max, log_sum) = row_log_normaliser(row);
+        *slot = row[target as usize] - max - log_sum;
+    }
+}
+
+avx2_dispatch! {
+    /// `g · (onehot(target) − softmax(row))` of consecutive rows, from `(g, result)` pairs.
+    fn target_logprob_grad_rows(logits: &[f32], targets: &[u32], upstream: &[f32], out: &mut [f32])
+        => target_logprob_grad_rows_body
+}
+
+#[inline(always)]
+fn target_logprob_grad_rows_body(
+    logits: &[f32],
+    targets: &[u32],
+    upstream: &[f32],
+    out: &mut [f32],
+) {
+    let vocab = logits.len() / targets.len().max(1);
+    for (((out_row, row), &target), pair) in out
+        .chunks_mut(vocab)
+        .zip(logits.chunks(vocab))
+        .zip(targets)
+        .zip(upstream.chunks(2))
+    {
+        let (g, result) = (pair[0], pair[1]);
+        if g == 0.0 {
+            continue;
+        }
+        let shift = row[target as usize] - result;
+        for (o, &x) in out_row.iter_mut().zip(row) {
+            *o = -g * fast_exp(x - shift);
+        }
+        out_row[target as usize] += g;
+    }
+}
+
+avx2_dispatch! {
+    /// [`target_logprob_grad_rows`] in place of the logits, with the upstream gradients `g`
+    /// and the forward results in separate slices.
+    pub(crate) fn target_logprob_grad_rows_in_place(rows: &mut [f32], targets: &[u32], g: &[f32], results: &[f32])
+        => target_logprob_grad_rows_in_place_body
+}
+
+#[inline(always)]
+fn target_logprob_grad_rows_in_place_body(
+    rows: &mut [f32],
+    targets: &[u32],
+    g: &[f32],
+    results: &[f32],
+) {
+    let vocab = rows.len() / targets.len().max(1);
+    for (((row, &target), &g), &result) in rows.chunks_mut(vocab).zip(targets).zip(g).zip(results) {
+        if g == 0.0 {
+            row.fill(0.0);
+            continue;
+        }
+        let shift = row[target as usize] - result;
+        for x in row.iter_mut() {
+            *x = -g * fast_exp(*x - shift);
+        }
+        row[target as usize] += g;
     }
 }
 
@@ -248,19 +323,13 @@ impl CustomOp3 for TargetLogprobGrad {
         out.par_chunks_mut(chunk * vocab)
             .enumerate()
             .for_each(|(task, out_rows)| {
-                for (k, out_row) in out_rows.chunks_mut(vocab).enumerate() {
-                    let n = task * chunk + k;
-                    let row = &logits[n * vocab..(n + 1) * vocab];
-                    let (g, result) = (upstream[2 * n], upstream[2 * n + 1]);
-                    if g == 0.0 {
-                        continue;
-                    }
-                    let shift = row[targets[n] as usize] - result;
-                    for (o, &x) in out_row.iter_mut().zip(row) {
-                        *o = -g * fast_exp(x - shift);
-                    }
-                    out_row[targets[n] as usize] += g;
-                }
+                let rows = task * chunk..task * chunk + out_rows.len() / vocab;
+                target_logprob_grad_rows(
+                    &logits[rows.start * vocab..rows.end * vocab],
+                    &targets[rows.clone()],
+                    &upstream[2 * rows.start..2 * rows.end],
+                    out_rows,
+                );
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -409,13 +478,7 @@ impl CustomOp1 for GeluTanh {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = 0.5
-                        * v
-                        * (1.0 + fast_tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)));
-                }
-            });
+            .for_each(|(o, x)| gelu_chunk(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -429,6 +492,31 @@ impl CustomOp1 for GeluTanh {
             &grad_res.contiguous()?,
             &GeluTanhGrad,
         )?))
+    }
+}
+
+avx2_dispatch! {
+    fn gelu_chunk(x: &[f32], out: &mut [f32]) => gelu_chunk_body
+}
+
+#[inline(always)]
+fn gelu_chunk_body(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 0.5 * v * (1.0 + fast_tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v)));
+    }
+}
+
+avx2_dispatch! {
+    fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) => gelu_grad_chunk_body
+}
+
+#[inline(always)]
+fn gelu_grad_chunk_body(x: &[f32], g: &[f32], out: &mut [f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+        let v2 = v * v;
+        let t = fast_tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v2));
+        let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v2);
+        *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner);
     }
 }
 
@@ -456,14 +544,7 @@ impl CustomOp2 for GeluTanhGrad {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384).zip(upstream.par_chunks(16_384)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
-                    let v2 = v * v;
-                    let t = fast_tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v2));
-                    let inner = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v2);
-                    *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * inner);
-                }
-            });
+            .for_each(|(o, (x, g))| gelu_grad_chunk(x, g, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -479,7 +560,25 @@ struct LayerNormRows {
     eps: f32,
 }
 
+avx2_dispatch! {
+    /// LayerNorm of whole rows of width `weight.len()`.
+    fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32])
+        => layer_norm_rows_body
+}
+
+#[inline(always)]
+fn layer_norm_rows_body(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let (mean, rstd) = row_moments(row, eps);
+        for (((o, &x), &w), &b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
+            *o = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
 /// Mean and `1 / √(var + eps)` of one row.
+#[inline(always)]
 fn row_moments(row: &[f32], eps: f32) -> (f32, f32) {
     let d = row.len() as f32;
     let mean = lane_sum(row, |x| x) / d;
@@ -518,12 +617,7 @@ impl CustomOp3 for LayerNormRows {
         out.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(out_rows, x_rows)| {
-                for (o, row) in out_rows.chunks_mut(d).zip(x_rows.chunks(d)) {
-                    let (mean, rstd) = row_moments(row, eps);
-                    for (((o, &x), &w), &b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
-                        *o = (x - mean) * rstd * w + b;
-                    }
-                }
+                layer_norm_rows(x_rows, weight, bias, eps, out_rows);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -588,29 +682,7 @@ impl CustomOp3 for LayerNormRowsGrad {
             .zip(x.par_chunks(chunk).zip(upstream.par_chunks(chunk)))
             .map(|(dx_rows, (x_rows, g_rows))| {
                 let mut sums = vec![0f32; 2 * d];
-                let mut g_hat = vec![0f32; d];
-                for ((dx_row, row), g) in dx_rows
-                    .chunks_mut(d)
-                    .zip(x_rows.chunks(d))
-                    .zip(g_rows.chunks(d))
-                {
-                    let (mean, rstd) = row_moments(row, eps);
-                    let (mut mean_g_hat, mut mean_g_hat_x_hat) = (0f32, 0f32);
-                    for j in 0..d {
-                        let x_hat = (row[j] - mean) * rstd;
-                        g_hat[j] = g[j] * weight[j];
-                        mean_g_hat += g_hat[j];
-                        mean_g_hat_x_hat += g_hat[j] * x_hat;
-                        sums[j] += g[j] * x_hat;
-                        sums[d + j] += g[j];
-                    }
-                    mean_g_hat /= d as f32;
-                    mean_g_hat_x_hat /= d as f32;
-                    for j in 0..d {
-                        let x_hat = (row[j] - mean) * rstd;
-                        dx_row[j] = rstd * (g_hat[j] - mean_g_hat - x_hat * mean_g_hat_x_hat);
-                    }
-                }
+                layer_norm_grad_rows(x_rows, g_rows, weight, eps, dx_rows, &mut sums);
                 sums
             })
             .collect();
@@ -620,6 +692,51 @@ impl CustomOp3 for LayerNormRowsGrad {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+avx2_dispatch! {
+    /// Input gradients of whole rows into `dx`; weight and bias gradients added to
+    /// `sums[..d]` and `sums[d..]`.
+    fn layer_norm_grad_rows(x: &[f32], g: &[f32], weight: &[f32], eps: f32, dx: &mut [f32], sums: &mut [f32])
+        => layer_norm_grad_rows_body
+}
+
+#[inline(always)]
+fn layer_norm_grad_rows_body(
+    x: &[f32],
+    g: &[f32],
+    weight: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    sums: &mut [f32],
+) {
+    let d = weight.len();
+    let (weight_sums, bias_sums) = sums.split_at_mut(d);
+    let mut g_hat = vec![0f32; d];
+    let mut x_hat = vec![0f32; d];
+    for ((dx_row, row), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+        let (mean, rstd) = row_moments(row, eps);
+        for ((((xh, gh), &x), &g), &w) in
+            x_hat.iter_mut().zip(&mut g_hat).zip(row).zip(g).zip(weight)
+        {
+            *xh = (x - mean) * rstd;
+            *gh = g * w;
+        }
+        let mean_g_hat = lane_sum(&g_hat, |v| v) / d as f32;
+        let mean_g_hat_x_hat = lane_dot(&g_hat, &x_hat) / d as f32;
+        for (((ws, bs), &g), &xh) in weight_sums
+            .iter_mut()
+            .zip(bias_sums.iter_mut())
+            .zip(g)
+            .zip(&x_hat)
+        {
+            *ws += g * xh;
+            *bs += g;
+        }
+        for ((o, &gh), &xh) in dx_row.iter_mut().zip(&g_hat).zip(&x_hat) {
+            *o = rstd * (gh - mean_g_hat - xh * mean_g_hat_x_hat);
+        }
     }
 }
 
@@ -660,12 +777,11 @@ impl CustomOp2 for AddBias {
         if bias.len() != d {
             candle_core::bail!("add-bias: bias of {} for width {d}", bias.len());
         }
-        let mut out = x.to_vec();
-        for row in out.chunks_mut(d) {
-            for (o, &b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        }
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(o, x)| add_bias_rows(x, bias, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -681,6 +797,32 @@ impl CustomOp2 for AddBias {
     }
 }
 
+avx2_dispatch! {
+    fn add_bias_rows(x: &[f32], bias: &[f32], out: &mut [f32]) => add_bias_rows_body
+}
+
+#[inline(always)]
+fn add_bias_rows_body(x: &[f32], bias: &[f32], out: &mut [f32]) {
+    for (o, x) in out.chunks_mut(bias.len()).zip(x.chunks(bias.len())) {
+        for ((o, &x), &b) in o.iter_mut().zip(x).zip(bias) {
+            *o = x + b;
+        }
+    }
+}
+
+avx2_dispatch! {
+    fn sum_rows_into(x: &[f32], sums: &mut [f32]) => sum_rows_into_body
+}
+
+#[inline(always)]
+fn sum_rows_into_body(x: &[f32], sums: &mut [f32]) {
+    for row in x.chunks(sums.len()) {
+        for (s, &v) in sums.iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+}
+
 /// Column sums of rows `[N, d]`: `[d]`.
 struct SumRows;
 
@@ -693,11 +835,7 @@ impl CustomOp1 for SumRows {
         let (_, d) = l.shape().dims2()?;
         let x = contiguous::<f32>(s, l, "gradient")?;
         let mut sums = vec![0f32; d];
-        for row in x.chunks(d) {
-            for (s, &v) in sums.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
+        sum_rows_into(x, &mut sums);
         Ok((CpuStorage::F32(sums), Shape::from(d)))
     }
 }

@@ -69,66 +69,171 @@ impl Dims {
     }
 }
 
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
+/// Query rows per register tile.
+const TILE_ROWS: usize = 4;
+/// f32 lanes of one AVX2 register; padded dimensions are multiples of it.
+const LANES: usize = 8;
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
 }
 
-/// Copies head `h`'s columns of rows `0..t` of sequence `b` into `dst` `[t, d]`, or
-/// transposed into `[d, t]`.
+/// One register tile of a small matrix product: rows `0..TILE_ROWS` and columns `n0..n0 + N`
+/// of `C = A · B` over `k` in `ks`, written (not accumulated) into `c`. `A` is row-major with
+/// row stride `lda`, `B` row-major with row stride `ldb`. With `N` = 8 or 16 the
+/// `TILE_ROWS × N` accumulators stay in 4–8 AVX2 registers: per `k` one or two loads of `B`,
+/// four broadcasts of `A` and four or eight fused multiply-adds.
 #[inline(always)]
-fn gather(view: &View, b: usize, column: usize, dims: Dims, transposed: bool, dst: &mut [f32]) {
-    let (t, d) = (dims.t, dims.head_dim());
-    for i in 0..t {
-        let row = view.row(b, i, column, d);
-        if transposed {
-            for (c, &x) in row.iter().enumerate() {
-                dst[c * t + i] = x;
+#[allow(clippy::too_many_arguments)]
+fn tile<const N: usize>(
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    ks: std::ops::Range<usize>,
+    n0: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let mut acc = [[0f32; N]; TILE_ROWS];
+    for k in ks {
+        let bk = &b[k * ldb + n0..][..N];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ar = a[r * lda + k];
+            for (acc, &bk) in acc.iter_mut().zip(bk) {
+                *acc = ar.mul_add(bk, *acc);
             }
-        } else {
-            dst[i * d..(i + 1) * d].copy_from_slice(row);
         }
     }
+    for (r, acc) in acc.iter().enumerate() {
+        c[r * ldc + n0..][..N].copy_from_slice(acc);
+    }
 }
 
-/// Softmax probabilities of query `i` over keys `0..=i` into `p[..=i]`:
-/// `softmax(scale · q_i · k_j)`, from `keys_t` `[d, t]`.
+/// Rows `0..TILE_ROWS`, columns `0..n` (a multiple of [`LANES`]) of `C = A · B` over `ks`.
 #[inline(always)]
-fn probabilities(q_i: &[f32], keys_t: &[f32], t: usize, i: usize, scale: f32, p: &mut [f32]) {
-    let p = &mut p[..=i];
-    p.fill(0.0);
-    for (c, &qc) in q_i.iter().enumerate() {
-        axpy(qc, &keys_t[c * t..c * t + i + 1], p);
+#[allow(clippy::too_many_arguments)]
+fn tile_rows(
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    ks: std::ops::Range<usize>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let mut n0 = 0;
+    while n0 + 2 * LANES <= n {
+        tile::<16>(a, lda, b, ldb, ks.clone(), n0, c, ldc);
+        n0 += 2 * LANES;
     }
-    let max = crate::fused::lane_max(p) * scale;
-    for x in p.iter_mut() {
-        *x = crate::fused::fast_exp(*x * scale - max);
-    }
-    let inv = 1.0 / crate::fused::lane_sum(p, |e| e);
-    for x in p.iter_mut() {
-        *x *= inv;
+    if n0 < n {
+        tile::<8>(a, lda, b, ldb, ks, n0, c, ldc);
     }
 }
 
-/// Scratch buffers of one sequence's head.
-struct Scratch {
-    q: Vec<f32>,
-    keys_t: Vec<f32>,
-    v: Vec<f32>,
-    p: Vec<f32>,
+/// Padded sizes of one (sequence, head): positions `tp` and head width `dp`, both multiples
+/// of [`LANES`] (and so of [`TILE_ROWS`]), so that every tile is whole; padding is zeros.
+#[derive(Clone, Copy)]
+struct Padded {
+    t: usize,
+    d: usize,
+    tp: usize,
+    dp: usize,
 }
 
-impl Scratch {
+impl Padded {
     fn new(dims: Dims) -> Self {
         let (t, d) = (dims.t, dims.head_dim());
         Self {
-            q: vec![0.0; t * d],
-            keys_t: vec![0.0; t * d],
-            v: vec![0.0; t * d],
-            p: vec![0.0; t],
+            t,
+            d,
+            tp: round_up(t, LANES),
+            dp: round_up(d, LANES),
         }
+    }
+}
+
+/// Copies head `h`'s columns (starting at `column`) of sequence `b` into `dst`, row-major
+/// `[tp, dp]` or transposed `[dp, tp]`; the padding stays as it is (zero).
+#[inline(always)]
+fn gather(view: &View, b: usize, column: usize, p: Padded, transposed: bool, dst: &mut [f32]) {
+    for i in 0..p.t {
+        let row = view.row(b, i, column, p.d);
+        if transposed {
+            for (c, &x) in row.iter().enumerate() {
+                dst[c * p.tp + i] = x;
+            }
+        } else {
+            dst[i * p.dp..i * p.dp + p.d].copy_from_slice(row);
+        }
+    }
+}
+
+/// Turns rows `i0..i0 + TILE_ROWS` of `scores` (`[tp, tp]`, raw `q · k`) into causal softmax
+/// probabilities in place: row `i` keeps `0..=i`, everything after is set to 0 (also rows
+/// past the sequence, which are all 0).
+#[inline(always)]
+fn softmax_tile(scores: &mut [f32], p: Padded, i0: usize, scale: f32) {
+    for i in i0..i0 + TILE_ROWS {
+        let row = &mut scores[i * p.tp..(i + 1) * p.tp];
+        if i >= p.t {
+            row.fill(0.0);
+            continue;
+        }
+        let (visible, masked) = row.split_at_mut(i + 1);
+        masked.fill(0.0);
+        // scale > 0, so max(x · scale) = max(x) · scale.
+        let max = crate::fused::lane_max(visible) * scale;
+        for x in visible.iter_mut() {
+            *x = crate::fused::fast_exp(*x * scale - max);
+        }
+        let inv = 1.0 / crate::fused::lane_sum(visible, |e| e);
+        for x in visible.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Causal softmax probabilities `[tp, tp]` of one head from `q` `[tp, dp]` and the transposed
+/// keys `[dp, tp]`, computed tile by tile (only the keys each tile of queries can see).
+#[inline(always)]
+fn probabilities(q: &[f32], keys_t: &[f32], p: Padded, scale: f32, probs: &mut [f32]) {
+    for i0 in (0..p.tp).step_by(TILE_ROWS) {
+        let seen = round_up((i0 + TILE_ROWS).min(p.t), LANES);
+        let rows = &mut probs[i0 * p.tp..(i0 + TILE_ROWS) * p.tp];
+        tile_rows(
+            &q[i0 * p.dp..],
+            p.dp,
+            keys_t,
+            p.tp,
+            0..p.dp,
+            seen,
+            rows,
+            p.tp,
+        );
+        softmax_tile(probs, p, i0, scale);
+    }
+}
+
+/// `dst[j][i] = src[i][j]` for square `[tp, tp]` matrices.
+#[inline(always)]
+fn transpose(src: &[f32], tp: usize, dst: &mut [f32]) {
+    for (i, row) in src.chunks_exact(tp).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            dst[j * tp + i] = x;
+        }
+    }
+}
+
+/// Writes rows `0..t`, columns `0..d` of a `[tp, dp]` block into head columns of `[t, ld]`
+/// output rows starting at `column`.
+#[inline(always)]
+fn scatter(block: &[f32], p: Padded, out: &mut [f32], ld: usize, column: usize) {
+    for i in 0..p.t {
+        out[i * ld + column..i * ld + column + p.d]
+            .copy_from_slice(&block[i * p.dp..i * p.dp + p.d]);
     }
 }
 
@@ -158,26 +263,50 @@ fn forward_sequence_body(
     b: usize,
     out: &mut [f32],
 ) {
-    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
-    let mut s = Scratch::new(dims);
+    let p = Padded::new(dims);
+    let (tp, dp) = (p.tp, p.dp);
+    let mut q_h = vec![0f32; tp * dp];
+    let mut keys_t = vec![0f32; dp * tp];
+    let mut v_h = vec![0f32; tp * dp];
+    let mut probs = vec![0f32; tp * tp];
+    let mut o = vec![0f32; tp * dp];
     for h in 0..dims.heads {
-        let column = h * d;
-        gather(q, b, column, dims, false, &mut s.q);
-        gather(k, b, column, dims, true, &mut s.keys_t);
-        gather(v, b, column, dims, false, &mut s.v);
-        for i in 0..t {
-            probabilities(&s.q[i * d..(i + 1) * d], &s.keys_t, t, i, scale, &mut s.p);
-            let o = &mut out[i * w + column..i * w + column + d];
-            for (j, &pj) in s.p[..=i].iter().enumerate() {
-                axpy(pj, &s.v[j * d..(j + 1) * d], o);
-            }
+        let column = h * p.d;
+        gather(q, b, column, p, false, &mut q_h);
+        gather(k, b, column, p, true, &mut keys_t);
+        gather(v, b, column, p, false, &mut v_h);
+        for i0 in (0..tp).step_by(TILE_ROWS) {
+            // Scores and probabilities of this tile of queries over the keys they can see,
+            // then their weighted values; the tile's probabilities are 0 past each query.
+            let seen = (i0 + TILE_ROWS).min(p.t);
+            let rows = &mut probs[i0 * tp..(i0 + TILE_ROWS) * tp];
+            tile_rows(
+                &q_h[i0 * dp..],
+                dp,
+                &keys_t,
+                tp,
+                0..dp,
+                round_up(seen, LANES),
+                rows,
+                tp,
+            );
+            softmax_tile(&mut probs, p, i0, scale);
+            tile_rows(
+                &probs[i0 * tp..],
+                tp,
+                &v_h,
+                dp,
+                0..seen,
+                dp,
+                &mut o[i0 * dp..],
+                dp,
+            );
         }
+        scatter(&o, p, out, dims.width, column);
     }
 }
 
 /// Gradients `[batch, t, 3·width]` (q, k, v side by side) from the upstream gradient `dout`.
-/// (Accumulating over key positions with transposed `[d, t]` gradients instead measured
-/// slower at head width 16: it needs a horizontal reduction per column for `dQ`.)
 fn backward(q: View, k: View, v: View, dout: View, dims: Dims, scale: f32) -> Vec<f32> {
     let (t, w) = (dims.t, dims.width);
     let mut grads = vec![0f32; dims.batch * t * 3 * w];
@@ -194,6 +323,10 @@ crate::fused::avx2_dispatch! {
         => backward_sequence_body
 }
 
+/// Backward of one sequence, head by head, as five small products on padded blocks:
+/// `P` recomputed from `q`, `k` (as flash attention does, instead of storing it),
+/// `dP = dO · Vᵀ`, `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS · K`, `dK = dSᵀ · Q`,
+/// `dV = Pᵀ · dO`, each over the causal triangle only.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_sequence_body(
@@ -206,54 +339,95 @@ fn backward_sequence_body(
     b: usize,
     grads: &mut [f32],
 ) {
-    let (t, w, d) = (dims.t, dims.width, dims.head_dim());
-    let mut s = Scratch::new(dims);
-    let mut values_t = vec![0f32; t * d];
-    let mut dout_h = vec![0f32; t * d];
-    let mut dp = vec![0f32; t];
-    let mut dk = vec![0f32; t * d];
-    let mut dv = vec![0f32; t * d];
-    let mut keys = vec![0f32; t * d];
-    let mut dq_i = vec![0f32; d];
+    let p = Padded::new(dims);
+    let (t, w, tp, dp) = (p.t, dims.width, p.tp, p.dp);
+    let mut q_h = vec![0f32; tp * dp];
+    let mut k_h = vec![0f32; tp * dp];
+    let mut keys_t = vec![0f32; dp * tp];
+    let mut values_t = vec![0f32; dp * tp];
+    let mut dout_h = vec![0f32; tp * dp];
+    let mut probs = vec![0f32; tp * tp];
+    let mut ds = vec![0f32; tp * tp];
+    let mut transposed = vec![0f32; tp * tp];
+    let mut grad = vec![0f32; tp * dp];
     for h in 0..dims.heads {
-        let column = h * d;
-        gather(q, b, column, dims, false, &mut s.q);
-        gather(k, b, column, dims, true, &mut s.keys_t);
-        gather(v, b, column, dims, true, &mut values_t);
-        gather(dout, b, column, dims, false, &mut dout_h);
-        dk.fill(0.0);
-        dv.fill(0.0);
-        gather(k, b, column, dims, false, &mut keys);
-        for i in 0..t {
-            let q_i = &s.q[i * d..(i + 1) * d];
-            let do_i = &dout_h[i * d..(i + 1) * d];
-            probabilities(q_i, &s.keys_t, t, i, scale, &mut s.p);
-            let p = &s.p[..=i];
-            // dP_ij = dO_i · V_j.
-            let dp = &mut dp[..=i];
-            dp.fill(0.0);
-            for (c, &g) in do_i.iter().enumerate() {
-                axpy(g, &values_t[c * t..c * t + i + 1], dp);
+        let column = h * p.d;
+        gather(q, b, column, p, false, &mut q_h);
+        gather(k, b, column, p, false, &mut k_h);
+        gather(k, b, column, p, true, &mut keys_t);
+        gather(v, b, column, p, true, &mut values_t);
+        gather(dout, b, column, p, false, &mut dout_h);
+        probabilities(&q_h, &keys_t, p, scale, &mut probs);
+        for i0 in (0..tp).step_by(TILE_ROWS) {
+            let seen = (i0 + TILE_ROWS).min(t);
+            let rows = &mut ds[i0 * tp..(i0 + TILE_ROWS) * tp];
+            tile_rows(
+                &dout_h[i0 * dp..],
+                dp,
+                &values_t,
+                tp,
+                0..dp,
+                round_up(seen, LANES),
+                rows,
+                tp,
+            );
+            for i in i0..(i0 + TILE_ROWS).min(t) {
+                let row = &mut ds[i * tp..(i + 1) * tp];
+                let pr = &probs[i * tp..i * tp + i + 1];
+                let (visible, masked) = row.split_at_mut(i + 1);
+                let centre = crate::fused::lane_dot(pr, visible);
+                for (x, &pj) in visible.iter_mut().zip(pr) {
+                    *x = scale * pj * (*x - centre);
+                }
+                masked.fill(0.0);
             }
-            // dS_ij = scale · P_ij (dP_ij − Σ_j P_ij dP_ij), in place of dP.
-            let centre = crate::fused::lane_dot(p, dp);
-            for (x, &pj) in dp.iter_mut().zip(p) {
-                *x = scale * pj * (*x - centre);
+            for i in t.max(i0)..i0 + TILE_ROWS {
+                ds[i * tp..(i + 1) * tp].fill(0.0);
             }
-            let ds = &*dp;
-            dq_i.fill(0.0);
-            for j in 0..=i {
-                axpy(ds[j], &keys[j * d..(j + 1) * d], &mut dq_i);
-                axpy(ds[j], q_i, &mut dk[j * d..(j + 1) * d]);
-                axpy(p[j], do_i, &mut dv[j * d..(j + 1) * d]);
-            }
-            grads[i * 3 * w + column..i * 3 * w + column + d].copy_from_slice(&dq_i);
+            // dQ rows of this tile: Σ_j dS_ij k_j over the keys they saw.
+            tile_rows(
+                &ds[i0 * tp..],
+                tp,
+                &k_h,
+                dp,
+                0..seen,
+                dp,
+                &mut grad[i0 * dp..],
+                dp,
+            );
         }
-        for j in 0..t {
-            let row = &mut grads[j * 3 * w..(j + 1) * 3 * w];
-            row[w + column..w + column + d].copy_from_slice(&dk[j * d..(j + 1) * d]);
-            row[2 * w + column..2 * w + column + d].copy_from_slice(&dv[j * d..(j + 1) * d]);
+        scatter(&grad, p, grads, 3 * w, column);
+        // dK_j = Σ_{i ≥ j} dS_ij q_i and dV_j = Σ_{i ≥ j} P_ij dO_i, from the transposes.
+        transpose(&ds, tp, &mut transposed);
+        for j0 in (0..tp).step_by(TILE_ROWS) {
+            let rows = &mut grad[j0 * dp..];
+            tile_rows(
+                &transposed[j0 * tp..],
+                tp,
+                &q_h,
+                dp,
+                j0.min(t)..t,
+                dp,
+                rows,
+                dp,
+            );
         }
+        scatter(&grad, p, grads, 3 * w, w + column);
+        transpose(&probs, tp, &mut transposed);
+        for j0 in (0..tp).step_by(TILE_ROWS) {
+            let rows = &mut grad[j0 * dp..];
+            tile_rows(
+                &transposed[j0 * tp..],
+                tp,
+                &dout_h,
+                dp,
+                j0.min(t)..t,
+                dp,
+                rows,
+                dp,
+            );
+        }
+        scatter(&grad, p, grads, 3 * w, 2 * w + column);
     }
 }
 
@@ -494,9 +668,14 @@ mod tests {
 
     #[test]
     fn packed_attention_matches_composed_values_and_gradients() {
-        for (batch, t, width, heads) in
-            [(3, 11, 16, 2), (2, 70, 64, 4), (1, 1, 12, 4), (2, 9, 48, 4)]
-        {
+        for (batch, t, width, heads) in [
+            (3, 11, 16, 2),
+            (2, 70, 64, 4),
+            (1, 1, 12, 4),
+            (2, 9, 48, 4),
+            (1, 20, 48, 2),
+            (2, 33, 128, 2),
+        ] {
             let qkv = random_var(&[batch, t, 3 * width], 0.0, 1.5);
             let scale = 1.0 / ((width / heads) as f64).sqrt();
             let fused = packed_causal_attention(qkv.as_tensor(), heads, scale).unwrap();

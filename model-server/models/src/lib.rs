@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_lm_head;
 pub mod generation;
 pub mod gpt2;
 pub mod layers;

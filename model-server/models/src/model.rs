@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, Tensor};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::fused::{fused_applies, target_logprobs};
+use crate::fused_lm_head::lm_head_target_logprobs;
 use crate::gpt2::{self, Gpt2};
 use crate::layers::{LayerCache, embed};
 use crate::opt::{self, Opt};
@@ -244,6 +245,9 @@ impl CausalLm {
     /// a row's length are meaningless and must be masked by the caller.
     pub fn token_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(ids)?;
+        if fused_applies(&hidden) && ids.dim(1)? >= 2 {
+            return lm_head_target_logprobs(&hidden, &self.lm_head, ids);
+        }
         token_logprobs_from_logits(&self.logits_from_hidden(&hidden)?, ids)
     }
 

@@ -1,0 +1,353 @@
+//! The LM head and the next-token log-probs as one CPU op (f32), forward and backward:
+//! `log_softmax(hidden · headᵀ)[b, i, ids[b, i + 1]]` for `i < t − 1`.
+//!
+//! Composed from candle ops this is a reshape, a matrix product, a reshape, a narrow to the
+//! predicting positions, a contiguous copy of the logits and the fused log-softmax; backward
+//! pads the narrowed gradient back with a full copy and, for every one of those nodes, candle
+//! adds the gradient into a fresh zero tensor. Each is a pass over (and an allocation of) the
+//! logits, which are the largest tensor of a step (`[b·t, vocab]`: 14 MB for the sandbox's
+//! 64 × 70 tokens, 100 MB for GPT-2-small's 4 × 128). Here the forward is one matrix product
+//! into a buffer the op keeps and one pass over it; the backward turns that buffer into the
+//! logits' gradient in place and runs the two products of the head's backward.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::fused::{rows_per_task, target_logprob_grad_rows_in_place, target_logprob_rows};
+
+/// `C = A · B` for row-major `A` `[m, k]` (or its transpose stored `[k, m]`) and `B` given by
+/// strides, into a new row-major `[m, n]`.
+struct Product<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &'a [f32],
+    /// (row stride, column stride) of `A`.
+    lhs_strides: (usize, usize),
+    rhs: &'a [f32],
+    rhs_strides: (usize, usize),
+}
+
+impl Product<'_> {
+    fn run(&self) -> candle_core::Result<Vec<f32>> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        // Every element of A and B the product reads must lie inside the slices: that is
+        // what makes the raw-pointer call below sound.
+        let last = |(rs, cs): (usize, usize), rows: usize, cols: usize| {
+            (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+        };
+        if m * k > 0 && last(self.lhs_strides, m, k) >= self.lhs.len()
+            || k * n > 0 && last(self.rhs_strides, k, n) >= self.rhs.len()
+        {
+            candle_core::bail!("lm-head product: operands smaller than [{m}, {k}] · [{k}, {n}]");
+        }
+        let mut dst = vec![0f32; m * n];
+        if m * n * k == 0 {
+            return Ok(dst);
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: dst is [m, n] row-major; the bounds of A and B were checked above.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                self.lhs.as_ptr(),
+                self.lhs_strides.1 as isize,
+                self.lhs_strides.0 as isize,
+                self.rhs.as_ptr(),
+                self.rhs_strides.1 as isize,
+                self.rhs_strides.0 as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(dst)
+    }
+}
+
+/// Shape of one call: batch, positions, hidden width, vocabulary.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    t: usize,
+    hidden: usize,
+    vocab: usize,
+}
+
+/// Logits `[batch·t, vocab]` of every position.
+fn logits(hidden: &[f32], head: &[f32], dims: Dims) -> candle_core::Result<Vec<f32>> {
+    Product {
+        m: dims.batch * dims.t,
+        n: dims.vocab,
+        k: dims.hidden,
+        lhs: hidden,
+        lhs_strides: (dims.hidden, 1),
+        rhs: head,
+        // headᵀ: element (c, v) of the `[hidden, vocab]` operand is head[v, c].
+        rhs_strides: (1, dims.hidden),
+    }
+    .run()
+}
+
+fn contiguous<'a, T: candle_core::WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("lm-head log-probs: {what} must be contiguous"),
+    }
+}
+
+/// The forward op. It keeps the logits it computed for its backward pass (as the composed
+/// graph keeps its logits tensor); they are freed with the result's graph.
+struct LmHeadLogprobs {
+    logits: Mutex<Option<Vec<f32>>>,
+}
+
+fn dims_of(l_hidden: &Layout, l_head: &Layout, l_ids: &Layout) -> candle_core::Result<Dims> {
+    let (batch, t, hidden) = l_hidden.shape().dims3()?;
+    let (vocab, head_width) = l_head.shape().dims2()?;
+    let (id_batch, id_t) = l_ids.shape().dims2()?;
+    if head_width != hidden || (id_batch, id_t) != (batch, t) || t < 2 {
+        candle_core::bail!(
+            "lm-head log-probs: hidden {:?}, head {:?}, ids {:?} do not fit (need [b, t ≥ 2, h], [vocab, h], [b, t])",
+            l_hidden.dims(),
+            l_head.dims(),
+            l_ids.dims()
+        );
+    }
+    Ok(Dims {
+        batch,
+        t,
+        hidden,
+        vocab,
+    })
+}
+
+impl CustomOp3 for LmHeadLogprobs {
+    fn name(&self) -> &'static str {
+        "lm-head-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = dims_of(l1, l2, l3)?;
+        let hidden = contiguous::<f32>(s1, l1, "hidden states")?;
+        let head = contiguous::<f32>(s2, l2, "head")?;
+        let ids = contiguous::<u32>(s3, l3, "ids")?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= dims.vocab) {
+            candle_core::bail!("token {bad} outside the vocabulary of {}", dims.vocab);
+        }
+        let logits = logits(hidden, head, dims)?;
+        let (t, vocab) = (dims.t, dims.vocab);
+        let mut out = vec![0f32; dims.batch * (t - 1)];
+        let chunk = rows_per_task(vocab);
+        out.par_chunks_mut(t - 1).enumerate().for_each(|(b, out)| {
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+                // Position i of sequence b predicts ids[b, i + 1] from logits row b·t + i.
+                let first = c * chunk;
+                let rows = b * t + first..b * t + first + out.len();
+                target_logprob_rows(
+                    &logits[rows.start * vocab..rows.end * vocab],
+                    &ids[rows.start + 1..rows.end + 1],
+                    out,
+                );
+            });
+        });
+        if let Ok(mut kept) = self.logits.lock() {
+            *kept = Some(logits);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((dims.batch, t - 1))))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
+        ids: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (hidden_storage, l1) = hidden.storage_and_layout();
+        let (head_storage, l2) = head.storage_and_layout();
+        let (ids_storage, l3) = ids.storage_and_layout();
+        let (Storage::Cpu(s1), Storage::Cpu(s2), Storage::Cpu(s3)) =
+            (&*hidden_storage, &*head_storage, &*ids_storage)
+        else {
+            candle_core::bail!("lm-head log-probs: backward on a non-CPU device");
+        };
+        let dims = dims_of(l1, l2, l3)?;
+        let hidden_values = contiguous::<f32>(s1, l1, "hidden states")?;
+        let head_values = contiguous::<f32>(s2, l2, "head")?;
+        let ids_values = contiguous::<u32>(s3, l3, "ids")?;
+        let upstream = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let results = res.flatten_all()?.to_vec1::<f32>()?;
+        // The kept logits become their gradient in place; a second backward recomputes them.
+        let kept = self.logits.lock().ok().and_then(|mut kept| kept.take());
+        let mut grad_logits = match kept {
+            Some(logits) => logits,
+            None => logits(hidden_values, head_values, dims)?,
+        };
+        let (t, vocab) = (dims.t, dims.vocab);
+        let chunk = rows_per_task(vocab);
+        grad_logits
+            .par_chunks_mut(t * vocab)
+            .enumerate()
+            .for_each(|(b, rows)| {
+                let (predicting, last) = rows.split_at_mut((t - 1) * vocab);
+                last.fill(0.0); // the last position predicts nothing
+                predicting
+                    .par_chunks_mut(chunk * vocab)
+                    .enumerate()
+                    .for_each(|(c, rows)| {
+                        let first = c * chunk;
+                        let n = rows.len() / vocab;
+                        let out = b * (t - 1) + first..b * (t - 1) + first + n;
+                        target_logprob_grad_rows_in_place(
+                            rows,
+                            &ids_values[b * t + first + 1..b * t + first + n + 1],
+                            &upstream[out.clone()],
+                            &results[out],
+                        );
+                    });
+            });
+        let m = dims.batch * t;
+        let grad_hidden = Product {
+            m,
+            n: dims.hidden,
+            k: vocab,
+            lhs: &grad_logits,
+            lhs_strides: (vocab, 1),
+            rhs: head_values,
+            rhs_strides: (dims.hidden, 1),
+        }
+        .run()?;
+        let grad_head = Product {
+            m: vocab,
+            n: dims.hidden,
+            k: m,
+            lhs: &grad_logits,
+            // (grad_logits)ᵀ: element (v, r) is grad_logits[r, v].
+            lhs_strides: (1, vocab),
+            rhs: hidden_values,
+            rhs_strides: (dims.hidden, 1),
+        }
+        .run()?;
+        let device = candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(
+                grad_hidden,
+                (dims.batch, t, dims.hidden),
+                &device,
+            )?),
+            Some(Tensor::from_vec(grad_head, (vocab, dims.hidden), &device)?),
+            None,
+        ))
+    }
+}
+
+/// `log p(ids[b, i + 1] | ids[b, ..=i])` `[b, t − 1]` from the final hidden states `[b, t, h]`
+/// and the LM head `[vocab, h]` (f32, CPU; `t ≥ 2`), differentiable in both.
+pub fn lm_head_target_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    Ok(hidden.contiguous()?.apply_op3(
+        &head.contiguous()?,
+        &ids.contiguous()?,
+        LmHeadLogprobs {
+            logits: Mutex::new(None),
+        },
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::fused::tests::{assert_same_values_and_gradients, random_var};
+    use crate::model::token_logprobs_from_logits;
+
+    fn composed(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Tensor {
+        let (b, t, h) = hidden.dims3().unwrap();
+        let logits = hidden
+            .reshape((b * t, h))
+            .unwrap()
+            .matmul(&head.t().unwrap())
+            .unwrap()
+            .reshape((b, t, head.dim(0).unwrap()))
+            .unwrap();
+        token_logprobs_from_logits(&logits, ids).unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_head_in_values_and_gradients() {
+        for (batch, t, hidden, vocab) in [(3, 7, 16, 50), (1, 2, 8, 9), (2, 70, 64, 768)] {
+            let h = random_var(&[batch, t, hidden], 0.0, 1.0);
+            let head = random_var(&[vocab, hidden], 0.0, 0.5);
+            let ids: Vec<u32> = (0..batch * t).map(|i| (i * 7 % vocab) as u32).collect();
+            let ids = Tensor::from_vec(ids, (batch, t), &Device::Cpu).unwrap();
+            let fused = lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids).unwrap();
+            let reference = composed(h.as_tensor(), head.as_tensor(), &ids);
+            assert_same_values_and_gradients(fused, reference, &[&h, &head], 1e-5, 1e-4);
+        }
+    }
+
+    #[test]
+    fn a_second_backward_recomputes_the_logits() {
+        let h = random_var(&[2, 5, 8], 0.0, 1.0);
+        let head = random_var(&[11, 8], 0.0, 0.5);
+        let ids = Tensor::from_vec((0..10u32).collect(), (2, 5), &Device::Cpu).unwrap();
+        let out = lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let first = out.backward().unwrap();
+        let second = out.backward().unwrap();
+        for var in [&h, &head] {
+            let (a, b) = (
+                first.get(var.as_tensor()).unwrap(),
+                second.get(var.as_tensor()).unwrap(),
+            );
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_tokens_are_errors() {
+        let h = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let head = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(vec![0u32, 1, 9], (1, 3), &Device::Cpu).unwrap();
+        let err = lm_head_target_logprobs(&h, &head, &ids).unwrap_err().to_string();
+        assert!(err.contains("token 9"), "{err}");
+        let short = Tensor::from_vec(vec![0u32, 1], (1, 2), &Device::Cpu).unwrap();
+        assert!(lm_head_target_logprobs(&h, &head, &short).is_err());
+        let narrow_head = Tensor::zeros((5, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(lm_head_target_logprobs(&h, &narrow_head, &ids).is_err());
+    }
+}
