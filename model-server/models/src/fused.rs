@@ -811,7 +811,22 @@ fn add_bias_rows_body(x: &[f32], bias: &[f32], out: &mut [f32]) {
 }
 
 avx2_dispatch! {
-    fn sum_rows_into(x: &[f32], sums: &mut [f32]) => sum_rows_into_body
+    /// Adds `bias` to every row of width `bias.len()`.
+    pub(crate) fn add_bias_in_place(rows: &mut [f32], bias: &[f32]) => add_bias_in_place_body
+}
+
+#[inline(always)]
+fn add_bias_in_place_body(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_mut(bias.len()) {
+        for (o, &b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// Adds the column sums of rows of width `sums.len()` into `sums`.
+    pub(crate) fn sum_rows_into(x: &[f32], sums: &mut [f32]) => sum_rows_into_body
 }
 
 #[inline(always)]

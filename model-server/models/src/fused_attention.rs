@@ -217,12 +217,37 @@ fn probabilities(q: &[f32], keys_t: &[f32], p: Padded, scale: f32, probs: &mut [
     }
 }
 
-/// `dst[j][i] = src[i][j]` for square `[tp, tp]` matrices.
+/// `C = A · B` for `A` `[dp, tp]` (a head's values transposed) and the lower-triangular
+/// `B` `[tp, tp]` (`B[i][j] = 0` for `j > i`): column block `n0..` of `C` only sums over
+/// `i ≥ n0`. Gives `dKᵀ = Qᵀ · dS` and `dVᵀ = dOᵀ · P` without transposing `dS` or `P`.
 #[inline(always)]
-fn transpose(src: &[f32], tp: usize, dst: &mut [f32]) {
-    for (i, row) in src.chunks_exact(tp).enumerate() {
-        for (j, &x) in row.iter().enumerate() {
-            dst[j * tp + i] = x;
+fn transposed_products(a: &[f32], b: &[f32], p: Padded, c: &mut [f32]) {
+    let tp = p.tp;
+    for r0 in (0..p.dp).step_by(TILE_ROWS) {
+        let (a, c) = (&a[r0 * tp..], &mut c[r0 * tp..]);
+        let mut n0 = 0;
+        while n0 < tp {
+            let ks = n0.min(p.t)..p.t;
+            if n0 + 2 * LANES <= tp {
+                tile::<16>(a, tp, b, tp, ks, n0, c, tp);
+                n0 += 2 * LANES;
+            } else {
+                tile::<8>(a, tp, b, tp, ks, n0, c, tp);
+                n0 += LANES;
+            }
+        }
+    }
+}
+
+/// Writes a transposed `[dp, tp]` block into head columns of `[t, ld]` output rows.
+#[inline(always)]
+fn scatter_transposed(block: &[f32], p: Padded, out: &mut [f32], ld: usize, column: usize) {
+    for i in 0..p.t {
+        for (c, o) in out[i * ld + column..i * ld + column + p.d]
+            .iter_mut()
+            .enumerate()
+        {
+            *o = block[c * p.tp + i];
         }
     }
 }
@@ -326,7 +351,8 @@ crate::fused::avx2_dispatch! {
 /// Backward of one sequence, head by head, as five small products on padded blocks:
 /// `P` recomputed from `q`, `k` (as flash attention does, instead of storing it),
 /// `dP = dO · Vᵀ`, `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS · K`, `dK = dSᵀ · Q`,
-/// `dV = Pᵀ · dO`, each over the causal triangle only.
+/// `dV = Pᵀ · dO`, each over the causal triangle only (the last two as `dKᵀ = Qᵀ · dS` and
+/// `dVᵀ = dOᵀ · P`, so that neither `[t, t]` matrix is transposed).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_sequence_body(
@@ -342,21 +368,24 @@ fn backward_sequence_body(
     let p = Padded::new(dims);
     let (t, w, tp, dp) = (p.t, dims.width, p.tp, p.dp);
     let mut q_h = vec![0f32; tp * dp];
+    let mut queries_t = vec![0f32; dp * tp];
     let mut k_h = vec![0f32; tp * dp];
     let mut keys_t = vec![0f32; dp * tp];
     let mut values_t = vec![0f32; dp * tp];
     let mut dout_h = vec![0f32; tp * dp];
+    let mut dout_t = vec![0f32; dp * tp];
     let mut probs = vec![0f32; tp * tp];
     let mut ds = vec![0f32; tp * tp];
-    let mut transposed = vec![0f32; tp * tp];
     let mut grad = vec![0f32; tp * dp];
     for h in 0..dims.heads {
         let column = h * p.d;
         gather(q, b, column, p, false, &mut q_h);
+        gather(q, b, column, p, true, &mut queries_t);
         gather(k, b, column, p, false, &mut k_h);
         gather(k, b, column, p, true, &mut keys_t);
         gather(v, b, column, p, true, &mut values_t);
         gather(dout, b, column, p, false, &mut dout_h);
+        gather(dout, b, column, p, true, &mut dout_t);
         probabilities(&q_h, &keys_t, p, scale, &mut probs);
         for i0 in (0..tp).step_by(TILE_ROWS) {
             let seen = (i0 + TILE_ROWS).min(t);
@@ -397,37 +426,11 @@ fn backward_sequence_body(
             );
         }
         scatter(&grad, p, grads, 3 * w, column);
-        // dK_j = Σ_{i ≥ j} dS_ij q_i and dV_j = Σ_{i ≥ j} P_ij dO_i, from the transposes.
-        transpose(&ds, tp, &mut transposed);
-        for j0 in (0..tp).step_by(TILE_ROWS) {
-            let rows = &mut grad[j0 * dp..];
-            tile_rows(
-                &transposed[j0 * tp..],
-                tp,
-                &q_h,
-                dp,
-                j0.min(t)..t,
-                dp,
-                rows,
-                dp,
-            );
-        }
-        scatter(&grad, p, grads, 3 * w, w + column);
-        transpose(&probs, tp, &mut transposed);
-        for j0 in (0..tp).step_by(TILE_ROWS) {
-            let rows = &mut grad[j0 * dp..];
-            tile_rows(
-                &transposed[j0 * tp..],
-                tp,
-                &dout_h,
-                dp,
-                j0.min(t)..t,
-                dp,
-                rows,
-                dp,
-            );
-        }
-        scatter(&grad, p, grads, 3 * w, 2 * w + column);
+        // dK_j = Σ_{i ≥ j} dS_ij q_i and dV_j = Σ_{i ≥ j} P_ij dO_i, computed transposed.
+        transposed_products(&queries_t, &ds, p, &mut grad);
+        scatter_transposed(&grad, p, grads, 3 * w, w + column);
+        transposed_products(&dout_t, &probs, p, &mut grad);
+        scatter_transposed(&grad, p, grads, 3 * w, 2 * w + column);
     }
 }
 

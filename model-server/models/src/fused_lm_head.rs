@@ -17,70 +17,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::fused::{rows_per_task, target_logprob_grad_rows_in_place, target_logprob_rows};
-
-/// `C = A · B` for row-major `A` `[m, k]` (or its transpose stored `[k, m]`) and `B` given by
-/// strides, into a new row-major `[m, n]`.
-struct Product<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &'a [f32],
-    /// (row stride, column stride) of `A`.
-    lhs_strides: (usize, usize),
-    rhs: &'a [f32],
-    rhs_strides: (usize, usize),
-}
-
-impl Product<'_> {
-    fn run(&self) -> candle_core::Result<Vec<f32>> {
-        let (m, n, k) = (self.m, self.n, self.k);
-        // Every element of A and B the product reads must lie inside the slices: that is
-        // what makes the raw-pointer call below sound.
-        let last = |(rs, cs): (usize, usize), rows: usize, cols: usize| {
-            (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-        };
-        if m * k > 0 && last(self.lhs_strides, m, k) >= self.lhs.len()
-            || k * n > 0 && last(self.rhs_strides, k, n) >= self.rhs.len()
-        {
-            candle_core::bail!("lm-head product: operands smaller than [{m}, {k}] · [{k}, {n}]");
-        }
-        let mut dst = vec![0f32; m * n];
-        if m * n * k == 0 {
-            return Ok(dst);
-        }
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: dst is [m, n] row-major; the bounds of A and B were checked above.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                self.lhs.as_ptr(),
-                self.lhs_strides.1 as isize,
-                self.lhs_strides.0 as isize,
-                self.rhs.as_ptr(),
-                self.rhs_strides.1 as isize,
-                self.rhs_strides.0 as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-        Ok(dst)
-    }
-}
+use crate::matmul::Product;
 
 /// Shape of one call: batch, positions, hidden width, vocabulary.
 #[derive(Clone, Copy)]
@@ -334,7 +271,13 @@ mod tests {
                 second.get(var.as_tensor()).unwrap(),
             );
             let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(
+                diff.to_dtype(DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
         }
     }
 
@@ -343,7 +286,9 @@ mod tests {
         let h = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
         let head = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
         let ids = Tensor::from_vec(vec![0u32, 1, 9], (1, 3), &Device::Cpu).unwrap();
-        let err = lm_head_target_logprobs(&h, &head, &ids).unwrap_err().to_string();
+        let err = lm_head_target_logprobs(&h, &head, &ids)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("token 9"), "{err}");
         let short = Tensor::from_vec(vec![0u32, 1], (1, 2), &Device::Cpu).unwrap();
         assert!(lm_head_target_logprobs(&h, &head, &short).is_err());

@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, Tensor};
 use crate::config::Activation;
 use crate::error::Result;
 use crate::fused::{add_bias, causal_softmax, fused_applies, gelu_tanh, layer_norm};
+use crate::fused_affine::{WeightLayout, affine};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance, as `torch.nn.LayerNorm`.
@@ -72,6 +73,16 @@ impl Affine {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(bias) = &self.bias
+            && fused_applies(x)
+        {
+            let layout = if self.weight_is_in_out {
+                WeightLayout::InOut
+            } else {
+                WeightLayout::OutIn
+            };
+            return affine(x, &self.weight, bias, layout);
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);

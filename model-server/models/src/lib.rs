@@ -20,11 +20,13 @@
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod fused_affine;
 pub mod fused_attention;
 pub mod fused_lm_head;
 pub mod generation;
 pub mod gpt2;
 pub mod layers;
+mod matmul;
 pub mod model;
 pub mod opt;
 pub mod tokenizer;
