@@ -22,7 +22,7 @@ pub fn fused_applies(t: &Tensor) -> bool {
 }
 
 /// The contiguous values of a CPU tensor of element type `T` (f32 data, u32 targets).
-fn contiguous<'a, T: WithDType>(
+pub(crate) fn contiguous<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,

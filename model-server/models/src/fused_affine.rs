@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use crate::error::Result;
-use crate::fused::{add_bias_in_place, sum_rows_into};
+use crate::fused::{add_bias_in_place, contiguous, sum_rows_into};
 use crate::matmul::Product;
 
 /// How the weight is stored.
@@ -49,17 +49,6 @@ fn dims_of(
     Ok((x.shape().elem_count() / input, input, w_out))
 }
 
-fn contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
-        None => candle_core::bail!("affine: {what} must be contiguous"),
-    }
-}
-
 /// (row stride, column stride) of the weight read as `[in, out]`.
 fn weight_strides(layout: WeightLayout, input: usize, output: usize) -> (usize, usize) {
     match layout {
@@ -83,9 +72,9 @@ impl CustomOp3 for Affine {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, input, output) = dims_of(l1, l2, l3, self.layout)?;
-        let x = contiguous(s1, l1, "input")?;
-        let weight = contiguous(s2, l2, "weight")?;
-        let bias = contiguous(s3, l3, "bias")?;
+        let x = contiguous::<f32>(s1, l1, "affine input")?;
+        let weight = contiguous::<f32>(s2, l2, "affine weight")?;
+        let bias = contiguous::<f32>(s3, l3, "affine bias")?;
         let mut out = Product {
             m: rows,
             n: output,
@@ -125,9 +114,9 @@ impl CustomOp3 for Affine {
             candle_core::bail!("affine: backward on a non-CPU device");
         };
         let (rows, input, output) = dims_of(l1, l2, bias.layout(), self.layout)?;
-        let x_values = contiguous(s1, l1, "input")?;
-        let w_values = contiguous(s2, l2, "weight")?;
-        let g = contiguous(sg, lg, "gradient")?;
+        let x_values = contiguous::<f32>(s1, l1, "affine input")?;
+        let w_values = contiguous::<f32>(s2, l2, "affine weight")?;
+        let g = contiguous::<f32>(sg, lg, "affine gradient")?;
         // dx = dy · Wᵀ: element (o, i) of the `[out, in]` operand.
         let grad_x = Product {
             m: rows,

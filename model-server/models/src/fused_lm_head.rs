@@ -16,7 +16,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::{rows_per_task, target_logprob_grad_rows_in_place, target_logprob_rows};
+use crate::fused::{
+    contiguous, rows_per_task, target_logprob_grad_rows_in_place, target_logprob_rows,
+};
 use crate::matmul::Product;
 
 /// Shape of one call: batch, positions, hidden width, vocabulary.
@@ -41,17 +43,6 @@ fn logits(hidden: &[f32], head: &[f32], dims: Dims) -> candle_core::Result<Vec<f
         rhs_strides: (1, dims.hidden),
     }
     .run()
-}
-
-fn contiguous<'a, T: candle_core::WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("lm-head log-probs: {what} must be contiguous"),
-    }
 }
 
 /// The forward op. It keeps the logits it computed for its backward pass (as the composed
