@@ -234,40 +234,9 @@ fn target_logprob_rows_body(logits: &[f32], targets: &[u32], out: &mut [f32]) {
 }
 
 avx2_dispatch! {
-    /// `g · (onehot(target) − softmax(row))` of consecutive rows, from `(g, result)` pairs.
-    fn target_logprob_grad_rows(logits: &[f32], targets: &[u32], upstream: &[f32], out: &mut [f32])
-        => target_logprob_grad_rows_body
-}
-
-#[inline(always)]
-fn target_logprob_grad_rows_body(
-    logits: &[f32],
-    targets: &[u32],
-    upstream: &[f32],
-    out: &mut [f32],
-) {
-    let vocab = logits.len() / targets.len().max(1);
-    for (((out_row, row), &target), pair) in out
-        .chunks_mut(vocab)
-        .zip(logits.chunks(vocab))
-        .zip(targets)
-        .zip(upstream.chunks(2))
-    {
-        let (g, result) = (pair[0], pair[1]);
-        if g == 0.0 {
-            continue;
-        }
-        let shift = row[target as usize] - result;
-        for (o, &x) in out_row.iter_mut().zip(row) {
-            *o = -g * fast_exp(x - shift);
-        }
-        out_row[target as usize] += g;
-    }
-}
-
-avx2_dispatch! {
-    /// [`target_logprob_grad_rows`] in place of the logits, with the upstream gradients `g`
-    /// and the forward results in separate slices.
+    /// `g · (onehot(target) − softmax(row))` of consecutive rows, in place of the logits, from
+    /// the upstream gradients `g` and the forward results (`row[target] − result` is each
+    /// row's log normaliser).
     pub(crate) fn target_logprob_grad_rows_in_place(rows: &mut [f32], targets: &[u32], g: &[f32], results: &[f32])
         => target_logprob_grad_rows_in_place_body
 }
@@ -318,17 +287,19 @@ impl CustomOp3 for TargetLogprobGrad {
         if targets.len() != rows || upstream.len() != 2 * rows {
             candle_core::bail!("target-logprob-grad: mismatched row counts");
         }
-        let mut out = vec![0f32; rows * vocab];
+        let (g, results): (Vec<f32>, Vec<f32>) =
+            upstream.chunks(2).map(|pair| (pair[0], pair[1])).unzip();
+        let mut out = logits.to_vec();
         let chunk = rows_per_task(vocab);
         out.par_chunks_mut(chunk * vocab)
             .enumerate()
             .for_each(|(task, out_rows)| {
                 let rows = task * chunk..task * chunk + out_rows.len() / vocab;
-                target_logprob_grad_rows(
-                    &logits[rows.start * vocab..rows.end * vocab],
-                    &targets[rows.clone()],
-                    &upstream[2 * rows.start..2 * rows.end],
+                target_logprob_grad_rows_in_place(
                     out_rows,
+                    &targets[rows.clone()],
+                    &g[rows.clone()],
+                    &results[rows],
                 );
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -196,25 +196,24 @@ fn softmax_tile(scores: &mut [f32], p: Padded, i0: usize, scale: f32) {
     }
 }
 
-/// Causal softmax probabilities `[tp, tp]` of one head from `q` `[tp, dp]` and the transposed
-/// keys `[dp, tp]`, computed tile by tile (only the keys each tile of queries can see).
+/// Causal softmax probabilities of queries `i0..i0 + TILE_ROWS` (rows of `probs` `[tp, tp]`)
+/// from `q` `[tp, dp]` and the transposed keys `[dp, tp]`, over only the keys the tile can see;
+/// returns how many keys that is (the rest of each row is 0).
 #[inline(always)]
-fn probabilities(q: &[f32], keys_t: &[f32], p: Padded, scale: f32, probs: &mut [f32]) {
-    for i0 in (0..p.tp).step_by(TILE_ROWS) {
-        let seen = round_up((i0 + TILE_ROWS).min(p.t), LANES);
-        let rows = &mut probs[i0 * p.tp..(i0 + TILE_ROWS) * p.tp];
-        tile_rows(
-            &q[i0 * p.dp..],
-            p.dp,
-            keys_t,
-            p.tp,
-            0..p.dp,
-            seen,
-            rows,
-            p.tp,
-        );
-        softmax_tile(probs, p, i0, scale);
-    }
+fn probability_tile(
+    q: &[f32],
+    keys_t: &[f32],
+    p: Padded,
+    scale: f32,
+    i0: usize,
+    probs: &mut [f32],
+) -> usize {
+    let seen = (i0 + TILE_ROWS).min(p.t);
+    let rows = &mut probs[i0 * p.tp..(i0 + TILE_ROWS) * p.tp];
+    let (q, n) = (&q[i0 * p.dp..], round_up(seen, LANES));
+    tile_rows(q, p.dp, keys_t, p.tp, 0..p.dp, n, rows, p.tp);
+    softmax_tile(probs, p, i0, scale);
+    seen
 }
 
 /// `C = A · B` for `A` `[dp, tp]` (a head's values transposed) and the lower-triangular
@@ -301,21 +300,8 @@ fn forward_sequence_body(
         gather(k, b, column, p, true, &mut keys_t);
         gather(v, b, column, p, false, &mut v_h);
         for i0 in (0..tp).step_by(TILE_ROWS) {
-            // Scores and probabilities of this tile of queries over the keys they can see,
-            // then their weighted values; the tile's probabilities are 0 past each query.
-            let seen = (i0 + TILE_ROWS).min(p.t);
-            let rows = &mut probs[i0 * tp..(i0 + TILE_ROWS) * tp];
-            tile_rows(
-                &q_h[i0 * dp..],
-                dp,
-                &keys_t,
-                tp,
-                0..dp,
-                round_up(seen, LANES),
-                rows,
-                tp,
-            );
-            softmax_tile(&mut probs, p, i0, scale);
+            // Probabilities of this tile of queries, then their weighted values.
+            let seen = probability_tile(&q_h, &keys_t, p, scale, i0, &mut probs);
             tile_rows(
                 &probs[i0 * tp..],
                 tp,
@@ -386,7 +372,9 @@ fn backward_sequence_body(
         gather(v, b, column, p, true, &mut values_t);
         gather(dout, b, column, p, false, &mut dout_h);
         gather(dout, b, column, p, true, &mut dout_t);
-        probabilities(&q_h, &keys_t, p, scale, &mut probs);
+        for i0 in (0..tp).step_by(TILE_ROWS) {
+            probability_tile(&q_h, &keys_t, p, scale, i0, &mut probs);
+        }
         for i0 in (0..tp).step_by(TILE_ROWS) {
             let seen = (i0 + TILE_ROWS).min(t);
             let rows = &mut ds[i0 * tp..(i0 + TILE_ROWS) * tp];

@@ -8,7 +8,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::Activation;
 use crate::error::Result;
-use crate::fused::{add_bias, causal_softmax, fused_applies, gelu_tanh, layer_norm};
+use crate::fused::{causal_softmax, fused_applies, gelu_tanh, layer_norm};
 use crate::fused_affine::{WeightLayout, affine};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
@@ -92,8 +92,8 @@ impl Affine {
         } else {
             x2.matmul(&self.weight.t()?)?
         };
+        // A bias on the CPU in f32 took the fused op above.
         let y = match &self.bias {
-            Some(bias) if fused_applies(&y) => add_bias(&y, bias)?,
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
