@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use superficial_models::TextTokenizer;
 use superficial_training::objectives::Example;
 use superficial_training::orientation::PythonRandom;
-use superficial_training::{AdamConfig, Objective, Schedule, TrainConfig};
+use superficial_training::{AdamConfig, DEFAULT_SHARDS, Objective, Schedule, TrainConfig};
 
 use crate::datasets::Row;
 use crate::error::{ServiceError, ServiceResult};
@@ -101,6 +101,7 @@ impl JobSpec {
             epochs: self.hyper.epochs,
             seed: self.hyper.seed,
             reshuffle_each_epoch: false,
+            shards: DEFAULT_SHARDS,
         }
     }
 

@@ -283,25 +283,49 @@ impl CausalLm {
         self.rewards_from_hidden(&hidden, &batch.lengths)
     }
 
-    /// Per-token log-probs of each sequence (length `len - 1` each), computed as one
-    /// right-padded batch.
+    /// Per-token log-probs of each sequence (length `len - 1` each), computed as right-padded
+    /// batches (see [`Self::in_halves`]).
     pub fn sequence_logprobs(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
-        let rows: Vec<Vec<f32>> = self
-            .token_logprobs(&batch.ids)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
-        Ok(rows
-            .into_iter()
-            .zip(&batch.lengths)
-            .map(|(row, len)| row[..len - 1].to_vec())
-            .collect())
+        self.in_halves(sequences, |sequences| {
+            let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
+            let rows: Vec<Vec<f32>> = self
+                .token_logprobs(&batch.ids)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            Ok(rows
+                .into_iter()
+                .zip(&batch.lengths)
+                .map(|(row, len)| row[..len - 1].to_vec())
+                .collect())
+        })
     }
 
-    /// Reward of each sequence, computed as one right-padded batch.
+    /// Reward of each sequence, computed as right-padded batches (see [`Self::in_halves`]).
     pub fn sequence_rewards(&self, sequences: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
-        Ok(self.rewards(&batch)?.to_dtype(DType::F32)?.to_vec1()?)
+        self.in_halves(sequences, |sequences| {
+            let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
+            Ok(self.rewards(&batch)?.to_dtype(DType::F32)?.to_vec1()?)
+        })
+    }
+
+    /// Runs `forward` on the two halves of `sequences` concurrently on CPU, each padded to its
+    /// own longest: two independent passes keep both cores busy with few hand-offs, where one
+    /// pass splits every small product between threads (the trainer shards its minibatches for
+    /// the same reason). Always two halves, whatever the core count, so results never depend
+    /// on the machine; other devices run one batch.
+    fn in_halves<T: Send>(
+        &self,
+        sequences: &[Vec<u32>],
+        forward: impl Fn(&[Vec<u32>]) -> Result<Vec<T>> + Sync,
+    ) -> Result<Vec<T>> {
+        if !self.device.is_cpu() || sequences.len() < 2 {
+            return forward(sequences);
+        }
+        let (first, second) = sequences.split_at(sequences.len().div_ceil(2));
+        let (first, second) = rayon::join(|| forward(first), || forward(second));
+        let mut out = first?;
+        out.extend(second?);
+        Ok(out)
     }
 
     /// A fresh KV cache for incremental decoding.

@@ -16,7 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::config::Gpt2Config;
 use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
-use superficial_training::{AdamConfig, Example, Objective, Schedule, TrainConfig, TrainingRun};
+use superficial_training::{
+    AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainingRun,
+};
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -61,6 +63,7 @@ fn constant_lr(objective: Objective, lr: f64, batch_size: usize) -> TrainConfig 
         epochs: 100,
         seed: 0,
         reshuffle_each_epoch: false,
+        shards: DEFAULT_SHARDS,
     }
 }
 

@@ -23,9 +23,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::config::Gpt2Config;
-use superficial_models::model::PaddedBatch;
 use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
-use superficial_training::{AdamConfig, Example, Objective, Schedule, TrainConfig, TrainingRun};
+use superficial_training::{
+    AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainingRun,
+};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -83,9 +84,7 @@ impl Workload {
                 model.sequence_logprobs(sequences)?;
             }
             Workload::Rewards(model, sequences) => {
-                let batch =
-                    PaddedBatch::new(sequences, model.config().pad_token_id(), model.device())?;
-                model.rewards(&batch)?.to_vec1::<f32>()?;
+                model.sequence_rewards(sequences)?;
             }
             Workload::Matmul(a, b) => {
                 a.matmul(b)?;
@@ -130,6 +129,7 @@ fn train_config(objective: Objective, batch_size: usize) -> TrainConfig {
         epochs: 1000,
         seed: 0,
         reshuffle_each_epoch: false,
+        shards: DEFAULT_SHARDS,
     }
 }
 

@@ -25,4 +25,4 @@ pub use error::{Result, TrainError};
 pub use objectives::{Example, Objective};
 pub use optimizer::AdamConfig;
 pub use schedule::Schedule;
-pub use trainer::{StepMetrics, TrainConfig, TrainingRun, frozen_copy};
+pub use trainer::{DEFAULT_SHARDS, StepMetrics, TrainConfig, TrainingRun, frozen_copy};

@@ -20,31 +20,33 @@ pub fn bce_with_logits(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Pairwise reward-model loss on margins `z = r(slot_c) − r(slot_r)` against targets `t`
-/// (hard 0/1 ground truth or the weak model's soft σ(z_weak)): `mean BCE(σ(z), t)`.
+/// (hard 0/1 ground truth or the weak model's soft σ(z_weak)), summed over the pairs given:
+/// `Σ_i BCE(σ(z_i), t_i)`. The minibatch loss is this sum over all its pairs divided by their
+/// number (the trainer evaluates shards of a minibatch and divides once).
 ///
 /// With `explicit = Some((y, α))` (the "reward mechanism" conflict) it adds
-/// `α · mean_i m_i · BCE(σ(z_i), 1 − y_i)`, `m_i = 1[(z_i ≥ 0) ≠ (y_i = 1)]` on the detached
+/// `α · Σ_i m_i · BCE(σ(z_i), 1 − y_i)`, `m_i = 1[(z_i ≥ 0) ≠ (y_i = 1)]` on the detached
 /// margin, `y_i = 1` where the conflicting goal prefers slot r (official form: slot c holds the
 /// human-chosen text, the conflict favours the human-rejected one; compliance form: slot r
 /// holds the compliant response): whenever the model already leans to the response the
 /// conflicting goal favours it is rewarded for leaning more. Unmasked rows contribute 0 but
-/// count in the mean, as in the official code.
-pub fn reward_pair_loss(
+/// count in the mean's denominator, as in the official code.
+pub fn reward_pair_loss_sum(
     margins: &Tensor,
     targets: &Tensor,
     explicit: Option<(&Tensor, f64)>,
 ) -> Result<Tensor> {
-    let base = bce_with_logits(margins, targets)?.mean_all()?;
+    let base = bce_with_logits(margins, targets)?;
     let Some((labels, alpha)) = explicit else {
-        return Ok(base);
+        return Ok(base.sum_all()?);
     };
     let prefers_c = margins.detach().ge(0.0)?.to_dtype(margins.dtype())?;
     let label_is_c = labels.ge(0.5)?.to_dtype(margins.dtype())?;
     // m = 1 when the two disagree: |prefers_c − label_is_c|.
     let mask = (prefers_c - label_is_c)?.abs()?;
     let flipped = labels.affine(-1.0, 1.0)?;
-    let conflict = mask.mul(&bce_with_logits(margins, &flipped)?)?.mean_all()?;
-    Ok((base + (conflict * alpha)?)?)
+    let conflict = mask.mul(&bce_with_logits(margins, &flipped)?)?;
+    Ok((base + (conflict * alpha)?)?.sum_all()?)
 }
 
 /// The preference logit of a pair (winner `w` over loser `l`):
@@ -83,22 +85,23 @@ pub struct PreferenceBatch<'a> {
     pub conflict_prefers_rejected: &'a Tensor,
 }
 
-/// SimPO/DPO loss of a minibatch: `mean_i −log σ(logit(c'_i over r'_i))`, plus with
+/// SimPO/DPO loss summed over the pairs given (the minibatch loss divides the sum over all its
+/// pairs by their number, as [`reward_pair_loss_sum`]): `Σ_i −log σ(logit(c'_i over r'_i))`, plus with
 /// `reverse_alpha = Some(α)` the explicit conflict ("reverse"): for each sample whose policy
 /// currently prefers the conflict-favoured response h (official: the human-rejected one) over
 /// the other s — trigger `(score(c') < score(r')) == (the conflict prefers r')`, strict when it
 /// prefers r', ties included otherwise, on detached scores — add
-/// `α · (1/|mb|) Σ −log σ(logit(h over s))`.
-pub fn preference_pair_loss(
+/// `α · Σ_i trigger_i · −log σ(logit(h_i over s_i))`.
+pub fn preference_pair_loss_sum(
     batch: &PreferenceBatch<'_>,
     beta: f64,
     gamma: f64,
     reverse_alpha: Option<f64>,
 ) -> Result<Tensor> {
     let logits = preference_logits(batch.chosen, batch.rejected, batch.reference, beta, gamma)?;
-    let base = preference_loss(&logits)?.mean_all()?;
+    let base = preference_loss(&logits)?;
     let Some(alpha) = reverse_alpha else {
-        return Ok(base);
+        return Ok(base.sum_all()?);
     };
     let a = batch.conflict_prefers_rejected;
     let not_a = a.affine(-1.0, 1.0)?;
@@ -127,10 +130,8 @@ pub fn preference_pair_loss(
         .to_dtype(a.dtype())?;
     // trigger = 1[c_below_r == a] = 1 − |c_below_r − a|
     let trigger = (c_below_r - a)?.abs()?.affine(-1.0, 1.0)?;
-    let extra = trigger
-        .mul(&preference_loss(&reverse_logits)?)?
-        .mean_all()?;
-    Ok((base + (extra * alpha)?)?)
+    let extra = trigger.mul(&preference_loss(&reverse_logits)?)?;
+    Ok((base + (extra * alpha)?)?.sum_all()?)
 }
 
 #[cfg(test)]
@@ -178,8 +179,8 @@ mod tests {
         let z = t(&[1.0, -2.0, 0.5, -0.25]);
         let soft = t(&[0.6, 0.2, 0.9, 0.5]);
         let y = t(&[1.0, 1.0, 0.0, 0.0]);
-        let plain = scalar(&reward_pair_loss(&z, &soft, None).unwrap());
-        let with = scalar(&reward_pair_loss(&z, &soft, Some((&y, 0.5))).unwrap());
+        let plain = scalar(&reward_pair_loss_sum(&z, &soft, None).unwrap()) / 4.0;
+        let with = scalar(&reward_pair_loss_sum(&z, &soft, Some((&y, 0.5))).unwrap()) / 4.0;
         // Disagreeing rows: 1 (z<0, y=1) -> BCE(σ(-2), 0); 2 (z≥0, y=0) -> BCE(σ(0.5), 1).
         let extra = (-(1.0 - sig(-2.0)).ln() + -(sig(0.5)).ln()) / 4.0;
         assert!(
@@ -200,7 +201,7 @@ mod tests {
             reference: None,
             conflict_prefers_rejected: &a,
         };
-        let simpo = scalar(&preference_pair_loss(&batch, 2.0, 1.0, None).unwrap());
+        let simpo = scalar(&preference_pair_loss_sum(&batch, 2.0, 1.0, None).unwrap());
         assert!((simpo - std::f32::consts::LN_2).abs() < 1e-6);
         // DPO: −log σ(0.1·((−10 − −14) − (−12 − −12))) = −log σ(0.4).
         let c = t(&[-10.0]);
@@ -212,7 +213,7 @@ mod tests {
             reference: Some((&rc, &rr)),
             conflict_prefers_rejected: &a,
         };
-        let dpo = scalar(&preference_pair_loss(&batch, 0.1, 0.0, None).unwrap());
+        let dpo = scalar(&preference_pair_loss_sum(&batch, 0.1, 0.0, None).unwrap());
         assert!((dpo + (1.0f32 / (1.0 + (-0.4f32).exp())).ln()).abs() < 1e-6);
     }
 
@@ -232,9 +233,12 @@ mod tests {
             conflict_prefers_rejected: &a,
         };
         let (beta, gamma) = (2.0f32, 1.0f32);
-        let base = scalar(&preference_pair_loss(&batch, beta as f64, gamma as f64, None).unwrap());
-        let with =
-            scalar(&preference_pair_loss(&batch, beta as f64, gamma as f64, Some(0.5)).unwrap());
+        let base =
+            scalar(&preference_pair_loss_sum(&batch, beta as f64, gamma as f64, None).unwrap())
+                / 4.0;
+        let with = scalar(
+            &preference_pair_loss_sum(&batch, beta as f64, gamma as f64, Some(0.5)).unwrap(),
+        ) / 4.0;
         let nll = |x: f32| -(1.0 / (1.0 + (-x).exp())).ln();
         // Row 0: h = r' (−1), s = c' (−2): logit 2·1 − 1 = 1. Row 2: h = c' (−1), s = r' (−1): −1.
         let extra = (nll(1.0) + nll(-1.0)) / 4.0;

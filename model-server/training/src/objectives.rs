@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use superficial_models::{CausalLm, EncodedDialogue, PaddedBatch};
 
 use crate::error::{Result, TrainError};
-use crate::losses::{PreferenceBatch, preference_pair_loss, reward_pair_loss};
+use crate::losses::{PreferenceBatch, preference_pair_loss_sum, reward_pair_loss_sum};
 
 /// One training example; which kind an objective needs is checked before training.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +74,8 @@ pub enum Objective {
     },
 }
 
-/// The loss of one minibatch plus what the step log reports.
+/// The loss of a minibatch (or, from [`Objective::loss_sum`], the undivided sum over a shard)
+/// plus what the step log reports.
 pub struct LossOutput {
     pub loss: Tensor,
     /// Pairs whose prediction agrees with the training target (pair objectives only).
@@ -146,8 +147,29 @@ impl Objective {
         Ok(())
     }
 
-    /// Forward passes and loss of a minibatch.
+    /// Forward passes and loss of a minibatch: [`Self::loss_sum`] over it divided by
+    /// [`Self::normalizer`] of it.
     pub fn loss(&self, model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
+        let mut output = self.loss_sum(model, batch)?;
+        output.loss = (output.loss / self.normalizer(batch))?;
+        Ok(output)
+    }
+
+    /// The denominator of a minibatch's loss: its number of predicted tokens (causal LM: every
+    /// position but the last of each sequence), else its number of examples.
+    pub fn normalizer(&self, batch: &[Example]) -> f64 {
+        let count = match self {
+            Objective::CausalLm => batch.iter().map(|e| e.tokens().saturating_sub(1)).sum(),
+            _ => batch.len(),
+        };
+        count.max(1) as f64
+    }
+
+    /// Forward passes over `batch` (a minibatch or a shard of one) and the sum of its loss
+    /// terms, undivided: the minibatch loss is the sum over its shards divided by
+    /// [`Self::normalizer`] of the whole minibatch, so a shard's gradient is its share of the
+    /// minibatch's.
+    pub fn loss_sum(&self, model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
         match *self {
             Objective::CausalLm => causal_lm_loss(model, batch),
             Objective::Reward { explicit_alpha } => reward_loss(model, batch, explicit_alpha),
@@ -222,10 +244,9 @@ fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
     for len in &padded.lengths {
         mask.extend((0..width).map(|i| if i + 1 < *len { 1f32 } else { 0.0 }));
     }
-    let real: f32 = mask.iter().sum();
     let mask = Tensor::from_vec(mask, (sequences.len(), width), model.device())?
         .to_dtype(logprobs.dtype())?;
-    let loss = (logprobs.mul(&mask)?.sum_all()?.neg()? / real.max(1.0) as f64)?;
+    let loss = logprobs.mul(&mask)?.sum_all()?.neg()?;
     Ok(LossOutput {
         loss,
         correct: 0,
@@ -262,7 +283,7 @@ fn reward_loss(
     let dtype = margins.dtype();
     let targets_t = Tensor::from_vec(targets.clone(), n, model.device())?.to_dtype(dtype)?;
     let labels_t = Tensor::from_vec(labels, n, model.device())?.to_dtype(dtype)?;
-    let loss = reward_pair_loss(&margins, &targets_t, explicit_alpha.map(|a| (&labels_t, a)))?;
+    let loss = reward_pair_loss_sum(&margins, &targets_t, explicit_alpha.map(|a| (&labels_t, a)))?;
     let margin_values: Vec<f32> = margins.detach().to_dtype(DType::F32)?.to_vec1()?;
     let correct = margin_values
         .iter()
@@ -286,7 +307,7 @@ fn sft_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
         .collect();
     let means = pooled_response_logprobs(model, &dialogues, Pooling::Mean)?;
     Ok(LossOutput {
-        loss: means.mean_all()?.neg()?,
+        loss: means.sum_all()?.neg()?,
         correct: 0,
         judged: 0,
     })
@@ -339,7 +360,7 @@ fn preference_loss(
     } else {
         None
     };
-    let loss = preference_pair_loss(
+    let loss = preference_pair_loss_sum(
         &PreferenceBatch {
             chosen: &chosen,
             rejected: &rejected,

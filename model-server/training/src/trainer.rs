@@ -10,10 +10,12 @@
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use superficial_models::{CausalLm, Weights};
 use tracing::{debug, instrument};
@@ -38,14 +40,31 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Reshuffle the examples at each epoch (the official code does not).
     pub reshuffle_each_epoch: bool,
+    /// Contiguous shards each minibatch is split into: each shard's forward and backward is
+    /// one pass whose gradient is its share of the minibatch's (see
+    /// [`Objective::loss_sum`]); on CPU the shards run concurrently, one per core, which on
+    /// small models beats splitting every product between threads. Part of the arithmetic (the
+    /// minibatch's sums are taken per shard, then added), so fixed by the configuration, never
+    /// by the machine's core count: results do not depend on how many threads run them.
+    #[serde(default = "default_shards")]
+    pub shards: usize,
+}
+
+/// Two shards: both cores of the small machines this runs on; bigger machines parallelise
+/// inside each shard as well.
+pub const DEFAULT_SHARDS: usize = 2;
+
+fn default_shards() -> usize {
+    DEFAULT_SHARDS
 }
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.optimizer.validate()?;
-        if self.batch_size == 0 || self.minibatch_size == 0 || self.epochs == 0 {
+        if self.batch_size == 0 || self.minibatch_size == 0 || self.epochs == 0 || self.shards == 0
+        {
             return Err(TrainError::InvalidConfig(
-                "batch_size, minibatch_size and epochs must be positive".into(),
+                "batch_size, minibatch_size, epochs and shards must be positive".into(),
             ));
         }
         if !self.batch_size.is_multiple_of(self.minibatch_size) {
@@ -190,26 +209,39 @@ impl TrainingRun {
                 .map(|p| self.examples[self.example_index(p)].clone())
                 .collect();
             tokens += batch.iter().map(Example::tokens).sum::<usize>();
-            let output = self.config.objective.loss(&self.model, &batch)?;
-            let loss_value = output.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: step_number,
-                    what: format!("loss ({loss_value})"),
-                });
-            }
-            loss_sum += loss_value;
-            correct += output.correct;
-            judged += output.judged;
-            let store = (output.loss / parts as f64)?.backward()?;
-            for (slot, var) in grads.iter_mut().zip(&vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    });
+            let normalizer = self.config.objective.normalizer(&batch);
+            let shards = shard_ranges(batch.len(), self.config.shards);
+            let pass = |range: &std::ops::Range<usize>| {
+                shard_pass(
+                    self.config.objective,
+                    &self.model,
+                    &batch[range.clone()],
+                    normalizer * parts as f64,
+                    step_number,
+                )
+            };
+            let passes: Vec<Result<ShardPass>> = if self.model.device().is_cpu() && shards.len() > 1
+            {
+                shards.par_iter().map(pass).collect()
+            } else {
+                shards.iter().map(pass).collect()
+            };
+            let mut minibatch_sum = 0f64;
+            for shard in passes {
+                let shard = shard?;
+                minibatch_sum += shard.loss_sum;
+                correct += shard.correct;
+                judged += shard.judged;
+                for (slot, var) in grads.iter_mut().zip(&vars) {
+                    if let Some(g) = shard.grads.get(var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        });
+                    }
                 }
             }
+            loss_sum += minibatch_sum / normalizer;
         }
         let lr = self
             .config
@@ -306,6 +338,58 @@ impl TrainingRun {
         self.step = saved.state.step;
         Ok(true)
     }
+}
+
+/// What one shard's forward and backward leave for the step.
+struct ShardPass {
+    /// The shard's undivided loss sum (see [`Objective::loss_sum`]).
+    loss_sum: f64,
+    correct: usize,
+    judged: usize,
+    grads: GradStore,
+}
+
+/// Forward and backward of one shard; its loss sum is divided by `divisor` (the minibatch's
+/// normalizer times the minibatches per step) before the backward, so the gradients of all
+/// shards of all minibatches of a step add up to the step's gradient.
+#[instrument(skip_all, fields(examples = shard.len()))]
+fn shard_pass(
+    objective: Objective,
+    model: &CausalLm,
+    shard: &[Example],
+    divisor: f64,
+    step: usize,
+) -> Result<ShardPass> {
+    let output = objective.loss_sum(model, shard)?;
+    let loss_sum = output.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !loss_sum.is_finite() {
+        return Err(TrainError::NonFinite {
+            step,
+            what: format!("loss ({loss_sum})"),
+        });
+    }
+    Ok(ShardPass {
+        loss_sum,
+        correct: output.correct,
+        judged: output.judged,
+        grads: (output.loss / divisor)?.backward()?,
+    })
+}
+
+/// `len` examples in `shards` contiguous ranges, sizes differing by at most one (larger
+/// first); fewer ranges when there are fewer examples than shards.
+fn shard_ranges(len: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
+    let count = shards.clamp(1, len.max(1));
+    let (size, extra) = (len / count, len % count);
+    let mut start = 0;
+    (0..count)
+        .map(|i| {
+            let end = start + size + usize::from(i < extra);
+            let range = start..end;
+            start = end;
+            range
+        })
+        .collect()
 }
 
 /// A deep copy of a model's weights as plain tensors (no variables, no shared storage): for

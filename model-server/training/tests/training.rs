@@ -10,7 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig, Weights};
 use superficial_training::objectives::attach_reference_logprobs;
 use superficial_training::{
-    AdamConfig, Example, Objective, Schedule, TrainConfig, TrainError, TrainingRun, frozen_copy,
+    AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainError, TrainingRun,
+    frozen_copy,
 };
 
 fn tiny(preset: &str, dtype: DType, reward_head: bool) -> CausalLm {
@@ -160,6 +161,90 @@ fn analytic_gradients_match_finite_differences_for_every_objective() {
     }
 }
 
+#[test]
+fn shard_gradients_add_up_to_the_minibatch_gradient_for_every_objective() {
+    // The trainer's decomposition: the minibatch loss is the sum of its shards' undivided loss
+    // sums over the whole minibatch's normalizer (the explicit conflicts' means included).
+    for objective in all_objectives() {
+        let model = tiny("tiny-gpt2", DType::F64, objective.needs_reward_head());
+        let data = prepared(&objective, &model, 7, 13);
+        let config = model.config().clone();
+        let (weights, vars) = model.weights().clone().into_trainable().unwrap();
+        let model = CausalLm::from_weights(config, weights).unwrap();
+        let whole = objective.loss(&model, &data).unwrap().loss;
+        let whole_grads = whole.backward().unwrap();
+        let normalizer = objective.normalizer(&data);
+        let shards = [&data[..3], &data[3..5], &data[5..]];
+        let mut shard_loss = 0f64;
+        let shard_grads: Vec<_> = shards
+            .iter()
+            .map(|shard| {
+                let sum = objective.loss_sum(&model, shard).unwrap().loss;
+                shard_loss += sum.to_scalar::<f64>().unwrap() / normalizer;
+                (sum / normalizer).unwrap().backward().unwrap()
+            })
+            .collect();
+        let whole_loss = whole.to_scalar::<f64>().unwrap();
+        assert!(
+            (whole_loss - shard_loss).abs() < 1e-12 * whole_loss.abs().max(1.0),
+            "{objective:?}: loss {whole_loss} vs shards {shard_loss}"
+        );
+        for (name, var) in &vars {
+            let Some(expected) = whole_grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let mut summed = expected.zeros_like().unwrap();
+            for grads in &shard_grads {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    summed = (summed + g).unwrap();
+                }
+            }
+            let error = (expected - &summed)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let scale = expected
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                error <= 1e-10 * scale.max(1e-12),
+                "{objective:?}, {name}: shard gradients differ by {error} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn sharded_training_does_not_depend_on_the_thread_count() {
+    // Shards run concurrently on CPU; the arithmetic is fixed by the configuration, so one
+    // thread and three threads must give the same bits.
+    let objective = Objective::simpo(Some(0.5));
+    let train = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let model = tiny("tiny-gpt2", DType::F32, false);
+            let data = prepared(&objective, &model, 12, 37);
+            let mut settings = config(objective, 1e-3, 6, 6, 2);
+            settings.shards = 3;
+            let mut run = TrainingRun::new(model, data, settings).unwrap();
+            run.run(None, |_| true).unwrap();
+            weights_of(run.model())
+        })
+    };
+    assert_eq!(train(1), train(3));
+}
+
 fn config(
     objective: Objective,
     lr: f64,
@@ -181,6 +266,7 @@ fn config(
         epochs,
         seed: 0,
         reshuffle_each_epoch: true,
+        shards: DEFAULT_SHARDS,
     }
 }
 
