@@ -63,6 +63,14 @@ pub struct Hyperparameters {
     pub conflict_alpha: Option<f64>,
     pub orient_slots: bool,
     pub checkpoint_every: usize,
+    /// Minibatch shards (see `TrainConfig::shards`); job records from before the field have
+    /// the default.
+    #[serde(default = "default_shards")]
+    pub shards: usize,
+}
+
+fn default_shards() -> usize {
+    DEFAULT_SHARDS
 }
 
 impl JobSpec {
@@ -101,7 +109,7 @@ impl JobSpec {
             epochs: self.hyper.epochs,
             seed: self.hyper.seed,
             reshuffle_each_epoch: false,
-            shards: DEFAULT_SHARDS,
+            shards: self.hyper.shards,
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use superficial_models::generation::SamplingConfig;
 use superficial_models::{Architecture, ModelConfig};
-use superficial_training::Schedule;
+use superficial_training::{DEFAULT_SHARDS, Schedule};
 use tokio::sync::broadcast;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -1112,6 +1112,11 @@ impl pb::training_server::Training for TrainingService {
                     conflict_alpha: positive(h.conflict_alpha),
                     orient_slots: h.orient_slots,
                     checkpoint_every: h.checkpoint_every as usize,
+                    shards: if h.shards == 0 {
+                        DEFAULT_SHARDS
+                    } else {
+                        h.shards as usize
+                    },
                 },
                 output_model: request.output_model,
             };

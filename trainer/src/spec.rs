@@ -152,6 +152,9 @@ pub struct StageHyper {
     pub conf_threshold: f64,
     /// Pairs per evaluation request.
     pub eval_batch: usize,
+    /// Shards each training minibatch is split into (run concurrently on a CPU server; part
+    /// of the arithmetic, so part of every run's identity).
+    pub shards: u32,
 }
 
 impl Default for StageHyper {
@@ -168,6 +171,7 @@ impl Default for StageHyper {
             alpha: 0.5,
             conf_threshold: 0.75,
             eval_batch: 32,
+            shards: 2,
         }
     }
 }
@@ -308,9 +312,10 @@ impl StudySpec {
                 || h.minibatch_size == 0
                 || h.batch_size % h.minibatch_size != 0
                 || h.eval_batch == 0
+                || h.shards == 0
             {
                 return Err(format!(
-                    "[{name}]: batch sizes must be positive and minibatch_size must divide batch_size"
+                    "[{name}]: batch sizes and shards must be positive and minibatch_size must divide batch_size"
                 ));
             }
         }

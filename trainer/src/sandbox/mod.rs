@@ -75,6 +75,8 @@ pub struct PretrainConfig {
     pub batch_size: u32,
     pub max_ctx: u32,
     pub seed: u64,
+    /// Shards per minibatch (as `StageHyper::shards`; part of the pretrained cache's key).
+    pub shards: u32,
 }
 
 impl Default for PretrainConfig {
@@ -85,6 +87,7 @@ impl Default for PretrainConfig {
             batch_size: 16,
             max_ctx: 96,
             seed: 0,
+            shards: 2,
         }
     }
 }
@@ -587,6 +590,7 @@ async fn pretrain_one(
             lr: config.pretrain.lr,
             batch_size: config.pretrain.batch_size,
             minibatch_size: config.pretrain.batch_size,
+            shards: config.pretrain.shards,
             epochs: config.pretrain.epochs,
             schedule: pb::LrSchedule::CosineToZero as i32,
             warmup_frac: Some(0.05),

@@ -65,6 +65,7 @@ impl Study<'_> {
             lr: h.lr,
             batch_size: h.batch_size,
             minibatch_size: h.minibatch_size,
+            shards: h.shards,
             epochs,
             schedule: schedule as i32,
             warmup_frac: Some(0.1),
