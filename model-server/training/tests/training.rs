@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig, Weights};
@@ -89,15 +89,20 @@ fn prepared(objective: &Objective, model: &CausalLm, n: usize, seed: u64) -> Vec
     data
 }
 
+/// The model rebuilt on variables, with those variables by name.
+fn trainable(model: CausalLm) -> (CausalLm, Vec<(String, Var)>) {
+    let config = model.config().clone();
+    let (weights, vars) = model.weights().clone().into_trainable().unwrap();
+    (CausalLm::from_weights(config, weights).unwrap(), vars)
+}
+
 #[test]
 fn analytic_gradients_match_finite_differences_for_every_objective() {
     for objective in all_objectives() {
         for preset in ["tiny-gpt2", "tiny-opt-post-ln"] {
             let model = tiny(preset, DType::F64, objective.needs_reward_head());
             let data = prepared(&objective, &model, 6, 11);
-            let config = model.config().clone();
-            let (weights, vars) = model.weights().clone().into_trainable().unwrap();
-            let model = CausalLm::from_weights(config, weights).unwrap();
+            let (model, vars) = trainable(model);
             let loss = objective.loss(&model, &data).unwrap().loss;
             let grads = loss.backward().unwrap();
             // A random direction over every parameter.
@@ -168,9 +173,7 @@ fn shard_gradients_add_up_to_the_minibatch_gradient_for_every_objective() {
     for objective in all_objectives() {
         let model = tiny("tiny-gpt2", DType::F64, objective.needs_reward_head());
         let data = prepared(&objective, &model, 7, 13);
-        let config = model.config().clone();
-        let (weights, vars) = model.weights().clone().into_trainable().unwrap();
-        let model = CausalLm::from_weights(config, weights).unwrap();
+        let (model, vars) = trainable(model);
         let whole = objective.loss(&model, &data).unwrap().loss;
         let whole_grads = whole.backward().unwrap();
         let normalizer = objective.normalizer(&data);
