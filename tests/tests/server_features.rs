@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use model_server::{ClientOptions, RunningServer, ServerConfig, W2sClient};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::load_model_request::Source;
 use w2s_proto::v1::upload_dataset_request::Item;
@@ -24,6 +26,33 @@ fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
         role: "test".into(),
         reward_head,
         seed: 7,
+    }
+}
+
+/// Waits (at most 60 s) until the server's health check reports `want`.
+async fn wait_for_health(url: &str, want: ServingStatus) {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let started = std::time::Instant::now();
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if ServingStatus::try_from(status) == Ok(want) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "health never reported {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -445,6 +474,7 @@ async fn error_codes_auth_deadlines_and_overload() {
     let mut cfg = config(dir.path());
     cfg.token = Some("s3cret".into());
     cfg.queue_capacity = 2;
+    cfg.stall_seconds = 0.2;
     let server = RunningServer::start(cfg).await.unwrap();
     let anonymous = W2sClient::connect(&server.url()).await.unwrap();
     assert_eq!(
@@ -549,8 +579,30 @@ async fn error_codes_auth_deadlines_and_overload() {
         Ok(r) => panic!("{r:?}"),
     }
 
-    // Overload: with a queue of 2, a burst of slow requests is partly refused, never failed.
+    // Overload: while the device loop is held in one long pass, a burst finds a queue of 2;
+    // exactly that many are accepted and served, the rest refused, none failed. (The loop drains
+    // its queue between passes, so without the hold a fast machine would accept the whole burst.)
+    client
+        .load_model(preset("big", "gpt2", false))
+        .await
+        .unwrap();
+    wait_for_health(&server.url(), ServingStatus::Serving).await;
     let long_text = "word ".repeat(20);
+    let holder = {
+        let client = client.clone();
+        let text = "word ".repeat(80);
+        tokio::spawn(async move {
+            client
+                .token_logprobs(pb::TokenLogprobsRequest {
+                    model: "big".into(),
+                    texts: vec![text; 4],
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    // Health goes NOT_SERVING only once the device loop has been inside that pass for 0.2 s.
+    wait_for_health(&server.url(), ServingStatus::NotServing).await;
     let mut tasks = Vec::new();
     for _ in 0..24 {
         let client = client.clone();
@@ -573,16 +625,19 @@ async fn error_codes_auth_deadlines_and_overload() {
             Err(e) => panic!("{e}"),
         });
     }
+    holder.await.unwrap().unwrap();
     assert!(
         codes
             .iter()
             .all(|c| matches!(c, Code::Ok | Code::ResourceExhausted)),
         "{codes:?}"
     );
-    assert!(
-        codes.contains(&Code::ResourceExhausted) && codes.contains(&Code::Ok),
+    assert_eq!(
+        codes.iter().filter(|c| **c == Code::Ok).count(),
+        2,
         "{codes:?}"
     );
+    client.unload_if_present("big").await.unwrap();
 
     // Deadlines: a request that cannot finish in time ends with a deadline error.
     let mut request = tonic::Request::new(pb::TokenLogprobsRequest {
