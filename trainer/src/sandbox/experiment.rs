@@ -8,10 +8,53 @@ use anyhow::{Context, Result};
 use model_server::W2sClient;
 
 use super::{
-    BUCKETS, ExperimentConfig, PretrainedModel, Probe, pretrain_models, probe, study_spec,
-    write_world,
+    BUCKETS, ExperimentConfig, PretrainedModel, PretrainingDraw, Probe, pretrain_models, probe,
+    study_spec, write_world,
 };
 use crate::study::{Progress, Study, StudyData};
+
+/// One pretraining draw's models and what each knows zero-shot.
+#[derive(serde::Serialize)]
+struct DrawModels {
+    #[serde(flatten)]
+    draw: PretrainingDraw,
+    models: Vec<PretrainedModel>,
+    probes: Vec<Probe>,
+}
+
+/// Studies run one after another (one per pretraining draw) under one progress display: run
+/// counts add up instead of starting over.
+struct SuccessiveStudies<'p> {
+    inner: &'p mut dyn Progress,
+    runs_before: usize,
+}
+
+impl Progress for SuccessiveStudies<'_> {
+    fn line(&mut self, text: &str) {
+        self.inner.line(text);
+    }
+    fn set_total(&mut self, runs: usize) {
+        self.inner.set_total(self.runs_before + runs);
+    }
+    fn run_started(&mut self, run_id: &str) {
+        self.inner.run_started(run_id);
+    }
+    fn step(&mut self, stage: &str, step: u64, total: u64) {
+        self.inner.step(stage, step, total);
+    }
+    fn run_done(&mut self) {
+        self.inner.run_done();
+    }
+}
+
+/// `0, 1, 2`.
+fn seed_list(seeds: &[u64]) -> String {
+    seeds
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// What an experiment leaves behind.
 pub struct ExperimentOutcome {
@@ -49,55 +92,84 @@ pub async fn run(
         files.dir.display()
     ));
 
-    let models = pretrain_models(
-        config,
-        &files,
-        &world,
-        servers,
-        &out.join("models"),
-        progress,
-    )
-    .await?;
+    // Every draw's models first (one pretraining pool over the servers per draw), then every
+    // draw's study: a multi-server run keeps all servers busy within each phase.
+    let draws = config.pretraining_draws();
+    let mut pretrained = Vec::new();
+    for draw in &draws {
+        if draws.len() > 1 {
+            progress.line(&format!(
+                "pretraining draw pretrain.seed = {} (study seed {})",
+                draw.pretrain_seed,
+                seed_list(&draw.study_seeds)
+            ));
+        }
+        let models = pretrain_models(
+            &config.for_draw(draw),
+            &files,
+            &world,
+            servers,
+            &out.join("models"),
+            progress,
+        )
+        .await?;
+        pretrained.push(DrawModels {
+            draw: draw.clone(),
+            models,
+            probes: Vec::new(),
+        });
+    }
     let pretrain_seconds = started.elapsed().as_secs_f64();
 
     progress.line("probing what each pretrained model knows (zero-shot, test split)");
-    let mut probes = Vec::new();
-    for model in &models {
-        probes.push(probe(model, &world, client, config.pretrain.max_ctx).await?);
+    for draw in &mut pretrained {
+        for model in &draw.models {
+            draw.probes
+                .push(probe(model, &world, client, config.pretrain.max_ctx).await?);
+        }
     }
     super::write_file(
         &out.join("pretrained.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "models": models, "probes": probes,
-        }))?
-        .as_bytes(),
+        serde_json::to_string_pretty(&serde_json::json!({ "draws": pretrained }))?.as_bytes(),
     )?;
 
     if pretrain_only {
         let summary = out.join("pretrained.md");
-        super::write_file(
-            &summary,
-            knowledge_markdown(&world, &models, &probes).as_bytes(),
-        )?;
+        super::write_file(&summary, knowledge_markdown(&world, &pretrained).as_bytes())?;
         return Ok(ExperimentOutcome {
             report_dir: out.join("report"),
             summary,
             runs: 0,
         });
     }
-    let spec = study_spec(config, &files, &models)?;
-    let data = StudyData::load(&spec)?;
     let runs_dir = out.join("runs");
-    let mut study = Study::new(
-        &spec,
-        &data,
-        client.clone(),
-        runs_dir.clone(),
-        force,
-        progress,
-    )
-    .with_more_servers(servers[1..].iter().cloned());
-    let finished = study.run_all().await?;
+    let mut finished = Vec::new();
+    let mut data = None;
+    let mut progress = SuccessiveStudies {
+        inner: progress,
+        runs_before: 0,
+    };
+    for draw in &pretrained {
+        let spec = study_spec(&config.for_draw(&draw.draw), &files, &draw.models)?;
+        // Every draw's study reads the same world files.
+        let data = match &data {
+            Some(data) => data,
+            None => data.insert(StudyData::load(&spec)?),
+        };
+        let runs = Study::new(
+            &spec,
+            data,
+            client.clone(),
+            runs_dir.clone(),
+            force,
+            &mut progress,
+        )
+        .with_more_servers(servers[1..].iter().cloned())
+        .run_all()
+        .await?;
+        progress.runs_before += runs.len();
+        finished.extend(runs);
+    }
     let study_seconds = started.elapsed().as_secs_f64() - pretrain_seconds;
 
     let report_dir = out.join("report");
@@ -113,7 +185,7 @@ pub async fn run(
     let summary = out.join("SUMMARY.md");
     let mut text = String::from("# Knowledge sandbox: summary\n\n");
     text.push_str(&findings_markdown(&report));
-    text.push_str(&summary_markdown(config, &world, &models, &probes));
+    text.push_str(&summary_markdown(config, &world, &pretrained));
     text.push_str(&study_markdown(&report, pretrain_seconds, study_seconds));
     super::write_file(&summary, text.as_bytes())?;
     Ok(ExperimentOutcome {
@@ -126,8 +198,7 @@ pub async fn run(
 fn summary_markdown(
     config: &ExperimentConfig,
     world: &super::world::World,
-    models: &[PretrainedModel],
-    probes: &[Probe],
+    draws: &[DrawModels],
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -136,8 +207,33 @@ fn summary_markdown(
         config.world.seed,
         world.describe()
     );
-    s.push_str(&knowledge_markdown(world, models, probes));
+    let _ = writeln!(s, "{}\n", seeds_sentence(config, draws));
+    s.push_str(&knowledge_markdown(world, draws));
     s
+}
+
+/// What the study's seeds vary: fine-tuning only, or pretraining too.
+fn seeds_sentence(config: &ExperimentConfig, draws: &[DrawModels]) -> String {
+    let pretrain_seeds: Vec<u64> = draws.iter().map(|d| d.draw.pretrain_seed).collect();
+    match draws {
+        [only] if config.seeds.len() > 1 => format!(
+            "Seeds: study seeds {} fine-tune one pretraining draw (pretrain.seed {}), so the \
+             intervals across seeds cover fine-tuning only, not pretraining.",
+            seed_list(&only.draw.study_seeds),
+            only.draw.pretrain_seed
+        ),
+        [only] => format!(
+            "Seeds: study seed {} on one pretraining draw (pretrain.seed {}).",
+            seed_list(&only.draw.study_seeds),
+            only.draw.pretrain_seed
+        ),
+        _ => format!(
+            "Seeds: each study seed ({}) fine-tunes its own pretraining draw (pretrain.seed {}), \
+             so the intervals across seeds cover pretraining and fine-tuning.",
+            seed_list(&config.seeds),
+            seed_list(&pretrain_seeds)
+        ),
+    }
 }
 
 /// One table row's cells, one per mention bucket, ending the line.
@@ -153,12 +249,8 @@ fn bucket_cells(values: &std::collections::BTreeMap<String, (f64, usize)>) -> St
     cells
 }
 
-/// The tables of what each pretrained model knows.
-fn knowledge_markdown(
-    world: &super::world::World,
-    models: &[PretrainedModel],
-    probes: &[Probe],
-) -> String {
+/// The tables of what each pretrained model knows, per pretraining draw.
+fn knowledge_markdown(world: &super::world::World, draws: &[DrawModels]) -> String {
     let mut s = String::new();
     let mut test_buckets = std::collections::BTreeMap::<&str, usize>::new();
     for row in &world.test {
@@ -171,34 +263,9 @@ fn knowledge_markdown(
         "## What pretraining taught (zero-shot, before any fine-tuning)\n\n\
          Accuracy on the harmless test split when each response is scored by the pretrained \
          model's mean log-prob, by how often the pair's fact appears in the corpus \
-         (pairs per bucket in the header).\n"
+         (pairs per bucket in the header); then the share of facts each model states \
+         correctly.\n"
     );
-    let mut header = String::from("| model | family | parameters | pretrain loss | all |");
-    let mut rule = String::from("| --- | --- | --- | --- | --- |");
-    for bucket in BUCKETS {
-        let _ = write!(
-            header,
-            " {bucket} mentions (n={}) |",
-            test_buckets.get(bucket).copied().unwrap_or(0)
-        );
-        rule.push_str(" --- |");
-    }
-    let _ = writeln!(s, "{header}\n{rule}");
-    for (model, probe) in models.iter().zip(probes) {
-        let _ = write!(
-            s,
-            "| {} | {:?} | {} | {:.3} | {:.3} |",
-            model.name, model.family, model.parameters, model.final_loss, probe.accuracy
-        );
-        s.push_str(&bucket_cells(&probe.by_bucket));
-    }
-    let _ = writeln!(
-        s,
-        "\nFacts stated correctly (\"Everyone knows the X berry is\" followed by the true adjective rather \
-         than the false one), share of all entities per mention bucket:\n"
-    );
-    let mut header = String::from("| model |");
-    let mut rule = String::from("| --- |");
     let entity_buckets = |bucket: &str| {
         world
             .entities
@@ -206,14 +273,51 @@ fn knowledge_markdown(
             .filter(|e| super::mention_bucket(e.mentions) == bucket)
             .count()
     };
-    for bucket in BUCKETS {
-        let _ = write!(header, " {bucket} (n={}) |", entity_buckets(bucket));
-        rule.push_str(" --- |");
-    }
-    let _ = writeln!(s, "{header}\n{rule}");
-    for probe in probes {
-        let _ = write!(s, "| {} |", probe.name);
-        s.push_str(&bucket_cells(&probe.facts_by_bucket));
+    for draw in draws {
+        if draws.len() > 1 {
+            let _ = writeln!(
+                s,
+                "### Draw pretrain.seed = {} (study seed {})\n",
+                draw.draw.pretrain_seed,
+                seed_list(&draw.draw.study_seeds)
+            );
+        }
+        let mut header = String::from("| model | family | parameters | pretrain loss | all |");
+        let mut rule = String::from("| --- | --- | --- | --- | --- |");
+        for bucket in BUCKETS {
+            let _ = write!(
+                header,
+                " {bucket} mentions (n={}) |",
+                test_buckets.get(bucket).copied().unwrap_or(0)
+            );
+            rule.push_str(" --- |");
+        }
+        let _ = writeln!(s, "{header}\n{rule}");
+        for (model, probe) in draw.models.iter().zip(&draw.probes) {
+            let _ = write!(
+                s,
+                "| {} | {:?} | {} | {:.3} | {:.3} |",
+                model.name, model.family, model.parameters, model.final_loss, probe.accuracy
+            );
+            s.push_str(&bucket_cells(&probe.by_bucket));
+        }
+        let _ = writeln!(
+            s,
+            "\nFacts stated correctly (\"Everyone knows the X berry is\" followed by the true \
+             adjective rather than the false one), share of all entities per mention bucket:\n"
+        );
+        let mut header = String::from("| model |");
+        let mut rule = String::from("| --- |");
+        for bucket in BUCKETS {
+            let _ = write!(header, " {bucket} (n={}) |", entity_buckets(bucket));
+            rule.push_str(" --- |");
+        }
+        let _ = writeln!(s, "{header}\n{rule}");
+        for probe in &draw.probes {
+            let _ = write!(s, "| {} |", probe.name);
+            s.push_str(&bucket_cells(&probe.facts_by_bucket));
+        }
+        s.push('\n');
     }
     s
 }

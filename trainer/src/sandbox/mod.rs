@@ -92,6 +92,13 @@ impl Default for PretrainConfig {
     }
 }
 
+/// One set of pretrained models and the study seeds that fine-tune it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainingDraw {
+    pub pretrain_seed: u64,
+    pub study_seeds: Vec<u64>,
+}
+
 /// Everything `trainer experiment` does, with defaults that fit the 15-minute budget on a
 /// 2-core CPU. A configuration file may give any subset of the fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +121,10 @@ pub struct ExperimentConfig {
     pub opt_activation: String,
     pub pretrain: PretrainConfig,
     pub seeds: Vec<u64>,
+    /// Each study seed `s` fine-tunes its own pretraining draw (models pretrained with
+    /// `pretrain.seed + s`), so the spread across seeds covers pretraining as well as
+    /// fine-tuning. Off: every seed fine-tunes the one draw of `pretrain.seed`.
+    pub pretrain_per_seed: bool,
     pub scenarios: Vec<Scenario>,
     pub settings: Vec<Setting>,
     /// Run the bootstrap chain smallest → middle → largest (preference scenarios).
@@ -148,6 +159,9 @@ impl Default for ExperimentConfig {
             pretrain: PretrainConfig::default(),
             // No finding may rest on one seed: ceilings alone move ±0.08 between seeds.
             seeds: vec![0, 1, 2],
+            // One pretraining draw moved the headline DS_new − chance more than the three
+            // fine-tuning seeds' intervals admitted (docs/sandbox.md): seeds vary both.
+            pretrain_per_seed: true,
             scenarios: vec![Scenario::Reward, Scenario::Simpo],
             settings: vec![Setting::None, Setting::Implicit, Setting::Explicit],
             bootstrap: true,
@@ -211,6 +225,34 @@ impl ExperimentConfig {
         }
     }
 
+    /// The pretraining draws and the study seeds that fine-tune each: one draw per seed
+    /// (`pretrain.seed + s`) with `pretrain_per_seed`, else one draw for all seeds.
+    pub fn pretraining_draws(&self) -> Vec<PretrainingDraw> {
+        if self.pretrain_per_seed {
+            self.seeds
+                .iter()
+                .map(|&seed| PretrainingDraw {
+                    pretrain_seed: self.pretrain.seed.wrapping_add(seed),
+                    study_seeds: vec![seed],
+                })
+                .collect()
+        } else {
+            vec![PretrainingDraw {
+                pretrain_seed: self.pretrain.seed,
+                study_seeds: self.seeds.clone(),
+            }]
+        }
+    }
+
+    /// This configuration with the pretraining seed of `draw` (what `pretrain_models` and
+    /// `study_spec` of that draw see).
+    pub fn for_draw(&self, draw: &PretrainingDraw) -> Self {
+        let mut config = self.clone();
+        config.pretrain.seed = draw.pretrain_seed;
+        config.seeds = draw.study_seeds.clone();
+        config
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         self.world.validate()?;
         if self.tokenizer_vocab < 300 {
@@ -242,6 +284,12 @@ impl ExperimentConfig {
         }
         if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
             return Err("seeds, scenarios and settings must not be empty".into());
+        }
+        let mut distinct = self.seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != self.seeds.len() {
+            return Err(format!("seeds {:?} repeat a seed", self.seeds));
         }
         if self.pretrain.epochs == 0 || self.pretrain.batch_size == 0 {
             return Err("pretrain epochs and batch_size must be positive".into());
@@ -881,5 +929,45 @@ impl ExperimentConfig {
         toml::Value::Table(table)
             .try_into()
             .map_err(|e| format!("experiment overrides: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_get_their_own_pretraining_draw_unless_switched_off() {
+        let mut config = ExperimentConfig {
+            seeds: vec![0, 2],
+            ..ExperimentConfig::default()
+        };
+        config.pretrain.seed = 10;
+        let draws = config.pretraining_draws();
+        assert_eq!(
+            draws,
+            vec![
+                PretrainingDraw {
+                    pretrain_seed: 10,
+                    study_seeds: vec![0]
+                },
+                PretrainingDraw {
+                    pretrain_seed: 12,
+                    study_seeds: vec![2]
+                },
+            ]
+        );
+        let second = config.for_draw(&draws[1]);
+        assert_eq!((second.pretrain.seed, second.seeds.clone()), (12, vec![2]));
+        config.pretrain_per_seed = false;
+        assert_eq!(
+            config.pretraining_draws(),
+            vec![PretrainingDraw {
+                pretrain_seed: 10,
+                study_seeds: vec![0, 2]
+            }]
+        );
+        config.seeds = vec![1, 1];
+        assert!(config.validate().unwrap_err().contains("repeat"));
     }
 }
