@@ -2,7 +2,7 @@
 //! configuration): the command finishes, leaves the world, the models, the summary and the
 //! report, and its reward ceilings show the sandbox's preconditions — the larger model beats the
 //! smaller by at least 10 points, and knowledge nests (at least 80% of the pairs the weak ceiling
-//! gets right, the strong one gets right too). The default configuration (about 30 minutes on 2 cores, so
+//! gets right, the strong one gets right too). The default configuration (about 8 minutes on 2 cores, so
 //! `--ignored`): the SimPO ceilings grow with each size step, the largest beats the smallest by
 //! 10 points, and knowledge nests between the smallest and the largest. (Its reward ceilings
 //! separate only the two sizes that know the facts from the two that do not; see
@@ -184,7 +184,7 @@ fn assert_knowledge(
 }
 
 #[test]
-#[ignore = "the default configuration takes about 30 minutes on 2 cores (three seeds)"]
+#[ignore = "the default configuration takes about 8 minutes on 2 cores (three seeds)"]
 fn default_experiment_knowledge_grows_with_size_and_nests() {
     let out = tempfile::tempdir().unwrap();
     let summary = experiment(&[], out.path());
