@@ -169,7 +169,7 @@ fn conflict_variants(report: &Report) -> BTreeMap<(String, String), Vec<&Compari
 
 /// Per seed, the pooled DS_new − chance over every weak < strong pair:
 /// Σ|N ∩ R| / Σ|N| − Σ|C ∩ R| / Σ|C|.
-fn pooled_excess_by_seed(comparisons: &[&Comparison]) -> Vec<f64> {
+fn pooled_excess_by_seed(comparisons: &[&Comparison]) -> Vec<(u64, f64)> {
     let mut by_seed: BTreeMap<u64, [usize; 4]> = BTreeMap::new();
     for c in comparisons {
         if let Some(e) = &c.conflict {
@@ -181,14 +181,17 @@ fn pooled_excess_by_seed(comparisons: &[&Comparison]) -> Vec<f64> {
         }
     }
     by_seed
-        .values()
-        .filter(|s| s[1] > 0 && s[3] > 0)
-        .map(|s| s[0] as f64 / s[1] as f64 - s[2] as f64 / s[3] as f64)
+        .into_iter()
+        .filter(|(_, s)| s[1] > 0 && s[3] > 0)
+        .map(|(seed, s)| (seed, s[0] as f64 / s[1] as f64 - s[2] as f64 / s[3] as f64))
         .collect()
 }
 
 /// Per seed, the least-squares slope of `y` against the capability gap over the pairs.
-fn slope_by_seed(comparisons: &[&Comparison], y: fn(&Comparison) -> Option<f64>) -> Vec<f64> {
+fn slope_by_seed(
+    comparisons: &[&Comparison],
+    y: fn(&Comparison) -> Option<f64>,
+) -> Vec<(u64, f64)> {
     let mut by_seed: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
     for c in comparisons {
         if let Some(v) = y(c) {
@@ -199,8 +202,8 @@ fn slope_by_seed(comparisons: &[&Comparison], y: fn(&Comparison) -> Option<f64>)
         }
     }
     by_seed
-        .values()
-        .filter_map(|points| slope(points))
+        .into_iter()
+        .filter_map(|(seed, points)| Some((seed, slope(&points)?)))
         .collect()
 }
 
@@ -223,7 +226,30 @@ pub struct FindingRow {
     pub scenario: String,
     pub variant: String,
     pub value: Option<SeedInterval>,
+    /// The values `value` summarises, by seed (seeds where it is undefined left out): the
+    /// interval says whether they exclude 0, these show how consistent their sign is.
+    pub per_seed: Vec<(u64, f64)>,
     pub verdict: &'static str,
+}
+
+impl FindingRow {
+    fn new(
+        scenario: &str,
+        variant: &str,
+        per_seed: Vec<(u64, f64)>,
+        yes: &'static str,
+        no: &'static str,
+    ) -> Self {
+        let values: Vec<f64> = per_seed.iter().map(|(_, v)| *v).collect();
+        let value = SeedInterval::of(&values);
+        Self {
+            scenario: scenario.to_string(),
+            variant: variant.to_string(),
+            value,
+            per_seed,
+            verdict: verdict(value, yes, no),
+        }
+    }
 }
 
 /// The paper's three findings, answered by this run.
@@ -257,57 +283,50 @@ pub fn findings(report: &Report) -> Findings {
         bootstrap_reduces: Vec::new(),
     };
     for ((scenario, variant), cs) in conflict_variants(report) {
-        let excess = SeedInterval::of(&pooled_excess_by_seed(&cs));
-        out.tax_in_blind_spot.push(FindingRow {
-            scenario: scenario.clone(),
-            variant: variant.clone(),
-            value: excess,
-            verdict: verdict(
-                excess,
-                "reproduced: paid disproportionately in S_k ∩ W_uk",
-                "reversed: paid less than chance in S_k ∩ W_uk",
-            ),
-        });
-        let growth = SeedInterval::of(&slope_by_seed(&cs, |c| c.ds_new_excess));
-        out.grows_with_gap.push(FindingRow {
-            scenario: scenario.clone(),
-            variant: variant.clone(),
-            value: growth,
-            verdict: verdict(
-                growth,
-                "reproduced: grows with the gap",
-                "reversed: shrinks with the gap",
-            ),
-        });
+        out.tax_in_blind_spot.push(FindingRow::new(
+            &scenario,
+            &variant,
+            pooled_excess_by_seed(&cs),
+            "reproduced: paid disproportionately in S_k ∩ W_uk",
+            "reversed: paid less than chance in S_k ∩ W_uk",
+        ));
+        out.grows_with_gap.push(FindingRow::new(
+            &scenario,
+            &variant,
+            slope_by_seed(&cs, |c| c.ds_new_excess),
+            "reproduced: grows with the gap",
+            "reversed: shrinks with the gap",
+        ));
         let (chains, diffs) = bootstrap_differences(report, &scenario, &variant);
         if chains > 0 && diffs.is_empty() {
             out.bootstrap_reduces.push(FindingRow {
                 scenario,
                 variant,
                 value: None,
+                per_seed: Vec::new(),
                 verdict: "undefined: no seed where both the bootstrapped and the direct student make new mistakes under the conflict",
             });
         } else if !diffs.is_empty() {
-            let diff = SeedInterval::of(&diffs);
-            out.bootstrap_reduces.push(FindingRow {
-                scenario,
-                variant,
-                value: diff,
-                verdict: verdict(
-                    diff,
-                    "reversed: bootstrapping increases it",
-                    "reproduced: bootstrapping reduces it",
-                ),
-            });
+            out.bootstrap_reduces.push(FindingRow::new(
+                &scenario,
+                &variant,
+                diffs,
+                "reversed: bootstrapping increases it",
+                "reproduced: bootstrapping reduces it",
+            ));
         }
     }
     out
 }
 
 /// Per (chain, seed): the bootstrapped student's DS_new − chance minus the direct student's
-/// for the same weak and strong model and conflict; also how many bootstrapped comparisons
-/// there were (defined or not).
-fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> (usize, Vec<f64>) {
+/// for the same weak and strong model and conflict, with its seed; also how many bootstrapped
+/// comparisons there were (defined or not).
+fn bootstrap_differences(
+    report: &Report,
+    scenario: &str,
+    variant: &str,
+) -> (usize, Vec<(u64, f64)>) {
     let mut out = Vec::new();
     let mut chains = 0;
     for b in report.comparisons.iter().filter(|c| {
@@ -324,7 +343,7 @@ fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> (usi
                 && c.seed == b.seed
         });
         if let (Some(x), Some(Some(y))) = (b.ds_new_excess, direct.map(|d| d.ds_new_excess)) {
-            out.push(x - y);
+            out.push((b.seed, x - y));
         }
     }
     (chains, out)
@@ -345,6 +364,28 @@ mod tests {
         assert_eq!(SeedInterval::of(&[0.5]).unwrap().sign(), None);
         assert!(SeedInterval::of(&[]).is_none());
         assert_eq!(SeedInterval::of(&[1.0, 1.1, 0.9]).unwrap().sign(), Some(1));
+    }
+
+    #[test]
+    fn a_finding_keeps_its_per_seed_values_and_needs_its_interval_to_exclude_zero() {
+        let consistent_but_wide = FindingRow::new(
+            "simpo",
+            "explicit α=2",
+            vec![(0, 0.31), (1, 0.52), (2, 0.13)],
+            "yes",
+            "reversed",
+        );
+        assert_eq!(consistent_but_wide.per_seed.len(), 3);
+        assert!((consistent_but_wide.value.unwrap().mean - 0.32).abs() < 1e-12);
+        assert_eq!(
+            consistent_but_wide.verdict,
+            "not reproduced (interval includes 0)"
+        );
+        let tight = FindingRow::new("r", "v", vec![(0, 1.0), (3, 1.1), (4, 0.9)], "yes", "no");
+        assert_eq!(tight.verdict, "yes");
+        assert_eq!(tight.per_seed[1], (3, 1.1));
+        let one = FindingRow::new("r", "v", vec![(2, -0.5)], "yes", "no");
+        assert!(one.verdict.starts_with("one seed"));
     }
 
     #[test]

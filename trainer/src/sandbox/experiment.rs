@@ -379,9 +379,19 @@ fn findings_markdown(report: &eval_client::report::Report) -> String {
                 .value
                 .map(|v| v.show(1.0))
                 .unwrap_or_else(|| "undefined".into());
+            let per_seed = if r.per_seed.len() > 1 {
+                let values: Vec<String> = r
+                    .per_seed
+                    .iter()
+                    .map(|(seed, v)| format!("{v:+.2} (seed {seed})"))
+                    .collect();
+                format!("; per seed {}", values.join(", "))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "- {} [{}]: {unit} {value}: **{}**",
+                "- {} [{}]: {unit} {value}{per_seed}: **{}**",
                 r.scenario, r.variant, r.verdict
             );
         }
