@@ -200,3 +200,69 @@ fn default_experiment_knowledge_grows_with_size_and_nests() {
         assert_knowledge(simpo, "gpt2-xs", "gpt2-l", &summary);
     }
 }
+
+/// With two seeds, each seed fine-tunes its own pretraining draw (pretrain.seed + seed): two
+/// sets of models, every run of seed s names only draw s's models, and the summary says what
+/// the seeds vary.
+#[test]
+fn each_seed_fine_tunes_its_own_pretraining_draw() {
+    let out = tempfile::tempdir().unwrap();
+    let summary = experiment(
+        &[
+            "--quick",
+            "--set",
+            "seeds=[0, 1]",
+            "--set",
+            "pretrain.seed=5",
+        ],
+        out.path(),
+    );
+    let pretrained: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("pretrained.json")).unwrap())
+            .unwrap();
+    let draws = pretrained["draws"].as_array().unwrap();
+    assert_eq!(draws.len(), 2, "{pretrained}");
+    // Per seed: the cache folders (model identities) of its draw.
+    let mut identities: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (draw, (pretrain_seed, seed)) in draws.iter().zip([(5, 0), (6, 1)]) {
+        assert_eq!(draw["pretrain_seed"], pretrain_seed, "{draw}");
+        assert_eq!(draw["study_seeds"], serde_json::json!([seed]), "{draw}");
+        let names = draw["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let dir = Path::new(m["dir"].as_str().unwrap());
+                dir.file_name().unwrap().to_string_lossy().to_string()
+            })
+            .collect();
+        identities.insert(seed, names);
+    }
+    assert!(
+        identities[&0].iter().all(|m| !identities[&1].contains(m)),
+        "{identities:?}"
+    );
+    let mut runs_per_seed: BTreeMap<u64, usize> = BTreeMap::new();
+    for entry in std::fs::read_dir(out.path().join("runs")).unwrap() {
+        let dir = entry.unwrap().path();
+        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+            continue;
+        };
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let seed = config["seed"].as_u64().unwrap();
+        for model in config["models"].as_array().unwrap() {
+            let identity = model["identity"].as_str().unwrap().to_string();
+            assert!(
+                identities[&seed].contains(&identity),
+                "a seed-{seed} run names {identity}, not a model of its draw"
+            );
+        }
+        *runs_per_seed.entry(seed).or_default() += 1;
+    }
+    assert_eq!(runs_per_seed.len(), 2, "{runs_per_seed:?}");
+    assert_eq!(runs_per_seed[&0], runs_per_seed[&1], "{runs_per_seed:?}");
+    assert!(
+        summary.contains("each study seed (0, 1) fine-tunes its own pretraining draw"),
+        "{summary}"
+    );
+}
