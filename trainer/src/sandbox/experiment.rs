@@ -92,33 +92,33 @@ pub async fn run(
         files.dir.display()
     ));
 
-    // Every draw's models first (one pretraining pool over the servers per draw), then every
-    // draw's study: a multi-server run keeps all servers busy within each phase.
+    // Every draw's models in one pretraining pool over the servers, then every draw's study.
     let draws = config.pretraining_draws();
-    let mut pretrained = Vec::new();
-    for draw in &draws {
-        if draws.len() > 1 {
-            progress.line(&format!(
-                "pretraining draw pretrain.seed = {} (study seed {})",
-                draw.pretrain_seed,
-                seed_list(&draw.study_seeds)
-            ));
-        }
-        let models = pretrain_models(
-            &config.for_draw(draw),
-            &files,
-            &world,
-            servers,
-            &out.join("models"),
-            progress,
-        )
-        .await?;
-        pretrained.push(DrawModels {
-            draw: draw.clone(),
+    if draws.len() > 1 {
+        progress.line(&format!(
+            "pretraining draws: pretrain.seed {} (one per study seed)",
+            seed_list(&draws.iter().map(|d| d.pretrain_seed).collect::<Vec<_>>())
+        ));
+    }
+    let draw_configs: Vec<ExperimentConfig> = draws.iter().map(|d| config.for_draw(d)).collect();
+    let models = pretrain_models(
+        &draw_configs,
+        &files,
+        &world,
+        servers,
+        &out.join("models"),
+        progress,
+    )
+    .await?;
+    let mut pretrained: Vec<DrawModels> = draws
+        .into_iter()
+        .zip(models)
+        .map(|(draw, models)| DrawModels {
+            draw,
             models,
             probes: Vec::new(),
-        });
-    }
+        })
+        .collect();
     let pretrain_seconds = started.elapsed().as_secs_f64();
 
     progress.line("probing what each pretrained model knows (zero-shot, test split)");
@@ -149,8 +149,8 @@ pub async fn run(
         inner: progress,
         runs_before: 0,
     };
-    for draw in &pretrained {
-        let spec = study_spec(&config.for_draw(&draw.draw), &files, &draw.models)?;
+    for (draw, draw_config) in pretrained.iter().zip(&draw_configs) {
+        let spec = study_spec(draw_config, &files, &draw.models)?;
         // Every draw's study reads the same world files.
         let data = match &data {
             Some(data) => data,

@@ -454,56 +454,68 @@ pub struct PretrainedModel {
 
 const PRETRAINED_MARKER: &str = "pretraining.json";
 
-/// Pretrains (or finds in the cache) every model of the configured families. The sizes left to
-/// pretrain are spread over the servers (one at a time per server, the corpus uploaded once per
-/// server); a server that fails leaves the pool and its size goes to another.
+/// Pretrains (or finds in the cache) every model of the configured families, for each
+/// pretraining draw in `draws` (one configuration per draw, as `ExperimentConfig::for_draw`
+/// makes them). The sizes left to pretrain, of all draws, are spread over the servers in one
+/// pool (one at a time per server, the corpus uploaded once per server); a server that fails
+/// leaves the pool and its size goes to another. Returns the models per draw, in `draws` order.
 pub async fn pretrain_models(
-    config: &ExperimentConfig,
+    draws: &[ExperimentConfig],
     files: &WorldFiles,
     world: &World,
     servers: &[W2sClient],
     cache: &Path,
     progress: &mut dyn Progress,
-) -> Result<Vec<PretrainedModel>> {
+) -> Result<Vec<Vec<PretrainedModel>>> {
     use crate::study::pool::{ServerProgress, spread};
     use std::cell::RefCell;
     let tokenizer = &files.tokenizer;
     let vocab = tokenizer.vocab_size();
-    let mut families = vec![config.family];
-    if config.pretrain_both_families {
-        families = vec![Family::Gpt2, Family::Opt];
-    }
-    let mut out: Vec<Option<PretrainedModel>> = Vec::new();
+    // Per draw, per size: the model, once found or trained.
+    let mut out: Vec<Vec<Option<PretrainedModel>>> = Vec::new();
     let mut todo = Vec::new();
-    for family in families {
-        for size in config.family_sizes(family) {
-            let model_config = config.model_config(family, size, vocab);
-            let key = sha256_hex(&[
-                files.hash.as_bytes(),
-                serde_json::to_string(&model_config.to_hf_json())?.as_bytes(),
-                serde_json::to_string(&config.pretrain)?.as_bytes(),
-            ]);
-            let dir = cache.join(format!("{}-{}", size.name, &key[..12]));
-            let marker = dir.join(PRETRAINED_MARKER);
-            if let Ok(text) = std::fs::read_to_string(&marker)
-                && let Ok(mut model) = serde_json::from_str::<PretrainedModel>(&text)
-            {
-                progress.line(&format!(
-                    "pretrained {} found in the cache ({})",
-                    size.name,
-                    dir.display()
-                ));
-                model.dir = dir;
-                model.cached = true;
-                out.push(Some(model));
-                continue;
-            }
-            todo.push((out.len(), family, size, model_config, dir));
-            out.push(None);
+    for (draw, config) in draws.iter().enumerate() {
+        let mut families = vec![config.family];
+        if config.pretrain_both_families {
+            families = vec![Family::Gpt2, Family::Opt];
         }
+        let mut found = Vec::new();
+        for family in families {
+            for size in config.family_sizes(family) {
+                let model_config = config.model_config(family, size, vocab);
+                let key = sha256_hex(&[
+                    files.hash.as_bytes(),
+                    serde_json::to_string(&model_config.to_hf_json())?.as_bytes(),
+                    serde_json::to_string(&config.pretrain)?.as_bytes(),
+                ]);
+                let dir = cache.join(format!("{}-{}", size.name, &key[..12]));
+                let marker = dir.join(PRETRAINED_MARKER);
+                if let Ok(text) = std::fs::read_to_string(&marker)
+                    && let Ok(mut model) = serde_json::from_str::<PretrainedModel>(&text)
+                {
+                    progress.line(&format!(
+                        "pretrained {} found in the cache ({})",
+                        size.name,
+                        dir.display()
+                    ));
+                    model.dir = dir;
+                    model.cached = true;
+                    found.push(Some(model));
+                    continue;
+                }
+                todo.push(((draw, found.len()), config, family, size, model_config, dir));
+                found.push(None);
+            }
+        }
+        out.push(found);
     }
+    let collect = |out: Vec<Vec<Option<PretrainedModel>>>| -> Vec<Vec<PretrainedModel>> {
+        out.into_iter()
+            .map(|draw| draw.into_iter().flatten().collect())
+            .collect()
+    };
     if todo.is_empty() {
-        return Ok(out.into_iter().flatten().collect());
+        return Ok(collect(out));
     }
     let several = servers.len() > 1;
     let shared: RefCell<&mut dyn Progress> = RefCell::new(progress);
@@ -536,13 +548,14 @@ pub async fn pretrain_models(
         .collect();
     let alive: Vec<std::cell::Cell<bool>> =
         servers.iter().map(|_| std::cell::Cell::new(true)).collect();
-    let indices: Vec<usize> = todo.iter().map(|(index, ..)| *index).collect();
+    let indices: Vec<(usize, usize)> = todo.iter().map(|(index, ..)| *index).collect();
     let models = spread(
         &mut workers,
         &alive,
         todo,
-        async |worker: &mut Pretrainer, (_, family, size, model_config, dir): &(
-            usize,
+        async |worker: &mut Pretrainer, (_, config, family, size, model_config, dir): &(
+            (usize, usize),
+            &ExperimentConfig,
             Family,
             &SizeSpec,
             ModelConfig,
@@ -585,10 +598,10 @@ pub async fn pretrain_models(
         },
     )
     .await?;
-    for (index, model) in indices.into_iter().zip(models) {
-        out[index] = Some(model);
+    for ((draw, index), model) in indices.into_iter().zip(models) {
+        out[draw][index] = Some(model);
     }
-    Ok(out.into_iter().flatten().collect())
+    Ok(collect(out))
 }
 
 #[allow(clippy::too_many_arguments)]
