@@ -50,6 +50,21 @@ pub fn max_abs_diff(a: impl IntoIterator<Item = f64>, b: impl IntoIterator<Item 
         .fold(0.0, f64::max)
 }
 
+/// The server's overall health status (the `""` service), over a fresh connection.
+pub async fn health(url: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    tonic_health::pb::health_check_response::ServingStatus::try_from(response.into_inner().status)
+        .unwrap()
+}
+
 /// A model server whose data folder and model root are its own temporary folders, shared with
 /// no one (clients reach it only over gRPC), and a client of it. Keep the folder alive as long
 /// as the server.

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use model_server::{RunningServer, ServerConfig, W2sClient};
+use superficial_tests::health;
 use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::load_model_request::Source;
 
@@ -24,22 +24,6 @@ fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
         reward_head,
         seed: 7,
     }
-}
-
-async fn health(url: &str) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = HealthClient::new(channel);
-    let response = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
-    ServingStatus::try_from(response.into_inner().status).unwrap()
 }
 
 fn tiny_pair_request() -> pb::ScorePairsRequest {

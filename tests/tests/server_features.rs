@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use model_server::{ClientOptions, RunningServer, ServerConfig, W2sClient};
+use superficial_tests::health;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::load_model_request::Source;
 use w2s_proto::v1::upload_dataset_request::Item;
@@ -31,29 +31,30 @@ fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
 
 /// Waits (at most 60 s) until the server's health check reports `want`.
 async fn wait_for_health(url: &str, want: ServingStatus) {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
     let started = std::time::Instant::now();
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        if ServingStatus::try_from(status) == Ok(want) {
-            return;
-        }
+    while health(url).await != want {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "health never reported {want:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// TokenLogprobs of `copies` copies of `text` on `model`, as a task of its own.
+fn spawn_logprobs(
+    client: &W2sClient,
+    model: &str,
+    text: String,
+    copies: usize,
+) -> tokio::task::JoinHandle<Result<pb::TokenLogprobsResponse, model_server::ClientError>> {
+    let client = client.clone();
+    let request = pb::TokenLogprobsRequest {
+        model: model.into(),
+        texts: vec![text; copies],
+        ..Default::default()
+    };
+    tokio::spawn(async move { client.token_logprobs(request).await })
 }
 
 fn code_of<T: std::fmt::Debug>(result: Result<T, model_server::ClientError>) -> Code {
@@ -588,35 +589,12 @@ async fn error_codes_auth_deadlines_and_overload() {
         .unwrap();
     wait_for_health(&server.url(), ServingStatus::Serving).await;
     let long_text = "word ".repeat(20);
-    let holder = {
-        let client = client.clone();
-        let text = "word ".repeat(80);
-        tokio::spawn(async move {
-            client
-                .token_logprobs(pb::TokenLogprobsRequest {
-                    model: "big".into(),
-                    texts: vec![text; 4],
-                    ..Default::default()
-                })
-                .await
-        })
-    };
+    let holder = spawn_logprobs(&client, "big", "word ".repeat(80), 4);
     // Health goes NOT_SERVING only once the device loop has been inside that pass for 0.2 s.
     wait_for_health(&server.url(), ServingStatus::NotServing).await;
-    let mut tasks = Vec::new();
-    for _ in 0..24 {
-        let client = client.clone();
-        let text = long_text.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .token_logprobs(pb::TokenLogprobsRequest {
-                    model: "m".into(),
-                    texts: vec![text; 8],
-                    ..Default::default()
-                })
-                .await
-        }));
-    }
+    let tasks: Vec<_> = (0..24)
+        .map(|_| spawn_logprobs(&client, "m", long_text.clone(), 8))
+        .collect();
     let mut codes = Vec::new();
     for task in tasks {
         codes.push(match task.await.unwrap() {
