@@ -98,6 +98,7 @@ pub struct Metrics {
     pub batch_requests: Histogram,
     pub batch_sequences: Histogram,
     pub queue_depth: Gauge,
+    pub active_tasks: Gauge,
     pub resident_models: Gauge,
     pub job_step: Gauge,
     pub job_total_steps: Gauge,
@@ -111,6 +112,7 @@ impl Default for Metrics {
             batch_requests: Histogram::new(size_bounds()),
             batch_sequences: Histogram::new(size_bounds()),
             queue_depth: Gauge::default(),
+            active_tasks: Gauge::default(),
             resident_models: Gauge::default(),
             job_step: Gauge::default(),
             job_total_steps: Gauge::default(),
@@ -182,6 +184,11 @@ impl Metrics {
                 "w2s_queue_depth",
                 "Requests waiting for the device worker.",
                 &self.queue_depth,
+            ),
+            (
+                "w2s_active_tasks",
+                "Resumable inference tasks (scoring batches, generations) the worker is advancing.",
+                &self.active_tasks,
             ),
             (
                 "w2s_resident_models",

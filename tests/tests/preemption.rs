@@ -1,10 +1,16 @@
 //! Long work never holds the device: while a maximal Generate, GeneratePairs or ScorePairs runs
-//! on the GPT-2-small preset (minutes of CPU work each), a health check answers within 1 s and
-//! a tiny ScorePairs within 2 s; a client that goes away stops its work; and the health
-//! watchdog reports NOT_SERVING while the device loop is stuck in one long step.
+//! on the GPT-2-small preset (minutes of CPU work each), health checks and tiny ScorePairs are
+//! answered within a few uninterruptible passes and the long work is still running; a client
+//! that goes away stops its work; and the health watchdog reports NOT_SERVING while the device
+//! loop is stuck in one long step.
+//!
+//! The waits are measured against the length of one uninterruptible pass on this machine at
+//! this moment (CI runs other tests beside these, on two cores), not against fixed times.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use model_server::metrics::Metrics;
 use model_server::{RunningServer, ServerConfig, W2sClient};
 use superficial_tests::health;
 use tokio_stream::StreamExt;
@@ -39,23 +45,59 @@ fn tiny_pair_request() -> pb::ScorePairsRequest {
     }
 }
 
-/// Health within 1 s and a tiny ScorePairs within 2 s, three times over, while `what` runs.
-async fn short_requests_are_served(url: &str, client: &W2sClient, what: &str) {
+/// One side of the maximal ScorePairs request: ~110 byte-level tokens.
+fn long_side(side: &str) -> String {
+    format!("{side} {}", "word ".repeat(20))
+}
+
+/// How long a short request may wait while long work runs: it waits for the pass in progress
+/// (at most one `big` pass of `max_batch_tokens`), then for its own. Measured here as the
+/// median of three idle one-pair ScorePairs on `big` (two such passes), times four, and never
+/// below 2 s. The long requests below run for minutes, so any such bound shows they are
+/// sliced.
+async fn patience(client: &W2sClient) -> Duration {
+    let mut times = Vec::new();
+    for i in 0..3 {
+        let started = Instant::now();
+        client
+            .score_pairs(pb::ScorePairsRequest {
+                model: "big".into(),
+                pairs: vec![pb::PreferencePair {
+                    prompt: format!("question {i}"),
+                    chosen: long_side("yes"),
+                    rejected: long_side("no"),
+                }],
+                scoring: pb::PairScoring::MeanLogprob as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    let patience = (times[1] * 4).max(Duration::from_secs(2));
+    eprintln!(
+        "two idle passes of big: {:.0} ms; patience {:.1} s",
+        times[1].as_secs_f64() * 1e3,
+        patience.as_secs_f64()
+    );
+    patience
+}
+
+/// Health and a tiny ScorePairs within `patience`, three times over, while `what` runs.
+async fn short_requests_are_served(url: &str, client: &W2sClient, patience: Duration, what: &str) {
     for round in 0..3 {
         let started = Instant::now();
-        let status = tokio::time::timeout(Duration::from_secs(1), health(url))
+        let status = tokio::time::timeout(patience, health(url))
             .await
-            .unwrap_or_else(|_| panic!("{what}, round {round}: health took over 1 s"));
+            .unwrap_or_else(|_| panic!("{what}, round {round}: health took over {patience:?}"));
         assert_eq!(status, ServingStatus::Serving, "{what}");
         let health_took = started.elapsed();
         let started = Instant::now();
-        let Ok(scores) = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.score_pairs(tiny_pair_request()),
-        )
-        .await
+        let Ok(scores) =
+            tokio::time::timeout(patience, client.score_pairs(tiny_pair_request())).await
         else {
-            panic!("{what}, round {round}: tiny ScorePairs took over 2 s");
+            panic!("{what}, round {round}: tiny ScorePairs took over {patience:?}");
         };
         let scores = scores.unwrap();
         assert_eq!(scores.scores.len(), 1);
@@ -68,20 +110,24 @@ async fn short_requests_are_served(url: &str, client: &W2sClient, what: &str) {
     }
 }
 
-/// The device is idle again: a tiny request is served at once (the abandoned work was dropped,
-/// not left running to its end).
-async fn abandoned_work_stops(client: &W2sClient, what: &str) {
-    // The server notices a gone client at its next slice.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+/// The abandoned work was dropped, not left running to its end: the worker's task count falls
+/// to zero well before the work could have finished (it had minutes left), and the device
+/// serves again.
+async fn abandoned_work_stops(metrics: &Arc<Metrics>, client: &W2sClient, what: &str) {
     let started = Instant::now();
-    for _ in 0..5 {
-        client.score_pairs(tiny_pair_request()).await.unwrap();
+    while metrics.active_tasks.get() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: 30 s after the client left, the worker still runs {} tasks",
+            metrics.active_tasks.get()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let each = started.elapsed() / 5;
-    assert!(
-        each < Duration::from_millis(500),
-        "{what}: after the client left, a tiny ScorePairs still took {each:?}"
+    eprintln!(
+        "{what}: the worker dropped the abandoned work {:.0} ms after the client left",
+        started.elapsed().as_secs_f64() * 1e3
     );
+    client.score_pairs(tiny_pair_request()).await.unwrap();
 }
 
 /// A server on `dir` (after `adjust` on its config) with the GPT-2-small preset as `big`.
@@ -112,10 +158,12 @@ async fn maximal_requests_leave_room_for_short_ones() {
         config.max_batch_tokens = 128;
     })
     .await;
+    let metrics = server.metrics();
     client
         .load_model(preset("tiny", "tiny-gpt2", true))
         .await
         .unwrap();
+    let patience = patience(&client).await;
 
     // Generate: 1000 new tokens of GPT-2-small (the 1024-position limit).
     let mut stream = client
@@ -132,9 +180,14 @@ async fn maximal_requests_leave_room_for_short_ones() {
         .unwrap()
         .into_inner();
     stream.next().await.unwrap().unwrap(); // running
-    short_requests_are_served(&url, &client, "Generate").await;
+    short_requests_are_served(&url, &client, patience, "Generate").await;
+    assert_eq!(
+        metrics.active_tasks.get(),
+        1,
+        "the generation is still running"
+    );
     drop(stream);
-    abandoned_work_stops(&client, "Generate").await;
+    abandoned_work_stops(&metrics, &client, "Generate").await;
 
     // GeneratePairs: 4 prompts x 16 samples x 1000 tokens (the generated-token limit).
     let pairs = {
@@ -154,19 +207,19 @@ async fn maximal_requests_leave_room_for_short_ones() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    short_requests_are_served(&url, &client, "GeneratePairs").await;
+    short_requests_are_served(&url, &client, patience, "GeneratePairs").await;
+    assert!(!pairs.is_finished(), "GeneratePairs is still running");
     pairs.abort();
-    abandoned_work_stops(&client, "GeneratePairs").await;
+    abandoned_work_stops(&metrics, &client, "GeneratePairs").await;
 
     // ScorePairs: the most pairs a request may carry, each side ~110 tokens of GPT-2-small.
-    let long = |side: &str| format!("{side} {}", "word ".repeat(20));
     let scoring = {
         let mut inference = client.inference.clone();
         let pairs = (0..4096)
             .map(|i| pb::PreferencePair {
                 prompt: format!("question {i}"),
-                chosen: long("yes"),
-                rejected: long("no"),
+                chosen: long_side("yes"),
+                rejected: long_side("no"),
             })
             .collect();
         tokio::spawn(async move {
@@ -181,9 +234,13 @@ async fn maximal_requests_leave_room_for_short_ones() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    short_requests_are_served(&url, &client, "ScorePairs").await;
+    short_requests_are_served(&url, &client, patience, "ScorePairs").await;
+    assert!(
+        !scoring.is_finished(),
+        "the maximal ScorePairs is still running"
+    );
     scoring.abort();
-    abandoned_work_stops(&client, "ScorePairs").await;
+    abandoned_work_stops(&metrics, &client, "ScorePairs").await;
     server.shutdown().await.unwrap();
 }
 

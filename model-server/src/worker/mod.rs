@@ -3,7 +3,8 @@
 //! answered on oneshot channels; the async side never touches tensors.
 //!
 //! Scheduling, one turn of the loop: drain every queued command; hand the ones carrying text
-//! to the tokenizer thread (they come back encoded as one `Tokenized` message per group) and
+//! to a tokenizer thread (small or bulk lane; each lane's share of a group comes back encoded
+//! as one `Tokenized` message), or encode them here when they carry at most 4 KiB of text, and
 //! answer the rest in order; turn encoded work into tasks, grouping scoring requests for the
 //! same model into shared forward passes under a token budget (dynamic batching; padding never
 //! changes a sequence's result); advance the tasks round-robin, one forward pass each, until
@@ -14,7 +15,7 @@
 //! loop made progress, for the health watchdog.
 //!
 //! - this file: the command types, the handle, the loop, the model registry;
-//! - [`tokenize`]: the tokenizer thread and the encoding rules of every request;
+//! - [`tokenize`]: the tokenizer threads and the encoding rules of every request;
 //! - [`inference`]: the resumable tasks (scoring batches, DPO, generation, preference pairs);
 //! - [`training`]: the queue of training jobs, one step at a time, persistence.
 
@@ -42,7 +43,10 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::jobs::{JobEvent, JobPaths, JobSpec, JobStatus};
 use crate::metrics::Metrics;
 use inference::{BatchTask, DpoTask, GenerateTask, PairsTask, Progress, Task};
-use tokenize::{Contexts, TokenizeContext, Tokenized, TokenizerHandle, needs_tokenizing};
+use tokenize::{
+    Contexts, INLINE_TEXT_BYTES, TokenizeContext, Tokenized, TokenizerHandle, needs_tokenizing,
+    text_bytes,
+};
 
 /// Where a model's weights come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -530,6 +534,7 @@ impl Worker {
                 return;
             }
             self.advance_tasks();
+            self.metrics.active_tasks.set(self.tasks.len() as i64);
             self.guarded("training step", Worker::train_one_step);
             self.heartbeat.beat(true);
         }
@@ -541,7 +546,12 @@ impl Worker {
         let mut encoded = Vec::new();
         for job in pending {
             if needs_tokenizing(&job.command) {
-                to_tokenize.push(job);
+                if text_bytes(&job.command) <= INLINE_TEXT_BYTES {
+                    // Encoded against the same models as if it had waited for a lane.
+                    encoded.extend(tokenize::encode(job, &self.contexts));
+                } else {
+                    to_tokenize.push(job);
+                }
                 continue;
             }
             // Requests ahead of a command are encoded against the models before it runs.

@@ -1,9 +1,13 @@
-//! Tokenization off the device thread. The worker hands every request that carries text to one
+//! Tokenization off the device thread. The worker hands every request that carries text to a
 //! tokenizer thread together with a snapshot of the resident models' tokenizers and limits
 //! ([`Contexts`]); the thread encodes and validates the texts (errors name the field and are
 //! answered from there) and sends the encoded work back to the worker's own queue as one
 //! [`Command::Tokenized`] message per group, so requests that arrived together are still
-//! batched together. A 256 KB prompt costs the device nothing.
+//! batched together. A 256 KB prompt costs the device nothing, and two lanes (small and bulk
+//! requests) keep a one-pair request from waiting behind the encoding of a 4096-pair one.
+//! Requests with at most 4 KiB of text skip the threads: the device thread encodes them in
+//! microseconds ([`encode`]), which spares them a turn of the loop (one more pass of any long
+//! work) spent waiting for the encoded result.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -421,71 +425,120 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
     }
 }
 
-/// The tokenizer thread's end of the handoff.
+/// Requests with at most this much text are encoded on the device thread itself, in
+/// microseconds: a round trip through a tokenizer thread would cost them one more forward pass
+/// of whatever long work is running.
+pub(super) const INLINE_TEXT_BYTES: usize = 4 * 1024;
+
+/// Requests whose texts together exceed this go to the bulk lane: a batch of long dialogues
+/// takes the tokenizer hundreds of milliseconds, which a one-pair request should not wait for.
+const BULK_TEXT_BYTES: usize = 32 * 1024;
+
+/// The bytes of text a command carries (what its encoding costs, roughly).
+pub(super) fn text_bytes(command: &Command) -> usize {
+    let total = |texts: &[String]| texts.iter().map(String::len).sum::<usize>();
+    match command {
+        Command::Logprobs(job, _) => total(&job.texts),
+        Command::ScoreTexts(job, _) => total(&job.texts),
+        Command::Score(job, _) => job
+            .pairs
+            .iter()
+            .map(|p| p.prompt.len() + p.chosen.len() + p.rejected.len())
+            .sum(),
+        Command::Generate(job, _) => job.prompt.len(),
+        Command::Pairs(job, _) => total(&job.prompts),
+        _ => 0,
+    }
+}
+
+/// The tokenizer threads' end of the handoff: one lane for small requests and one for bulk
+/// ones, so a short request is never queued behind a long encoding. Each lane keeps the order
+/// of what it is given; requests in different lanes were independent anyway.
 pub(super) struct TokenizerHandle {
-    sender: std::sync::mpsc::Sender<(Vec<Job>, Contexts)>,
+    small: std::sync::mpsc::Sender<(Vec<Job>, Contexts)>,
+    bulk: std::sync::mpsc::Sender<(Vec<Job>, Contexts)>,
 }
 
 impl TokenizerHandle {
-    /// Starts the thread. It holds only a weak sender to the worker's queue, so the worker
-    /// still stops once every [`WorkerHandle`] is gone.
+    /// Starts both lanes' threads. They hold only weak senders to the worker's queue, so the
+    /// worker still stops once every [`WorkerHandle`] is gone.
     pub(super) fn spawn(worker: mpsc::WeakSender<Job>) -> std::io::Result<Self> {
-        let (sender, receiver) = std::sync::mpsc::channel::<(Vec<Job>, Contexts)>();
-        std::thread::Builder::new()
-            .name("w2s-tokenizer".into())
-            .spawn(move || {
-                for (jobs, contexts) in receiver {
-                    let span = jobs
-                        .first()
-                        .map(|j| j.span.clone())
-                        .unwrap_or_else(Span::none);
-                    let encoded: Vec<Tokenized> = jobs
-                        .into_iter()
-                        .filter_map(|job| {
-                            let span = job.span.clone();
-                            let _entered = span.enter();
-                            // A panic (a bug in a tokenizer) drops this request's reply, so its
-                            // client sees UNAVAILABLE; the thread keeps serving.
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                tokenize(job, &contexts)
-                            }))
-                            .unwrap_or_else(|_| {
-                                error!("tokenizer thread recovered from a panic");
-                                None
-                            })
-                        })
-                        .collect();
-                    if encoded.is_empty() {
-                        continue;
-                    }
-                    let Some(worker) = worker.upgrade() else {
-                        return;
-                    };
-                    let job = Job {
-                        command: Command::Tokenized(encoded),
-                        enqueued: Instant::now(),
-                        span,
-                    };
-                    // Waits for room: encoded work is never refused once accepted.
-                    if worker.blocking_send(job).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self { sender })
+        Ok(Self {
+            small: spawn_lane("w2s-tokenizer", worker.clone())?,
+            bulk: spawn_lane("w2s-tokenizer-bulk", worker)?,
+        })
     }
 
-    /// Hands a group of requests over; they come back as one [`Command::Tokenized`].
+    /// Hands a group of requests over; each lane's share comes back as one
+    /// [`Command::Tokenized`].
     pub(super) fn submit(&self, jobs: Vec<Job>, contexts: Contexts) {
-        if jobs.is_empty() {
-            return;
-        }
-        if let Err(std::sync::mpsc::SendError((jobs, _))) = self.sender.send((jobs, contexts)) {
-            // The thread is gone (a panic in a tokenizer): answering here beats hanging.
-            error!(
-                "tokenizer thread has stopped; refusing {} requests",
-                jobs.len()
-            );
+        let (bulk, small): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|job| text_bytes(&job.command) > BULK_TEXT_BYTES);
+        for (lane, jobs) in [(&self.small, small), (&self.bulk, bulk)] {
+            if jobs.is_empty() {
+                continue;
+            }
+            if let Err(std::sync::mpsc::SendError((jobs, _))) = lane.send((jobs, contexts.clone()))
+            {
+                // The thread is gone (a panic in a tokenizer): dropping the replies answers
+                // UNAVAILABLE, which beats hanging.
+                error!(
+                    "tokenizer thread has stopped; refusing {} requests",
+                    jobs.len()
+                );
+            }
         }
     }
+}
+
+/// Encodes one request in its span; `None` when it was answered (an error) or its client has
+/// gone. A panic (a bug in a tokenizer) drops this request's reply, so its client sees
+/// UNAVAILABLE; the caller keeps serving.
+pub(super) fn encode(job: Job, contexts: &Contexts) -> Option<Tokenized> {
+    let span = job.span.clone();
+    let _entered = span.enter();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokenize(job, contexts)))
+        .unwrap_or_else(|_| {
+            error!("a tokenizer panicked; the request was dropped");
+            None
+        })
+}
+
+/// One tokenizer thread: encodes each group it receives and sends the result to the worker.
+fn spawn_lane(
+    name: &str,
+    worker: mpsc::WeakSender<Job>,
+) -> std::io::Result<std::sync::mpsc::Sender<(Vec<Job>, Contexts)>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<(Vec<Job>, Contexts)>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for (jobs, contexts) in receiver {
+                let span = jobs
+                    .first()
+                    .map(|j| j.span.clone())
+                    .unwrap_or_else(Span::none);
+                let encoded: Vec<Tokenized> = jobs
+                    .into_iter()
+                    .filter_map(|job| encode(job, &contexts))
+                    .collect();
+                if encoded.is_empty() {
+                    continue;
+                }
+                let Some(worker) = worker.upgrade() else {
+                    return;
+                };
+                let job = Job {
+                    command: Command::Tokenized(encoded),
+                    enqueued: Instant::now(),
+                    span,
+                };
+                // Waits for room: encoded work is never refused once accepted.
+                if worker.blocking_send(job).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(sender)
 }
