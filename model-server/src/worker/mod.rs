@@ -4,11 +4,12 @@
 //!
 //! Scheduling, one turn of the loop: drain every queued command; hand the ones carrying text
 //! to a tokenizer thread (small or bulk lane; each lane's share of a group comes back encoded
-//! as one `Tokenized` message), or encode them here when they carry at most 4 KiB of text, and
-//! answer the rest in order; turn encoded work into tasks, grouping scoring requests for the
-//! same model into shared forward passes under a token budget (dynamic batching; padding never
-//! changes a sequence's result); advance the tasks round-robin, one forward pass each, until
-//! the turn's slice (`--slice-ms`) is spent; run one step of the active training job; repeat.
+//! as one `Tokenized` message), or, while long work or a training job runs, encode them here
+//! when they carry at most 4 KiB of text; answer the rest in order; turn encoded work into
+//! tasks, grouping scoring requests for the same model into shared forward passes under a
+//! token budget (dynamic batching; padding never changes a sequence's result); advance the
+//! tasks round-robin, one forward pass each, until the turn's slice (`--slice-ms`) is spent;
+//! run one step of the active training job; repeat.
 //! So no request holds the device for longer than one forward pass plus one training step
 //! before queued requests are looked at again. Work whose client has gone (deadline passed,
 //! cancelled) is dropped between slices. A heartbeat ([`Heartbeat`]) records the last time the
@@ -544,9 +545,13 @@ impl Worker {
     fn serve_commands(&mut self, pending: VecDeque<Job>) -> bool {
         let mut to_tokenize = Vec::new();
         let mut encoded = Vec::new();
+        // With long work or a training job in progress, a request that waited for a tokenizer
+        // thread would wait one more pass or step; with the device otherwise idle the thread
+        // costs only a hand-off and can encode the next requests while the device computes.
+        let device_busy = !self.tasks.is_empty() || !self.queue.is_empty();
         for job in pending {
             if needs_tokenizing(&job.command) {
-                if text_bytes(&job.command) <= INLINE_TEXT_BYTES {
+                if device_busy && text_bytes(&job.command) <= INLINE_TEXT_BYTES {
                     // Encoded against the same models as if it had waited for a lane.
                     encoded.extend(tokenize::encode(job, &self.contexts));
                 } else {

@@ -5,9 +5,10 @@
 //! [`Command::Tokenized`] message per group, so requests that arrived together are still
 //! batched together. A 256 KB prompt costs the device nothing, and two lanes (small and bulk
 //! requests) keep a one-pair request from waiting behind the encoding of a 4096-pair one.
-//! Requests with at most 4 KiB of text skip the threads: the device thread encodes them in
-//! microseconds ([`encode`]), which spares them a turn of the loop (one more pass of any long
-//! work) spent waiting for the encoded result.
+//! While long work or a training job runs, requests with at most 4 KiB of text skip the
+//! threads: the device thread encodes them in microseconds ([`encode`]), which spares them a
+//! turn of the loop (one more pass or step) spent waiting for the encoded result. With the
+//! device otherwise idle they take the small lane, which encodes while the device computes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -425,9 +426,9 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
     }
 }
 
-/// Requests with at most this much text are encoded on the device thread itself, in
-/// microseconds: a round trip through a tokenizer thread would cost them one more forward pass
-/// of whatever long work is running.
+/// While long work runs, requests with at most this much text are encoded on the device thread
+/// itself, in microseconds: a round trip through a tokenizer thread would cost them one more
+/// forward pass or training step.
 pub(super) const INLINE_TEXT_BYTES: usize = 4 * 1024;
 
 /// Requests whose texts together exceed this go to the bulk lane: a batch of long dialogues
