@@ -45,9 +45,21 @@ fn tiny_pair_request() -> pb::ScorePairsRequest {
     }
 }
 
-/// One side of the maximal ScorePairs request: ~110 byte-level tokens.
-fn long_side(side: &str) -> String {
-    format!("{side} {}", "word ".repeat(20))
+/// A ScorePairs on `big` of `pairs` pairs whose sides are ~110 byte-level tokens each.
+fn long_pairs_request(pairs: usize) -> pb::ScorePairsRequest {
+    let long = |side: &str| format!("{side} {}", "word ".repeat(20));
+    pb::ScorePairsRequest {
+        model: "big".into(),
+        pairs: (0..pairs)
+            .map(|i| pb::PreferencePair {
+                prompt: format!("question {i}"),
+                chosen: long("yes"),
+                rejected: long("no"),
+            })
+            .collect(),
+        scoring: pb::PairScoring::MeanLogprob as i32,
+        ..Default::default()
+    }
 }
 
 /// How long a short request may wait while long work runs: it waits for the pass in progress
@@ -57,21 +69,9 @@ fn long_side(side: &str) -> String {
 /// sliced.
 async fn patience(client: &W2sClient) -> Duration {
     let mut times = Vec::new();
-    for i in 0..3 {
+    for _ in 0..3 {
         let started = Instant::now();
-        client
-            .score_pairs(pb::ScorePairsRequest {
-                model: "big".into(),
-                pairs: vec![pb::PreferencePair {
-                    prompt: format!("question {i}"),
-                    chosen: long_side("yes"),
-                    rejected: long_side("no"),
-                }],
-                scoring: pb::PairScoring::MeanLogprob as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        client.score_pairs(long_pairs_request(1)).await.unwrap();
         times.push(started.elapsed());
     }
     times.sort();
@@ -215,23 +215,8 @@ async fn maximal_requests_leave_room_for_short_ones() {
     // ScorePairs: the most pairs a request may carry, each side ~110 tokens of GPT-2-small.
     let scoring = {
         let mut inference = client.inference.clone();
-        let pairs = (0..4096)
-            .map(|i| pb::PreferencePair {
-                prompt: format!("question {i}"),
-                chosen: long_side("yes"),
-                rejected: long_side("no"),
-            })
-            .collect();
-        tokio::spawn(async move {
-            inference
-                .score_pairs(pb::ScorePairsRequest {
-                    model: "big".into(),
-                    pairs,
-                    scoring: pb::PairScoring::MeanLogprob as i32,
-                    ..Default::default()
-                })
-                .await
-        })
+        let request = long_pairs_request(4096);
+        tokio::spawn(async move { inference.score_pairs(request).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     short_requests_are_served(&url, &client, patience, "ScorePairs").await;

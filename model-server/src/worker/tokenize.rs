@@ -452,12 +452,15 @@ pub(super) fn text_bytes(command: &Command) -> usize {
     }
 }
 
+/// What a lane receives: a group of requests and the models they are encoded against.
+type LaneMessage = (Vec<Job>, Contexts);
+
 /// The tokenizer threads' end of the handoff: one lane for small requests and one for bulk
 /// ones, so a short request is never queued behind a long encoding. Each lane keeps the order
 /// of what it is given; requests in different lanes were independent anyway.
 pub(super) struct TokenizerHandle {
-    small: std::sync::mpsc::Sender<(Vec<Job>, Contexts)>,
-    bulk: std::sync::mpsc::Sender<(Vec<Job>, Contexts)>,
+    small: std::sync::mpsc::Sender<LaneMessage>,
+    bulk: std::sync::mpsc::Sender<LaneMessage>,
 }
 
 impl TokenizerHandle {
@@ -510,8 +513,8 @@ pub(super) fn encode(job: Job, contexts: &Contexts) -> Option<Tokenized> {
 fn spawn_lane(
     name: &str,
     worker: mpsc::WeakSender<Job>,
-) -> std::io::Result<std::sync::mpsc::Sender<(Vec<Job>, Contexts)>> {
-    let (sender, receiver) = std::sync::mpsc::channel::<(Vec<Job>, Contexts)>();
+) -> std::io::Result<std::sync::mpsc::Sender<LaneMessage>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<LaneMessage>();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
