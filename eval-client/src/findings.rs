@@ -9,26 +9,36 @@ use serde::Serialize;
 
 use crate::report::{Comparison, Report};
 
-/// Two-sided 95% Student-t critical value for `df` degrees of freedom.
-pub fn t95(df: usize) -> f64 {
-    const TABLE: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
-    match df {
-        0 => f64::NAN,
-        1..=10 => TABLE[df - 1],
-        11..=20 => 2.12,
-        21..=30 => 2.06,
-        _ => 1.96,
+/// The `p`-quantile of Student's t with `df` degrees of freedom (NaN for `df` = 0).
+pub fn t_quantile(p: f64, df: usize) -> f64 {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    match StudentsT::new(0.0, 1.0, df as f64) {
+        Ok(t) if df > 0 => t.inverse_cdf(p),
+        _ => f64::NAN,
     }
 }
 
-/// A mean over seeds with its 95% t-interval half-width (`None` below two seeds).
+/// Two-sided 95% Student-t critical value for `df` degrees of freedom.
+pub fn t95(df: usize) -> f64 {
+    t_quantile(0.975, df)
+}
+
+/// Power of the across-draw test for which [`SeedInterval::mde`] is stated.
+pub const MDE_POWER: f64 = 0.8;
+
+/// A mean over seeds with its 95% t-interval half-width (`None` below two seeds). In the
+/// sandbox every seed is its own pretraining draw, so the spread covers pretraining and
+/// fine-tuning and the per-draw values are independent: the t-interval over draws is the
+/// random-effects answer (each draw's pooled value already carries its own sampling noise).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SeedInterval {
     pub mean: f64,
     pub half_width: Option<f64>,
     pub seeds: usize,
+    /// Minimal detectable effect of this design: the true mean a two-sided 5 % t-test over
+    /// these draws finds with 80 % power, `(t(0.975, n−1) + t(0.8, n−1)) · s / √n`. A "not
+    /// reproduced" reads as "smaller than this, if present".
+    pub mde: Option<f64>,
 }
 
 impl SeedInterval {
@@ -39,14 +49,15 @@ impl SeedInterval {
             return None;
         }
         let mean = values.iter().sum::<f64>() / n as f64;
-        let half_width = (n >= 2).then(|| {
+        let se = (n >= 2).then(|| {
             let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-            t95(n - 1) * (var / n as f64).sqrt()
+            (var / n as f64).sqrt()
         });
         Some(Self {
             mean,
-            half_width,
+            half_width: se.map(|se| t95(n - 1) * se),
             seeds: n,
+            mde: se.map(|se| (t95(n - 1) + t_quantile(MDE_POWER, n - 1)) * se),
         })
     }
 
@@ -230,6 +241,10 @@ pub struct FindingRow {
     /// interval says whether they exclude 0, these show how consistent their sign is.
     pub per_seed: Vec<(u64, f64)>,
     pub verdict: &'static str,
+    /// Comparisons (pair × seed) the value rests on, and those left out because they carry no
+    /// evidence (a collapsed student or counterpart, a strong ceiling not above chance).
+    pub comparisons_used: usize,
+    pub comparisons_left_out: usize,
 }
 
 impl FindingRow {
@@ -248,7 +263,15 @@ impl FindingRow {
             value,
             per_seed,
             verdict: verdict(value, yes, no),
+            comparisons_used: 0,
+            comparisons_left_out: 0,
         }
+    }
+
+    fn counted(mut self, used: usize, left_out: usize) -> Self {
+        self.comparisons_used = used;
+        self.comparisons_left_out = left_out;
+        self
     }
 }
 
@@ -282,51 +305,73 @@ pub fn findings(report: &Report) -> Findings {
         grows_with_gap: Vec::new(),
         bootstrap_reduces: Vec::new(),
     };
-    for ((scenario, variant), cs) in conflict_variants(report) {
-        out.tax_in_blind_spot.push(FindingRow::new(
-            &scenario,
-            &variant,
-            pooled_excess_by_seed(&cs),
-            "reproduced: paid disproportionately in S_k ∩ W_uk",
-            "reversed: paid less than chance in S_k ∩ W_uk",
-        ));
-        out.grows_with_gap.push(FindingRow::new(
-            &scenario,
-            &variant,
-            slope_by_seed(&cs, |c| c.ds_new_excess),
-            "reproduced: grows with the gap",
-            "reversed: shrinks with the gap",
-        ));
-        let (chains, diffs) = bootstrap_differences(report, &scenario, &variant);
-        if chains > 0 && diffs.is_empty() {
+    for ((scenario, variant), all) in conflict_variants(report) {
+        let cs: Vec<&Comparison> = all
+            .iter()
+            .copied()
+            .filter(|c| c.no_evidence_reason().is_none())
+            .collect();
+        let left_out = all.len() - cs.len();
+        out.tax_in_blind_spot.push(
+            FindingRow::new(
+                &scenario,
+                &variant,
+                pooled_excess_by_seed(&cs),
+                "reproduced: paid disproportionately in S_k ∩ W_uk",
+                "reversed: paid less than chance in S_k ∩ W_uk",
+            )
+            .counted(cs.len(), left_out),
+        );
+        out.grows_with_gap.push(
+            FindingRow::new(
+                &scenario,
+                &variant,
+                slope_by_seed(&cs, |c| c.ds_new_excess),
+                "reproduced: grows with the gap",
+                "reversed: shrinks with the gap",
+            )
+            .counted(cs.len(), left_out),
+        );
+        let chains = bootstrap_differences(report, &scenario, &variant);
+        let used = chains.diffs.len();
+        if chains.chains > 0 && chains.diffs.is_empty() {
             out.bootstrap_reduces.push(FindingRow {
                 scenario,
                 variant,
                 value: None,
                 per_seed: Vec::new(),
-                verdict: "undefined: no seed where both the bootstrapped and the direct student make new mistakes under the conflict",
+                verdict: "undefined: no seed where both the bootstrapped and the direct student learned (neither collapsed) and make new mistakes under the conflict",
+                comparisons_used: 0,
+                comparisons_left_out: chains.chains,
             });
-        } else if !diffs.is_empty() {
-            out.bootstrap_reduces.push(FindingRow::new(
-                &scenario,
-                &variant,
-                diffs,
-                "reversed: bootstrapping increases it",
-                "reproduced: bootstrapping reduces it",
-            ));
+        } else if !chains.diffs.is_empty() {
+            out.bootstrap_reduces.push(
+                FindingRow::new(
+                    &scenario,
+                    &variant,
+                    chains.diffs,
+                    "reversed: bootstrapping increases it",
+                    "reproduced: bootstrapping reduces it",
+                )
+                .counted(used, chains.chains - used),
+            );
         }
     }
     out
 }
 
+/// The bootstrapped students of one conflict against their direct twins.
+struct ChainDifferences {
+    /// Bootstrapped conflict comparisons, defined or not.
+    chains: usize,
+    /// Per chain with evidence on both sides: (seed, bootstrapped − direct DS_new − chance).
+    diffs: Vec<(u64, f64)>,
+}
+
 /// Per (chain, seed): the bootstrapped student's DS_new − chance minus the direct student's
-/// for the same weak and strong model and conflict, with its seed; also how many bootstrapped
-/// comparisons there were (defined or not).
-fn bootstrap_differences(
-    report: &Report,
-    scenario: &str,
-    variant: &str,
-) -> (usize, Vec<(u64, f64)>) {
+/// for the same weak and strong model and conflict, with its seed, where both comparisons
+/// carry evidence (`Comparison::no_evidence_reason`).
+fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> ChainDifferences {
     let mut out = Vec::new();
     let mut chains = 0;
     for b in report.comparisons.iter().filter(|c| {
@@ -342,23 +387,30 @@ fn bootstrap_differences(
                 && c.strong == b.strong
                 && c.seed == b.seed
         });
-        if let (Some(x), Some(Some(y))) = (b.ds_new_excess, direct.map(|d| d.ds_new_excess)) {
+        let Some(direct) = direct else { continue };
+        if b.no_evidence_reason().is_some() || direct.no_evidence_reason().is_some() {
+            continue;
+        }
+        if let (Some(x), Some(y)) = (b.ds_new_excess, direct.ds_new_excess) {
             out.push((b.seed, x - y));
         }
     }
-    (chains, out)
+    ChainDifferences { chains, diffs: out }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Run;
+    use crate::run_folder::{Role, RunMeta, Scenario, Setting};
 
     #[test]
     fn seed_interval_by_hand() {
         let v = SeedInterval::of(&[1.0, 2.0, 3.0]).unwrap();
         assert_eq!(v.mean, 2.0);
-        // s = 1, se = 1/√3, t(2) = 4.303.
-        assert!((v.half_width.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+        // s = 1, se = 1/√3, t(0.975, 2) = 4.302653, t(0.8, 2) = 1.060660.
+        assert!((v.half_width.unwrap() - 4.302653 / 3f64.sqrt()).abs() < 1e-6);
+        assert!((v.mde.unwrap() - (4.302653 + 1.060660) / 3f64.sqrt()).abs() < 1e-6);
         assert_eq!(v.sign(), Some(0));
         assert_eq!(SeedInterval::of(&[0.5]).unwrap().half_width, None);
         assert_eq!(SeedInterval::of(&[0.5]).unwrap().sign(), None);
@@ -386,6 +438,152 @@ mod tests {
         assert_eq!(tight.per_seed[1], (3, 1.1));
         let one = FindingRow::new("r", "v", vec![(2, -0.5)], "yes", "no");
         assert!(one.verdict.starts_with("one seed"));
+    }
+
+    #[test]
+    fn t_quantiles_match_the_tables() {
+        // Two-sided 95% and one-sided 80% points of Student's t (any printed table).
+        for (df, t975, t80) in [
+            (1, 12.7062, 1.3764),
+            (2, 4.3027, 1.0607),
+            (7, 2.3646, 0.8960),
+            (30, 2.0423, 0.8538),
+        ] {
+            assert!((t95(df) - t975).abs() < 1e-4, "df {df}: {}", t95(df));
+            assert!((t_quantile(0.8, df) - t80).abs() < 1e-4, "df {df}");
+        }
+        assert!(t95(0).is_nan());
+    }
+
+    #[test]
+    fn the_detectable_effect_shrinks_with_draws_and_a_zero_effect_is_not_reproduced() {
+        // Eight draws scattered around 0: the interval includes 0, and the MDE says how large
+        // an effect this design would have caught.
+        let eight = [0.1, -0.1, 0.05, -0.05, 0.12, -0.08, 0.02, -0.06];
+        let v = SeedInterval::of(&eight).unwrap();
+        assert_eq!(v.sign(), Some(0));
+        let mde = v.mde.unwrap();
+        assert!(mde > v.half_width.unwrap());
+        // The same spread over three draws detects only larger effects.
+        let three = SeedInterval::of(&eight[..3]).unwrap();
+        let sd = |x: &SeedInterval| x.half_width.unwrap() / t95(x.seeds - 1);
+        assert!(
+            three.mde.unwrap() / sd(&three) > mde / sd(&v),
+            "fewer draws need a larger effect per standard error"
+        );
+    }
+
+    fn run(
+        id: &str,
+        model: &str,
+        weak: Option<&str>,
+        setting: Setting,
+        seed: u64,
+        p: Vec<f64>,
+    ) -> Run {
+        let n = p.len();
+        Run {
+            dir: id.into(),
+            meta: RunMeta {
+                run_id: id.into(),
+                scenario: Scenario::Reward,
+                role: if weak.is_some() {
+                    Role::W2s
+                } else {
+                    Role::WeakCeiling
+                },
+                model: model.into(),
+                weak_model: weak.map(str::to_string),
+                setting,
+                seed,
+                high_conf: false,
+                high_conf_peeks: false,
+                intermediate_model: None,
+                conflict_alpha: (setting == Setting::Explicit).then_some(0.5),
+                helpful_pairs: None,
+            },
+            correct: p.iter().map(|&x| x >= 0.5).collect(),
+            p_chosen: p,
+            // Even pairs: the human-chosen response complies (a safe request).
+            chosen_compliant: (0..n).map(|i| Some(i % 2 == 0)).collect(),
+        }
+    }
+
+    #[test]
+    fn comparisons_with_a_collapsed_student_are_left_out_of_the_findings() {
+        let n = 20;
+        let right = |wrong: &dyn Fn(usize) -> bool| -> Vec<f64> {
+            (0..n).map(|i| if wrong(i) { 0.1 } else { 0.9 }).collect()
+        };
+        let mut runs = Vec::new();
+        for seed in [0, 1] {
+            // The weak ceiling knows pairs 0..10, the strong one all of them.
+            runs.push(run(
+                &format!("w{seed}"),
+                "w",
+                None,
+                Setting::None,
+                seed,
+                right(&|i| i >= 10),
+            ));
+            runs.push(run(
+                &format!("s{seed}"),
+                "s",
+                None,
+                Setting::None,
+                seed,
+                right(&|_| false),
+            ));
+            runs.push(run(
+                &format!("n{seed}"),
+                "s",
+                Some("w"),
+                Setting::None,
+                seed,
+                right(&|_| false),
+            ));
+        }
+        // Seed 0: the conflict student gets pairs 10..14 wrong, all in S_k ∩ W_uk.
+        runs.push(run(
+            "e0",
+            "s",
+            Some("w"),
+            Setting::Explicit,
+            0,
+            right(&|i| (10..14).contains(&i)),
+        ));
+        // Seed 1: it prefers the compliant response on every pair (a constant policy).
+        runs.push(run(
+            "e1",
+            "s",
+            Some("w"),
+            Setting::Explicit,
+            1,
+            right(&|i| i % 2 == 1),
+        ));
+        let options = crate::report::ReportOptions {
+            bootstrap_resamples: 50,
+            ..Default::default()
+        };
+        let report = crate::report::build(&runs, &options, Vec::new());
+        let collapsed: Vec<&str> = report
+            .runs
+            .iter()
+            .filter(|r| r.policy_collapse.is_some())
+            .map(|r| r.run_id.as_str())
+            .collect();
+        assert_eq!(collapsed, ["e1"]);
+        let e1 = report
+            .comparisons
+            .iter()
+            .find(|c| c.run_id == "e1")
+            .unwrap();
+        assert!(crate::report::conflict_verdict(e1).contains("no verdict"));
+        let f = findings(&report);
+        let row = &f.tax_in_blind_spot[0];
+        assert_eq!((row.comparisons_used, row.comparisons_left_out), (1, 1));
+        // Only seed 0 counts: DS_new 1 against chance 10/20.
+        assert_eq!(row.per_seed, vec![(0, 0.5)]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The evaluation library behind `eval-client`: the run-folder contract shared with `trainer`,
-//! the study's metrics as pure functions, the
+//! the study's metrics as pure functions, policy-collapse detection, the
 //! report built from run folders, the findings across seeds, and the plots.
 
+pub mod collapse;
 pub mod findings;
 pub mod metrics;
 pub mod plots;

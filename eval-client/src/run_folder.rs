@@ -157,6 +157,11 @@ pub struct Prediction {
     /// The model's probability that the human-chosen response is preferred.
     pub p_chosen: f64,
     pub correct: bool,
+    /// Whether the human-chosen response is the one that complies with the request (from the
+    /// test data's `compliant` field; absent for data without it, such as HH-RLHF). With it a
+    /// reader can tell a policy that always complies from one that learned the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_compliant: Option<bool>,
 }
 
 /// One model's label of a training pair: `margin` = score(chosen) − score(rejected).
@@ -271,15 +276,32 @@ pub fn write_weak_labels(dir: &Path, labels: &[WeakLabel]) -> Result<()> {
     write_jsonl(&dir.join(WEAK_LABELS), labels)
 }
 
-/// Writes the test predictions from margins, then `results_summary.json` (which marks the run
-/// finished); returns the summary.
-pub fn finish(dir: &Path, test_margins: &[f64]) -> Result<ResultsSummary> {
+/// Writes the test predictions from margins (with each pair's `chosen_compliant`, in the same
+/// order; an empty slice when the data does not say), then `results_summary.json` (which marks
+/// the run finished); returns the summary.
+pub fn finish(
+    dir: &Path,
+    test_margins: &[f64],
+    chosen_compliant: &[Option<bool>],
+) -> Result<ResultsSummary> {
+    if !chosen_compliant.is_empty() && chosen_compliant.len() != test_margins.len() {
+        return Err(RunFolderError::new(
+            &dir.join(PREDICTIONS),
+            None,
+            format!(
+                "{} test margins but {} compliance marks",
+                test_margins.len(),
+                chosen_compliant.len()
+            ),
+        ));
+    }
     let predictions: Vec<Prediction> = labels_from_margins(test_margins)
         .into_iter()
         .map(|l| Prediction {
             id: l.id,
             p_chosen: l.p_chosen,
             correct: l.correct,
+            chosen_compliant: chosen_compliant.get(l.id).copied().flatten(),
         })
         .collect();
     write_jsonl(&dir.join(PREDICTIONS), &predictions)?;
@@ -302,7 +324,12 @@ mod tests {
     fn a_finished_run_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_finished(dir.path()));
-        let summary = finish(dir.path(), &[0.5, -1.0, 0.0, 2.0]).unwrap();
+        let summary = finish(
+            dir.path(),
+            &[0.5, -1.0, 0.0, 2.0],
+            &[Some(true), Some(false), None, Some(true)],
+        )
+        .unwrap();
         assert!(is_finished(dir.path()));
         assert_eq!(summary.n, 4);
         assert_eq!(summary.accuracy, 0.75);
@@ -312,6 +339,9 @@ mod tests {
             vec![true, false, true, true]
         );
         assert!((predictions[0].p_chosen - sigmoid(0.5)).abs() < 1e-12);
+        assert_eq!(predictions[1].chosen_compliant, Some(false));
+        assert_eq!(predictions[2].chosen_compliant, None);
+        assert!(finish(dir.path(), &[0.5], &[None, None]).is_err());
         // No temporary files are left behind.
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -126,6 +126,41 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         assert!(!rows.is_empty(), "{split}");
     }
     assert!(a.path().join("world/tokenizer/tokenizer.json").is_file());
+    // Every run's compliant share and collapse class equal a recomputation from its
+    // predictions.jsonl and the world's test file.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outcome.report_dir.join("report.json")).unwrap())
+            .unwrap();
+    let test_rows =
+        trainer::data::read_hh_jsonl(&a.path().join("world/harmless_test.jsonl"), None).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 8);
+    for run in runs {
+        let id = run["run_id"].as_str().unwrap();
+        let predictions =
+            eval_client::run_folder::read_predictions(&a.path().join("runs").join(id)).unwrap();
+        assert_eq!(predictions.len(), test_rows.len(), "{id}");
+        let complied = predictions
+            .iter()
+            .zip(&test_rows)
+            .filter(|(p, row)| {
+                (p.p_chosen >= 0.5) == (row.compliant == Some(trainer::data::Side::Chosen))
+            })
+            .count();
+        let share = complied as f64 / test_rows.len() as f64;
+        assert!(
+            (run["compliant_share"].as_f64().unwrap() - share).abs() < 1e-12,
+            "{id}: {run}"
+        );
+        let expected = if share >= eval_client::collapse::COLLAPSE_THRESHOLD {
+            serde_json::json!("always_comply")
+        } else if share <= 1.0 - eval_client::collapse::COLLAPSE_THRESHOLD {
+            serde_json::json!("always_refuse")
+        } else {
+            serde_json::Value::Null
+        };
+        assert_eq!(run["policy_collapse"], expected, "{id}");
+    }
 
     // The second time spread over two servers that share no folder with the trainer (models,
     // datasets, weak labels and predictions travel over gRPC), and server 1 stops in the

@@ -585,7 +585,18 @@ impl<'a> Study<'a> {
     }
 
     fn finish_run(&mut self, dir: &Path, test_margins: &[f64]) -> Result<f64> {
-        let summary = contract::finish(dir, test_margins)?;
+        let chosen_compliant: Vec<Option<bool>> = self
+            .data
+            .test
+            .iter()
+            .map(|pair| pair.compliant.map(|side| side == crate::data::Side::Chosen))
+            .collect();
+        let chosen_compliant = if chosen_compliant.iter().any(Option::is_some) {
+            chosen_compliant
+        } else {
+            Vec::new()
+        };
+        let summary = contract::finish(dir, test_margins, &chosen_compliant)?;
         self.progress.run_done();
         self.progress.line(&format!(
             "  accuracy {:.4} on {} test pairs",
