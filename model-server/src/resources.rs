@@ -28,7 +28,7 @@ pub fn host_memory() -> Option<(u64, u64)> {
 
 /// Bytes the weights of a model with `config` take in `dtype`.
 pub fn weight_bytes(config: &ModelConfig, dtype: DType) -> u64 {
-    parameter_count(config) as u64 * dtype.size_in_bytes() as u64
+    (parameter_count(config) as u64).saturating_mul(dtype.size_in_bytes() as u64)
 }
 
 /// The config of a model folder, for an estimate before loading (errors are left to the load).

@@ -179,6 +179,25 @@ async fn random_inits_are_made_on_the_server_and_bad_uploads_leave_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A config claiming 2^40 layers is refused at once and the server stays up (it once built
+    // a per-layer list of that length for the memory check and aborted).
+    let mut huge = ModelConfig::preset("tiny-opt").unwrap().to_hf_json();
+    huge["num_hidden_layers"] = serde_json::json!(1u64 << 40);
+    let status = client
+        .models
+        .clone()
+        .load_model(pb::LoadModelRequest {
+            source: Some(Source::RandomInit(pb::RandomInit {
+                config_json: huge.to_string(),
+                tokenizer_json: String::new(),
+            })),
+            ..load("huge")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("layers"), "{status:?}");
+    assert!(client.list_models().await.is_ok());
     let status = client
         .models
         .clone()

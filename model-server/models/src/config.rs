@@ -7,6 +7,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
+/// Upper bounds on every dimension of a config, checked before anything that scales with them
+/// (memory estimates, layouts, allocation). Each sits far above the largest supported real
+/// model (GPT-2 XL: vocab 50257, width 1600, 48 layers, 1024 positions; OPT-6.7b: width 4096,
+/// 32 layers, 2048 positions, FFN 16384), so they refuse only configs no checkpoint has.
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_LAYERS: usize = 512;
+pub const MAX_POSITIONS: usize = 1 << 16;
+pub const MAX_FFN: usize = 1 << 18;
+/// At most this many parameters (about 137 billion; OPT-6.7b has 6.7 billion).
+pub const MAX_PARAMETERS: u64 = 1 << 37;
+
 fn default_true() -> bool {
     true
 }
@@ -205,6 +217,29 @@ impl ModelConfig {
         if vocab == 0 || width == 0 || heads == 0 || layers == 0 || positions == 0 {
             return bad("vocab size, width, heads, layers and positions must be positive".into());
         }
+        let ffn = match self {
+            ModelConfig::Gpt2(c) => c.n_inner.unwrap_or(4 * width.min(MAX_WIDTH)),
+            ModelConfig::Opt(c) => c.ffn_dim,
+        };
+        let embed = match self {
+            ModelConfig::Gpt2(_) => width,
+            ModelConfig::Opt(c) => c.embed_dim(),
+        };
+        for (what, value, limit) in [
+            ("vocab size", vocab, MAX_VOCAB),
+            ("width", width, MAX_WIDTH),
+            ("heads", heads, MAX_WIDTH),
+            ("layers", layers, MAX_LAYERS),
+            ("positions", positions, MAX_POSITIONS),
+            ("FFN width", ffn, MAX_FFN),
+            ("embedding width", embed, MAX_WIDTH),
+        ] {
+            if value > limit {
+                return bad(format!(
+                    "{what} {value} is above this server's limit of {limit}"
+                ));
+            }
+        }
         if width % heads != 0 {
             return bad(format!("width {width} is not divisible by {heads} heads"));
         }
@@ -223,7 +258,23 @@ impl ModelConfig {
                 );
             }
         }
-        Ok(())
+        match crate::model::checked_parameter_count(self) {
+            Some(n) if n <= MAX_PARAMETERS => Ok(()),
+            Some(n) => bad(format!(
+                "{n} parameters is above this server's limit of {MAX_PARAMETERS}"
+            )),
+            None => bad("the parameter count overflows".into()),
+        }
+    }
+
+    /// The same architecture with `layers` layers (every layer has the same shapes).
+    pub fn with_layers(&self, layers: usize) -> Self {
+        let mut config = self.clone();
+        match &mut config {
+            ModelConfig::Gpt2(c) => c.n_layer = layers,
+            ModelConfig::Opt(c) => c.num_hidden_layers = layers,
+        }
+        config
     }
 
     pub fn architecture(&self) -> Architecture {
@@ -383,6 +434,60 @@ mod tests {
             let back = ModelConfig::from_json_str(&json, Path::new("mem")).unwrap();
             assert_eq!(back, config, "{name}");
         }
+    }
+
+    #[test]
+    fn the_closed_form_parameter_count_equals_the_layout_sum() {
+        for name in ModelConfig::PRESETS {
+            let config = ModelConfig::preset(name).unwrap();
+            for layers in [1, 3, 7] {
+                let config = config.with_layers(layers);
+                let by_layout: usize = crate::model::parameter_layout(&config)
+                    .iter()
+                    .map(|(_, shape, _)| shape.iter().product::<usize>())
+                    .sum();
+                assert_eq!(
+                    crate::model::checked_parameter_count(&config),
+                    Some(by_layout as u64),
+                    "{name} with {layers} layers"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_dimensions_are_refused_before_anything_scales_with_them() {
+        let base = ModelConfig::preset("tiny-gpt2").unwrap().to_hf_json();
+        for (field, value, needle) in [
+            ("n_layer", serde_json::json!(1u64 << 40), "layers"),
+            ("n_layer", serde_json::json!(u64::MAX), "layers"),
+            ("n_embd", serde_json::json!(u64::MAX), "width"),
+            ("vocab_size", serde_json::json!(1u64 << 30), "vocab"),
+            ("n_positions", serde_json::json!(1u64 << 40), "positions"),
+            ("n_inner", serde_json::json!(1u64 << 40), "FFN"),
+        ] {
+            let mut json = base.clone();
+            json[field] = value;
+            let started = std::time::Instant::now();
+            let err = ModelConfig::from_json_str(&json.to_string(), Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("limit"),
+                "{field}: {err}"
+            );
+            // No layout of the claimed size is built (that took minutes and all memory).
+            assert!(started.elapsed().as_secs() < 5, "{field}");
+        }
+        // Every dimension within its bound, the product above the parameter limit.
+        let mut json = base.clone();
+        json["n_embd"] = serde_json::json!(MAX_WIDTH);
+        json["n_head"] = serde_json::json!(16);
+        json["n_layer"] = serde_json::json!(MAX_LAYERS);
+        let err = ModelConfig::from_json_str(&json.to_string(), Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("parameters"), "{err}");
     }
 
     #[test]

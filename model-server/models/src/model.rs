@@ -24,10 +24,35 @@ enum Body {
 /// Names, shapes and initialisers of the parameters of `config` (no reward head).
 /// Number of trainable parameters of an architecture (without a reward head).
 pub fn parameter_count(config: &ModelConfig) -> usize {
-    parameter_layout(config)
-        .iter()
-        .map(|(_, shape, _)| shape.iter().product::<usize>())
-        .sum()
+    checked_parameter_count(config)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// The parameter count in closed form: the layouts of a one- and a two-layer model give the
+/// parameters outside the layers and per layer, so the cost does not grow with the depth the
+/// config claims (an untrusted config may claim 2^40 layers). `None` on overflow.
+pub fn checked_parameter_count(config: &ModelConfig) -> Option<u64> {
+    let count = |layers: usize| -> Option<u64> {
+        parameter_layout(&config.with_layers(layers))
+            .iter()
+            .try_fold(0u64, |sum, (_, shape, _)| {
+                let size = shape
+                    .iter()
+                    .try_fold(1u64, |p, &d| p.checked_mul(u64::try_from(d).ok()?))?;
+                sum.checked_add(size)
+            })
+    };
+    let (one, two) = (count(1)?, count(2)?);
+    let per_layer = two.checked_sub(one)?;
+    let outside = one.checked_sub(per_layer)?;
+    let layers = match config {
+        ModelConfig::Gpt2(c) => c.n_layer,
+        ModelConfig::Opt(c) => c.num_hidden_layers,
+    };
+    per_layer
+        .checked_mul(u64::try_from(layers).ok()?)?
+        .checked_add(outside)
 }
 
 pub fn parameter_layout(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
