@@ -138,8 +138,9 @@ pub struct ServerConfig {
     /// Most gRPC connections open at once; further peers wait in the listen backlog.
     #[arg(long, env = "W2S_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
-    /// Seconds a new connection may stay silent before it is closed (so sockets that never
-    /// speak cannot use up the descriptors).
+    /// Seconds a new connection has to send its handshake bytes (the HTTP/2 preface and its
+    /// first SETTINGS frame) before it is closed, so sockets that never speak, or speak a byte
+    /// at a time, cannot hold the connection permits or use up the descriptors.
     #[arg(long, env = "W2S_FIRST_BYTES_SECONDS", default_value_t = 10.0)]
     pub first_bytes_seconds: f64,
 }

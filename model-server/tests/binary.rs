@@ -216,6 +216,52 @@ fn sigterm_with_a_watch_open_exits_within_the_drain_limit() {
     );
 }
 
+/// Connections that start the handshake and stall (one byte; the HTTP/2 preface alone) hold
+/// every connection permit: they are closed after `--first-bytes-seconds`, and a new client is
+/// served.
+#[test]
+fn stalled_handshakes_do_not_lock_out_a_new_client() {
+    use std::io::Write as _;
+    let data = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_model-server"));
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data.path().display().to_string(),
+        "--max-connections",
+        "16",
+        "--first-bytes-seconds",
+        "1",
+    ]);
+    let (mut child, addr, _logs) = start_command(command);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let stalled: Vec<std::net::TcpStream> = (0..32)
+        .filter_map(|i| {
+            let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+            let bytes: &[u8] = if i % 2 == 0 { b"P" } else { preface };
+            stream.write_all(bytes).ok()?;
+            Some(stream)
+        })
+        .collect();
+    assert_eq!(stalled.len(), 32);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let client = model_server::W2sClient::connect(&format!("http://{addr}")).await?;
+            client.list_models().await
+        })
+        .await
+    });
+    assert!(
+        matches!(served, Ok(Ok(_))),
+        "a new client was not served: {served:?}"
+    );
+    drop(stalled);
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// 300 connections that never speak, against a server allowed only 128 file descriptors: a new
 /// client is still served, because silent connections are closed after `--first-bytes-seconds`
 /// and accept errors (EMFILE) back off instead of spinning.
