@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn bytes_that_are_not_a_plaintext_preface_need_only_the_fixed_minimum() {
         // A TLS ClientHello starts with 0x16; its record layer bounds the rest.
-        let hello = vec![0x16u8; PREFACE_AND_FRAME_HEADER];
+        let hello = [0x16u8; PREFACE_AND_FRAME_HEADER];
         let mut h = Handshake::default();
         assert!(!h.observe(&hello[..PREFACE_AND_FRAME_HEADER - 1]));
         assert!(h.observe(&hello[PREFACE_AND_FRAME_HEADER - 1..]));
