@@ -187,6 +187,19 @@ impl Limits {
         Ok(())
     }
 
+    /// Checks the longest text of one uploaded dataset row against `--max-text-bytes`.
+    pub fn check_row(&self, index: usize, bytes: usize) -> crate::error::ServiceResult<()> {
+        if bytes > self.max_text_bytes {
+            return Err(Self::exceeded(
+                &format!("rows[{index}] bytes"),
+                bytes,
+                self.max_text_bytes,
+                "max-text-bytes",
+            ));
+        }
+        Ok(())
+    }
+
     fn exceeded(field: &str, value: usize, limit: usize, flag: &str) -> crate::error::ServiceError {
         crate::error::ServiceError::invalid(
             field,

@@ -807,6 +807,7 @@ impl pb::datasets_server::Datasets for DatasetsService {
             // an upload holds little memory however large it is.
             const BATCH_BYTES: usize = 4 << 20;
             let mut name = String::new();
+            let mut seen_header = false;
             let mut upload = None;
             let mut batch: Vec<Row> = Vec::new();
             let (mut batch_bytes, mut bytes, mut index) = (0usize, 0usize, 0usize);
@@ -842,15 +843,30 @@ impl pb::datasets_server::Datasets for DatasetsService {
                 };
                 bytes += size;
                 self.0.limits.check_upload(bytes)?;
+                let longest_text = match &message.item {
+                    Some(Item::Pair(p)) => p.prompt.len().max(p.chosen.len()).max(p.rejected.len()),
+                    Some(Item::Text(t)) => t.text.len(),
+                    Some(Item::Prompt(p)) => p.prompt.len(),
+                    Some(Item::Header(_)) | None => 0,
+                };
+                self.0.limits.check_row(index, longest_text)?;
                 let row = match message.item {
-                    Some(Item::Header(header)) if index == 0 => {
+                    Some(Item::Header(header)) if !seen_header => {
+                        check_dataset_name(&header.name)?;
                         name = header.name;
+                        seen_header = true;
                         continue;
                     }
                     Some(Item::Header(_)) => {
                         return Err(ServiceError::invalid(
                             "header",
                             "only the first message may be a header",
+                        ));
+                    }
+                    Some(_) if !seen_header => {
+                        return Err(ServiceError::invalid(
+                            "header",
+                            "an upload starts with its header (the dataset's name)",
                         ));
                     }
                     Some(Item::Pair(p)) => Row::Pair {
@@ -902,25 +918,81 @@ impl pb::datasets_server::Datasets for DatasetsService {
 
     async fn list_datasets(
         &self,
-        _: Request<pb::ListDatasetsRequest>,
+        request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let started = Instant::now();
+        let request = request.into_inner();
         let store = self.0.datasets.clone();
+        let page_size = match request.page_size {
+            0 => MAX_DATASETS_PER_PAGE,
+            n => (n as usize).min(MAX_DATASETS_PER_PAGE),
+        };
         let result = tokio::task::spawn_blocking(move || store.list())
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))
             .and_then(|r| r)
-            .map(|list| pb::ListDatasetsResponse {
-                datasets: list.into_iter().map(dataset_info).collect(),
+            .map(|list| {
+                // Ids are sorted: a page starts after the token (the last id of the page
+                // before), so pages stay stable while datasets are added.
+                let mut rest = list
+                    .into_iter()
+                    .filter(|meta| meta.id.as_str() > request.page_token.as_str())
+                    .peekable();
+                let datasets: Vec<pb::DatasetInfo> =
+                    rest.by_ref().take(page_size).map(dataset_info).collect();
+                let next_page_token = match (rest.peek(), datasets.last()) {
+                    (Some(_), Some(last)) => last.id.clone(),
+                    _ => String::new(),
+                };
+                pb::ListDatasetsResponse {
+                    datasets,
+                    next_page_token,
+                }
             });
         self.0.finish("ListDatasets", started, result)
     }
 }
 
+/// Datasets per ListDatasets page at most: with names of at most `MAX_DATASET_NAME_BYTES`, a
+/// page stays far below the message limit.
+pub const MAX_DATASETS_PER_PAGE: usize = 1000;
+/// Longest dataset name (bytes) an upload may give.
+pub const MAX_DATASET_NAME_BYTES: usize = 256;
+
+/// Dataset names are free-form labels for listings, bounded in length and without control
+/// characters (so a name cannot bloat every listing or forge a log line).
+fn check_dataset_name(name: &str) -> ServiceResult<()> {
+    if name.len() > MAX_DATASET_NAME_BYTES {
+        return Err(ServiceError::invalid(
+            "header.name",
+            format!(
+                "{} bytes; a dataset name has at most {MAX_DATASET_NAME_BYTES}",
+                name.len()
+            ),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ServiceError::invalid(
+            "header.name",
+            "control characters are not allowed",
+        ));
+    }
+    Ok(())
+}
+
 fn dataset_info(meta: DatasetMeta) -> pb::DatasetInfo {
+    // Names stored before names were bounded are cut for listings.
+    let mut name = meta.name;
+    if name.len() > MAX_DATASET_NAME_BYTES {
+        let mut end = MAX_DATASET_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
     pb::DatasetInfo {
         id: meta.id,
-        name: meta.name,
+        name,
         kind: match meta.kind {
             RowKind::Pairs => pb::RowKind::Pairs,
             RowKind::Texts => pb::RowKind::Texts,

@@ -288,7 +288,17 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|name| Request::Unload(pb::UnloadModelRequest { name })),
         (model_name(), text())
             .prop_map(|(name, path)| Request::Export(pb::ExportModelRequest { name, path })),
-        prop::collection::vec(upload_item(), 0..5).prop_map(Request::Upload),
+        // Most uploads start with their header, as the server requires; some do not.
+        (
+            prop::option::weighted(0.8, text()),
+            prop::collection::vec(upload_item(), 0..5)
+        )
+            .prop_map(|(header, mut items)| {
+                if let Some(name) = header {
+                    items.insert(0, Item::Header(pb::DatasetHeader { name }));
+                }
+                Request::Upload(items)
+            }),
         (
             prop::collection::vec(
                 (

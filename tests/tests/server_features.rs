@@ -258,11 +258,75 @@ async fn every_rpc_works_end_to_end() {
     let listed = client
         .datasets
         .clone()
-        .list_datasets(pb::ListDatasetsRequest {})
+        .list_datasets(pb::ListDatasetsRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.datasets.len(), 1);
+    assert!(listed.next_page_token.is_empty());
+    // Names and rows are bounded, and an upload starts with its header; none of these leaves
+    // anything behind in the listing.
+    let status = client
+        .upload_dataset(&"n".repeat(1 << 20), pair_rows(2))
+        .await
+        .unwrap_err();
+    assert!(format!("{status:#}").contains("header.name"), "{status:#}");
+    let status = client
+        .upload_dataset(
+            "big row",
+            vec![Item::Text(pb::TextRow {
+                text: "x".repeat(10 << 20),
+            })],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{status:#}").contains("max-text-bytes"),
+        "{status:#}"
+    );
+    let headless = client
+        .datasets
+        .clone()
+        .upload_dataset(tokio_stream::iter(vec![pb::UploadDatasetRequest {
+            item: Some(Item::Text(pb::TextRow { text: "a".into() })),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        headless.code(),
+        tonic::Code::InvalidArgument,
+        "{headless:?}"
+    );
+    // Pages: three datasets, two per page, in id order.
+    client.upload_dataset("eight", pair_rows(8)).await.unwrap();
+    client.upload_dataset("four", pair_rows(4)).await.unwrap();
+    let page = |token: String| {
+        let mut datasets = client.datasets.clone();
+        async move {
+            datasets
+                .list_datasets(pb::ListDatasetsRequest {
+                    page_size: 2,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = page(String::new()).await;
+    assert_eq!(first.datasets.len(), 2);
+    let second = page(first.next_page_token.clone()).await;
+    assert_eq!(second.datasets.len(), 1);
+    assert!(second.next_page_token.is_empty());
+    let mut ids: Vec<String> = first
+        .datasets
+        .iter()
+        .chain(&second.datasets)
+        .map(|d| d.id.clone())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
 
     // A SimPO job, watched to the end; its model is registered and loadable by job id.
     let mut steps = Vec::new();
