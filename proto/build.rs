@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::ApiCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -64,9 +64,7 @@ impl ServiceError {
             }
             ServiceError::WorkerGone => Code::Unavailable,
             ServiceError::Model(e) => match e {
-                ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                    Code::NotFound
-                }
+                ModelError::Io { source, .. } => io_code(source).unwrap_or(Code::Internal),
                 ModelError::SequenceTooLong { .. }
                 | ModelError::InvalidInput(_)
                 | ModelError::Config { .. }
@@ -80,6 +78,24 @@ impl ServiceError {
                 _ => Code::Internal,
             },
         }
+    }
+}
+
+/// The code of a file-system error a client's path can cause (a missing file, a path through a
+/// file, a directory where a file was named); `None` for the server's own faults.
+pub fn io_code(error: &std::io::Error) -> Option<Code> {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::NotFound => Some(Code::NotFound),
+        ErrorKind::NotADirectory
+        | ErrorKind::IsADirectory
+        | ErrorKind::InvalidFilename
+        | ErrorKind::InvalidInput
+        | ErrorKind::InvalidData
+        | ErrorKind::UnexpectedEof
+        | ErrorKind::FileTooLarge => Some(Code::InvalidArgument),
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => Some(Code::PermissionDenied),
+        _ => None,
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// Messages and services of package `w2s.v1`.
 pub mod v1 {
     tonic::include_proto!("w2s.v1");

@@ -556,3 +556,105 @@ fn fuzzed_requests_get_client_errors_and_leave_a_live_server() {
         );
     }
 }
+
+/// Sends and receives raw bytes, so a test can put any byte string on the wire.
+#[derive(Debug, Clone, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// Random byte strings sent to every unary method: a message the schema does not allow is the
+/// client's fault (INVALID_ARGUMENT), never INTERNAL or UNKNOWN, and the server stays up.
+#[test]
+fn undecodable_messages_are_the_clients_fault() {
+    const UNARY: [&str; 12] = [
+        "/w2s.v1.Models/ListModels",
+        "/w2s.v1.Models/LoadModel",
+        "/w2s.v1.Models/UnloadModel",
+        "/w2s.v1.Models/ExportModel",
+        "/w2s.v1.Inference/ScorePairs",
+        "/w2s.v1.Inference/TokenLogprobs",
+        "/w2s.v1.Inference/ScoreTexts",
+        "/w2s.v1.Inference/GeneratePairs",
+        "/w2s.v1.Datasets/ListDatasets",
+        "/w2s.v1.Training/StartJob",
+        "/w2s.v1.Training/CancelJob",
+        "/w2s.v1.Training/ListJobs",
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let mut config = ServerConfig::ephemeral();
+        config.data_dir = data.path().join("data");
+        config.model_root = data.path().to_path_buf();
+        let server = RunningServer::start(config).await.unwrap();
+        let channel = tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+        let mut codes = std::collections::BTreeMap::<String, usize>::new();
+        for case in 0..600 {
+            let path = UNARY[case % UNARY.len()];
+            let len = (rng.next_u32() % 48) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u32() as u8).collect();
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let answer = grpc
+                .unary(
+                    tonic::Request::new(bytes.clone()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    RawBytes,
+                )
+                .await;
+            let code = answer.map(|_| Code::Ok).unwrap_or_else(|s| s.code());
+            *codes.entry(format!("{code:?}")).or_default() += 1;
+            assert!(
+                !matches!(code, Code::Internal | Code::Unknown | Code::Unavailable),
+                "{code:?} for {path} with {bytes:?}"
+            );
+        }
+        eprintln!("answers: {codes:?}");
+        assert!(codes.contains_key("InvalidArgument"), "{codes:?}");
+        let client = W2sClient::connect(&server.url()).await.unwrap();
+        client.list_models().await.unwrap();
+        server.shutdown().await.unwrap();
+    });
+}

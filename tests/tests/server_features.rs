@@ -1090,6 +1090,22 @@ async fn exports_refuse_to_replace_data_they_did_not_write() {
             "{path}: {status:?}"
         );
     }
+    // A path through a file (ENOTDIR) is the client's mistake, not a server fault; so is a
+    // model folder whose config.json is a directory (EISDIR).
+    let status = export("file/sub").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    std::fs::create_dir_all(root.path().join("odd/config.json")).unwrap();
+    let status = client
+        .models
+        .clone()
+        .load_model(pb::LoadModelRequest {
+            name: "odd".into(),
+            source: Some(Source::Path("odd".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert_eq!(std::fs::read_dir(&datasets).unwrap().count(), before);
     assert_eq!(
         std::fs::read_to_string(root.path().join("notes/mine.txt")).unwrap(),

@@ -49,6 +49,18 @@ use tokenize::{
     text_bytes,
 };
 
+/// A file-system error of an export: the client's mistake where its path caused it (a path
+/// through a file, a missing parent), named without the server's absolute paths.
+fn export_io_error(name: &str, source: &std::io::Error) -> ServiceError {
+    let message = format!("exporting {name}: {source}");
+    match crate::error::io_code(source) {
+        Some(tonic::Code::NotFound) => ServiceError::PathNotFound(message),
+        Some(tonic::Code::InvalidArgument) => ServiceError::invalid("path", message),
+        Some(tonic::Code::PermissionDenied) => ServiceError::FailedPrecondition(message),
+        _ => ServiceError::Internal(message),
+    }
+}
+
 /// Where a model's weights come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -695,6 +707,10 @@ impl Worker {
                             superficial_training::TrainError::RefusedDestination { .. } => {
                                 ServiceError::FailedPrecondition(format!("exporting {name}: {e}"))
                             }
+                            superficial_training::TrainError::Io { source, .. }
+                            | superficial_training::TrainError::Model(
+                                superficial_models::ModelError::Io { source, .. },
+                            ) => export_io_error(&name, &source),
                             e => ServiceError::Internal(format!("exporting {name}: {e}")),
                         })
                 });
