@@ -155,13 +155,15 @@ async fn logprobs(args: LogprobsArgs) -> Result<()> {
     let session = Session::open(args.server.as_deref(), config)
         .await
         .context("opening a model-server session")?;
-    if !session.is_embedded() {
-        ensure_loaded(&session, &name, &dir).await?;
-    }
+    let resident = if session.is_embedded() {
+        name.clone()
+    } else {
+        ensure_loaded(&session, &name, &dir).await?
+    };
     let response = session
         .client
         .token_logprobs(pb::TokenLogprobsRequest {
-            model: name.clone(),
+            model: resident,
             texts: vec![args.text],
             split_dialogue: false,
             max_ctx: args.max_ctx,
@@ -184,37 +186,42 @@ async fn logprobs(args: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Uploads the folder `dir` (on this machine) under `name` to a remote server unless a model of
-/// that name from an identical folder is already resident. Nothing of the server's disk is
-/// needed: the folder travels over gRPC (by digest when the server already holds it).
-async fn ensure_loaded(session: &Session, name: &str, dir: &Path) -> Result<()> {
+/// Uploads the folder `dir` (on this machine) to a remote server unless a model from an
+/// identical folder is already resident, and returns the name it is resident under: `name`, or
+/// `name@<digest>` when the server has another model of that name (loaded from a server-side
+/// path, say). Models are identified by the folder's content, never by how its path is written.
+/// Nothing of the server's disk is needed: the folder travels over gRPC (by digest when the
+/// server already holds it).
+async fn ensure_loaded(session: &Session, name: &str, dir: &Path) -> Result<String> {
     let files = model_server::model_store::describe_folder(dir)
         .with_context(|| format!("reading {}", dir.display()))?;
-    let source = format!(
-        "uploaded:{}",
-        model_server::model_store::folder_digest(&files)
-    );
+    let digest = model_server::model_store::folder_digest(&files);
+    let source = format!("uploaded:{digest}");
     let models = session.client.list_models().await?;
-    if let Some(existing) = models.iter().find(|m| m.name == name) {
-        if existing.source == source {
-            return Ok(());
+    let name = match models.iter().find(|m| m.name == name) {
+        None => name.to_string(),
+        Some(existing) if existing.source == source => return Ok(name.to_string()),
+        Some(_) => {
+            let unique = format!("{name}@{}", &digest[..digest.len().min(12)]);
+            if models
+                .iter()
+                .any(|m| m.name == unique && m.source == source)
+            {
+                return Ok(unique);
+            }
+            unique
         }
-        bail!(
-            "the server already has a model named `{name}` from {}, not {} ({source})",
-            existing.source,
-            dir.display()
-        );
-    }
+    };
     session
         .client
         .upload_model(
             pb::LoadModelRequest {
-                name: name.to_string(),
+                name: name.clone(),
                 ..Default::default()
             },
             dir,
         )
         .await
         .with_context(|| format!("uploading {}", dir.display()))?;
-    Ok(())
+    Ok(name)
 }

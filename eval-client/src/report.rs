@@ -41,7 +41,8 @@ impl Run {
     }
 }
 
-/// Reads every finished run in `paths` (run folders, or folders of run folders).
+/// Reads every finished run in `paths` (run folders, folders of run folders, or folders whose
+/// subfolders hold run folders, such as an experiment's output with its `runs/`).
 pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), String> {
     let mut dirs = Vec::new();
     for path in paths {
@@ -49,19 +50,40 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), String> {
             dirs.push(path.clone());
             continue;
         }
-        let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut children: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.join("config.json").is_file()
-                    && !p
-                        .file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
+        let run_folders_in = |dir: &Path| -> Result<Vec<PathBuf>, String> {
+            let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let mut children: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_dir()
+                        && !p
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect();
+            children.sort();
+            Ok(children)
+        };
+        let children = run_folders_in(path)?;
+        let runs: Vec<PathBuf> = children
+            .iter()
+            .filter(|p| p.join("config.json").is_file())
+            .cloned()
             .collect();
-        children.sort();
-        dirs.extend(children);
+        if runs.is_empty() {
+            // An experiment's folder (`runs/` below it) or a folder of studies: one level more.
+            for child in &children {
+                // Model folders have a config.json too: only run identities count.
+                dirs.extend(
+                    run_folders_in(child)?
+                        .into_iter()
+                        .filter(|p| read_meta(p).is_ok()),
+                );
+            }
+        } else {
+            dirs.extend(runs);
+        }
     }
     let mut runs = Vec::new();
     let mut warnings = Vec::new();

@@ -76,10 +76,43 @@ fn logprobs_against_a_running_server() {
     let mut config = ServerConfig::ephemeral();
     config.model_root = server_folders.path().to_path_buf();
     config.data_dir = server_folders.path().join("data");
+    let dir = fixture("opt-pre-ln");
+    // The server also loaded a model of the same name from its own copy of the folder (as
+    // `model-server --model opt-pre-ln=PATH` does): the client's folder is the same model by
+    // content, whatever the two paths look like, and the call works.
+    let copy = server_folders.path().join("opt-pre-ln");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    config.models.push(model_server::config::NamedSource {
+        name: "opt-pre-ln".into(),
+        value: copy.display().to_string(),
+    });
     let server = runtime.block_on(RunningServer::start(config)).unwrap();
     let url = server.url();
     let (text, ids, logprobs) = reference("opt-pre-ln", 1);
-    let dir = fixture("opt-pre-ln");
+    // A URL without a scheme is refused at once, with the fix.
+    let no_scheme = url.trim_start_matches("http://").to_string();
+    let failed = Command::new(env!("CARGO_BIN_EXE_eval-client"))
+        .args([
+            "logprobs",
+            "--server",
+            &no_scheme,
+            "--model",
+            dir.to_str().unwrap(),
+            "--text",
+            &text,
+        ])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("no scheme") && stderr.contains("http://"),
+        "{stderr}"
+    );
     for _ in 0..2 {
         // The second call finds the model already resident and reuses it.
         let output = run(&[

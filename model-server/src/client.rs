@@ -85,6 +85,13 @@ impl W2sClient {
 
     /// Connects with a token and/or TLS settings.
     pub async fn connect_with(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+        // tonic reads `127.0.0.1:50051` as a URL of scheme `127.0.0.1` and fails only when
+        // connecting, which a caller that retries would retry for its whole wait.
+        if !url.contains("://") {
+            return Err(ClientError::Settings(format!(
+                "server URL `{url}` has no scheme: use http://{url} (or https://{url} with TLS)"
+            )));
+        }
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|_| ClientError::Settings(format!("invalid server URL `{url}`")))?;
         if let Some(ca) = &options.tls_ca {

@@ -135,6 +135,10 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         trainer::data::read_hh_jsonl(&a.path().join("world/harmless_test.jsonl"), None).unwrap();
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 8);
+    // `eval-client report OUT` finds the runs below the experiment's folder (in runs/), and
+    // takes the model folders beside them (which have a config.json too) for no runs.
+    let (found, warnings) = eval_client::report::load_runs(&[a.path().to_path_buf()]).unwrap();
+    assert_eq!((found.len(), warnings.len()), (8, 0), "{warnings:?}");
     for run in runs {
         let id = run["run_id"].as_str().unwrap();
         let predictions =

@@ -213,12 +213,21 @@ async fn connect_when_up(url: &str, options: &ClientOptions, wait: f64) -> Resul
         .await;
         match attempt {
             Ok(client) => return Ok(client),
+            // A malformed URL or unreadable TLS file will not get better by waiting.
+            Err(e @ model_server::ClientError::Settings(_)) => return Err(e.into()),
             Err(e) if started.elapsed().as_secs_f64() < wait => {
-                print_at_most_every_10_seconds(&format!("waiting for {url}: {e}"));
+                print_at_most_every_10_seconds(&format!(
+                    "waiting for {url} (up to {wait} s, --wait-seconds): {e}"
+                ));
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("{url} did not answer within {wait} s"));
+                return Err(e).with_context(|| {
+                    format!(
+                        "{url} did not answer within {wait} s (tried once a second; \
+                         --wait-seconds or W2S_WAIT_SECONDS sets how long to wait)"
+                    )
+                });
             }
         }
     }
