@@ -216,6 +216,22 @@ fn sigterm_with_a_watch_open_exits_within_the_drain_limit() {
     );
 }
 
+/// A new client connects and lists the models within 30 s.
+fn assert_a_new_client_is_served(addr: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let client = model_server::W2sClient::connect(&format!("http://{addr}")).await?;
+            client.list_models().await
+        })
+        .await
+    });
+    assert!(
+        matches!(served, Ok(Ok(_))),
+        "a new client was not served: {served:?}"
+    );
+}
+
 /// Connections that start the handshake and stall (one byte; the HTTP/2 preface alone) hold
 /// every connection permit: they are closed after `--first-bytes-seconds`, and a new client is
 /// served.
@@ -245,18 +261,7 @@ fn stalled_handshakes_do_not_lock_out_a_new_client() {
         })
         .collect();
     assert_eq!(stalled.len(), 32);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let served = runtime.block_on(async {
-        tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            let client = model_server::W2sClient::connect(&format!("http://{addr}")).await?;
-            client.list_models().await
-        })
-        .await
-    });
-    assert!(
-        matches!(served, Ok(Ok(_))),
-        "a new client was not served: {served:?}"
-    );
+    assert_a_new_client_is_served(&addr);
     drop(stalled);
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
@@ -287,18 +292,7 @@ fn silent_connections_do_not_lock_out_a_new_client() {
         "only {} connections opened",
         silent.len()
     );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let served = runtime.block_on(async {
-        tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            let client = model_server::W2sClient::connect(&format!("http://{addr}")).await?;
-            client.list_models().await
-        })
-        .await
-    });
-    assert!(
-        matches!(served, Ok(Ok(_))),
-        "a new client was not served: {served:?}"
-    );
+    assert_a_new_client_is_served(&addr);
     drop(silent);
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
