@@ -37,6 +37,15 @@ pub enum ClientError {
     },
     #[error("download of `{model}`: {reason}")]
     Download { model: String, reason: String },
+    #[error(
+        "following job {id}: the watch failed {attempts} times (last: {last}); the job keeps \
+         running on the server, and rerunning the same command resumes where it left off"
+    )]
+    JobFollow {
+        id: String,
+        attempts: usize,
+        last: String,
+    },
 }
 
 impl From<StartError> for ClientError {
@@ -450,26 +459,87 @@ impl W2sClient {
         self.follow_job(&job.id, &mut on_event).await
     }
 
-    /// Follows an existing job to its end.
+    /// Follows an existing job to its end. The job runs on the server whatever happens to the
+    /// watch, so a watch that breaks (a dropped connection, a restarting server) or ends before
+    /// the job does is opened again, after 1, 2, 4 and 8 s (long enough for a server restart,
+    /// short enough that a study's pool moves the run of a dead server soon); events seen
+    /// before may be reported again. Gives up after that with [`ClientError::JobFollow`].
     pub async fn follow_job(
         &self,
         id: &str,
         on_event: &mut impl FnMut(&pb::JobEvent),
     ) -> Result<pb::JobInfo, ClientError> {
+        const BACKOFF_SECONDS: [u64; 4] = [1, 2, 4, 8];
+        let mut last: Option<pb::JobInfo> = None;
+        let mut failures = 0;
+        loop {
+            let why = match self.watch_once(id, on_event, &mut last).await {
+                Ok(()) => match &last {
+                    Some(job) if is_terminal(job) => return Ok(job.clone()),
+                    _ => "the watch ended before the job did".to_string(),
+                },
+                Err(ClientError::Rpc(status)) if is_transient(&status) => {
+                    format!("{}: {}", status.code(), status.message())
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(&wait) = BACKOFF_SECONDS.get(failures) else {
+                return Err(ClientError::JobFollow {
+                    id: id.to_string(),
+                    attempts: failures + 1,
+                    last: why,
+                });
+            };
+            failures += 1;
+            tracing::warn!("following job {id}: {why}; watching again in {wait} s");
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        }
+    }
+
+    /// One watch of job `id`, recording its latest state in `last`.
+    async fn watch_once(
+        &self,
+        id: &str,
+        on_event: &mut impl FnMut(&pb::JobEvent),
+        last: &mut Option<pb::JobInfo>,
+    ) -> Result<(), ClientError> {
         let mut stream = self
             .training
             .clone()
             .watch_job(pb::WatchJobRequest { id: id.to_string() })
             .await?
             .into_inner();
-        let mut last = None;
         while let Some(event) = stream.message().await? {
             on_event(&event);
-            last = event.job;
+            if let Some(job) = &event.job {
+                *last = Some(job.clone());
+            }
         }
-        last.ok_or_else(|| {
-            ClientError::Settings(format!("job {id}: the watch stream ended without events"))
-        })
+        Ok(())
+    }
+}
+
+/// A job that has ended (succeeded, failed or been cancelled).
+fn is_terminal(job: &pb::JobInfo) -> bool {
+    [
+        pb::JobState::Succeeded,
+        pb::JobState::Failed,
+        pb::JobState::Cancelled,
+    ]
+    .iter()
+    .any(|s| *s as i32 == job.state)
+}
+
+/// Errors of the connection rather than of the request: a server going away, a stream broken
+/// in transit (hyper reports those as UNKNOWN or as INTERNAL "h2 protocol error").
+fn is_transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => true,
+        tonic::Code::Internal => {
+            let message = status.message();
+            message.contains("h2 protocol error") || message.contains("broken pipe")
+        }
+        _ => false,
     }
 }
 

@@ -1302,3 +1302,65 @@ async fn start_job_validates_every_field_before_queueing() {
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     server.shutdown().await.unwrap();
 }
+
+/// The watch of a running job breaks when its server restarts: `follow_job` watches again and
+/// follows the job, resumed by the new server on the same address, to its end, with the same
+/// client (which used to stop at the first broken stream, ending a whole study).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn following_a_job_survives_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let url = server.url();
+    let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let client = W2sClient::connect(&url).await.unwrap();
+    client
+        .load_model(preset("base", "tiny-opt-post-ln", false))
+        .await
+        .unwrap();
+    let dataset = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
+    let job = client
+        .training
+        .clone()
+        .start_job(pb::StartJobRequest {
+            objective: pb::ObjectiveKind::Simpo as i32,
+            base_model: "base".into(),
+            dataset_ids: vec![dataset.id],
+            // Far more steps than pass before the restart.
+            hyperparameters: Some(hyper(4, 60)),
+            output_model: "trained".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (step_tx, mut step_rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn({
+        let client = client.clone();
+        let id = job.id.clone();
+        async move {
+            client
+                .follow_job(&id, &mut |event| {
+                    if let Some(step) = &event.step {
+                        let _ = step_tx.send(step.step);
+                    }
+                })
+                .await
+        }
+    });
+    while let Some(step) = step_rx.recv().await {
+        if step >= 2 {
+            break;
+        }
+    }
+    server.shutdown().await.unwrap();
+    let mut restarted = config(dir.path());
+    restarted.listen = address;
+    let server = RunningServer::start(restarted).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(120), follower)
+        .await
+        .expect("the follow did not end")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+    assert_eq!(ended.step, ended.total_steps);
+    server.shutdown().await.unwrap();
+}

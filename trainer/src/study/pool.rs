@@ -125,7 +125,7 @@ pub(crate) fn is_server_failure(error: &anyhow::Error) -> bool {
         }
         matches!(
             cause.downcast_ref::<ClientError>(),
-            Some(ClientError::Connect { .. })
+            Some(ClientError::Connect { .. } | ClientError::JobFollow { .. })
         ) || cause.downcast_ref::<tonic::transport::Error>().is_some()
     })
 }
