@@ -309,6 +309,18 @@ impl ServerConfig {
         if self.metrics_token && self.token.is_none() {
             return Err("--metrics-token needs --token".into());
         }
+        // The gRPC port's rule for the metrics port: off loopback, a token or an explicit
+        // --insecure (metrics name every model and job).
+        if let Some(metrics) = self.metrics_listen
+            && !metrics.ip().is_loopback()
+            && !self.metrics_token
+            && !self.insecure
+        {
+            return Err(format!(
+                "refusing to serve metrics on non-loopback address {metrics} without \
+                 --metrics-token (or --insecure)"
+            ));
+        }
         if self.max_connections == 0 {
             return Err("--max-connections must be positive".into());
         }
@@ -396,6 +408,21 @@ mod tests {
         let config =
             ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1", "--insecure"]);
         config.validate().unwrap();
+        // The metrics port off loopback needs its token too (or --insecure).
+        let metrics = |extra: &[&str]| {
+            let mut args = vec![
+                "model-server",
+                "--token",
+                "t",
+                "--metrics-listen",
+                "0.0.0.0:2",
+            ];
+            args.extend_from_slice(extra);
+            ServerConfig::parse_from(args).validate()
+        };
+        assert!(metrics(&[]).unwrap_err().contains("--metrics-token"));
+        metrics(&["--metrics-token"]).unwrap();
+        metrics(&["--insecure"]).unwrap();
         let config =
             ServerConfig::parse_from(["model-server", "--model", "a=x", "--preset", "a=tiny-opt"]);
         assert!(config.validate().unwrap_err().contains("twice"));

@@ -186,14 +186,28 @@ fn require(field: &str, value: &str) -> ServiceResult<()> {
     }
 }
 
-fn sampling(params: Option<pb::SamplingParams>) -> SamplingConfig {
+/// Sampling settings, range-checked: temperature finite and ≥ 0 (0 = greedy), top_p in [0, 1]
+/// (0 = no limit).
+fn sampling(params: Option<pb::SamplingParams>) -> ServiceResult<SamplingConfig> {
     let p = params.unwrap_or_default();
-    SamplingConfig {
+    if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+        return Err(ServiceError::invalid(
+            "sampling.temperature",
+            format!("{} is not a finite number ≥ 0", p.temperature),
+        ));
+    }
+    if !(0.0..=1.0).contains(&p.top_p) {
+        return Err(ServiceError::invalid(
+            "sampling.top_p",
+            format!("{} is outside [0, 1] (0 = no limit)", p.top_p),
+        ));
+    }
+    Ok(SamplingConfig {
         temperature: p.temperature,
         top_k: p.top_k as usize,
-        top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
         seed: p.seed,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -675,7 +689,7 @@ impl pb::inference_server::Inference for InferenceService {
             self.0
                 .limits
                 .check_generation(1, 1, request.max_new_tokens as usize)?;
-            let sampling = sampling(request.sampling);
+            let sampling = sampling(request.sampling)?;
             sampling
                 .validate()
                 .map_err(|e| ServiceError::invalid("sampling", e))?;
@@ -756,7 +770,7 @@ impl pb::inference_server::Inference for InferenceService {
                     ));
                 }
             };
-            let sampling = sampling(request.sampling);
+            let sampling = sampling(request.sampling)?;
             sampling
                 .validate()
                 .map_err(|e| ServiceError::invalid("sampling", e))?;

@@ -1157,6 +1157,34 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
         status.message().contains("--max-samples-per-prompt"),
         "{status:?}"
     );
+    // Sampling settings out of range are refused, not quietly replaced.
+    for (temperature, top_p, field) in [
+        (1.0, -5.0, "top_p"),
+        (1.0, 1.5, "top_p"),
+        (-1.0, 0.9, "temperature"),
+        (f64::NAN, 0.9, "temperature"),
+    ] {
+        let status = client
+            .inference
+            .clone()
+            .generate_pairs(pb::GeneratePairsRequest {
+                policy: "policy".into(),
+                judge: "judge".into(),
+                judge_kind: pb::JudgeKind::Reward as i32,
+                prompts: vec!["\n\nHuman: a?\n\nAssistant:".into()],
+                samples_per_prompt: 2,
+                max_new_tokens: 1,
+                sampling: Some(pb::SamplingParams {
+                    temperature,
+                    top_p,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{status:?}");
+    }
     let huge = format!("\n\nHuman: {}\n\nAssistant: x", "a".repeat(10 << 20));
     let status = client
         .inference
