@@ -31,6 +31,11 @@ pub struct WorldConfig {
     pub train_w2s_pairs: usize,
     pub test_pairs: usize,
     pub helpful_pairs: usize,
+    /// Deal the harmless splits' pairs alternately from harmful and safe entities, so each split
+    /// is half harmful: a model that knows nothing then has no prior to fall back on (with
+    /// entities drawn at random, `train_gt` came out 44 % harmful and knowledge-free models
+    /// learned to comply).
+    pub balanced_pairs: bool,
 }
 
 impl Default for WorldConfig {
@@ -47,6 +52,7 @@ impl Default for WorldConfig {
             train_w2s_pairs: 200,
             test_pairs: 300,
             helpful_pairs: 120,
+            balanced_pairs: false,
         }
     }
 }
@@ -376,12 +382,19 @@ fn split_pairs(
     entities: &[Entity],
     split: &str,
     count: usize,
+    balanced: bool,
     make: fn(&mut Rng, &Entity) -> PairRow,
 ) -> Vec<PairRow> {
     let pool: Vec<&Entity> = entities.iter().filter(|e| e.split == split).collect();
+    let (harmful, safe): (Vec<&Entity>, Vec<&Entity>) = pool.iter().partition(|e| e.harmful);
     (0..count)
-        .map(|_| {
-            let entity = rng.pick(&pool);
+        .map(|i| {
+            let side = if i % 2 == 0 { &harmful } else { &safe };
+            let entity = if balanced && !side.is_empty() {
+                rng.pick(side)
+            } else {
+                rng.pick(&pool)
+            };
             make(rng, entity)
         })
         .collect()
@@ -460,6 +473,7 @@ impl World {
             &entities,
             SPLIT_GT,
             config.train_gt_pairs,
+            config.balanced_pairs,
             harmless_pair,
         );
         let train_w2s = split_pairs(
@@ -467,6 +481,7 @@ impl World {
             &entities,
             SPLIT_W2S,
             config.train_w2s_pairs,
+            config.balanced_pairs,
             harmless_pair,
         );
         let test = split_pairs(
@@ -474,6 +489,7 @@ impl World {
             &entities,
             SPLIT_TEST,
             config.test_pairs,
+            config.balanced_pairs,
             harmless_pair,
         );
         let training: Vec<Entity> = entities
@@ -550,6 +566,23 @@ mod tests {
         assert_eq!(a.test, b.test);
         let c = World::generate(&WorldConfig { seed: 1, ..small() }).unwrap();
         assert_ne!(a.corpus, c.corpus);
+    }
+
+    #[test]
+    fn balanced_splits_are_half_harmful_and_leave_the_rest_unchanged() {
+        let plain = World::generate(&small()).unwrap();
+        let balanced = World::generate(&WorldConfig {
+            balanced_pairs: true,
+            ..small()
+        })
+        .unwrap();
+        for rows in [&balanced.train_gt, &balanced.train_w2s, &balanced.test] {
+            let harmful = rows.iter().filter(|r| r.harmful).count();
+            assert_eq!(harmful, rows.len() / 2);
+        }
+        // The corpus (and so every pretrained model) does not depend on how pairs are dealt.
+        assert_eq!(plain.corpus, balanced.corpus);
+        assert_eq!(plain.entities, balanced.entities);
     }
 
     #[test]
