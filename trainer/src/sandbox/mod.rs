@@ -177,8 +177,12 @@ impl Default for ExperimentConfig {
                 eval_batch: 64,
                 ..StageHyper::default()
             },
+            // SimPO turns any lean of its labels into a constant policy at 3e-4: 59 of the 87
+            // SimPO students of the three-draw default preferred the compliant response on
+            // ≥ 97 % of the test pairs; at 1e-4, 3 of 87, with ceilings as good (gpt2-l 0.92 /
+            // 0.92 / 0.85 against 0.94 / 0.89 / 0.84). docs/sandbox.md has the numbers.
             preference: StageHyper {
-                lr: 3e-4,
+                lr: 1e-4,
                 batch_size: 32,
                 minibatch_size: 32,
                 epochs: 2,
@@ -187,11 +191,13 @@ impl Default for ExperimentConfig {
                 eval_batch: 64,
                 ..StageHyper::preference_default()
             },
-            // A small dose-response of the explicit conflict (α = 0.5 is the paper's); the
-            // implicit one mixes in the world's helpful split (`world.helpful_pairs`).
+            // A dose-response of the explicit conflict (α = 0.5 is the paper's): at α 2 every
+            // reward student of the three-draw default became a constant policy (18 of 18), at
+            // α 1 one of 18, at 0.5 none. The implicit one mixes in the world's helpful split
+            // (`world.helpful_pairs`).
             conflict: ConflictSpec {
                 explicit_target: ConflictTarget::Compliant,
-                explicit_alphas: vec![0.5, 2.0],
+                explicit_alphas: vec![0.25, 0.5, 1.0],
                 implicit_helpful_pairs: Vec::new(),
             },
         }
