@@ -1138,20 +1138,25 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
             .await
             .unwrap();
     }
-    let status = client
-        .inference
-        .clone()
-        .generate_pairs(pb::GeneratePairsRequest {
-            policy: "policy".into(),
-            judge: "judge".into(),
-            judge_kind: pb::JudgeKind::Reward as i32,
-            prompts: vec!["\n\nHuman: a?\n\nAssistant:".into()],
-            samples_per_prompt: u32::MAX,
-            max_new_tokens: 1,
-            sampling: None,
-        })
-        .await
-        .unwrap_err();
+    // A one-token GeneratePairs that the server must refuse.
+    let refused_pairs = |samples_per_prompt: u32, sampling: Option<pb::SamplingParams>| {
+        let mut inference = client.inference.clone();
+        async move {
+            inference
+                .generate_pairs(pb::GeneratePairsRequest {
+                    policy: "policy".into(),
+                    judge: "judge".into(),
+                    judge_kind: pb::JudgeKind::Reward as i32,
+                    prompts: vec!["\n\nHuman: a?\n\nAssistant:".into()],
+                    samples_per_prompt,
+                    max_new_tokens: 1,
+                    sampling,
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    let status = refused_pairs(u32::MAX, None).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().contains("--max-samples-per-prompt"),
@@ -1164,24 +1169,12 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
         (-1.0, 0.9, "temperature"),
         (f64::NAN, 0.9, "temperature"),
     ] {
-        let status = client
-            .inference
-            .clone()
-            .generate_pairs(pb::GeneratePairsRequest {
-                policy: "policy".into(),
-                judge: "judge".into(),
-                judge_kind: pb::JudgeKind::Reward as i32,
-                prompts: vec!["\n\nHuman: a?\n\nAssistant:".into()],
-                samples_per_prompt: 2,
-                max_new_tokens: 1,
-                sampling: Some(pb::SamplingParams {
-                    temperature,
-                    top_p,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap_err();
+        let sampling = pb::SamplingParams {
+            temperature,
+            top_p,
+            ..Default::default()
+        };
+        let status = refused_pairs(2, Some(sampling)).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(field), "{status:?}");
     }
