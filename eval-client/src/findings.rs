@@ -87,7 +87,8 @@ impl SeedInterval {
     }
 }
 
-/// One (scenario, weak, strong, variant) across seeds.
+/// One (scenario, weak, strong, variant) across seeds; DS_new − chance and ΔDS only over the
+/// seeds whose comparison carries evidence (`Comparison::no_evidence_reason`).
 #[derive(Debug, Clone, Serialize)]
 pub struct AcrossSeeds {
     pub scenario: String,
@@ -135,8 +136,14 @@ pub fn across_seeds(report: &Report) -> Vec<AcrossSeeds> {
                 strong,
                 variant,
                 tax: of(|c| c.conflict_tax),
-                ds_new_excess: of(|c| c.ds_new_excess),
-                ds_delta: of(|c| c.ds_delta),
+                // Where a tax is paid only from comparisons that carry evidence (as the
+                // findings): a constant student's new mistakes are just the data's layout.
+                ds_new_excess: of(|c| {
+                    c.no_evidence_reason()
+                        .is_none()
+                        .then_some(c.ds_new_excess)?
+                }),
+                ds_delta: of(|c| c.no_evidence_reason().is_none().then_some(c.ds_delta)?),
                 pgr: of(|c| c.pgr),
                 imitation_ds: if is_conflict { None } else { of(|c| c.ds) },
             }
