@@ -274,6 +274,7 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
         .iter()
         .map(|run| {
             let (acc, se) = accuracy(&run.correct).unwrap_or((f64::NAN, f64::NAN));
+            let share = run.compliant_share();
             RunAccuracy {
                 run_id: run.meta.run_id.clone(),
                 scenario: run.meta.scenario.to_string(),
@@ -288,8 +289,8 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
                 ci95: ci(run.correct.len(), r, options.seed, |idx| {
                     accuracy(&resample(&run.correct, idx)).map(|a| a.0)
                 }),
-                compliant_share: run.compliant_share(),
-                policy_collapse: run.policy_collapse(),
+                compliant_share: share,
+                policy_collapse: classify(share),
             }
         })
         .collect();
