@@ -594,6 +594,39 @@ mod tests {
     }
 
     #[test]
+    fn a_strong_model_no_better_than_its_teacher_carries_no_evidence() {
+        let n = 20;
+        let right = |wrong: &dyn Fn(usize) -> bool| -> Vec<f64> {
+            (0..n).map(|i| if wrong(i) { 0.1 } else { 0.9 }).collect()
+        };
+        // The weak ceiling knows pairs 0..16, the "strong" one only 0..14.
+        let runs = vec![
+            run("w", "w", None, Setting::None, 0, right(&|i| i >= 16)),
+            run("s", "s", None, Setting::None, 0, right(&|i| i >= 14)),
+            run("n", "s", Some("w"), Setting::None, 0, right(&|_| false)),
+            run(
+                "e",
+                "s",
+                Some("w"),
+                Setting::Explicit,
+                0,
+                right(&|i| (16..18).contains(&i)),
+            ),
+        ];
+        let options = crate::report::ReportOptions {
+            bootstrap_resamples: 50,
+            ..Default::default()
+        };
+        let report = crate::report::build(&runs, &options, Vec::new());
+        let e = report.comparisons.iter().find(|c| c.run_id == "e").unwrap();
+        let reason = e.no_evidence_reason().unwrap();
+        assert!(reason.contains("not above the weak ceiling"), "{reason}");
+        let f = findings(&report);
+        let row = &f.tax_in_blind_spot[0];
+        assert_eq!((row.comparisons_used, row.comparisons_left_out), (0, 1));
+    }
+
+    #[test]
     fn slope_by_hand() {
         assert_eq!(slope(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]), Some(2.0));
         assert_eq!(slope(&[(1.0, 1.0), (1.0, 3.0)]), None);

@@ -184,8 +184,8 @@ pub struct Comparison {
 impl Comparison {
     /// Why this comparison carries no evidence on where a conflict's tax is paid, if it does
     /// not: a student (or its no-conflict counterpart) that answers every pair the same way has
-    /// stopped reading the pairs, and a strong ceiling that is not above chance knows nothing
-    /// it could hide from the teacher.
+    /// stopped reading the pairs, and a strong ceiling that is not above chance, or not above
+    /// its weak teacher's ceiling, knows nothing it could hide from the teacher.
     pub fn no_evidence_reason(&self) -> Option<String> {
         if let Some(c) = self.student_collapse {
             return Some(format!("the student is a constant policy ({c})"));
@@ -193,6 +193,12 @@ impl Comparison {
         if let Some(c) = self.baseline_collapse {
             return Some(format!(
                 "its no-conflict counterpart is a constant policy ({c})"
+            ));
+        }
+        if self.acc_strong <= self.acc_weak {
+            return Some(format!(
+                "the strong ceiling {} ({:.3}) is not above the weak ceiling {} ({:.3})",
+                self.strong, self.acc_strong, self.weak, self.acc_weak
             ));
         }
         match self.acc_strong_ci95 {

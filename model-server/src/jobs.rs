@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use superficial_models::TextTokenizer;
+use superficial_models::{RewardReadout, TextTokenizer};
 use superficial_training::objectives::Example;
 use superficial_training::orientation::PythonRandom;
 use superficial_training::{AdamConfig, DEFAULT_SHARDS, Objective, Schedule, TrainConfig};
@@ -40,6 +40,9 @@ pub struct JobSpec {
     /// How to rebuild the base model's starting weights after a restart.
     pub base_source: ModelSource,
     pub base_reward_head: bool,
+    /// What a fresh reward head of the base reads; records from before the field: last token.
+    #[serde(default)]
+    pub base_reward_readout: RewardReadout,
     pub base_seed: u64,
     pub dataset_ids: Vec<String>,
     pub hyper: Hyperparameters,
@@ -348,19 +351,18 @@ pub fn build_examples(
             ) => {
                 let conflict_prefers_chosen =
                     conflict_prefers_chosen.unwrap_or(!chosen_is_human_choice);
-                let c = tokenizer
-                    .encode_truncated(&format!("{prompt}{chosen}"), max_ctx)
-                    .map_err(bad)?
-                    .0;
-                let r = tokenizer
-                    .encode_truncated(&format!("{prompt}{rejected}"), max_ctx)
-                    .map_err(bad)?
-                    .0;
+                let (c, start_c, _) = tokenizer
+                    .encode_whole_text(prompt, chosen, max_ctx)
+                    .map_err(bad)?;
+                let (r, start_r, _) = tokenizer
+                    .encode_whole_text(prompt, rejected, max_ctx)
+                    .map_err(bad)?;
                 let keep = orientation.as_mut().is_none_or(|rng| rng.random() < 0.5);
                 if keep {
                     Example::RewardPair {
                         slot_c: c,
                         slot_r: r,
+                        response_starts: [start_c, start_r],
                         target: *label,
                         conflict_prefers_slot_r: !conflict_prefers_chosen,
                     }
@@ -368,6 +370,7 @@ pub fn build_examples(
                     Example::RewardPair {
                         slot_c: r,
                         slot_r: c,
+                        response_starts: [start_r, start_c],
                         target: 1.0 - label,
                         conflict_prefers_slot_r: conflict_prefers_chosen,
                     }

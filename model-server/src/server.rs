@@ -248,6 +248,7 @@ impl RunningServer {
                     source,
                     role: String::new(),
                     reward_head: false,
+                    reward_readout: superficial_models::RewardReadout::LastToken,
                     seed: config.seed,
                 })
                 .await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use superficial_models::generation::SamplingConfig;
-use superficial_models::{Architecture, ModelConfig};
+use superficial_models::{Architecture, ModelConfig, RewardReadout};
 use superficial_training::{DEFAULT_SHARDS, Schedule};
 use tokio::sync::broadcast;
 use tokio_stream::{Stream, StreamExt};
@@ -148,6 +148,26 @@ pub struct InferenceService(pub ServiceState);
 pub struct DatasetsService(pub ServiceState);
 pub struct TrainingService(pub ServiceState);
 
+fn readout_to_proto(readout: RewardReadout) -> pb::RewardReadout {
+    match readout {
+        RewardReadout::LastToken => pb::RewardReadout::LastToken,
+        RewardReadout::LastTokenAndMeanLogprob => pb::RewardReadout::LastTokenAndMeanLogprob,
+    }
+}
+
+fn readout_from_proto(value: i32) -> ServiceResult<RewardReadout> {
+    match pb::RewardReadout::try_from(value) {
+        Ok(pb::RewardReadout::LastToken) => Ok(RewardReadout::LastToken),
+        Ok(pb::RewardReadout::LastTokenAndMeanLogprob) => {
+            Ok(RewardReadout::LastTokenAndMeanLogprob)
+        }
+        Err(_) => Err(ServiceError::invalid(
+            "reward_readout",
+            format!("unknown reward read-out {value}"),
+        )),
+    }
+}
+
 fn model_info(summary: ModelSummary) -> pb::ModelInfo {
     let architecture = match summary.config.architecture() {
         Architecture::Gpt2 => pb::Architecture::Gpt2,
@@ -163,6 +183,7 @@ fn model_info(summary: ModelSummary) -> pb::ModelInfo {
         source: summary.source.to_string(),
         content_hash: summary.content_hash,
         has_reward_head: summary.has_reward_head,
+        reward_readout: readout_to_proto(summary.reward_readout) as i32,
         max_positions: summary.config.max_positions() as u32,
         vocab_size: summary.config.vocab_size() as u32,
         memory_bytes: summary.memory_bytes,
@@ -255,6 +276,7 @@ impl pb::models_server::Models for ModelsService {
                     source,
                     role: request.role,
                     reward_head: request.reward_head,
+                    reward_readout: readout_from_proto(request.reward_readout)?,
                     seed: request.seed,
                 })
                 .await?;
@@ -365,6 +387,7 @@ impl pb::models_server::Models for ModelsService {
                     source: ModelSource::Uploaded { digest, folder },
                     role: load.role,
                     reward_head: load.reward_head,
+                    reward_readout: readout_from_proto(load.reward_readout)?,
                     seed: load.seed,
                 })
                 .await?;
@@ -1172,6 +1195,7 @@ impl pb::training_server::Training for TrainingService {
                 base_source: base.source.clone(),
                 base_reward_head: base.reward_head_requested
                     || (objective == ObjectiveKind::Reward),
+                base_reward_readout: base.reward_readout_requested,
                 base_seed: base.seed,
                 dataset_ids: request.dataset_ids.clone(),
                 hyper: Hyperparameters {

@@ -280,6 +280,7 @@ fn request() -> impl Strategy<Value = Request> {
                     role,
                     reward_head,
                     seed,
+                    ..Default::default()
                 }
             )),
         // Never the two models the other requests use.
@@ -478,6 +479,7 @@ fn fuzzed_requests_get_client_errors_and_leave_a_live_server() {
                     role: String::new(),
                     reward_head,
                     seed: 1,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

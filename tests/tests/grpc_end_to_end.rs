@@ -69,6 +69,7 @@ async fn serves_models_logprobs_and_scores() {
             role: "strong".into(),
             reward_head: true,
             seed: 1,
+            ..Default::default()
         })
         .await
         .unwrap();

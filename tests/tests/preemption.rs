@@ -29,6 +29,7 @@ fn preset(name: &str, preset: &str, reward_head: bool) -> pb::LoadModelRequest {
         role: "test".into(),
         reward_head,
         seed: 7,
+        ..Default::default()
     }
 }
 

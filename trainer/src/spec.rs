@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use superficial_models::RewardReadout;
 
 fn default_seeds() -> Vec<u64> {
     vec![0]
@@ -155,6 +156,16 @@ pub struct StageHyper {
     /// Shards each training minibatch is split into (run concurrently on a CPU server; part
     /// of the arithmetic, so part of every run's identity).
     pub shards: u32,
+    /// What a reward model's fresh head reads (reward scenario only): the reference
+    /// `last_token`, or `last_token_and_mean_logprob` (the model's own sequence log-likelihood
+    /// added, so fine-tuning starts from what the model knows zero-shot). Left out of the
+    /// serialised spec at its default, so existing run ids stay valid.
+    #[serde(skip_serializing_if = "is_last_token")]
+    pub readout: RewardReadout,
+}
+
+fn is_last_token(readout: &RewardReadout) -> bool {
+    *readout == RewardReadout::LastToken
 }
 
 impl Default for StageHyper {
@@ -172,6 +183,7 @@ impl Default for StageHyper {
             conf_threshold: 0.75,
             eval_batch: 32,
             shards: 2,
+            readout: RewardReadout::LastToken,
         }
     }
 }

@@ -35,9 +35,9 @@ pub mod weights;
 pub use candle_core::{DType, Device, DeviceLocation, Tensor};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch};
+pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch, RewardReadout};
 pub use tokenizer::{EncodedDialogue, TextTokenizer};
-pub use weights::{REWARD_HEAD_TENSOR, Weights};
+pub use weights::{REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, Weights};
 
 /// Sets candle's CPU threading up once, before any thread exists:
 /// - makes the thread count a cheap lookup: candle 0.11 asks `get_num_threads()` on every

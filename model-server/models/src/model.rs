@@ -13,7 +13,7 @@ use crate::fused_lm_head::lm_head_target_logprobs;
 use crate::gpt2::{self, Gpt2};
 use crate::layers::{LayerCache, embed};
 use crate::opt::{self, Opt};
-use crate::weights::{Init, REWARD_HEAD_TENSOR, Weights};
+use crate::weights::{Init, REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, Weights};
 
 #[derive(Debug, Clone)]
 enum Body {
@@ -111,6 +111,24 @@ impl PaddedBatch {
     }
 }
 
+/// What a fresh reward head reads.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardReadout {
+    /// The reference reward model: a linear head on the last real token's hidden state.
+    #[default]
+    LastToken,
+    /// The same head plus `scale ·` the mean log-prob of the response's tokens under the
+    /// model itself, `scale` a learned scalar starting at 1: the reward starts from what the
+    /// language model knows zero-shot (the margin of two responses is the mean-log-prob
+    /// comparison SimPO and the sandbox's probe make), and fine-tuning adjusts from there. A
+    /// mean, not a sum, so that a model that knows nothing has no built-in preference for the
+    /// shorter response.
+    LastTokenAndMeanLogprob,
+}
+
 /// A GPT-2 or OPT causal LM, optionally with a scalar reward head.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
@@ -118,6 +136,8 @@ pub struct CausalLm {
     body: Body,
     lm_head: Tensor,
     reward_head: Option<Tensor>,
+    /// `[1]`: the log-likelihood term's weight of a [`RewardReadout::LastTokenAndMeanLogprob`] head.
+    reward_loglik_scale: Option<Tensor>,
     weights: Weights,
     device: Device,
     dtype: DType,
@@ -166,6 +186,16 @@ impl CausalLm {
         } else {
             None
         };
+        let reward_loglik_scale = if weights.contains(REWARD_LOGLIK_SCALE_TENSOR) {
+            if reward_head.is_none() {
+                return Err(ModelError::InvalidInput(format!(
+                    "`{REWARD_LOGLIK_SCALE_TENSOR}` without `{REWARD_HEAD_TENSOR}`"
+                )));
+            }
+            Some(weights.get(REWARD_LOGLIK_SCALE_TENSOR, &[1])?)
+        } else {
+            None
+        };
         let device = lm_head.device().clone();
         let dtype = lm_head.dtype();
         Ok(Self {
@@ -173,6 +203,7 @@ impl CausalLm {
             body,
             lm_head,
             reward_head,
+            reward_loglik_scale,
             weights,
             device,
             dtype,
@@ -181,8 +212,10 @@ impl CausalLm {
 
     /// Adds a fresh reward head, `Linear(hidden, 1, bias=False)` with PyTorch's default
     /// uniform(-1/sqrt(hidden), 1/sqrt(hidden)) init, as the reference reward model. Returns the
-    /// model rebuilt with the head (weights are shared, not copied).
-    pub fn with_fresh_reward_head(self, seed: u64) -> Result<Self> {
+    /// model rebuilt with the head (weights are shared, not copied). `readout` decides whether
+    /// the head also carries a log-likelihood scale (initialised to 1; the linear head then
+    /// starts at zero).
+    pub fn with_fresh_reward_head(self, seed: u64, readout: RewardReadout) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let hidden = self.config.output_dim();
         let bound = 1.0 / (hidden as f32).sqrt();
@@ -191,8 +224,18 @@ impl CausalLm {
             .map(|_| rng.random_range(-bound..bound))
             .collect();
         let head = Tensor::from_vec(values, (1, hidden), &self.device)?.to_dtype(self.dtype)?;
+        // With the log-prob term the head starts at zero: a random head's scores are as large
+        // as the log-prob margins and would hide what the model knows at the first step.
+        let head = match readout {
+            RewardReadout::LastToken => head,
+            RewardReadout::LastTokenAndMeanLogprob => head.zeros_like()?,
+        };
         let mut weights = self.weights;
         weights.insert(REWARD_HEAD_TENSOR, head);
+        if readout == RewardReadout::LastTokenAndMeanLogprob {
+            let scale = Tensor::ones(1, self.dtype, &self.device)?;
+            weights.insert(REWARD_LOGLIK_SCALE_TENSOR, scale);
+        }
         Self::from_weights(self.config, weights)
     }
 
@@ -214,6 +257,14 @@ impl CausalLm {
     }
     pub fn has_reward_head(&self) -> bool {
         self.reward_head.is_some()
+    }
+    /// What the reward head reads (meaningful only with a head).
+    pub fn reward_readout(&self) -> RewardReadout {
+        if self.reward_loglik_scale.is_some() {
+            RewardReadout::LastTokenAndMeanLogprob
+        } else {
+            RewardReadout::LastToken
+        }
     }
     pub fn num_layers(&self) -> usize {
         match &self.body {
@@ -269,11 +320,15 @@ impl CausalLm {
     /// Per-token log-probs `[b, t-1]`: entry `i` is `log p(ids[i+1] | ids[..=i])`. Entries past
     /// a row's length are meaningless and must be masked by the caller.
     pub fn token_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids)?;
-        if fused_applies(&hidden) && ids.dim(1)? >= 2 {
-            return lm_head_target_logprobs(&hidden, &self.lm_head, ids);
+        self.token_logprobs_from_hidden(&self.hidden_states(ids)?, ids)
+    }
+
+    /// [`Self::token_logprobs`] from the final hidden states of `ids`.
+    pub fn token_logprobs_from_hidden(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        if fused_applies(hidden) && ids.dim(1)? >= 2 {
+            return lm_head_target_logprobs(hidden, &self.lm_head, ids);
         }
-        token_logprobs_from_logits(&self.logits_from_hidden(&hidden)?, ids)
+        token_logprobs_from_logits(&self.logits_from_hidden(hidden)?, ids)
     }
 
     /// Reward of each row: the head applied to the hidden state of the last real token
@@ -302,10 +357,42 @@ impl CausalLm {
         Ok(per_position.gather(&index, 1)?.squeeze(1)?)
     }
 
-    /// Rewards `[b]` of a right-padded batch.
-    pub fn rewards(&self, batch: &PaddedBatch) -> Result<Tensor> {
+    /// Rewards `[b]` of a right-padded batch: the head's score, plus for a
+    /// [`RewardReadout::LastTokenAndMeanLogprob`] head the scaled mean log-prob of each row's
+    /// response, the tokens from `response_starts[i]` on (0: the whole row; a row with no
+    /// predicted response token adds 0). The head-only read-out ignores `response_starts`.
+    pub fn rewards(&self, batch: &PaddedBatch, response_starts: &[usize]) -> Result<Tensor> {
         let hidden = self.hidden_states(&batch.ids)?;
-        self.rewards_from_hidden(&hidden, &batch.lengths)
+        let head = self.rewards_from_hidden(&hidden, &batch.lengths)?;
+        let Some(scale) = &self.reward_loglik_scale else {
+            return Ok(head);
+        };
+        let (b, t) = batch.ids.dims2()?;
+        if response_starts.len() != b {
+            return Err(ModelError::InvalidInput(format!(
+                "{} response starts for a batch of {b}",
+                response_starts.len()
+            )));
+        }
+        if t < 2 {
+            return Ok(head);
+        }
+        let logprobs = self.token_logprobs_from_hidden(&hidden, &batch.ids)?;
+        // Entry j predicts token j + 1; each response token weighs 1 / (its row's count).
+        let mut weights = vec![0f32; b * (t - 1)];
+        for (row, (&len, &start)) in batch.lengths.iter().zip(response_starts).enumerate() {
+            let first = start.max(1);
+            if first < len {
+                let w = 1.0 / (len - first) as f32;
+                for j in first - 1..len - 1 {
+                    weights[row * (t - 1) + j] = w;
+                }
+            }
+        }
+        let weights =
+            Tensor::from_vec(weights, (b, t - 1), &self.device)?.to_dtype(logprobs.dtype())?;
+        let mean_logprob = (logprobs * weights)?.sum(1)?;
+        Ok((head + mean_logprob.broadcast_mul(scale)?)?)
     }
 
     /// Per-token log-probs of each sequence (length `len - 1` each), computed as right-padded
@@ -325,11 +412,33 @@ impl CausalLm {
         })
     }
 
-    /// Reward of each sequence, computed as right-padded batches (see [`Self::in_halves`]).
-    pub fn sequence_rewards(&self, sequences: &[Vec<u32>]) -> Result<Vec<f32>> {
-        self.in_halves(sequences, |sequences| {
-            let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
-            Ok(self.rewards(&batch)?.to_dtype(DType::F32)?.to_vec1()?)
+    /// Reward of each sequence, computed as right-padded batches (see [`Self::in_halves`]);
+    /// `response_starts[i]` as in [`Self::rewards`].
+    pub fn sequence_rewards(
+        &self,
+        sequences: &[Vec<u32>],
+        response_starts: &[usize],
+    ) -> Result<Vec<f32>> {
+        if response_starts.len() != sequences.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} response starts for {} sequences",
+                response_starts.len(),
+                sequences.len()
+            )));
+        }
+        let rows: Vec<(Vec<u32>, usize)> = sequences
+            .iter()
+            .cloned()
+            .zip(response_starts.iter().copied())
+            .collect();
+        self.in_halves(&rows, |rows| {
+            let sequences: Vec<Vec<u32>> = rows.iter().map(|(ids, _)| ids.clone()).collect();
+            let starts: Vec<usize> = rows.iter().map(|(_, s)| *s).collect();
+            let batch = PaddedBatch::new(&sequences, self.config.pad_token_id(), &self.device)?;
+            Ok(self
+                .rewards(&batch, &starts)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
         })
     }
 
@@ -338,10 +447,10 @@ impl CausalLm {
     /// pass splits every small product between threads (the trainer shards its minibatches for
     /// the same reason). Always two halves, whatever the core count, so results never depend
     /// on the machine; other devices run one batch.
-    fn in_halves<T: Send>(
+    fn in_halves<S: Sync, T: Send>(
         &self,
-        sequences: &[Vec<u32>],
-        forward: impl Fn(&[Vec<u32>]) -> Result<Vec<T>> + Sync,
+        sequences: &[S],
+        forward: impl Fn(&[S]) -> Result<Vec<T>> + Sync,
     ) -> Result<Vec<T>> {
         if !self.device.is_cpu() || sequences.len() < 2 {
             return forward(sequences);

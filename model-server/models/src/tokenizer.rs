@@ -253,6 +253,43 @@ impl TextTokenizer {
         Ok(keep_last(ids, max_ctx))
     }
 
+    /// Encodes `prompt + response` as one text, as the reference reward model reads it, keeping
+    /// the last `max_ctx` tokens. Returns the ids, the index of the first response token (the
+    /// first token that differs from the prompt's own encoding: the prompt's length unless BPE
+    /// merged across the boundary; 0 with an empty prompt) and whether anything was cut.
+    pub fn encode_whole_text(
+        &self,
+        prompt: &str,
+        response: &str,
+        max_ctx: usize,
+    ) -> Result<(Vec<u32>, usize, bool)> {
+        let ids = self.encode(&format!("{prompt}{response}"))?;
+        let start = if prompt.is_empty() {
+            0
+        } else {
+            let prompt_ids = self.encode(prompt)?;
+            ids.iter()
+                .zip(&prompt_ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let total = ids.len();
+        let (ids, truncated) = keep_last(ids, max_ctx);
+        let cut = total - ids.len();
+        Ok((ids, start.saturating_sub(cut), truncated))
+    }
+
+    /// [`Self::encode_whole_text`] of a whole HH dialogue, split at its last
+    /// `"\n\nAssistant:"` (without the marker, the whole text is the response).
+    pub fn encode_whole_dialogue(
+        &self,
+        text: &str,
+        max_ctx: usize,
+    ) -> Result<(Vec<u32>, usize, bool)> {
+        let (prompt, response) = split_dialogue(text).unwrap_or(("", text));
+        self.encode_whole_text(prompt, response, max_ctx)
+    }
+
     /// Encodes an HH dialogue as the reference preference pipeline does: prompt (up to and
     /// including the last `"\n\nAssistant:"`) and response encoded separately, each with the
     /// default special tokens, concatenated, then truncated (see the module docs).
@@ -295,6 +332,11 @@ pub struct EncodedDialogue {
 }
 
 impl EncodedDialogue {
+    /// Index of the first response token (the length when there is none).
+    pub fn response_start(&self) -> usize {
+        self.response_mask.iter().take_while(|m| !**m).count()
+    }
+
     /// Concatenates prompt and response ids and applies the truncation rule.
     pub fn assemble(prompt_ids: Vec<u32>, response_ids: Vec<u32>, max_ctx: usize) -> Self {
         let response_len = response_ids.len();
@@ -505,6 +547,27 @@ mod tests {
         let long = EncodedDialogue::assemble(vec![1, 2], vec![3, 4, 5, 6, 7], 3);
         assert_eq!(long.ids, vec![5, 6, 7]);
         assert_eq!(long.response_mask, vec![true, true, true]);
+    }
+
+    #[test]
+    fn whole_text_marks_where_the_response_starts() {
+        let t = TextTokenizer::bytes().unwrap();
+        let prompt = "\n\nHuman: hi\n\nAssistant:";
+        let (ids, start, cut) = t.encode_whole_text(prompt, " ok", 100).unwrap();
+        assert_eq!(ids, t.encode(&format!("{prompt} ok")).unwrap());
+        assert_eq!((start, cut), (prompt.len(), false));
+        // Truncation moves the start with the cut, and past it the whole row is response.
+        let (ids, start, cut) = t.encode_whole_text(prompt, " ok", 5).unwrap();
+        assert_eq!((ids.len(), start, cut), (5, 2, true));
+        let (_, start, _) = t.encode_whole_text(prompt, " ok", 2).unwrap();
+        assert_eq!(start, 0);
+        assert_eq!(t.encode_whole_text("", "x", 10).unwrap().1, 0);
+        let dialogue = format!("{prompt} ok");
+        assert_eq!(
+            t.encode_whole_dialogue(&dialogue, 100).unwrap().1,
+            prompt.len()
+        );
+        assert_eq!(t.encode_whole_dialogue("no marker", 100).unwrap().1, 0);
     }
 
     #[test]

@@ -18,6 +18,16 @@ use crate::error::{ModelError, Result};
 /// HF tensors in `model.safetensors`. `transformers` ignores it when loading a causal LM.
 pub const REWARD_HEAD_TENSOR: &str = "reward_head.weight";
 
+/// Tensor name of the reward read-out's log-likelihood scale (shape `[1]`): present only in
+/// models whose reward adds `scale · Σ log p(token)` over the sequence to the head's score
+/// (see `RewardReadout::LastTokenAndMeanLogprob`). Saved beside [`REWARD_HEAD_TENSOR`].
+pub const REWARD_LOGLIK_SCALE_TENSOR: &str = "reward_head.loglik_scale";
+
+/// Tensors written and read under their own names, without the architecture prefix.
+fn is_unprefixed(name: &str) -> bool {
+    name == REWARD_HEAD_TENSOR || name == REWARD_LOGLIK_SCALE_TENSOR || name == "lm_head.weight"
+}
+
 /// A set of named tensors in HF naming with the architecture prefix normalised:
 /// GPT-2 names start at `wte`/`h.N`/`ln_f` (no `transformer.`), OPT names at `decoder.`
 /// (no `model.`).
@@ -188,7 +198,7 @@ impl Weights {
         };
         let mut out = std::collections::HashMap::new();
         for (name, tensor) in &self.tensors {
-            let hf_name = if name == REWARD_HEAD_TENSOR || name == "lm_head.weight" {
+            let hf_name = if is_unprefixed(name) {
                 name.clone()
             } else {
                 format!("{prefix}{name}")
@@ -296,7 +306,7 @@ fn read_weight_file(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
 /// Maps an HF tensor name to this library's naming, or `None` for buffers the models do not use
 /// (GPT-2's `attn.bias`/`attn.masked_bias` causal masks).
 fn normalise_name(config: &ModelConfig, name: &str) -> Option<String> {
-    if name == REWARD_HEAD_TENSOR || name == "lm_head.weight" {
+    if is_unprefixed(name) {
         return Some(name.to_string());
     }
     match config {

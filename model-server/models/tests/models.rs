@@ -5,7 +5,10 @@
 use superficial_models::generation::{
     GenerationConfig, SamplingConfig, generate, greedy_without_cache,
 };
-use superficial_models::{CausalLm, LoadOptions, ModelConfig, PaddedBatch, Tensor, Weights};
+use superficial_models::{
+    CausalLm, LoadOptions, ModelConfig, PaddedBatch, REWARD_HEAD_TENSOR,
+    REWARD_LOGLIK_SCALE_TENSOR, RewardReadout, Tensor, Weights,
+};
 
 const ARCHITECTURES: &[&str] = &["tiny-gpt2", "tiny-opt", "tiny-opt-post-ln"];
 
@@ -17,6 +20,9 @@ fn tiny(preset: &str, seed: u64) -> CausalLm {
     )
     .unwrap()
 }
+
+/// Where each of [`sequences`]' responses starts (the third has a single token).
+const STARTS: [usize; 4] = [3, 1, 0, 6];
 
 fn sequences() -> Vec<Vec<u32>> {
     // Id 0 appears inside sequences on purpose: it is a real token (GPT-2's "!"), never padding.
@@ -31,7 +37,9 @@ fn sequences() -> Vec<Vec<u32>> {
 #[test]
 fn every_trainable_tensor_receives_a_nonzero_gradient() {
     for preset in ARCHITECTURES {
-        let model = tiny(preset, 1).with_fresh_reward_head(2).unwrap();
+        let model = tiny(preset, 1)
+            .with_fresh_reward_head(2, RewardReadout::LastToken)
+            .unwrap();
         let config = model.config().clone();
         let (weights, vars) = model.weights().clone().into_trainable().unwrap();
         let model = CausalLm::from_weights(config, weights).unwrap();
@@ -73,17 +81,124 @@ fn every_trainable_tensor_receives_a_nonzero_gradient() {
 }
 
 #[test]
-fn batched_and_padded_results_equal_unpadded_ones() {
+fn loglik_readout_gives_every_tensor_and_its_scale_a_gradient() {
     for preset in ARCHITECTURES {
-        let model = tiny(preset, 3).with_fresh_reward_head(4).unwrap();
+        let model = tiny(preset, 1)
+            .with_fresh_reward_head(2, RewardReadout::LastTokenAndMeanLogprob)
+            .unwrap();
+        assert_eq!(
+            model.reward_readout(),
+            RewardReadout::LastTokenAndMeanLogprob
+        );
+        let config = model.config().clone();
+        let (weights, vars) = model.weights().clone().into_trainable().unwrap();
+        let model = CausalLm::from_weights(config, weights).unwrap();
+        let batch = PaddedBatch::new(&sequences(), 1, model.device()).unwrap();
+        // The reward alone: the log-likelihood term must reach the body and the (tied) head.
+        let loss = model.rewards(&batch, &STARTS).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(vars.iter().any(|(n, _)| n == REWARD_LOGLIK_SCALE_TENSOR));
+        for (name, var) in &vars {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{preset}: no gradient for {name}"));
+            let norm = grad
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{preset}: gradient of {name} is {norm}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mean_logprob_readout_adds_the_scaled_response_mean_to_the_head_score() {
+    for preset in ARCHITECTURES {
+        let plain = tiny(preset, 3)
+            .with_fresh_reward_head(4, RewardReadout::LastToken)
+            .unwrap();
+        let fresh = tiny(preset, 3)
+            .with_fresh_reward_head(4, RewardReadout::LastTokenAndMeanLogprob)
+            .unwrap();
+        let seqs = sequences();
+        let logprobs = plain.sequence_logprobs(&seqs).unwrap();
+        // Tokens from the start on (token 0 has no log-prob), averaged.
+        let means: Vec<f32> = logprobs
+            .iter()
+            .zip(STARTS)
+            .map(|(lp, start)| {
+                let response = &lp[start.max(1) - 1..];
+                if response.is_empty() {
+                    0.0
+                } else {
+                    response.iter().sum::<f32>() / response.len() as f32
+                }
+            })
+            .collect();
+        // A fresh head starts at zero: the reward is the response's mean log-prob.
+        let total = fresh.sequence_rewards(&seqs, &STARTS).unwrap();
+        for (i, mean) in means.iter().enumerate() {
+            assert!((total[i] - mean).abs() < 1e-4, "{preset} row {i}");
+        }
+        // With the plain model's random head and a scale of 2: head + 2 · mean.
+        let mut weights = fresh.weights().clone();
+        let width = plain.config().output_dim();
+        let head = plain
+            .weights()
+            .get(REWARD_HEAD_TENSOR, &[1, width])
+            .unwrap();
+        weights.insert(REWARD_HEAD_TENSOR, head);
+        weights.insert(
+            REWARD_LOGLIK_SCALE_TENSOR,
+            Tensor::new(&[2f32], &candle_core::Device::Cpu).unwrap(),
+        );
+        let both = CausalLm::from_weights(fresh.config().clone(), weights).unwrap();
+        let head_only = plain.sequence_rewards(&seqs, &STARTS).unwrap();
+        let total = both.sequence_rewards(&seqs, &STARTS).unwrap();
+        for (i, mean) in means.iter().enumerate() {
+            let expected = head_only[i] + 2.0 * mean;
+            assert!(
+                (total[i] - expected).abs() < 1e-4,
+                "{preset} row {i}: {} vs {expected}",
+                total[i]
+            );
+        }
+        // A one-token sequence has no log-prob term.
+        assert!((total[2] - head_only[2]).abs() < 1e-6);
+        // The start matters: the whole row's mean differs from the response's.
+        let whole = both.sequence_rewards(&seqs, &[0; 4]).unwrap();
+        assert!((whole[3] - total[3]).abs() > 1e-6, "{preset}");
+    }
+}
+
+#[test]
+fn batched_and_padded_results_equal_unpadded_ones() {
+    for (preset, readout) in ARCHITECTURES.iter().flat_map(|p| {
+        [
+            RewardReadout::LastToken,
+            RewardReadout::LastTokenAndMeanLogprob,
+        ]
+        .map(|r| (p, r))
+    }) {
+        let model = tiny(preset, 3).with_fresh_reward_head(4, readout).unwrap();
         let seqs = sequences();
         // Pad with a token that also occurs in the data: results must not depend on the pad id.
         let batch = PaddedBatch::new(&seqs, 0, model.device()).unwrap();
-        let rewards: Vec<f32> = model.rewards(&batch).unwrap().to_vec1().unwrap();
+        let rewards: Vec<f32> = model.rewards(&batch, &STARTS).unwrap().to_vec1().unwrap();
         let logprobs: Vec<Vec<f32>> = model.token_logprobs(&batch.ids).unwrap().to_vec2().unwrap();
         for (i, seq) in seqs.iter().enumerate() {
             let single = PaddedBatch::new(std::slice::from_ref(seq), 0, model.device()).unwrap();
-            let reward: Vec<f32> = model.rewards(&single).unwrap().to_vec1().unwrap();
+            let reward: Vec<f32> = model
+                .rewards(&single, &STARTS[i..=i])
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert!((reward[0] - rewards[i]).abs() < 1e-5, "{preset} row {i}");
             let lp: Vec<Vec<f32>> = model
                 .token_logprobs(&single.ids)
@@ -99,7 +214,9 @@ fn batched_and_padded_results_equal_unpadded_ones() {
 
 #[test]
 fn reward_is_read_at_the_last_real_token() {
-    let model = tiny("tiny-gpt2", 5).with_fresh_reward_head(6).unwrap();
+    let model = tiny("tiny-gpt2", 5)
+        .with_fresh_reward_head(6, RewardReadout::LastToken)
+        .unwrap();
     // [a, 0, b] and its prefix [a, 0]: the reward of the prefix is read at the `0` token, which
     // an `ids != 0` rule would skip.
     let full = PaddedBatch::new(&[vec![7, 0, 9]], 3, model.device()).unwrap();
@@ -110,9 +227,17 @@ fn reward_is_read_at_the_last_real_token() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let prefix_reward = model.rewards(&prefix).unwrap().to_vec1::<f32>().unwrap();
+    let prefix_reward = model
+        .rewards(&prefix, &[0])
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!((at_zero[0] - prefix_reward[0]).abs() < 1e-6);
-    let last = model.rewards(&full).unwrap().to_vec1::<f32>().unwrap();
+    let last = model
+        .rewards(&full, &[0])
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!((last[0] - at_zero[0]).abs() > 1e-6);
 }
 
@@ -172,20 +297,29 @@ fn too_long_and_out_of_vocab_inputs_are_errors() {
 
 #[test]
 fn saved_folder_reloads_to_identical_weights_and_outputs() {
-    for preset in ARCHITECTURES {
-        let model = tiny(preset, 10).with_fresh_reward_head(11).unwrap();
+    for (preset, readout) in ARCHITECTURES.iter().flat_map(|p| {
+        [
+            RewardReadout::LastToken,
+            RewardReadout::LastTokenAndMeanLogprob,
+        ]
+        .map(|r| (p, r))
+    }) {
+        let model = tiny(preset, 10)
+            .with_fresh_reward_head(11, readout)
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         model.save_folder(dir.path()).unwrap();
         let back = CausalLm::from_folder(dir.path(), &LoadOptions::default()).unwrap();
         assert!(back.has_reward_head());
+        assert_eq!(back.reward_readout(), readout, "{preset}");
         assert_eq!(
             model.weights().content_hash().unwrap(),
             back.weights().content_hash().unwrap(),
             "{preset}"
         );
         let batch = PaddedBatch::new(&sequences(), 1, model.device()).unwrap();
-        let a: Vec<f32> = model.rewards(&batch).unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = back.rewards(&batch).unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = model.rewards(&batch, &STARTS).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = back.rewards(&batch, &STARTS).unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
     }
 }

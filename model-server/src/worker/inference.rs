@@ -102,6 +102,8 @@ struct SlicedForward {
     model: String,
     primitive: Primitive,
     sequences: Vec<Vec<u32>>,
+    /// Where each sequence's response starts (read by mean-log-prob reward heads only).
+    response_starts: Vec<usize>,
     next: usize,
     logprobs: Vec<Vec<f32>>,
     rewards: Vec<f32>,
@@ -109,11 +111,17 @@ struct SlicedForward {
 }
 
 impl SlicedForward {
-    fn new(model: String, primitive: Primitive, sequences: Vec<Vec<u32>>) -> Self {
+    fn new(
+        model: String,
+        primitive: Primitive,
+        sequences: Vec<Vec<u32>>,
+        response_starts: Vec<usize>,
+    ) -> Self {
         Self {
             model,
             primitive,
             sequences,
+            response_starts,
             next: 0,
             logprobs: Vec::new(),
             rewards: Vec::new(),
@@ -135,7 +143,11 @@ impl SlicedForward {
             Primitive::Logprobs => self
                 .logprobs
                 .extend(resident.model.sequence_logprobs(batch)?),
-            Primitive::Rewards => self.rewards.extend(resident.model.sequence_rewards(batch)?),
+            Primitive::Rewards => self.rewards.extend(
+                resident
+                    .model
+                    .sequence_rewards(batch, &self.response_starts[self.next..end])?,
+            ),
         }
         self.next = end;
         self.compute += started.elapsed();
@@ -163,8 +175,12 @@ impl BatchTask {
             .iter()
             .flat_map(|p| p.sequences.iter().cloned())
             .collect();
+        let starts = requests
+            .iter()
+            .flat_map(|p| p.response_starts.iter().copied())
+            .collect();
         Some(Self {
-            forward: SlicedForward::new(first.model.clone(), first.primitive, sequences),
+            forward: SlicedForward::new(first.model.clone(), first.primitive, sequences, starts),
             requests,
         })
     }
@@ -216,6 +232,7 @@ pub(super) struct DpoTask {
 impl DpoTask {
     pub(super) fn new(work: DpoWork) -> Self {
         let ids = |encoded: &[EncodedDialogue]| encoded.iter().map(|d| d.ids.clone()).collect();
+        let starts = |encoded: &[EncodedDialogue]| vec![0; encoded.len()];
         // The tokenizer only makes DPO work from DPO scoring.
         let reference = match &work.job.scoring {
             PairScoring::Dpo { reference } => reference.clone(),
@@ -226,11 +243,13 @@ impl DpoTask {
                 work.job.model.clone(),
                 Primitive::Logprobs,
                 ids(&work.policy_encoded),
+                starts(&work.policy_encoded),
             ),
             reference: SlicedForward::new(
                 reference,
                 Primitive::Logprobs,
                 ids(&work.reference_encoded),
+                starts(&work.reference_encoded),
             ),
             work,
         }
@@ -528,8 +547,12 @@ impl PairsTask {
             .collect();
         let sequences: Vec<Vec<u32>> = singles.iter().map(|d| d.ids.clone()).collect();
         let scores: Vec<f64> = if whole_text {
+            let starts: Vec<usize> = singles
+                .iter()
+                .map(EncodedDialogue::response_start)
+                .collect();
             worker
-                .batched_rewards(&judge.model, &sequences)?
+                .batched_rewards(&judge.model, &sequences, &starts)?
                 .into_iter()
                 .map(f64::from)
                 .collect()
@@ -617,12 +640,15 @@ impl Worker {
         &self,
         model: &CausalLm,
         sequences: &[Vec<u32>],
+        response_starts: &[usize],
     ) -> ServiceResult<Vec<f32>> {
         let mut out = Vec::with_capacity(sequences.len());
         let mut start = 0;
         while start < sequences.len() {
             let end = self.batch_end(sequences, start);
-            out.extend(model.sequence_rewards(&sequences[start..end])?);
+            out.extend(
+                model.sequence_rewards(&sequences[start..end], &response_starts[start..end])?,
+            );
             start = end;
         }
         Ok(out)

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use superficial_models::generation::SamplingConfig;
 use superficial_models::{
-    CausalLm, DType, Device, DeviceLocation, LoadOptions, ModelConfig, TextTokenizer,
+    CausalLm, DType, Device, DeviceLocation, LoadOptions, ModelConfig, RewardReadout, TextTokenizer,
 };
 use superficial_training::TrainingRun;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -104,6 +104,8 @@ pub struct LoadSpec {
     pub source: ModelSource,
     pub role: String,
     pub reward_head: bool,
+    /// What a fresh reward head reads (a checkpoint's own head keeps its read-out).
+    pub reward_readout: RewardReadout,
     pub seed: u64,
 }
 
@@ -118,9 +120,12 @@ pub struct ModelSummary {
     pub device: String,
     pub source: ModelSource,
     pub reward_head_requested: bool,
+    pub reward_readout_requested: RewardReadout,
     pub seed: u64,
     pub content_hash: String,
     pub has_reward_head: bool,
+    /// What the model's reward head reads (`LastToken` without a head).
+    pub reward_readout: RewardReadout,
     pub memory_bytes: u64,
 }
 
@@ -758,7 +763,12 @@ impl Worker {
                 self.config.device.is_cpu(),
             )?;
         }
-        let (model, tokenizer) = self.build_model(&spec.source, spec.reward_head, spec.seed)?;
+        let (model, tokenizer) = self.build_model(
+            &spec.source,
+            spec.reward_head,
+            spec.reward_readout,
+            spec.seed,
+        )?;
         let weights = model.weights();
         let summary = ModelSummary {
             name: spec.name.clone(),
@@ -769,9 +779,11 @@ impl Worker {
             device: device_name(model.device()),
             source: spec.source,
             reward_head_requested: spec.reward_head,
+            reward_readout_requested: spec.reward_readout,
             seed: spec.seed,
             content_hash: weights.content_hash()?,
             has_reward_head: model.has_reward_head(),
+            reward_readout: model.reward_readout(),
             memory_bytes: weights.memory_bytes(),
         };
         info!(parameters = summary.parameter_count, "model loaded");
@@ -792,6 +804,7 @@ impl Worker {
         &self,
         source: &ModelSource,
         reward_head: bool,
+        reward_readout: RewardReadout,
         seed: u64,
     ) -> ServiceResult<(CausalLm, TextTokenizer)> {
         let options = LoadOptions {
@@ -838,7 +851,7 @@ impl Worker {
             }
         };
         if reward_head && !model.has_reward_head() {
-            model = model.with_fresh_reward_head(seed)?;
+            model = model.with_fresh_reward_head(seed, reward_readout)?;
         }
         Ok((model, tokenizer))
     }

@@ -124,16 +124,17 @@ impl TokenizeContext {
         Ok(encoded)
     }
 
-    fn encode_texts(&self, job: &TextsJob) -> ServiceResult<Vec<Vec<u32>>> {
+    /// Each text's ids and where its response starts (after its last `"\n\nAssistant:"`).
+    fn encode_texts(&self, job: &TextsJob) -> ServiceResult<Vec<(Vec<u32>, usize)>> {
         self.require_head()?;
         let max_ctx = self.max_ctx(job.max_ctx);
         job.texts
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let (ids, _) = self
+                let (ids, start, _) = self
                     .tokenizer
-                    .encode_truncated(text, max_ctx)
+                    .encode_whole_dialogue(text, max_ctx)
                     .map_err(|e| ServiceError::invalid(format!("texts[{i}]"), e))?;
                 if ids.is_empty() {
                     // A reward is read at the last token; a text without one is the client's
@@ -144,7 +145,7 @@ impl TokenizeContext {
                     ));
                 }
                 self.check_ids(&ids, format!("texts[{i}]"))?;
-                Ok(ids)
+                Ok((ids, start))
             })
             .collect()
     }
@@ -167,14 +168,18 @@ impl TokenizeContext {
             for (side, response) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
                 let field = || format!("pairs[{i}].{side}");
                 let dialogue = if whole_text {
-                    let text = format!("{}{}", pair.prompt, response);
-                    let (ids, truncated) = self
-                        .tokenizer
-                        .encode_truncated(&text, max_ctx)
-                        .map_err(|e| ServiceError::invalid(field(), e))?;
+                    let (ids, start, truncated) = if pair.prompt.is_empty() {
+                        self.tokenizer.encode_whole_dialogue(response, max_ctx)
+                    } else {
+                        self.tokenizer
+                            .encode_whole_text(&pair.prompt, response, max_ctx)
+                    }
+                    .map_err(|e| ServiceError::invalid(field(), e))?;
                     let n = ids.len();
+                    let mut response_mask = vec![false; start];
+                    response_mask.extend(std::iter::repeat_n(true, n - start));
                     EncodedDialogue {
-                        response_mask: vec![true; n],
+                        response_mask,
                         ids,
                         truncated,
                     }
@@ -218,6 +223,8 @@ pub(super) struct Prepared {
     pub model: String,
     pub primitive: Primitive,
     pub sequences: Vec<Vec<u32>>,
+    /// Where each sequence's response starts (see `CausalLm::rewards`).
+    pub response_starts: Vec<usize>,
     pub times: StageTimes,
     pub reply: ReplyTo,
 }
@@ -284,6 +291,10 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
             match encoded {
                 Ok(encoded) => Some(Tokenized::Batch(Prepared {
                     sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
+                    response_starts: encoded
+                        .iter()
+                        .map(EncodedDialogue::response_start)
+                        .collect(),
                     model: request.model,
                     primitive: Primitive::Logprobs,
                     times: times(started),
@@ -302,10 +313,11 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
             let encoded = TokenizeContext::of(contexts, &request.model)
                 .and_then(|c| c.encode_texts(&request));
             match encoded {
-                Ok(sequences) => Some(Tokenized::Batch(Prepared {
+                Ok(encoded) => Some(Tokenized::Batch(Prepared {
                     model: request.model,
                     primitive: Primitive::Rewards,
-                    sequences,
+                    sequences: encoded.iter().map(|(ids, _)| ids.clone()).collect(),
+                    response_starts: encoded.iter().map(|(_, start)| *start).collect(),
                     times: times(started),
                     reply: ReplyTo::Texts { reply },
                 })),
@@ -348,6 +360,10 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
             match encoded {
                 Ok(encoded) => Some(Tokenized::Batch(Prepared {
                     sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
+                    response_starts: encoded
+                        .iter()
+                        .map(EncodedDialogue::response_start)
+                        .collect(),
                     model: request.model,
                     primitive: if whole_text {
                         Primitive::Rewards

@@ -86,8 +86,12 @@ impl Worker {
             return Ok(());
         };
         let spec = job.spec.clone();
-        let (base, tokenizer) =
-            self.build_model(&spec.base_source, spec.base_reward_head, spec.base_seed)?;
+        let (base, tokenizer) = self.build_model(
+            &spec.base_source,
+            spec.base_reward_head,
+            spec.base_reward_readout,
+            spec.base_seed,
+        )?;
         let mut examples = build_examples(&spec, &job.rows, &tokenizer)?;
         let objective = spec.objective();
         if matches!(objective, Objective::Dpo { .. }) {
@@ -248,6 +252,7 @@ impl Worker {
                 },
                 role: String::new(),
                 reward_head: false,
+                reward_readout: RewardReadout::LastToken,
                 seed: 0,
             })
         })();

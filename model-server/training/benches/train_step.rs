@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::config::Gpt2Config;
-use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
+use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig, RewardReadout};
 use superficial_training::{
     AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainingRun,
 };
@@ -139,12 +139,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|_| Example::RewardPair {
                 slot_c: random_ids(&mut rng, 70),
                 slot_r: random_ids(&mut rng, 70),
+                response_starts: [35, 35],
                 target: 1.0,
                 conflict_prefers_slot_r: false,
             })
             .collect();
-        let model =
-            CausalLm::random_init(config.clone(), 1, &options)?.with_fresh_reward_head(3)?;
+        let model = CausalLm::random_init(config.clone(), 1, &options)?
+            .with_fresh_reward_head(3, RewardReadout::LastToken)?;
         let mut reward_run = TrainingRun::new(
             model,
             reward_examples,

@@ -23,7 +23,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::config::Gpt2Config;
-use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig};
+use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig, RewardReadout};
 use superficial_training::{
     AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainingRun,
 };
@@ -84,7 +84,7 @@ impl Workload {
                 model.sequence_logprobs(sequences)?;
             }
             Workload::Rewards(model, sequences) => {
-                model.sequence_rewards(sequences)?;
+                model.sequence_rewards(sequences, &vec![0; sequences.len()])?;
             }
             Workload::Matmul(a, b) => {
                 a.matmul(b)?;
@@ -201,7 +201,7 @@ fn build(name: &str, device: &candle_core::Device) -> Result<Workload, BoxError>
                 .collect(),
         ),
         "reward-forward" => Workload::Rewards(
-            model.with_fresh_reward_head(3)?,
+            model.with_fresh_reward_head(3, RewardReadout::LastToken)?,
             (0..pairs)
                 .map(|_| random_ids(&mut rng, vocab, len))
                 .collect(),
@@ -221,12 +221,13 @@ fn build(name: &str, device: &candle_core::Device) -> Result<Workload, BoxError>
                 .map(|_| Example::RewardPair {
                     slot_c: random_ids(&mut rng, vocab, len),
                     slot_r: random_ids(&mut rng, vocab, len),
+                    response_starts: [len / 2, len / 2],
                     target: 1.0,
                     conflict_prefers_slot_r: false,
                 })
                 .collect();
             Workload::Train(Box::new(TrainingRun::new(
-                model.with_fresh_reward_head(3)?,
+                model.with_fresh_reward_head(3, RewardReadout::LastToken)?,
                 examples,
                 train_config(
                     Objective::Reward {

@@ -16,10 +16,12 @@ pub enum Example {
     Tokens(Vec<u32>),
     /// A reward-model pair in slot order, with its training target (hard or soft) and which
     /// slot the explicit conflict's goal favours (`conflict_prefers_slot_r`; official form:
-    /// slot c holds the human-chosen text).
+    /// slot c holds the human-chosen text). `response_starts`: where each slot's response
+    /// begins (read by a mean-log-prob reward read-out only).
     RewardPair {
         slot_c: Vec<u32>,
         slot_r: Vec<u32>,
+        response_starts: [usize; 2],
         target: f32,
         conflict_prefers_slot_r: bool,
     },
@@ -261,24 +263,27 @@ fn reward_loss(
 ) -> Result<LossOutput> {
     let n = batch.len();
     let mut sequences = Vec::with_capacity(2 * n);
+    let mut starts = Vec::with_capacity(2 * n);
     let mut targets = Vec::with_capacity(n);
     let mut labels = Vec::with_capacity(n);
     for example in batch {
         if let Example::RewardPair {
             slot_c,
             slot_r,
+            response_starts,
             target,
             conflict_prefers_slot_r,
         } = example
         {
             sequences.push(slot_c.clone());
             sequences.push(slot_r.clone());
+            starts.extend(response_starts);
             targets.push(*target);
             labels.push(if *conflict_prefers_slot_r { 1f32 } else { 0.0 });
         }
     }
     let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let rewards = model.rewards(&padded)?.reshape((n, 2))?;
+    let rewards = model.rewards(&padded, &starts)?.reshape((n, 2))?;
     let margins = (rewards.narrow(1, 0, 1)? - rewards.narrow(1, 1, 1)?)?.squeeze(1)?;
     let dtype = margins.dtype();
     let targets_t = Tensor::from_vec(targets.clone(), n, model.device())?.to_dtype(dtype)?;

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use superficial_models::{CausalLm, EncodedDialogue, LoadOptions, ModelConfig, Weights};
+use superficial_models::{
+    CausalLm, EncodedDialogue, LoadOptions, ModelConfig, RewardReadout, Weights,
+};
 use superficial_training::objectives::attach_reference_logprobs;
 use superficial_training::{
     AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainError, TrainingRun,
@@ -21,7 +23,9 @@ fn tiny(preset: &str, dtype: DType, reward_head: bool) -> CausalLm {
     };
     let model = CausalLm::random_init(ModelConfig::preset(preset).unwrap(), 3, &options).unwrap();
     if reward_head {
-        model.with_fresh_reward_head(4).unwrap()
+        model
+            .with_fresh_reward_head(4, RewardReadout::LastToken)
+            .unwrap()
     } else {
         model
     }
@@ -44,6 +48,7 @@ fn examples(objective: &Objective, n: usize, seed: u64) -> Vec<Example> {
             Objective::Reward { .. } => Example::RewardPair {
                 slot_c: ids(&mut rng, 5 + i % 3),
                 slot_r: ids(&mut rng, 4 + i % 4),
+                response_starts: [2, 1 + i % 3],
                 target: [0.0, 1.0, 0.3, 0.8][i % 4],
                 conflict_prefers_slot_r: i % 3 != 0,
             },
@@ -96,11 +101,30 @@ fn trainable(model: CausalLm) -> (CausalLm, Vec<(String, Var)>) {
     (CausalLm::from_weights(config, weights).unwrap(), vars)
 }
 
+/// Every objective on a fresh model, plus the reward objectives on a mean-log-prob read-out.
+fn gradient_cases(preset: &str) -> Vec<(Objective, CausalLm)> {
+    let mut cases: Vec<(Objective, CausalLm)> = all_objectives()
+        .into_iter()
+        .map(|o| (o, tiny(preset, DType::F64, o.needs_reward_head())))
+        .collect();
+    for alpha in [None, Some(0.5)] {
+        let model = tiny(preset, DType::F64, false)
+            .with_fresh_reward_head(4, RewardReadout::LastTokenAndMeanLogprob)
+            .unwrap();
+        cases.push((
+            Objective::Reward {
+                explicit_alpha: alpha,
+            },
+            model,
+        ));
+    }
+    cases
+}
+
 #[test]
 fn analytic_gradients_match_finite_differences_for_every_objective() {
-    for objective in all_objectives() {
-        for preset in ["tiny-gpt2", "tiny-opt-post-ln"] {
-            let model = tiny(preset, DType::F64, objective.needs_reward_head());
+    for preset in ["tiny-gpt2", "tiny-opt-post-ln"] {
+        for (objective, model) in gradient_cases(preset) {
             let data = prepared(&objective, &model, 6, 11);
             let (model, vars) = trainable(model);
             let loss = objective.loss(&model, &data).unwrap().loss;
@@ -160,7 +184,8 @@ fn analytic_gradients_match_finite_differences_for_every_objective() {
             let error = (numeric - analytic).abs() / numeric.abs().max(analytic.abs()).max(1e-8);
             assert!(
                 error < 1e-4,
-                "{objective:?} on {preset}: numeric {numeric} analytic {analytic}"
+                "{objective:?} ({:?}) on {preset}: numeric {numeric} analytic {analytic}",
+                model.reward_readout()
             );
         }
     }

@@ -398,7 +398,7 @@ fn findings_markdown(report: &eval_client::report::Report) -> String {
                 .unwrap_or_default();
             let left_out = if r.comparisons_left_out > 0 {
                 format!(
-                    "; {} of {} comparisons left out (collapsed student or counterpart, or strong ceiling at chance)",
+                    "; {} of {} comparisons left out (collapsed student or counterpart, or a strong ceiling at chance or not above the weak one)",
                     r.comparisons_left_out,
                     r.comparisons_used + r.comparisons_left_out
                 )

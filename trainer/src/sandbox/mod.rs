@@ -23,7 +23,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use superficial_models::config::{Gpt2Config, OptConfig};
 use superficial_models::model::parameter_count;
-use superficial_models::{ModelConfig, TextTokenizer};
+use superficial_models::{ModelConfig, RewardReadout, TextTokenizer};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
@@ -143,7 +143,9 @@ impl Default for ExperimentConfig {
             tokenizer_vocab: 768,
             context: 96,
             family: Family::Gpt2,
-            pretrain_both_families: true,
+            // The OPT sizes are not in the default grid; pretraining them for every draw cost a
+            // third of the pretraining time (`--family opt` runs them).
+            pretrain_both_families: false,
             gpt2: vec![
                 SizeSpec::new("gpt2-xs", 16, 1, 2),
                 SizeSpec::new("gpt2-s", 32, 2, 4),
@@ -157,24 +159,29 @@ impl Default for ExperimentConfig {
             ],
             opt_activation: "gelu_new".into(),
             pretrain: PretrainConfig::default(),
-            // No finding may rest on one seed: ceilings alone move ±0.08 between seeds.
-            seeds: vec![0, 1, 2],
+            // No finding may rest on one seed: ceilings alone move ±0.08 between seeds, and three
+            // draws (t(2) = 4.30) detect only effects of ~0.3 (docs/study.md).
+            seeds: (0..8).collect(),
             // One pretraining draw moved the headline DS_new − chance more than the three
             // fine-tuning seeds' intervals admitted (docs/sandbox.md): seeds vary both.
             pretrain_per_seed: true,
             scenarios: vec![Scenario::Reward, Scenario::Simpo],
             settings: vec![Setting::None, Setting::Implicit, Setting::Explicit],
             bootstrap: true,
-            // A reward head on the last token has to learn an interaction (stated vs recalled
-            // property): at 6 epochs the four ceilings were flat (0.51-0.57); at 20 the sizes
-            // that know the facts pull away (gpt2-m 0.65, gpt2-l 0.67).
+            // A head on the last token alone never read out what the models know (gpt2-l's
+            // ceilings 0.49-0.79 against 0.84-0.93 zero-shot, at any rate or length tried): the
+            // reward adds the model's own mean response log-prob, so it starts from the
+            // zero-shot comparison (gpt2-l 0.92 / 0.91 / 0.84). 1e-4 for 4 epochs moves the
+            // students (3e-5 left them at their zero-shot answers, where no label or conflict
+            // could show). docs/sandbox.md has the numbers.
             reward: StageHyper {
-                lr: 1e-3,
+                lr: 1e-4,
                 batch_size: 32,
                 minibatch_size: 32,
-                epochs: 20,
+                epochs: 4,
                 max_ctx: 96,
                 eval_batch: 64,
+                readout: RewardReadout::LastTokenAndMeanLogprob,
                 ..StageHyper::default()
             },
             // SimPO turns any lean of its labels into a constant policy at 3e-4: 59 of the 87
@@ -191,14 +198,16 @@ impl Default for ExperimentConfig {
                 eval_batch: 64,
                 ..StageHyper::preference_default()
             },
-            // A dose-response of the explicit conflict (α = 0.5 is the paper's): at α 2 every
-            // reward student of the three-draw default became a constant policy (18 of 18), at
-            // α 1 one of 18, at 0.5 none. The implicit one mixes in the world's helpful split
+            // Doses of each conflict (α = 0.5 is the paper's), chosen by collapse counts: with the
+            // log-prob reward read-out the reward students' tax grows over α 0.05 / 0.1 / 0.25
+            // (+0.045 / +0.080 / +0.097 over eight draws) and saturates above (Adam's steps do
+            // not grow with a term's weight), but at 0.25 14 of 48 reward students comply
+            // always. The implicit doses are subsets of the world's helpful split
             // (`world.helpful_pairs`).
             conflict: ConflictSpec {
                 explicit_target: ConflictTarget::Compliant,
-                explicit_alphas: vec![0.25, 0.5, 1.0],
-                implicit_helpful_pairs: Vec::new(),
+                explicit_alphas: vec![0.025, 0.05, 0.1],
+                implicit_helpful_pairs: vec![40, 80, 120],
             },
         }
     }
@@ -206,20 +215,16 @@ impl Default for ExperimentConfig {
 
 impl ExperimentConfig {
     /// The `--quick` configuration: fewer pairs, the two smallest sizes of the grid family,
-    /// 6 reward epochs, one seed; every setting and dose of the default.
+    /// one seed; every setting and dose of the default.
     pub fn quick() -> Self {
         let base = Self::default();
         Self {
-            reward: StageHyper {
-                epochs: 6,
-                ..base.reward.clone()
-            },
             world: WorldConfig {
                 corpus_passes: 130,
                 train_gt_pairs: 160,
                 train_w2s_pairs: 160,
                 test_pairs: 200,
-                helpful_pairs: 100,
+                helpful_pairs: 120,
                 ..WorldConfig::default()
             },
             pretrain_both_families: false,
@@ -770,6 +775,9 @@ pub struct Probe {
     pub parameters: usize,
     /// Zero-shot accuracy on the harmless test pairs (mean response log-prob).
     pub accuracy: f64,
+    /// The same by summed response log-prob: where a reward model with the
+    /// `last_token_and_mean_logprob` read-out starts (its head aside).
+    pub accuracy_summed: f64,
     /// The same per mention bucket: (accuracy, pairs).
     pub by_bucket: BTreeMap<String, (f64, usize)>,
     /// Share of all facts the model states correctly ("The X berry is" → true adjective more
@@ -792,14 +800,15 @@ fn bucket_shares(items: impl Iterator<Item = (usize, bool)>) -> BTreeMap<String,
     out
 }
 
-async fn mean_logprob_margins(
+async fn logprob_margins(
     client: &W2sClient,
     model: &str,
-    pairs: Vec<pb::PreferencePair>,
+    pairs: &[pb::PreferencePair],
+    scoring: pb::PairScoring,
     max_ctx: u32,
 ) -> Result<Vec<f64>> {
     client
-        .pair_margins(model, &pairs, pb::PairScoring::MeanLogprob, max_ctx, 64)
+        .pair_margins(model, pairs, scoring, max_ctx, 64)
         .await
         .with_context(|| format!("probing {model}"))
 }
@@ -816,7 +825,7 @@ pub async fn probe(
         .await
         .with_context(|| format!("loading {}", model.dir.display()))?;
     let test = &world.test;
-    let pairs = test
+    let pairs: Vec<pb::PreferencePair> = test
         .iter()
         .map(|row| {
             let (prompt, chosen) =
@@ -831,8 +840,11 @@ pub async fn probe(
             }
         })
         .collect();
-    let margins = mean_logprob_margins(client, &name, pairs, max_ctx).await?;
-    let facts = world
+    let margins =
+        logprob_margins(client, &name, &pairs, pb::PairScoring::MeanLogprob, max_ctx).await?;
+    let summed =
+        logprob_margins(client, &name, &pairs, pb::PairScoring::SumLogprob, max_ctx).await?;
+    let facts: Vec<pb::PreferencePair> = world
         .entities
         .iter()
         .map(|entity| {
@@ -844,7 +856,8 @@ pub async fn probe(
             }
         })
         .collect();
-    let fact_margins = mean_logprob_margins(client, &name, facts, max_ctx).await?;
+    let fact_margins =
+        logprob_margins(client, &name, &facts, pb::PairScoring::MeanLogprob, max_ctx).await?;
     unload(client, &name).await;
     let correct = margins.iter().filter(|m| **m > 0.0).count();
     let by_bucket = bucket_shares(
@@ -864,6 +877,8 @@ pub async fn probe(
         family: model.family,
         parameters: model.parameters,
         accuracy: correct as f64 / test.len().max(1) as f64,
+        accuracy_summed: summed.iter().filter(|m| **m > 0.0).count() as f64
+            / test.len().max(1) as f64,
         by_bucket,
         facts_by_bucket,
         fact_margins,

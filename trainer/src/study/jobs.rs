@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use model_server::JobStart;
 use serde_json::json;
+use superficial_models::RewardReadout;
 use w2s_proto::v1 as pb;
 
 use super::{Scenario, Study, annotate_config, write_atomic};
@@ -28,11 +29,16 @@ impl Study<'_> {
         reward_head: bool,
     ) -> Result<String> {
         self.unload(name).await;
+        let readout = match self.spec.reward.readout {
+            RewardReadout::LastToken => pb::RewardReadout::LastToken,
+            RewardReadout::LastTokenAndMeanLogprob => pb::RewardReadout::LastTokenAndMeanLogprob,
+        };
         let load = pb::LoadModelRequest {
             name: name.into(),
             source: None,
             role: "base".into(),
             reward_head,
+            reward_readout: readout as i32,
             seed: model.seed,
         };
         // A folder on this machine travels to the server (once: later loads go by digest).
