@@ -3,8 +3,11 @@
 //! report built from run folders, the findings across seeds, and the plots.
 
 pub mod collapse;
+pub mod figures;
 pub mod findings;
 pub mod metrics;
 pub mod plots;
 pub mod report;
 pub mod run_folder;
+#[cfg(test)]
+mod test_support;

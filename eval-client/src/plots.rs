@@ -1,12 +1,13 @@
 //! SVG plots of the report, written directly (no plotting dependency): accuracy per run, the
 //! no-conflict students' imitation DS against the capability gap, DS_new and ΔDS against the
 //! strong model's size (one panel per scenario and conflict, one line per weak model, means
-//! over seeds), the conflict tax's dose-response, and the knowledge-area table as bars.
+//! over seeds), and the knowledge-area table as bars; PNG rendering of every figure. The
+//! dose-response and collapse figures are drawn with plotters (`figures.rs`).
 
 use std::fmt::Write as _;
 
 use crate::findings::{AcrossSeeds, across_seeds, is_bootstrap, model_order};
-use crate::report::{Comparison, Report};
+use crate::report::Report;
 
 const WIDTH: f64 = 900.0;
 /// Ten distinguishable colours; series beyond ten are told apart by dash patterns too, so no
@@ -533,93 +534,6 @@ pub fn deception_vs_size_svg(report: &Report) -> String {
     line_panels(
         "Where the conflict tax is paid, by strong model (means over seeds)",
         "x: strong model. y: DS_new − chance (share of the conflict's new mistakes in S_k ∩ W_uk above chance), then ΔDS = DS(conflict) − DS(none); > 0 = deception",
-        &panels,
-    )
-}
-
-/// The dose of a conflict comparison: α (explicit) or helpfulness pairs (implicit).
-fn dose(c: &Comparison) -> Option<f64> {
-    c.conflict_alpha.or(c.helpful_pairs.map(|n| n as f64))
-}
-
-/// One dose-response panel: `value` averaged over pairs and seeds at each dose, one line per
-/// conflict kind.
-fn dose_panel(
-    report: &Report,
-    scenario: &str,
-    label: &str,
-    value: fn(&Comparison) -> Option<f64>,
-) -> Panel {
-    let mut series = Vec::new();
-    let mut x_labels = Vec::new();
-    for kind in ["explicit", "implicit"] {
-        let cs: Vec<&Comparison> = report
-            .comparisons
-            .iter()
-            .filter(|c| {
-                c.scenario == scenario
-                    && c.setting == kind
-                    && c.baseline_run_id.is_some()
-                    && !is_bootstrap(&c.variant)
-                    && !c.variant.contains("+hc")
-            })
-            .collect();
-        let mut levels: Vec<f64> = cs.iter().filter_map(|c| dose(c)).collect();
-        levels.sort_by(f64::total_cmp);
-        levels.dedup();
-        if levels.is_empty() {
-            continue;
-        }
-        let symbol = if kind == "explicit" { "α" } else { "helpful" };
-        let mut points = vec![None; x_labels.len()];
-        for level in &levels {
-            x_labels.push(format!("{symbol} {level}"));
-            let vals: Vec<f64> = cs
-                .iter()
-                .filter(|c| dose(c) == Some(*level))
-                .filter_map(|c| value(c))
-                .collect();
-            points.push((!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64));
-        }
-        series.push((kind.to_string(), points));
-    }
-    for s in &mut series {
-        s.1.resize(x_labels.len(), None);
-    }
-    Panel {
-        title: format!("{scenario}: {label}"),
-        x_labels,
-        series,
-    }
-}
-
-/// The conflict tax and DS_new − chance against the dose, per scenario and conflict kind.
-pub fn dose_response_svg(report: &Report) -> String {
-    let mut scenarios: Vec<&str> = report
-        .comparisons
-        .iter()
-        .map(|c| c.scenario.as_str())
-        .collect();
-    scenarios.sort();
-    scenarios.dedup();
-    let mut panels = Vec::new();
-    for &scenario in &scenarios {
-        panels.push(dose_panel(report, scenario, "conflict tax", |c| {
-            c.conflict_tax
-        }));
-    }
-    for &scenario in &scenarios {
-        // As in the findings: only comparisons whose students learned and whose strong
-        // ceiling is above chance say where a tax is paid.
-        panels.push(dose_panel(report, scenario, "DS_new − chance", |c| {
-            c.no_evidence_reason()
-                .is_none()
-                .then_some(c.ds_new_excess)?
-        }));
-    }
-    line_panels(
-        "Dose-response of the conflicting goals (means over pairs and seeds)",
-        "conflict tax = acc(none) − acc(conflict); DS_new − chance as in the report, on the comparisons that carry evidence",
         &panels,
     )
 }

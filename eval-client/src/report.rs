@@ -933,7 +933,11 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
             "deception_vs_size.svg",
             crate::plots::deception_vs_size_svg(report),
         ),
-        ("dose_response.svg", crate::plots::dose_response_svg(report)),
+        (
+            "dose_response.svg",
+            crate::figures::dose_response_svg(report),
+        ),
+        ("collapse.svg", crate::figures::collapse_svg(report)),
         ("regions.svg", crate::plots::regions_svg(report)),
     ];
     let mut written = Vec::new();

@@ -1,0 +1,509 @@
+//! Figures drawn with `plotters` (SVG backend): the conflicts' dose-response as means over draws
+//! with 95 % t-interval error bars, and the policy-collapse counts. Axis ticks come from
+//! plotters' round-number tick placement; captions are wrapped inside the figure.
+
+use std::collections::BTreeMap;
+
+use plotters::prelude::*;
+
+use crate::findings::{SeedInterval, is_bootstrap};
+use crate::report::{Comparison, Report, collapse_counts};
+
+const WIDTH: u32 = 900;
+const FONT: &str = "sans-serif";
+const EXPLICIT: RGBColor = RGBColor(0x4C, 0x72, 0xB0);
+const IMPLICIT: RGBColor = RGBColor(0xDD, 0x84, 0x52);
+const REFUSE: RGBColor = RGBColor(0x55, 0xA8, 0x68);
+const COMPLY: RGBColor = RGBColor(0xC4, 0x4E, 0x52);
+const ANSWERS: RGBColor = RGBColor(0xBB, 0xBB, 0xBB);
+/// Characters per caption line at the caption's font size in a `WIDTH`-wide figure.
+const CAPTION_CHARS: usize = 150;
+
+/// A tick label: the round value plotters chose, without float noise or a "-0".
+pub fn tick_label(v: &f64) -> String {
+    let text = format!("{v:.6}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" {
+        "0".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// Words of `text` in lines of at most `width` characters.
+pub fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// One point of a dose-response curve: the dose and the across-draw interval of the per-draw
+/// mean over pairs.
+#[derive(Debug, Clone)]
+pub struct DosePoint {
+    pub dose: f64,
+    pub value: SeedInterval,
+}
+
+/// The dose of a conflict comparison: α (explicit) or helpfulness pairs (implicit).
+fn dose(c: &Comparison) -> Option<f64> {
+    c.conflict_alpha.or(c.helpful_pairs.map(|n| n as f64))
+}
+
+/// Per dose of `kind` ("explicit"/"implicit") in `scenario`: `value` averaged over the direct
+/// students' comparisons of each draw, then mean and 95 % t-interval over draws.
+pub fn dose_curve(
+    report: &Report,
+    scenario: &str,
+    kind: &str,
+    value: fn(&Comparison) -> Option<f64>,
+) -> Vec<DosePoint> {
+    // dose (as bits, for ordering) → seed → values
+    let mut by_dose: BTreeMap<u64, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    for c in report.comparisons.iter().filter(|c| {
+        c.scenario == scenario
+            && c.setting == kind
+            && c.baseline_run_id.is_some()
+            && !is_bootstrap(&c.variant)
+            && !c.variant.contains("+hc")
+    }) {
+        let (Some(d), Some(v)) = (dose(c), value(c)) else {
+            continue;
+        };
+        by_dose
+            .entry(d.to_bits())
+            .or_default()
+            .entry(c.seed)
+            .or_default()
+            .push(v);
+    }
+    let mut points: Vec<DosePoint> = by_dose
+        .into_iter()
+        .filter_map(|(bits, seeds)| {
+            let per_draw: Vec<f64> = seeds
+                .values()
+                .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+                .collect();
+            Some(DosePoint {
+                dose: f64::from_bits(bits),
+                value: SeedInterval::of(&per_draw)?,
+            })
+        })
+        .collect();
+    points.sort_by(|a, b| a.dose.total_cmp(&b.dose));
+    points
+}
+
+fn label_of(kind: &str, dose: f64) -> String {
+    if kind == "explicit" {
+        format!("α {dose}")
+    } else {
+        format!("h {dose}")
+    }
+}
+
+type Curves = Vec<(&'static str, RGBColor, Vec<DosePoint>)>;
+
+/// Draws one panel: categorical doses on x (explicit first, then implicit), means with error
+/// bars on y, a line at 0.
+fn draw_dose_panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    curves: &Curves,
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut labels: Vec<String> = Vec::new();
+    let mut placed: Vec<(&str, RGBColor, Vec<(f64, &DosePoint)>)> = Vec::new();
+    for (kind, color, points) in curves {
+        let mut xs = Vec::new();
+        for p in points {
+            xs.push((labels.len() as f64, p));
+            labels.push(label_of(kind, p.dose));
+        }
+        placed.push((kind, *color, xs));
+    }
+    let bounds: Vec<f64> = placed
+        .iter()
+        .flat_map(|(_, _, xs)| {
+            xs.iter().flat_map(|(_, p)| {
+                let h = p.value.half_width.unwrap_or(0.0);
+                [p.value.mean - h, p.value.mean + h]
+            })
+        })
+        .chain([0.0])
+        .collect();
+    let lo = bounds.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = bounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.1).max(0.02);
+    let n = labels.len().max(1);
+    let draws: Vec<usize> = placed
+        .iter()
+        .flat_map(|(_, _, xs)| xs.iter().map(|(_, p)| p.value.seeds))
+        .collect();
+    let title = match (draws.iter().min(), draws.iter().max()) {
+        (Some(a), Some(b)) if a == b => format!("{title} ({a} draws)"),
+        (Some(a), Some(b)) => format!("{title} ({a}–{b} draws)"),
+        _ => format!("{title} (no data)"),
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 15))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(48)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo - pad)..(hi + pad))
+        .map_err(|e| err(&e))?;
+    let label_at = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            labels.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_labels(n)
+        .x_label_formatter(&label_at)
+        .y_labels(6)
+        .y_label_formatter(&tick_label)
+        .label_style((FONT, 11))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(
+            [(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
+            BLACK.mix(0.4),
+        ))
+        .map_err(|e| err(&e))?;
+    for (_, color, xs) in &placed {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(
+                xs.iter().map(|(x, p)| (*x, p.value.mean)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(xs.iter().map(|(x, p)| {
+                let h = p.value.half_width.unwrap_or(0.0);
+                ErrorBar::new_vertical(
+                    *x,
+                    p.value.mean - h,
+                    p.value.mean,
+                    p.value.mean + h,
+                    color.filled(),
+                    8,
+                )
+            }))
+            .map_err(|e| err(&e))?;
+    }
+    Ok(())
+}
+
+/// Draws `caption` wrapped into `area`, one line per 16 px.
+fn draw_caption(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    caption: &[String],
+) -> Result<(), String> {
+    for (i, line) in caption.iter().enumerate() {
+        area.draw(&Text::new(
+            line.clone(),
+            (12, 6 + 16 * i as i32),
+            (FONT, 12).into_font(),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A figure with a title, a grid of panels and a wrapped caption; `draw` fills each panel.
+fn figure(
+    title: &str,
+    caption: &str,
+    rows: usize,
+    cols: usize,
+    panel_height: u32,
+    mut draw: impl FnMut(
+        usize,
+        &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    ) -> Result<(), String>,
+) -> String {
+    let caption = wrap(caption, CAPTION_CHARS);
+    let caption_height = 16 * caption.len() as u32 + 16;
+    let height = 40 + panel_height * rows.max(1) as u32 + caption_height;
+    let mut svg = String::new();
+    let result = (|| {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (top, rest) = root.split_vertically(40);
+        top.draw(&Text::new(
+            title.to_string(),
+            (WIDTH as i32 / 2, 12),
+            (FONT, 17).into_font().into_text_style(&top).pos(
+                plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Top,
+                ),
+            ),
+        ))
+        .map_err(|e| e.to_string())?;
+        let (grid, bottom) = rest.split_vertically(panel_height * rows.max(1) as u32);
+        for (i, panel) in grid
+            .split_evenly((rows.max(1), cols.max(1)))
+            .iter()
+            .enumerate()
+        {
+            draw(i, panel)?;
+        }
+        draw_caption(&bottom, &caption)?;
+        root.present().map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => svg,
+        // A figure that cannot be drawn still says why, in the file itself.
+        Err(e) => format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"60\"><text x=\"10\" y=\"30\">figure not drawn: {}</text></svg>\n",
+            e.replace('&', "&amp;").replace('<', "&lt;")
+        ),
+    }
+}
+
+/// The conflict tax and DS_new − chance against the dose, per scenario: means over draws of the
+/// per-draw mean over pairs, with 95 % t-interval error bars.
+pub fn dose_response_svg(report: &Report) -> String {
+    let mut scenarios: Vec<String> = report
+        .comparisons
+        .iter()
+        .filter(|c| c.baseline_run_id.is_some())
+        .map(|c| c.scenario.clone())
+        .collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let metrics: [(&str, fn(&Comparison) -> Option<f64>); 2] = [
+        ("conflict tax", |c| c.conflict_tax),
+        // As in the findings: only comparisons that carry evidence say where a tax is paid.
+        ("DS_new − chance", |c| {
+            c.no_evidence_reason()
+                .is_none()
+                .then_some(c.ds_new_excess)?
+        }),
+    ];
+    let caption = "Each point: the mean over pretraining draws of the per-draw mean over weak < strong pairs \
+        (direct students only); bars: 95% t-interval over draws. Conflict tax = accuracy of the \
+        no-conflict student − accuracy of the conflict student (> 0: the conflict costs \
+        harmlessness). DS_new − chance: share of the conflict's new mistakes in S_k ∩ W_uk above \
+        its chance share (> 0: the tax falls where the weak teacher cannot see), on the \
+        comparisons that carry evidence. Blue: the explicit conflict at weight α; orange: the \
+        implicit conflict with h helpful pairs mixed in.";
+    figure(
+        "Dose-response of the conflicting goals",
+        caption,
+        scenarios.len(),
+        2,
+        300,
+        |i, area| {
+            let scenario = &scenarios[i / 2];
+            let (metric, value) = metrics[i % 2];
+            let curves: Curves = vec![
+                (
+                    "explicit",
+                    EXPLICIT,
+                    dose_curve(report, scenario, "explicit", value),
+                ),
+                (
+                    "implicit",
+                    IMPLICIT,
+                    dose_curve(report, scenario, "implicit", value),
+                ),
+            ];
+            draw_dose_panel(area, &format!("{scenario}: {metric}"), &curves)
+        },
+    )
+}
+
+/// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
+/// always, or neither.
+pub fn collapse_svg(report: &Report) -> String {
+    let counts = collapse_counts(report);
+    let mut scenarios: Vec<String> = counts.keys().map(|(s, _, _)| s.clone()).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let caption = format!(
+        "Runs per kind and setting (bar length = runs). Red: prefers the compliant response on ≥ {:.0}% \
+         of the test pairs (always comply); green: on ≤ {:.0}% (always refuse); grey: answers the pairs. \
+         A collapsed run's mistakes carry no evidence; its comparisons are left out of the findings.",
+        crate::collapse::COLLAPSE_THRESHOLD * 100.0,
+        (1.0 - crate::collapse::COLLAPSE_THRESHOLD) * 100.0
+    );
+    let rows_per: Vec<Vec<(String, [usize; 3])>> = scenarios
+        .iter()
+        .map(|s| {
+            counts
+                .iter()
+                .filter(|((sc, _, _), _)| sc == s)
+                .map(|((_, kind, setting), c)| (format!("{kind} {setting}"), *c))
+                .collect()
+        })
+        .collect();
+    let most = rows_per.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32;
+    figure(
+        "Policy collapse: runs that answer every pair the same way",
+        &caption,
+        scenarios.len(),
+        1,
+        40 + 22 * most,
+        |i, area| {
+            let rows = &rows_per[i];
+            let max = rows.iter().map(|(_, c)| c[0]).max().unwrap_or(1).max(1);
+            let n = rows.len().max(1);
+            let mut chart = ChartBuilder::on(area)
+                .caption(&scenarios[i], (FONT, 15))
+                .margin(8)
+                .x_label_area_size(24)
+                .y_label_area_size(190)
+                .build_cartesian_2d(0f64..max as f64 * 1.05, -0.5f64..(n as f64 - 0.5))
+                .map_err(|e| e.to_string())?;
+            let label_at = |y: &f64| {
+                let k = y.round();
+                if (y - k).abs() < 1e-6 && k >= 0.0 {
+                    rows.get(k as usize)
+                        .map(|r| r.0.clone())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            };
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .light_line_style(TRANSPARENT)
+                .y_labels(n)
+                .y_label_formatter(&label_at)
+                .x_labels(8)
+                .x_label_formatter(&tick_label)
+                .label_style((FONT, 11))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            let bar = |y: usize, from: usize, to: usize, color: RGBColor| {
+                Rectangle::new(
+                    [(from as f64, y as f64 - 0.35), (to as f64, y as f64 + 0.35)],
+                    color.filled(),
+                )
+            };
+            chart
+                .draw_series(rows.iter().enumerate().flat_map(|(y, (_, c))| {
+                    let comply = c[1];
+                    let refuse = c[2];
+                    [
+                        bar(y, 0, comply, COMPLY),
+                        bar(y, comply, comply + refuse, REFUSE),
+                        bar(y, comply + refuse, c[0], ANSWERS),
+                    ]
+                }))
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dose_point_is_the_interval_over_draws_of_each_draws_mean_over_pairs() {
+        use crate::run_folder::Setting;
+        use crate::test_support::run;
+        let n = 20;
+        let right = |wrong: usize| -> Vec<f64> {
+            (0..n).map(|i| if i < wrong { 0.1 } else { 0.9 }).collect()
+        };
+        let mut runs = Vec::new();
+        // Seed 0: the conflict student loses 2 of 20 pairs (tax 0.1), seed 1: 4 (tax 0.2).
+        for (seed, lost) in [(0u64, 2usize), (1, 4)] {
+            runs.push(run(
+                &format!("w{seed}"),
+                "w",
+                None,
+                Setting::None,
+                seed,
+                right(10),
+            ));
+            runs.push(run(
+                &format!("s{seed}"),
+                "s",
+                None,
+                Setting::None,
+                seed,
+                right(0),
+            ));
+            runs.push(run(
+                &format!("n{seed}"),
+                "s",
+                Some("w"),
+                Setting::None,
+                seed,
+                right(0),
+            ));
+            runs.push(run(
+                &format!("e{seed}"),
+                "s",
+                Some("w"),
+                Setting::Explicit,
+                seed,
+                right(lost),
+            ));
+        }
+        let options = crate::report::ReportOptions {
+            bootstrap_resamples: 20,
+            ..Default::default()
+        };
+        let report = crate::report::build(&runs, &options, Vec::new());
+        let curve = dose_curve(&report, "reward", "explicit", |c| c.conflict_tax);
+        assert_eq!(curve.len(), 1);
+        assert_eq!(curve[0].dose, 0.5);
+        let expected = SeedInterval::of(&[0.1, 0.2]).unwrap();
+        assert_eq!(curve[0].value.seeds, 2);
+        assert!((curve[0].value.mean - expected.mean).abs() < 1e-12);
+        assert!((curve[0].value.half_width.unwrap() - expected.half_width.unwrap()).abs() < 1e-12);
+        assert!(dose_curve(&report, "reward", "implicit", |c| c.conflict_tax).is_empty());
+        // The figure draws (an SVG with both panels' titles), not the fallback.
+        let svg = dose_response_svg(&report);
+        assert!(svg.contains("reward: conflict tax (2 draws)"), "{svg}");
+        assert!(!svg.contains("figure not drawn"));
+        let collapse = collapse_svg(&report);
+        assert!(!collapse.contains("figure not drawn"));
+    }
+
+    #[test]
+    fn tick_labels_are_round_and_never_negative_zero() {
+        assert_eq!(tick_label(&-0.0), "0");
+        assert_eq!(tick_label(&-1e-9), "0");
+        assert_eq!(tick_label(&0.30000000000000004), "0.3");
+        assert_eq!(tick_label(&-0.05), "-0.05");
+        assert_eq!(tick_label(&20.0), "20");
+    }
+
+    #[test]
+    fn captions_wrap_at_word_boundaries() {
+        let lines = wrap("aa bb cc dd", 5);
+        assert_eq!(lines, ["aa bb", "cc dd"]);
+        assert_eq!(wrap("", 5), Vec::<String>::new());
+        // A word longer than the width stands alone rather than being cut.
+        assert_eq!(wrap("a abcdefgh b", 4), ["a", "abcdefgh", "b"]);
+    }
+}

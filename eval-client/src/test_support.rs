@@ -1,0 +1,42 @@
+//! Hand-made run folders for the unit tests of the report, the findings and the figures.
+
+use crate::report::Run;
+use crate::run_folder::{Role, RunMeta, Scenario, Setting};
+
+/// A reward run whose prediction on pair `i` is `p[i]` (right when ≥ 0.5); a student when
+/// `weak` is given, else a ceiling; even pairs are safe requests (the chosen response complies).
+pub fn run(
+    id: &str,
+    model: &str,
+    weak: Option<&str>,
+    setting: Setting,
+    seed: u64,
+    p: Vec<f64>,
+) -> Run {
+    let n = p.len();
+    Run {
+        dir: id.into(),
+        meta: RunMeta {
+            run_id: id.into(),
+            scenario: Scenario::Reward,
+            role: if weak.is_some() {
+                Role::W2s
+            } else {
+                Role::WeakCeiling
+            },
+            model: model.into(),
+            weak_model: weak.map(str::to_string),
+            setting,
+            seed,
+            high_conf: false,
+            high_conf_peeks: false,
+            intermediate_model: None,
+            conflict_alpha: (setting == Setting::Explicit).then_some(0.5),
+            helpful_pairs: None,
+        },
+        correct: p.iter().map(|&x| x >= 0.5).collect(),
+        p_chosen: p,
+        // Even pairs: the human-chosen response complies (a safe request).
+        chosen_compliant: (0..n).map(|i| Some(i % 2 == 0)).collect(),
+    }
+}
