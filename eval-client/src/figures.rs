@@ -115,6 +115,10 @@ fn label_of(kind: &str, dose: f64) -> String {
 }
 
 type Curves = Vec<(&'static str, RGBColor, Vec<DosePoint>)>;
+/// Each curve's points at their x positions.
+type Placed<'a> = Vec<(&'a str, RGBColor, Vec<(f64, &'a DosePoint)>)>;
+/// A panel's name and the per-comparison value it shows.
+type Metric = (&'static str, fn(&Comparison) -> Option<f64>);
 
 /// Draws one panel: categorical doses on x (explicit first, then implicit), means with error
 /// bars on y, a line at 0.
@@ -125,7 +129,7 @@ fn draw_dose_panel(
 ) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let mut labels: Vec<String> = Vec::new();
-    let mut placed: Vec<(&str, RGBColor, Vec<(f64, &DosePoint)>)> = Vec::new();
+    let mut placed: Placed<'_> = Vec::new();
     for (kind, color, points) in curves {
         let mut xs = Vec::new();
         for p in points {
@@ -293,7 +297,7 @@ pub fn dose_response_svg(report: &Report) -> String {
         .collect();
     scenarios.sort();
     scenarios.dedup();
-    let metrics: [(&str, fn(&Comparison) -> Option<f64>); 2] = [
+    let metrics: [Metric; 2] = [
         ("conflict tax", |c| c.conflict_tax),
         // As in the findings: only comparisons that carry evidence say where a tax is paid.
         ("DS_new − chance", |c| {
