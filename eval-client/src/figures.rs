@@ -234,11 +234,12 @@ fn draw_caption(
     Ok(())
 }
 
-/// A figure with a title, a grid of panels and a wrapped caption; `draw` fills each panel.
+/// A figure with a title, `panels` panels in a grid of `cols` columns and a wrapped caption;
+/// `draw` fills panel `i`. Without panels the grid says there is nothing to draw.
 fn figure(
     title: &str,
     caption: &str,
-    rows: usize,
+    panels: usize,
     cols: usize,
     panel_height: u32,
     mut draw: impl FnMut(
@@ -246,6 +247,8 @@ fn figure(
         &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     ) -> Result<(), String>,
 ) -> String {
+    let cols = cols.max(1);
+    let rows = panels.div_ceil(cols);
     let caption = wrap(caption, CAPTION_CHARS);
     let caption_height = 16 * caption.len() as u32 + 16;
     let height = 40 + panel_height * rows.max(1) as u32 + caption_height;
@@ -266,11 +269,16 @@ fn figure(
         ))
         .map_err(|e| e.to_string())?;
         let (grid, bottom) = rest.split_vertically(panel_height * rows.max(1) as u32);
-        for (i, panel) in grid
-            .split_evenly((rows.max(1), cols.max(1)))
-            .iter()
-            .enumerate()
-        {
+        if panels == 0 {
+            grid.draw(&Text::new(
+                "no data for this figure in these runs".to_string(),
+                (12, 20),
+                (FONT, 13).into_font(),
+            ))
+            .map_err(|e| e.to_string())?;
+        }
+        let areas = grid.split_evenly((rows.max(1), cols));
+        for (i, panel) in areas.iter().enumerate().take(panels) {
             draw(i, panel)?;
         }
         draw_caption(&bottom, &caption)?;
@@ -316,7 +324,7 @@ pub fn dose_response_svg(report: &Report) -> String {
     figure(
         "Dose-response of the conflicting goals",
         caption,
-        scenarios.len(),
+        2 * scenarios.len(),
         2,
         300,
         |i, area| {
@@ -491,6 +499,11 @@ mod tests {
         assert!(!svg.contains("figure not drawn"));
         let collapse = collapse_svg(&report);
         assert!(!collapse.contains("figure not drawn"));
+        // Runs without compliance marks or conflicts: both figures say so, none panics.
+        let empty = crate::report::build(&[], &options, Vec::new());
+        for svg in [dose_response_svg(&empty), collapse_svg(&empty)] {
+            assert!(svg.contains("no data for this figure"), "{svg}");
+        }
     }
 
     #[test]

@@ -32,6 +32,47 @@ pub fn resolve_in_root(root: &Path, requested: &str) -> ServiceResult<PathBuf> {
     Ok(real)
 }
 
+/// Checks every entry of the model folder `folder` (already resolved inside `root`) that a load
+/// could open: regular files and folders pass; a symlink must lead, symlinks resolved, to a
+/// regular file or folder inside the real `root`; anything else (a FIFO, socket or device) is
+/// refused. Opening a FIFO blocks the device thread until someone writes to it, and a link out
+/// of the root reads a file the server was never given. `requested` names the folder in errors
+/// (the client's words, never the server's absolute path).
+pub fn check_folder_files(root: &Path, folder: &Path, requested: &str) -> ServiceResult<()> {
+    let root = root.canonicalize().map_err(|e| {
+        ServiceError::FailedPrecondition(format!("model root {}: {e}", root.display()))
+    })?;
+    let unreadable = |e: std::io::Error| ServiceError::invalid("path", format!("{requested}: {e}"));
+    for entry in std::fs::read_dir(folder).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let name = format!("{requested}/{}", entry.file_name().to_string_lossy());
+        let kind = entry.file_type().map_err(unreadable)?;
+        if kind.is_file() || kind.is_dir() {
+            continue;
+        }
+        if kind.is_symlink() {
+            let real = entry.path().canonicalize().map_err(|e| {
+                ServiceError::invalid(
+                    "path",
+                    format!("{name}: a link that cannot be followed ({e})"),
+                )
+            })?;
+            if !real.starts_with(&root) {
+                return Err(ServiceError::OutsideRoot(name));
+            }
+            let target = real.metadata().map_err(unreadable)?;
+            if target.is_file() || target.is_dir() {
+                continue;
+            }
+        }
+        return Err(ServiceError::invalid(
+            "path",
+            format!("{name} is not a regular file (a FIFO, socket or device cannot be loaded)"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +92,45 @@ mod tests {
         assert!(matches!(err, ServiceError::OutsideRoot(_)), "{err}");
         let err = resolve_in_root(root.path(), "nope").unwrap_err();
         assert!(matches!(err, ServiceError::PathNotFound(_)), "{err}");
+    }
+
+    #[test]
+    fn model_folder_files_must_be_regular_and_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let folder = root.path().join("m");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), "{}").unwrap();
+        std::fs::write(root.path().join("shared.json"), "{}").unwrap();
+        // A link to a file elsewhere inside the root (an HF cache's blobs) is fine.
+        std::os::unix::fs::symlink(root.path().join("shared.json"), folder.join("vocab.json"))
+            .unwrap();
+        assert!(check_folder_files(root.path(), &folder, "m").is_ok());
+        // A link out of the root is refused, named by the client's path only.
+        std::fs::write(outside.path().join("secret"), "x").unwrap();
+        let link = folder.join("tokenizer.json");
+        std::os::unix::fs::symlink(outside.path().join("secret"), &link).unwrap();
+        let err = check_folder_files(root.path(), &folder, "m").unwrap_err();
+        assert!(
+            matches!(&err, ServiceError::OutsideRoot(p) if p == "m/tokenizer.json"),
+            "{err}"
+        );
+        std::fs::remove_file(&link).unwrap();
+        // A dangling link and a FIFO are refused as client errors.
+        std::os::unix::fs::symlink(root.path().join("gone"), &link).unwrap();
+        let err = check_folder_files(root.path(), &folder, "m").unwrap_err();
+        assert!(matches!(err, ServiceError::InvalidArgument { .. }), "{err}");
+        std::fs::remove_file(&link).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(folder.join("model.safetensors"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = check_folder_files(root.path(), &folder, "m").unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(
+            !err.to_string().contains(&*root.path().to_string_lossy()),
+            "{err}"
+        );
     }
 }

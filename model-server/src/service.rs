@@ -22,7 +22,7 @@ use crate::jobs::{
 };
 use crate::metrics::Metrics;
 use crate::model_store::ModelStore;
-use crate::paths::resolve_in_root;
+use crate::paths::{check_folder_files, resolve_in_root};
 use crate::worker::{
     GenerateJob, GenerationEvent, JobTable, JudgeKind, LoadSpec, LogprobsJob, ModelSource,
     ModelSummary, Pair, PairScoring, PairsJob, ScoreJob, StageTimes, TextsJob, WorkerHandle,
@@ -76,10 +76,11 @@ impl ServiceState {
     ) -> ServiceResult<ModelSource> {
         use pb::load_model_request::Source;
         match source {
-            Some(Source::Path(path)) => Ok(ModelSource::Folder(resolve_in_root(
-                &self.model_root,
-                &path,
-            )?)),
+            Some(Source::Path(path)) => {
+                let folder = resolve_in_root(&self.model_root, &path)?;
+                check_folder_files(&self.model_root, &folder, &path)?;
+                Ok(ModelSource::Folder(folder))
+            }
             Some(Source::Preset(preset)) => {
                 if ModelConfig::preset(&preset).is_none() {
                     return Err(ServiceError::invalid(

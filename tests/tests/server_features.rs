@@ -1122,6 +1122,62 @@ async fn exports_refuse_to_replace_data_they_did_not_write() {
         .filter(|n| n.contains(".partial") || n.contains(".replaced"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Model folders whose files lead out of the root, or are FIFOs, are refused at once (a FIFO
+    // would block the device thread until written); links inside the root load.
+    let load = |name: &str| {
+        let mut models = client.models.clone();
+        let name = name.to_string();
+        async move {
+            models
+                .load_model(pb::LoadModelRequest {
+                    name: name.clone(),
+                    source: Some(Source::Path(name)),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.json"), "{}").unwrap();
+    for name in ["linked", "escaping", "fifo"] {
+        std::fs::create_dir(root.path().join(name)).unwrap();
+        for entry in std::fs::read_dir(root.path().join("out")).unwrap() {
+            let entry = entry.unwrap();
+            std::os::unix::fs::symlink(
+                entry.path(),
+                root.path().join(name).join(entry.file_name()),
+            )
+            .unwrap();
+        }
+    }
+    load("linked").await.unwrap();
+    let escaping = root.path().join("escaping/tokenizer.json");
+    let _ = std::fs::remove_file(&escaping);
+    std::os::unix::fs::symlink(outside.path().join("secret.json"), &escaping).unwrap();
+    let status = load("escaping").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("escaping/tokenizer.json"),
+        "{status:?}"
+    );
+    let fifo = root.path().join("fifo/config.json");
+    std::fs::remove_file(&fifo).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), load("fifo"))
+        .await
+        .expect("a FIFO in a model folder must not block the load")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        !status.message().contains(&*root.path().to_string_lossy()),
+        "no absolute server path: {status:?}"
+    );
     server.shutdown().await.unwrap();
 }
 
