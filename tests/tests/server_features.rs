@@ -791,6 +791,16 @@ async fn a_job_interrupted_by_a_server_restart_resumes_to_the_same_model() {
     let expected = simpo_job_to_end(uninterrupted.path(), None).await;
     let resumed = simpo_job_to_end(interrupted.path(), Some(2)).await;
     assert_eq!(resumed, expected);
+    // A succeeded job keeps its exported model and drops its resume checkpoint.
+    for data in [uninterrupted.path(), interrupted.path()] {
+        let jobs: Vec<_> = std::fs::read_dir(data.join("jobs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert!(jobs[0].join("model/config.json").is_file());
+        assert!(!jobs[0].join("checkpoint").exists(), "{:?}", jobs[0]);
+    }
 }
 
 async fn logprobs_of(server: &RunningServer, texts: &[String], concurrent: bool) -> Vec<Vec<f32>> {

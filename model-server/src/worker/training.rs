@@ -273,6 +273,16 @@ impl Worker {
             }
         }
         self.persist(&job.paths, &status);
+        // A succeeded job is its exported model from now on (a restart loads that folder):
+        // its resume checkpoint, three quarters of the job's bytes, is dead weight.
+        if status.state == JobState::Succeeded {
+            let checkpoint = job.paths.checkpoint();
+            if checkpoint.is_dir()
+                && let Err(e) = std::fs::remove_dir_all(&checkpoint)
+            {
+                warn!(job = %id, "removing the finished job's checkpoint: {e}");
+            }
+        }
         self.publish(&status, None);
     }
 
