@@ -1015,6 +1015,49 @@ async fn the_metrics_port_can_require_the_token() {
     server.shutdown().await.unwrap();
 }
 
+/// The queue-depth gauge counts requests waiting for the device thread: back to 0 once the
+/// server has answered everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_depth_gauge_returns_to_zero_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = RunningServer::start(config).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    client
+        .load_model(preset("m", "tiny-gpt2", false))
+        .await
+        .unwrap();
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .token_logprobs(pb::TokenLogprobsRequest {
+                        model: "m".into(),
+                        texts: vec![format!("text number {i}")],
+                        ..Default::default()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for request in requests {
+        request.await.unwrap().unwrap();
+    }
+    let addr = server.metrics_addr().unwrap();
+    let mut depth = u64::MAX;
+    for _ in 0..50 {
+        depth = metric_value(&http_get(addr, "/metrics", None).await, "w2s_queue_depth");
+        if depth == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(depth, 0);
+    server.shutdown().await.unwrap();
+}
+
 fn metric_value(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| {

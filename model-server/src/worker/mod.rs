@@ -537,6 +537,8 @@ impl Worker {
         loop {
             let mut pending: VecDeque<Job> = VecDeque::new();
             if self.queue.is_empty() && self.tasks.is_empty() {
+                // Idle: whatever the gauge last showed has been served.
+                self.metrics.queue_depth.set(receiver.len() as i64);
                 self.heartbeat.beat(false);
                 match receiver.blocking_recv() {
                     Some(job) => pending.push_back(job),
@@ -551,6 +553,8 @@ impl Worker {
             if !self.serve_commands(pending) {
                 return;
             }
+            // The drained requests are no longer waiting; only what arrived meanwhile is.
+            self.metrics.queue_depth.set(receiver.len() as i64);
             self.advance_tasks();
             self.metrics.active_tasks.set(self.tasks.len() as i64);
             self.guarded("training step", Worker::train_one_step);
