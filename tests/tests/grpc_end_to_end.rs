@@ -224,6 +224,25 @@ async fn errors_map_to_the_documented_codes() {
         code_of(client.token_logprobs(split).await),
         Code::InvalidArgument
     );
+    // DPO scoring against a reference with another tokenizer compares different tokens.
+    let dpo = pb::ScorePairsRequest {
+        model: "gpt2-ref".into(),
+        pairs: vec![pb::PreferencePair {
+            prompt: "\n\nHuman: hi\n\nAssistant:".into(),
+            chosen: " yes".into(),
+            rejected: " no".into(),
+        }],
+        scoring: pb::PairScoring::Dpo as i32,
+        reference_model: "tiny".into(),
+        ..Default::default()
+    };
+    match client.score_pairs(dpo).await {
+        Err(model_server::ClientError::Rpc(status)) => {
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains("tokenizer"), "{status:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     // Paths outside the model root, missing paths, duplicate names, unknown presets.
     let load = |name: &str, source: pb::load_model_request::Source| pb::LoadModelRequest {
         name: name.into(),

@@ -467,6 +467,9 @@ impl WorkerHandle {
 struct Resident {
     model: CausalLm,
     tokenizer: Arc<TextTokenizer>,
+    /// SHA-256 of the tokenizer's JSON: two models read the same ids the same way only when
+    /// these agree.
+    tokenizer_digest: Arc<str>,
     summary: ModelSummary,
 }
 
@@ -791,11 +794,19 @@ impl Worker {
             memory_bytes: weights.memory_bytes(),
         };
         info!(parameters = summary.parameter_count, "model loaded");
+        let tokenizer_digest = {
+            use sha2::Digest;
+            let json = tokenizer
+                .to_json_string()
+                .map_err(|e| ServiceError::Internal(format!("serialising the tokenizer: {e}")))?;
+            format!("{:x}", sha2::Sha256::digest(json.as_bytes())).into()
+        };
         self.models.insert(
             spec.name,
             Resident {
                 model,
                 tokenizer: Arc::new(tokenizer),
+                tokenizer_digest,
                 summary: summary.clone(),
             },
         );
@@ -876,6 +887,7 @@ impl Worker {
         TokenizeContext {
             name: resident.summary.name.clone(),
             tokenizer: resident.tokenizer.clone(),
+            tokenizer_digest: resident.tokenizer_digest.clone(),
             vocab_size: config.vocab_size(),
             max_positions: config.max_positions(),
             has_reward_head: resident.model.has_reward_head(),

@@ -26,6 +26,8 @@ use crate::error::{ServiceError, ServiceResult};
 pub(super) struct TokenizeContext {
     pub name: String,
     pub tokenizer: Arc<TextTokenizer>,
+    /// SHA-256 of the tokenizer's JSON (see `Resident`).
+    pub tokenizer_digest: Arc<str>,
     pub vocab_size: usize,
     pub max_positions: usize,
     pub has_reward_head: bool,
@@ -335,6 +337,17 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 let encoded = (|| {
                     let policy = TokenizeContext::of(contexts, &request.model)?;
                     let reference_context = TokenizeContext::of(contexts, reference)?;
+                    // DPO's implicit reward compares the two models' log-probs of the same
+                    // tokens; with different tokenizers the sums cover different units.
+                    if policy.tokenizer_digest != reference_context.tokenizer_digest {
+                        return Err(ServiceError::invalid(
+                            "reference_model",
+                            format!(
+                                "`{reference}` has a different tokenizer than `{}`: DPO scoring needs both to read the same tokens",
+                                request.model
+                            ),
+                        ));
+                    }
                     Ok::<_, ServiceError>((
                         policy.encode_pairs(&request.pairs, request.max_ctx, false)?,
                         reference_context.encode_pairs(&request.pairs, request.max_ctx, false)?,
