@@ -14,11 +14,24 @@ use trainer::sandbox::{ExperimentConfig, PretrainConfig, SizeSpec};
 use trainer::spec::{Scenario, Setting};
 use trainer::study::Progress;
 
-struct Quiet(Vec<String>);
+/// Keeps the log lines, the run totals announced and the runs reported done.
+#[derive(Default)]
+struct Quiet {
+    lines: Vec<String>,
+    totals: Vec<usize>,
+    done: usize,
+}
 
 impl Progress for Quiet {
     fn line(&mut self, text: &str) {
-        self.0.push(text.to_string());
+        self.lines.push(text.to_string());
+    }
+    fn set_total(&mut self, runs: usize) {
+        assert_eq!(self.done, 0, "the total is announced before any run");
+        self.totals.push(runs);
+    }
+    fn run_done(&mut self) {
+        self.done += 1;
     }
 }
 
@@ -80,11 +93,14 @@ async fn run_on(
     out: &Path,
     servers: &[W2sClient],
 ) -> (experiment::ExperimentOutcome, Vec<String>) {
-    let mut progress = Quiet(Vec::new());
+    let mut progress = Quiet::default();
     let outcome = experiment::run(config, out, servers, false, false, &mut progress)
         .await
         .unwrap();
-    (outcome, progress.0)
+    // One total for every draw's runs, announced up front, that the runs then reach.
+    assert_eq!(progress.totals, [outcome.runs]);
+    assert_eq!(progress.done, outcome.runs);
+    (outcome, progress.lines)
 }
 
 /// Every `predictions.jsonl` under `runs/`, by run folder name.
@@ -240,4 +256,18 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         "{log_again:?}"
     );
     assert!(!log_again.iter().any(|l| l.starts_with("pretraining ")));
+
+    // Two draws: one progress total for both studies; draw 0's models and runs are reused.
+    let two = ExperimentConfig {
+        seeds: vec![0, 1],
+        ..config.clone()
+    };
+    let (outcome, log_two) = run(&two, a.path()).await;
+    assert_eq!(outcome.runs, 16);
+    assert!(
+        log_two
+            .iter()
+            .any(|l| l.starts_with("pretraining a of draw pretrain.seed=1")),
+        "{log_two:?}"
+    );
 }

@@ -11,7 +11,7 @@ use super::{
     BUCKETS, ExperimentConfig, PretrainedModel, PretrainingDraw, Probe, pretrain_models, probe,
     study_spec, write_world,
 };
-use crate::study::{Progress, Study, StudyData};
+use crate::study::{Progress, Study, StudyData, planned_runs};
 
 /// One pretraining draw's models and what each knows zero-shot.
 #[derive(serde::Serialize)]
@@ -22,19 +22,18 @@ struct DrawModels {
     probes: Vec<Probe>,
 }
 
-/// Studies run one after another (one per pretraining draw) under one progress display: run
-/// counts add up instead of starting over.
+/// Studies run one after another (one per pretraining draw) under one progress display whose
+/// total, every draw's runs, is set once before the first study starts.
 struct SuccessiveStudies<'p> {
     inner: &'p mut dyn Progress,
-    runs_before: usize,
 }
 
 impl Progress for SuccessiveStudies<'_> {
     fn line(&mut self, text: &str) {
         self.inner.line(text);
     }
-    fn set_total(&mut self, runs: usize) {
-        self.inner.set_total(self.runs_before + runs);
+    fn set_total(&mut self, _runs: usize) {
+        // One study's own total: the grand total is already set.
     }
     fn run_started(&mut self, run_id: &str) {
         self.inner.run_started(run_id);
@@ -145,19 +144,26 @@ pub async fn run(
     let runs_dir = out.join("runs");
     let mut finished = Vec::new();
     let mut data = None;
-    let mut progress = SuccessiveStudies {
-        inner: progress,
-        runs_before: 0,
-    };
-    for (draw, draw_config) in pretrained.iter().zip(&draw_configs) {
-        let spec = study_spec(draw_config, &files, &draw.models)?;
+    let specs = pretrained
+        .iter()
+        .zip(&draw_configs)
+        .map(|(draw, draw_config)| study_spec(draw_config, &files, &draw.models))
+        .collect::<Result<Vec<_>>>()?;
+    progress.set_total(specs.iter().map(planned_runs).sum());
+    let mut progress = SuccessiveStudies { inner: progress };
+    for (spec, draw) in specs.iter().zip(&pretrained) {
+        progress.line(&format!(
+            "study of draw pretrain.seed={} (study seeds {})",
+            draw.draw.pretrain_seed,
+            seed_list(&draw.draw.study_seeds)
+        ));
         // Every draw's study reads the same world files.
         let data = match &data {
             Some(data) => data,
-            None => data.insert(StudyData::load(&spec)?),
+            None => data.insert(StudyData::load(spec)?),
         };
         let runs = Study::new(
-            &spec,
+            spec,
             data,
             client.clone(),
             runs_dir.clone(),
@@ -167,7 +173,6 @@ pub async fn run(
         .with_more_servers(servers[1..].iter().cloned())
         .run_all()
         .await?;
-        progress.runs_before += runs.len();
         finished.extend(runs);
     }
     let study_seconds = started.elapsed().as_secs_f64() - pretrain_seconds;

@@ -505,8 +505,9 @@ pub async fn pretrain_models(
                     && let Ok(mut model) = serde_json::from_str::<PretrainedModel>(&text)
                 {
                     progress.line(&format!(
-                        "pretrained {} found in the cache ({})",
+                        "pretrained {} of draw pretrain.seed={} found in the cache ({})",
                         size.name,
+                        config.pretrain.seed,
                         dir.display()
                     ));
                     model.dir = dir;
@@ -630,8 +631,8 @@ async fn pretrain_one(
     let started = Instant::now();
     let parameters = parameter_count(&model_config);
     progress.line(&format!(
-        "pretraining {} ({} parameters, {} layers x {} wide)",
-        size.name, parameters, size.layers, size.width
+        "pretraining {} of draw pretrain.seed={} ({} parameters, {} layers x {} wide)",
+        size.name, config.pretrain.seed, parameters, size.layers, size.width
     ));
     // The server makes the random initialisation itself from the config and the seed (the
     // same weights `CausalLm::random_init` gives here): nothing travels but two JSON texts.
@@ -714,8 +715,8 @@ async fn pretrain_one(
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.line(&format!(
-        "pretrained {} in {seconds:.0} s, final loss {last_loss:.3}",
-        size.name
+        "pretrained {} of draw pretrain.seed={} in {seconds:.0} s, final loss {last_loss:.3}",
+        size.name, config.pretrain.seed
     ));
     Ok(PretrainedModel {
         name: size.name.clone(),

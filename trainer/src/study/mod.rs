@@ -463,70 +463,18 @@ impl<'a> Study<'a> {
         Ok(finished)
     }
 
-    /// Every student variant of a scenario: each setting at each of its doses.
+    /// Every student variant of a scenario (see [`conflicts`]).
     pub fn conflicts(&self, scenario: Scenario) -> Vec<Conflict> {
-        let mut out = Vec::new();
-        for &setting in &self.spec.settings {
-            match setting {
-                Setting::None => out.push(Conflict::None),
-                Setting::Implicit => out.extend(
-                    self.spec
-                        .implicit_helpful_pairs()
-                        .into_iter()
-                        .map(|helpful_pairs| Conflict::Implicit { helpful_pairs }),
-                ),
-                Setting::Explicit => out.extend(
-                    self.spec
-                        .explicit_alphas(scenario)
-                        .into_iter()
-                        .map(|alpha| Conflict::Explicit {
-                            alpha,
-                            target: self.spec.conflict.explicit_target,
-                        }),
-                ),
-            }
-        }
-        out
+        conflicts(self.spec, scenario)
     }
 
-    /// A student's high-confidence variants: `None` (all weak labels), plus with `high_conf`
-    /// for SimPO/DPO without the explicit conflict the official filter (`Some(true)`) and the
-    /// one that does not peek at ground truth (`Some(false)`).
     fn high_conf_variants(&self, scenario: Scenario, conflict: Conflict) -> Vec<Option<bool>> {
-        if self.spec.high_conf
-            && scenario != Scenario::Reward
-            && conflict.setting() != Setting::Explicit
-        {
-            vec![None, Some(true), Some(false)]
-        } else {
-            vec![None]
-        }
+        high_conf_variants(self.spec, scenario, conflict)
     }
 
-    /// How many run folders `run_all` goes through.
+    /// How many run folders `run_all` goes through (see [`planned_runs`]).
     pub fn planned_runs(&self) -> usize {
-        let spec = self.spec;
-        let models = spec.models.len();
-        let pairs = models * models.saturating_sub(1) / 2;
-        let per_scenario = |scenario: Scenario| {
-            let conflicts = self.conflicts(scenario);
-            let variants: usize = conflicts
-                .iter()
-                .map(|&conflict| self.high_conf_variants(scenario, conflict).len())
-                .sum();
-            let bootstrap = if scenario == Scenario::Reward {
-                0
-            } else {
-                spec.bootstrap.len() * (1 + conflicts.len())
-            };
-            models + pairs * variants + bootstrap
-        };
-        spec.seeds.len()
-            * spec
-                .scenarios
-                .iter()
-                .map(|&s| per_scenario(s))
-                .sum::<usize>()
+        planned_runs(self.spec)
     }
 
     /// Uploads rows once per content: the cache is keyed by the rows themselves, never by a
@@ -872,4 +820,69 @@ struct StudentPlan<'a> {
     teacher_split: Split,
     label_split: Option<Split>,
     intermediate: Option<&'a str>,
+}
+
+/// Every student variant of a scenario: each setting at each of its doses.
+pub fn conflicts(spec: &StudySpec, scenario: Scenario) -> Vec<Conflict> {
+    let mut out = Vec::new();
+    for &setting in &spec.settings {
+        match setting {
+            Setting::None => out.push(Conflict::None),
+            Setting::Implicit => out.extend(
+                spec.implicit_helpful_pairs()
+                    .into_iter()
+                    .map(|helpful_pairs| Conflict::Implicit { helpful_pairs }),
+            ),
+            Setting::Explicit => {
+                out.extend(spec.explicit_alphas(scenario).into_iter().map(|alpha| {
+                    Conflict::Explicit {
+                        alpha,
+                        target: spec.conflict.explicit_target,
+                    }
+                }))
+            }
+        }
+    }
+    out
+}
+
+/// A student's high-confidence variants: `None` (all weak labels), plus with `high_conf`
+/// for SimPO/DPO without the explicit conflict the official filter (`Some(true)`) and the
+/// one that does not peek at ground truth (`Some(false)`).
+fn high_conf_variants(
+    spec: &StudySpec,
+    scenario: Scenario,
+    conflict: Conflict,
+) -> Vec<Option<bool>> {
+    if spec.high_conf && scenario != Scenario::Reward && conflict.setting() != Setting::Explicit {
+        vec![None, Some(true), Some(false)]
+    } else {
+        vec![None]
+    }
+}
+
+/// How many run folders a study of `spec` goes through (finished ones included), known before
+/// anything runs: ceilings, every pair's students at every variant, bootstrap chains.
+pub fn planned_runs(spec: &StudySpec) -> usize {
+    let models = spec.models.len();
+    let pairs = models * models.saturating_sub(1) / 2;
+    let per_scenario = |scenario: Scenario| {
+        let conflicts = conflicts(spec, scenario);
+        let variants: usize = conflicts
+            .iter()
+            .map(|&conflict| high_conf_variants(spec, scenario, conflict).len())
+            .sum();
+        let bootstrap = if scenario == Scenario::Reward {
+            0
+        } else {
+            spec.bootstrap.len() * (1 + conflicts.len())
+        };
+        models + pairs * variants + bootstrap
+    };
+    spec.seeds.len()
+        * spec
+            .scenarios
+            .iter()
+            .map(|&s| per_scenario(s))
+            .sum::<usize>()
 }
