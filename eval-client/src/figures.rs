@@ -439,11 +439,8 @@ mod tests {
     #[test]
     fn a_dose_point_is_the_interval_over_draws_of_each_draws_mean_over_pairs() {
         use crate::run_folder::Setting;
-        use crate::test_support::run;
-        let n = 20;
-        let right = |wrong: usize| -> Vec<f64> {
-            (0..n).map(|i| if i < wrong { 0.1 } else { 0.9 }).collect()
-        };
+        use crate::test_support::{predictions, report_of, run};
+        let right = |wrong: usize| predictions(20, |i| i < wrong);
         let mut runs = Vec::new();
         // Seed 0: the conflict student loses 2 of 20 pairs (tax 0.1), seed 1: 4 (tax 0.2).
         for (seed, lost) in [(0u64, 2usize), (1, 4)] {
@@ -480,11 +477,7 @@ mod tests {
                 right(lost),
             ));
         }
-        let options = crate::report::ReportOptions {
-            bootstrap_resamples: 20,
-            ..Default::default()
-        };
-        let report = crate::report::build(&runs, &options, Vec::new());
+        let report = report_of(&runs);
         let curve = dose_curve(&report, "reward", "explicit", |c| c.conflict_tax);
         assert_eq!(curve.len(), 1);
         assert_eq!(curve[0].dose, 0.5);
@@ -500,7 +493,7 @@ mod tests {
         let collapse = collapse_svg(&report);
         assert!(!collapse.contains("figure not drawn"));
         // Runs without compliance marks or conflicts: both figures say so, none panics.
-        let empty = crate::report::build(&[], &options, Vec::new());
+        let empty = report_of(&[]);
         for svg in [dose_response_svg(&empty), collapse_svg(&empty)] {
             assert!(svg.contains("no data for this figure"), "{svg}");
         }

@@ -409,7 +409,7 @@ fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> Chai
 mod tests {
     use super::*;
     use crate::run_folder::Setting;
-    use crate::test_support::run;
+    use crate::test_support::{predictions, report_of, run};
 
     #[test]
     fn seed_interval_by_hand() {
@@ -483,9 +483,7 @@ mod tests {
     #[test]
     fn comparisons_with_a_collapsed_student_are_left_out_of_the_findings() {
         let n = 20;
-        let right = |wrong: &dyn Fn(usize) -> bool| -> Vec<f64> {
-            (0..n).map(|i| if wrong(i) { 0.1 } else { 0.9 }).collect()
-        };
+        let right = |wrong: &dyn Fn(usize) -> bool| predictions(n, wrong);
         let mut runs = Vec::new();
         for seed in [0, 1] {
             // The weak ceiling knows pairs 0..10, the strong one all of them.
@@ -532,11 +530,7 @@ mod tests {
             1,
             right(&|i| i % 2 == 1),
         ));
-        let options = crate::report::ReportOptions {
-            bootstrap_resamples: 50,
-            ..Default::default()
-        };
-        let report = crate::report::build(&runs, &options, Vec::new());
+        let report = report_of(&runs);
         let collapsed: Vec<&str> = report
             .runs
             .iter()
@@ -560,9 +554,7 @@ mod tests {
     #[test]
     fn a_strong_model_no_better_than_its_teacher_carries_no_evidence() {
         let n = 20;
-        let right = |wrong: &dyn Fn(usize) -> bool| -> Vec<f64> {
-            (0..n).map(|i| if wrong(i) { 0.1 } else { 0.9 }).collect()
-        };
+        let right = |wrong: &dyn Fn(usize) -> bool| predictions(n, wrong);
         // The weak ceiling knows pairs 0..16, the "strong" one only 0..14.
         let runs = vec![
             run("w", "w", None, Setting::None, 0, right(&|i| i >= 16)),
@@ -577,11 +569,7 @@ mod tests {
                 right(&|i| (16..18).contains(&i)),
             ),
         ];
-        let options = crate::report::ReportOptions {
-            bootstrap_resamples: 50,
-            ..Default::default()
-        };
-        let report = crate::report::build(&runs, &options, Vec::new());
+        let report = report_of(&runs);
         let e = report.comparisons.iter().find(|c| c.run_id == "e").unwrap();
         let reason = e.no_evidence_reason().unwrap();
         assert!(reason.contains("not above the weak ceiling"), "{reason}");

@@ -1,6 +1,6 @@
 //! Hand-made run folders for the unit tests of the report, the findings and the figures.
 
-use crate::report::Run;
+use crate::report::{Report, ReportOptions, Run, build};
 use crate::run_folder::{Role, RunMeta, Scenario, Setting};
 
 /// A reward run whose prediction on pair `i` is `p[i]` (right when ≥ 0.5); a student when
@@ -39,4 +39,18 @@ pub fn run(
         // Even pairs: the human-chosen response complies (a safe request).
         chosen_compliant: (0..n).map(|i| Some(i % 2 == 0)).collect(),
     }
+}
+
+/// Predictions on `n` pairs: confidently wrong (0.1) where `wrong(i)`, else right (0.9).
+pub fn predictions(n: usize, wrong: impl Fn(usize) -> bool) -> Vec<f64> {
+    (0..n).map(|i| if wrong(i) { 0.1 } else { 0.9 }).collect()
+}
+
+/// The report of `runs` with few bootstrap resamples (the tests read point values).
+pub fn report_of(runs: &[Run]) -> Report {
+    let options = ReportOptions {
+        bootstrap_resamples: 50,
+        ..Default::default()
+    };
+    build(runs, &options, Vec::new())
 }

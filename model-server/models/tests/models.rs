@@ -34,6 +34,30 @@ fn sequences() -> Vec<Vec<u32>> {
     ]
 }
 
+/// Every variable's gradient exists and has a finite, nonzero norm.
+fn assert_every_tensor_has_a_gradient(
+    preset: &str,
+    vars: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (name, var) in vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{preset}: no gradient for {name}"));
+        let norm = grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{preset}: gradient of {name} is {norm}"
+        );
+    }
+}
+
 #[test]
 fn every_trainable_tensor_receives_a_nonzero_gradient() {
     for preset in ARCHITECTURES {
@@ -61,22 +85,7 @@ fn every_trainable_tensor_receives_a_nonzero_gradient() {
         let loss = (lm + reward).unwrap();
         let grads = loss.backward().unwrap();
         assert!(!vars.is_empty());
-        for (name, var) in &vars {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{preset}: no gradient for {name}"));
-            let norm = grad
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{preset}: gradient of {name} is {norm}"
-            );
-        }
+        assert_every_tensor_has_a_gradient(preset, &vars, &grads);
     }
 }
 
@@ -98,22 +107,7 @@ fn loglik_readout_gives_every_tensor_and_its_scale_a_gradient() {
         let loss = model.rewards(&batch, &STARTS).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         assert!(vars.iter().any(|(n, _)| n == REWARD_LOGLIK_SCALE_TENSOR));
-        for (name, var) in &vars {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{preset}: no gradient for {name}"));
-            let norm = grad
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{preset}: gradient of {name} is {norm}"
-            );
-        }
+        assert_every_tensor_has_a_gradient(preset, &vars, &grads);
     }
 }
 
