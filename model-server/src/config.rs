@@ -127,6 +127,15 @@ pub struct ServerConfig {
     /// one training step runs per turn.
     #[arg(long, env = "W2S_SLICE_MS", default_value_t = 50.0)]
     pub slice_ms: f64,
+    /// Target duration of one forward pass of scoring or log-prob work, in milliseconds: the
+    /// server learns each model's throughput (padded tokens per second, as it runs) and cuts
+    /// batches so that a pass stays near this, never below one sequence (a single sequence
+    /// that takes longer still runs whole). Bounds how long a small request waits behind a
+    /// big one on a slow model; `--max-batch-tokens` stays the hard cap. Off (0) by default:
+    /// with it, batch composition depends on measured speed, so scores can differ in the last
+    /// bits between runs (they agree to ~1e-5), where token-sized batches are reproducible.
+    #[arg(long, env = "W2S_MAX_PASS_MS", default_value_t = 0.0)]
+    pub max_pass_ms: f64,
     /// Report NOT_SERVING on grpc.health.v1 while the device loop has work but has made no
     /// progress for this many seconds (a stuck device or a runaway step); 0 turns it off.
     #[arg(long, env = "W2S_STALL_SECONDS", default_value_t = 300.0)]
@@ -328,6 +337,12 @@ impl ServerConfig {
             return Err(format!(
                 "--slice-ms must be between 0.1 and 60000, got {}",
                 self.slice_ms
+            ));
+        }
+        if !(self.max_pass_ms.is_finite() && (0.0..=600_000.0).contains(&self.max_pass_ms)) {
+            return Err(format!(
+                "--max-pass-ms must be 0 (off) or up to 600000, got {}",
+                self.max_pass_ms
             ));
         }
         if !(self.stall_seconds.is_finite() && self.stall_seconds >= 0.0) {

@@ -103,6 +103,8 @@ impl RunningServer {
                 data_dir: config.data_dir.clone(),
                 checkpoint_every: config.checkpoint_every,
                 slice: Duration::from_secs_f64(config.slice_ms / 1000.0),
+                max_pass: (config.max_pass_ms > 0.0)
+                    .then(|| Duration::from_secs_f64(config.max_pass_ms / 1000.0)),
             },
             jobs.clone(),
             events.clone(),

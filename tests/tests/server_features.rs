@@ -850,7 +850,12 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     let mut single_config = config(&dir.path().join("b"));
     single_config.max_batch_requests = 1;
     let single = RunningServer::start(single_config).await.unwrap();
-    for server in [&batched, &single] {
+    // Passes sized by measured time: a 1 µs target cuts every pass after the first timed one
+    // down to a single sequence.
+    let mut timed_config = config(&dir.path().join("c"));
+    timed_config.max_pass_ms = 0.001;
+    let timed = RunningServer::start(timed_config).await.unwrap();
+    for server in [&batched, &single, &timed] {
         W2sClient::connect(&server.url())
             .await
             .unwrap()
@@ -863,12 +868,16 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
         .collect();
     let together = logprobs_of(&batched, &texts, true).await;
     let alone = logprobs_of(&single, &texts, false).await;
-    for (a, b) in together.iter().zip(&alone) {
+    let cut = logprobs_of(&timed, &texts, true).await;
+    for ((a, b), c) in together.iter().zip(&alone).zip(&cut) {
         assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
+        assert_eq!(c.len(), b.len());
+        for ((x, y), z) in a.iter().zip(b).zip(c) {
             assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+            assert!((z - y).abs() <= 1e-5, "timed passes: {z} vs {y}");
         }
     }
+    timed.shutdown().await.unwrap();
     // Some requests were actually merged.
     let metrics = batched.metrics().render();
     let singles: u64 = metric_value(&metrics, "w2s_batch_requests_bucket{le=\"1\"}");

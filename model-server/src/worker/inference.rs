@@ -136,9 +136,10 @@ impl SlicedForward {
     /// Runs the next batch of at most `max_batch_tokens` padded tokens.
     fn advance(&mut self, worker: &Worker) -> ServiceResult<()> {
         let started = Instant::now();
-        let end = worker.batch_end(&self.sequences, self.next);
+        let end = worker.batch_end(&self.model, &self.sequences, self.next);
         let batch = &self.sequences[self.next..end];
         let resident = worker.resident(&self.model)?;
+        let padded = padded_tokens(batch);
         match self.primitive {
             Primitive::Logprobs => self
                 .logprobs
@@ -150,7 +151,9 @@ impl SlicedForward {
             ),
         }
         self.next = end;
-        self.compute += started.elapsed();
+        let elapsed = started.elapsed();
+        worker.observe_pass(&self.model, padded, elapsed);
+        self.compute += elapsed;
         Ok(())
     }
 
@@ -552,13 +555,13 @@ impl PairsTask {
                 .map(EncodedDialogue::response_start)
                 .collect();
             worker
-                .batched_rewards(&judge.model, &sequences, &starts)?
+                .batched_rewards(&job.judge, &judge.model, &sequences, &starts)?
                 .into_iter()
                 .map(f64::from)
                 .collect()
         } else {
             pool_rows(
-                &worker.batched_logprobs(&judge.model, &sequences)?,
+                &worker.batched_logprobs(&job.judge, &judge.model, &sequences)?,
                 &singles,
                 job.judge_kind == JudgeKind::MeanLogprob,
             )?
@@ -607,29 +610,35 @@ impl Task {
 impl Worker {
     /// End (exclusive) of the batch starting at `start`: as many sequences as fit
     /// `max_batch_tokens` padded tokens, at least one.
-    pub(super) fn batch_end(&self, sequences: &[Vec<u32>], start: usize) -> usize {
-        let mut end = start;
-        let mut longest = 0;
-        while end < sequences.len() {
-            let longest_with = longest.max(sequences[end].len());
-            if end > start && longest_with * (end - start + 1) > self.config.max_batch_tokens {
-                break;
+    pub(super) fn batch_end(&self, model: &str, sequences: &[Vec<u32>], start: usize) -> usize {
+        let rate = self.pass_rates.borrow().get(model).copied();
+        let budget = token_budget(self.config.max_batch_tokens, rate, self.config.max_pass);
+        batch_end_within(sequences, start, budget)
+    }
+
+    /// Records how long a pass of `padded` tokens on `model` took.
+    pub(super) fn observe_pass(&self, model: &str, padded: usize, elapsed: Duration) {
+        let mut rates = self.pass_rates.borrow_mut();
+        match rates.get_mut(model) {
+            Some(rate) => rate.observe(padded, elapsed),
+            None => {
+                if let Some(rate) = PassRate::first(padded, elapsed) {
+                    rates.insert(model.to_string(), rate);
+                }
             }
-            longest = longest_with;
-            end += 1;
         }
-        end
     }
 
     pub(super) fn batched_logprobs(
         &self,
+        name: &str,
         model: &CausalLm,
         sequences: &[Vec<u32>],
     ) -> ServiceResult<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(sequences.len());
         let mut start = 0;
         while start < sequences.len() {
-            let end = self.batch_end(sequences, start);
+            let end = self.batch_end(name, sequences, start);
             out.extend(model.sequence_logprobs(&sequences[start..end])?);
             start = end;
         }
@@ -638,6 +647,7 @@ impl Worker {
 
     pub(super) fn batched_rewards(
         &self,
+        name: &str,
         model: &CausalLm,
         sequences: &[Vec<u32>],
         response_starts: &[usize],
@@ -645,7 +655,7 @@ impl Worker {
         let mut out = Vec::with_capacity(sequences.len());
         let mut start = 0;
         while start < sequences.len() {
-            let end = self.batch_end(sequences, start);
+            let end = self.batch_end(name, sequences, start);
             out.extend(
                 model.sequence_rewards(&sequences[start..end], &response_starts[start..end])?,
             );
@@ -701,4 +711,98 @@ pub(super) fn truncate_dialogue(dialogue: EncodedDialogue, max_ctx: usize) -> En
         }
     }
     EncodedDialogue::assemble(prompt, response, max_ctx)
+}
+
+/// Padded tokens of a batch: rows × longest row.
+fn padded_tokens(batch: &[Vec<u32>]) -> usize {
+    batch.len() * batch.iter().map(Vec::len).max().unwrap_or(0)
+}
+
+/// The end of the batch that starts at `start`: as many sequences as fit in `budget` padded
+/// tokens, at least one.
+pub(super) fn batch_end_within(sequences: &[Vec<u32>], start: usize, budget: usize) -> usize {
+    let mut end = start;
+    let mut longest = 0;
+    while end < sequences.len() {
+        let longest_with = longest.max(sequences[end].len());
+        if end > start && longest_with * (end - start + 1) > budget {
+            break;
+        }
+        longest = longest_with;
+        end += 1;
+    }
+    end
+}
+
+/// Padded tokens one pass may take: `max_batch_tokens`, lowered to what the model's measured
+/// rate gets through in `max_pass` (unknown rate or no target: `max_batch_tokens`).
+pub(super) fn token_budget(
+    max_batch_tokens: usize,
+    rate: Option<PassRate>,
+    max_pass: Option<Duration>,
+) -> usize {
+    match (rate, max_pass) {
+        (Some(rate), Some(pass)) => {
+            let timed = (rate.tokens_per_second * pass.as_secs_f64()).floor();
+            // `as` saturates; a budget below one sequence still runs one (batch_end_within).
+            max_batch_tokens.min(timed.max(1.0) as usize)
+        }
+        _ => max_batch_tokens,
+    }
+}
+
+/// A model's measured scoring throughput: an exponential moving average of padded tokens per
+/// second over its passes (recent passes weigh 1/4), so it follows the sequence lengths in use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct PassRate {
+    pub tokens_per_second: f64,
+}
+
+impl PassRate {
+    /// The rate of a first pass; `None` for a pass too short to time.
+    pub(super) fn first(padded: usize, elapsed: Duration) -> Option<Self> {
+        let seconds = elapsed.as_secs_f64();
+        (padded > 0 && seconds > 0.0).then(|| Self {
+            tokens_per_second: padded as f64 / seconds,
+        })
+    }
+
+    pub(super) fn observe(&mut self, padded: usize, elapsed: Duration) {
+        if let Some(now) = Self::first(padded, elapsed) {
+            self.tokens_per_second = 0.75 * self.tokens_per_second + 0.25 * now.tokens_per_second;
+        }
+    }
+}
+
+#[cfg(test)]
+mod pass_sizing_tests {
+    use super::*;
+
+    #[test]
+    fn batches_fit_the_budget_but_always_hold_one_sequence() {
+        let seqs: Vec<Vec<u32>> = [3, 5, 2, 8, 1].iter().map(|&n| vec![0; n]).collect();
+        assert_eq!(batch_end_within(&seqs, 0, 15), 3); // 3 rows x 5 = 15
+        assert_eq!(batch_end_within(&seqs, 0, 14), 2);
+        assert_eq!(batch_end_within(&seqs, 3, 1), 4); // one sequence longer than the budget
+        assert_eq!(batch_end_within(&seqs, 4, 100), 5);
+    }
+
+    #[test]
+    fn the_budget_follows_the_measured_rate_under_the_token_cap() {
+        let rate = PassRate::first(1000, Duration::from_millis(100)).unwrap(); // 10k tokens/s
+        let half_second = Some(Duration::from_millis(500));
+        assert_eq!(token_budget(16384, Some(rate), half_second), 5000);
+        // The token cap stays the hard limit; no rate or no target: the cap alone.
+        assert_eq!(token_budget(4096, Some(rate), half_second), 4096);
+        assert_eq!(token_budget(16384, None, half_second), 16384);
+        assert_eq!(token_budget(16384, Some(rate), None), 16384);
+        // A model slower than one token per target still gets a budget (one sequence runs).
+        let crawl = PassRate::first(1, Duration::from_secs(10)).unwrap();
+        assert_eq!(token_budget(16384, Some(crawl), half_second), 1);
+        // The average moves a quarter of the way to each new pass.
+        let mut moving = rate;
+        moving.observe(2000, Duration::from_millis(100)); // 20k tokens/s
+        assert!((moving.tokens_per_second - 12_500.0).abs() < 1e-6);
+        assert!(PassRate::first(0, Duration::from_millis(5)).is_none());
+    }
 }

@@ -291,6 +291,9 @@ pub struct WorkerConfig {
     /// How long one turn of the loop may advance long work (generation, big scoring) before
     /// queued requests are looked at again. Each task advances by at least one forward pass.
     pub slice: Duration,
+    /// Target duration of one scoring/log-prob forward pass (`--max-pass-ms`); `None`: passes
+    /// are sized by `max_batch_tokens` alone.
+    pub max_pass: Option<Duration>,
 }
 
 /// When the device loop last made progress, for the health watchdog: milliseconds since the
@@ -511,6 +514,9 @@ struct Worker {
     events: broadcast::Sender<JobEvent>,
     queue: VecDeque<ActiveJob>,
     metrics: Arc<Metrics>,
+    /// Measured throughput of each model's scoring passes, in padded tokens per second (a
+    /// moving average; see [`inference::PassRate`]).
+    pass_rates: std::cell::RefCell<BTreeMap<String, inference::PassRate>>,
 }
 
 impl Worker {
@@ -533,6 +539,7 @@ impl Worker {
             events,
             queue: VecDeque::new(),
             metrics,
+            pass_rates: Default::default(),
         }
     }
 
