@@ -55,3 +55,25 @@ fn gpt2_bpe_matches_the_reference_js_encoder_on_harmless_test() {
         mismatches[0] / 2
     );
 }
+
+/// Reward models read the whole text's ids; the response starts, by the encoding's offsets,
+/// where the prompt's own encoding ends (GPT-2's pre-tokenizer never merges across
+/// "Assistant:" and the response), on every harmless test text.
+#[test]
+fn whole_text_response_starts_follow_the_prompts_encoding_on_harmless_test() {
+    let assets = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/gpt2-bpe");
+    let tokenizer =
+        TextTokenizer::from_folder(&assets, &ModelConfig::preset("gpt2").unwrap()).unwrap();
+    let data = std::fs::File::open(shared_data_dir().join("harmless_test.jsonl")).unwrap();
+    for line in std::io::BufReader::new(data).lines().take(500) {
+        let row: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        for side in ["chosen", "rejected"] {
+            let text = row[side].as_str().unwrap();
+            let (ids, start, cut) = tokenizer.encode_whole_dialogue(text, usize::MAX).unwrap();
+            assert!(!cut);
+            assert_eq!(ids, tokenizer.encode(text).unwrap());
+            let (prompt, _) = superficial_models::tokenizer::split_dialogue(text).unwrap();
+            assert_eq!(start, tokenizer.encode(prompt).unwrap().len(), "{text:?}");
+        }
+    }
+}

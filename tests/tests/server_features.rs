@@ -702,31 +702,44 @@ async fn error_codes_auth_deadlines_and_overload() {
     server.shutdown().await.unwrap();
 }
 
-async fn simpo_job_to_end(data_dir: &std::path::Path, interrupt_after: Option<u64>) -> String {
-    let spec = |dataset: &str| pb::StartJobRequest {
-        objective: pb::ObjectiveKind::Dpo as i32,
-        base_model: "base".into(),
-        dataset_ids: vec![dataset.to_string()],
-        hyperparameters: Some(pb::TrainingHyperparameters {
-            conflict_alpha: 0.5,
-            ..hyper(4, 3)
-        }),
-        output_model: "trained".into(),
-    };
-    let server = RunningServer::start(config(data_dir)).await.unwrap();
-    let client = W2sClient::connect(&server.url()).await.unwrap();
+/// Loads a tiny OPT base model, uploads eight pairs and starts a preference job on them.
+async fn start_pairs_job(
+    client: &W2sClient,
+    objective: pb::ObjectiveKind,
+    hyperparameters: pb::TrainingHyperparameters,
+) -> pb::JobInfo {
     client
         .load_model(preset("base", "tiny-opt-post-ln", false))
         .await
         .unwrap();
     let dataset = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
-    let job = client
+    client
         .training
         .clone()
-        .start_job(spec(&dataset.id))
+        .start_job(pb::StartJobRequest {
+            objective: objective as i32,
+            base_model: "base".into(),
+            dataset_ids: vec![dataset.id],
+            hyperparameters: Some(hyperparameters),
+            output_model: "trained".into(),
+        })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+async fn simpo_job_to_end(data_dir: &std::path::Path, interrupt_after: Option<u64>) -> String {
+    let server = RunningServer::start(config(data_dir)).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    let job = start_pairs_job(
+        &client,
+        pb::ObjectiveKind::Dpo,
+        pb::TrainingHyperparameters {
+            conflict_alpha: 0.5,
+            ..hyper(4, 3)
+        },
+    )
+    .await;
     let Some(stop) = interrupt_after else {
         let ended = client.follow_job(&job.id, &mut |_| {}).await.unwrap();
         assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
@@ -1453,25 +1466,8 @@ async fn following_a_job_survives_a_server_restart() {
     let url = server.url();
     let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     let client = W2sClient::connect(&url).await.unwrap();
-    client
-        .load_model(preset("base", "tiny-opt-post-ln", false))
-        .await
-        .unwrap();
-    let dataset = client.upload_dataset("pairs", pair_rows(8)).await.unwrap();
-    let job = client
-        .training
-        .clone()
-        .start_job(pb::StartJobRequest {
-            objective: pb::ObjectiveKind::Simpo as i32,
-            base_model: "base".into(),
-            dataset_ids: vec![dataset.id],
-            // Far more steps than pass before the restart.
-            hyperparameters: Some(hyper(4, 60)),
-            output_model: "trained".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Far more steps than pass before the restart.
+    let job = start_pairs_job(&client, pb::ObjectiveKind::Simpo, hyper(4, 60)).await;
     let (step_tx, mut step_rx) = tokio::sync::mpsc::unbounded_channel();
     let follower = tokio::spawn({
         let client = client.clone();

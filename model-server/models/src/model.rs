@@ -398,8 +398,9 @@ impl CausalLm {
     /// Per-token log-probs of each sequence (length `len - 1` each), computed as right-padded
     /// batches (see [`Self::in_halves`]).
     pub fn sequence_logprobs(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        self.in_halves(sequences, |sequences| {
-            let batch = PaddedBatch::new(sequences, self.config.pad_token_id(), &self.device)?;
+        self.in_halves(sequences.len(), |rows| {
+            let batch =
+                PaddedBatch::new(&sequences[rows], self.config.pad_token_id(), &self.device)?;
             let rows: Vec<Vec<f32>> = self
                 .token_logprobs(&batch.ids)?
                 .to_dtype(DType::F32)?
@@ -426,37 +427,34 @@ impl CausalLm {
                 sequences.len()
             )));
         }
-        let rows: Vec<(Vec<u32>, usize)> = sequences
-            .iter()
-            .cloned()
-            .zip(response_starts.iter().copied())
-            .collect();
-        self.in_halves(&rows, |rows| {
-            let sequences: Vec<Vec<u32>> = rows.iter().map(|(ids, _)| ids.clone()).collect();
-            let starts: Vec<usize> = rows.iter().map(|(_, s)| *s).collect();
-            let batch = PaddedBatch::new(&sequences, self.config.pad_token_id(), &self.device)?;
+        self.in_halves(sequences.len(), |rows| {
+            let batch = PaddedBatch::new(
+                &sequences[rows.clone()],
+                self.config.pad_token_id(),
+                &self.device,
+            )?;
             Ok(self
-                .rewards(&batch, &starts)?
+                .rewards(&batch, &response_starts[rows])?
                 .to_dtype(DType::F32)?
                 .to_vec1()?)
         })
     }
 
-    /// Runs `forward` on the two halves of `sequences` concurrently on CPU, each padded to its
-    /// own longest: two independent passes keep both cores busy with few hand-offs, where one
-    /// pass splits every small product between threads (the trainer shards its minibatches for
-    /// the same reason). Always two halves, whatever the core count, so results never depend
-    /// on the machine; other devices run one batch.
-    fn in_halves<S: Sync, T: Send>(
+    /// Runs `forward` on the two halves of the rows `0..len` concurrently on CPU, each padded
+    /// to its own longest: two independent passes keep both cores busy with few hand-offs,
+    /// where one pass splits every small product between threads (the trainer shards its
+    /// minibatches for the same reason). Always two halves, whatever the core count, so results
+    /// never depend on the machine; other devices run one batch.
+    fn in_halves<T: Send>(
         &self,
-        sequences: &[S],
-        forward: impl Fn(&[S]) -> Result<Vec<T>> + Sync,
+        len: usize,
+        forward: impl Fn(std::ops::Range<usize>) -> Result<Vec<T>> + Sync,
     ) -> Result<Vec<T>> {
-        if !self.device.is_cpu() || sequences.len() < 2 {
-            return forward(sequences);
+        if !self.device.is_cpu() || len < 2 {
+            return forward(0..len);
         }
-        let (first, second) = sequences.split_at(sequences.len().div_ceil(2));
-        let (first, second) = rayon::join(|| forward(first), || forward(second));
+        let middle = len.div_ceil(2);
+        let (first, second) = rayon::join(|| forward(0..middle), || forward(middle..len));
         let mut out = first?;
         out.extend(second?);
         Ok(out)

@@ -255,24 +255,33 @@ impl TextTokenizer {
 
     /// Encodes `prompt + response` as one text, as the reference reward model reads it, keeping
     /// the last `max_ctx` tokens. Returns the ids, the index of the first response token (the
-    /// first token that differs from the prompt's own encoding: the prompt's length unless BPE
-    /// merged across the boundary; 0 with an empty prompt) and whether anything was cut.
+    /// first token whose text starts at or after the prompt's end, from the one encoding's
+    /// offsets: a token that straddles the boundary counts as prompt; 0 with an empty prompt)
+    /// and whether anything was cut.
     pub fn encode_whole_text(
         &self,
         prompt: &str,
         response: &str,
         max_ctx: usize,
     ) -> Result<(Vec<u32>, usize, bool)> {
-        let ids = self.encode(&format!("{prompt}{response}"))?;
+        let encoding = self
+            .inner
+            .encode(format!("{prompt}{response}"), true)
+            .map_err(|e| ModelError::InvalidInput(format!("cannot tokenize text: {e}")))?;
+        let prepended = usize::from(self.bos_to_prepend.is_some());
         let start = if prompt.is_empty() {
             0
         } else {
-            let prompt_ids = self.encode(prompt)?;
-            ids.iter()
-                .zip(&prompt_ids)
-                .take_while(|(a, b)| a == b)
-                .count()
+            prepended
+                + encoding
+                    .get_offsets()
+                    .iter()
+                    .position(|&(from, _)| from >= prompt.len())
+                    .unwrap_or(encoding.len())
         };
+        let mut ids = Vec::with_capacity(encoding.len() + prepended);
+        ids.extend(self.bos_to_prepend);
+        ids.extend_from_slice(encoding.get_ids());
         let total = ids.len();
         let (ids, truncated) = keep_last(ids, max_ctx);
         let cut = total - ids.len();

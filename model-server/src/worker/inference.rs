@@ -608,8 +608,8 @@ impl Task {
 }
 
 impl Worker {
-    /// End (exclusive) of the batch starting at `start`: as many sequences as fit
-    /// `max_batch_tokens` padded tokens, at least one.
+    /// End (exclusive) of the batch starting at `start`: as many sequences as fit the pass's
+    /// token budget (`max_batch_tokens`, or less under `--max-pass-ms`), at least one.
     pub(super) fn batch_end(&self, model: &str, sequences: &[Vec<u32>], start: usize) -> usize {
         let rate = self.pass_rates.borrow().get(model).copied();
         let budget = token_budget(self.config.max_batch_tokens, rate, self.config.max_pass);
