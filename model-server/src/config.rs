@@ -144,6 +144,10 @@ pub struct ServerConfig {
     /// held in memory).
     #[arg(long, env = "W2S_MAX_MODEL_UPLOAD_BYTES", default_value_t = 64 << 30)]
     pub max_model_upload_bytes: u64,
+    /// Most DownloadModel streams at once: each stages a whole export on disk (and its files
+    /// pass through memory), so more are refused with RESOURCE_EXHAUSTED until one ends.
+    #[arg(long, env = "W2S_MAX_DOWNLOADS", default_value_t = 2)]
+    pub max_downloads: usize,
     /// Most gRPC connections open at once; further peers wait in the listen backlog.
     #[arg(long, env = "W2S_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
@@ -332,6 +336,9 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be positive".into());
+        }
+        if self.max_downloads == 0 {
+            return Err("--max-downloads must be positive".into());
         }
         if !(self.slice_ms.is_finite() && (0.1..=60_000.0).contains(&self.slice_ms)) {
             return Err(format!(

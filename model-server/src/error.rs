@@ -101,8 +101,90 @@ pub fn io_code(error: &std::io::Error) -> Option<Code> {
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
-        Status::new(error.code(), error.to_string())
+        Status::new(error.code(), hide_server_paths(error.to_string()))
     }
 }
 
+/// Folders of this process's servers whose absolute paths never reach a client: the model
+/// root (a client names files relative to it) and the data directory.
+static PRIVATE_FOLDERS: std::sync::RwLock<Vec<(String, &'static str)>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Registers `folder` (as given and canonical) to be shown as `shown_as` in error messages
+/// (the empty string for the model root, whose paths are then the client's own words).
+pub fn keep_private(folder: &std::path::Path, shown_as: &'static str) {
+    let mut spellings = vec![folder.to_path_buf()];
+    if let Ok(canonical) = folder.canonicalize() {
+        spellings.push(canonical);
+    }
+    let Ok(mut folders) = PRIVATE_FOLDERS.write() else {
+        return;
+    };
+    for spelling in spellings {
+        let text = spelling.display().to_string();
+        if text.is_empty() || text == "/" || text == "." {
+            continue;
+        }
+        if !folders.iter().any(|(known, _)| *known == text) {
+            folders.push((text, shown_as));
+        }
+    }
+    // Longest first, so a folder inside another is replaced by its own name.
+    folders.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
+}
+
+/// `message` with every registered folder's absolute path replaced by how it is shown.
+pub fn hide_server_paths(message: String) -> String {
+    let Ok(folders) = PRIVATE_FOLDERS.read() else {
+        return message;
+    };
+    let mut message = message;
+    for (folder, shown_as) in folders.iter() {
+        if !message.contains(folder.as_str()) {
+            continue;
+        }
+        let with_slash = format!("{folder}/");
+        let replacement = if shown_as.is_empty() {
+            String::new()
+        } else {
+            format!("{shown_as}/")
+        };
+        message = message.replace(&with_slash, &replacement);
+        let bare = if shown_as.is_empty() { "." } else { shown_as };
+        message = message.replace(folder.as_str(), bare);
+    }
+    message
+}
+
 pub type ServiceResult<T> = std::result::Result<T, ServiceError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_files_relative_to_the_private_folders() {
+        keep_private(std::path::Path::new("/srv/w2s-test-models"), "");
+        keep_private(
+            std::path::Path::new("/srv/w2s-test-models/data"),
+            "<data-dir>",
+        );
+        assert_eq!(
+            hide_server_paths("/srv/w2s-test-models/gpt2/config.json: bad".into()),
+            "gpt2/config.json: bad"
+        );
+        assert_eq!(
+            hide_server_paths("no space in /srv/w2s-test-models/data/jobs/x".into()),
+            "no space in <data-dir>/jobs/x"
+        );
+        assert_eq!(
+            hide_server_paths("root /srv/w2s-test-models is empty".into()),
+            "root . is empty"
+        );
+        let status = Status::from(ServiceError::PathNotFound(
+            "/srv/w2s-test-models/missing".into(),
+        ));
+        assert_eq!(status.message(), "path `missing` does not exist");
+    }
+}
+

@@ -154,6 +154,7 @@ impl ModelStore {
                     "must be 64 hex digits",
                 ));
             }
+            crate::paths::check_file_size(&file.name, &file.name, file.size)?;
             total = total.saturating_add(file.size);
         }
         if !names.contains("config.json") {
@@ -291,7 +292,13 @@ impl Upload {
 
     /// After the stream ended normally: every file complete and checked, then the folder is
     /// renamed into place under its digest (an identical folder already there is kept).
-    pub fn commit(mut self) -> ServiceResult<PathBuf> {
+    pub fn commit(self) -> ServiceResult<PathBuf> {
+        self.commit_new().map(|committed| committed.folder)
+    }
+
+    /// As [`Upload::commit`], saying whether this upload put the folder there (so a load that
+    /// then fails can take it away again: a failed upload leaves nothing).
+    pub fn commit_new(mut self) -> ServiceResult<Committed> {
         self.skip_empty_files()?;
         if self.current < self.files.len() {
             let file = &self.files[self.current];
@@ -304,21 +311,35 @@ impl Upload {
             ));
         }
         let target = self.root.join(&self.digest);
+        let existing = |folder| Committed {
+            folder,
+            created: false,
+        };
         if target.is_dir() {
-            return Ok(target); // the drop removes our copy
+            return Ok(existing(target)); // the drop removes our copy
         }
         match std::fs::rename(&self.dir, &target) {
             Ok(()) => {
                 if let Ok(root) = std::fs::File::open(&self.root) {
                     let _ = root.sync_all();
                 }
-                Ok(target)
+                Ok(Committed {
+                    folder: target,
+                    created: true,
+                })
             }
             // A concurrent identical upload won the rename.
-            Err(_) if target.is_dir() => Ok(target),
+            Err(_) if target.is_dir() => Ok(existing(target)),
             Err(e) => Err(io_error("committing the upload", e)),
         }
     }
+}
+
+/// Where a committed upload lies, and whether this upload created it.
+#[derive(Debug)]
+pub struct Committed {
+    pub folder: PathBuf,
+    pub created: bool,
 }
 
 impl Drop for Upload {

@@ -38,6 +38,38 @@ pub fn resolve_in_root(root: &Path, requested: &str) -> ServiceResult<PathBuf> {
 /// refused. Opening a FIFO blocks the device thread until someone writes to it, and a link out
 /// of the root reads a file the server was never given. `requested` names the folder in errors
 /// (the client's words, never the server's absolute path).
+/// Largest small JSON file of a model folder the server reads whole (`config.json`,
+/// `generation_config.json`, `tokenizer_config.json`, `special_tokens_map.json`): real ones
+/// are a few KiB.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+/// Largest tokenizer file the server reads whole (`tokenizer.json`, `vocab.json`,
+/// `merges.txt`): the largest public tokenizers are ~35 MB.
+pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
+
+/// The most bytes the server reads of the folder file `name` into memory at once; `None` for
+/// files it maps or streams (weights) or never opens.
+fn whole_read_limit(name: &str) -> Option<u64> {
+    match name {
+        "config.json"
+        | "generation_config.json"
+        | "tokenizer_config.json"
+        | "special_tokens_map.json" => Some(MAX_CONFIG_FILE_BYTES),
+        "tokenizer.json" | "vocab.json" | "merges.txt" => Some(MAX_TOKENIZER_FILE_BYTES),
+        _ => None,
+    }
+}
+
+/// Refuses a file the server would read whole when it is larger than real ones ever are.
+pub fn check_file_size(name: &str, shown: &str, bytes: u64) -> ServiceResult<()> {
+    match whole_read_limit(name) {
+        Some(limit) if bytes > limit => Err(ServiceError::invalid(
+            "path",
+            format!("{shown} is {bytes} bytes; the server reads at most {limit} bytes of it"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_folder_files(root: &Path, folder: &Path, requested: &str) -> ServiceResult<()> {
     let root = root.canonicalize().map_err(|e| {
         ServiceError::FailedPrecondition(format!("model root {}: {e}", root.display()))
@@ -45,9 +77,15 @@ pub fn check_folder_files(root: &Path, folder: &Path, requested: &str) -> Servic
     let unreadable = |e: std::io::Error| ServiceError::invalid("path", format!("{requested}: {e}"));
     for entry in std::fs::read_dir(folder).map_err(unreadable)? {
         let entry = entry.map_err(unreadable)?;
-        let name = format!("{requested}/{}", entry.file_name().to_string_lossy());
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let name = format!("{requested}/{file_name}");
         let kind = entry.file_type().map_err(unreadable)?;
-        if kind.is_file() || kind.is_dir() {
+        if kind.is_dir() {
+            continue;
+        }
+        if kind.is_file() {
+            let bytes = entry.metadata().map_err(unreadable)?.len();
+            check_file_size(&file_name, &name, bytes)?;
             continue;
         }
         if kind.is_symlink() {
@@ -61,7 +99,11 @@ pub fn check_folder_files(root: &Path, folder: &Path, requested: &str) -> Servic
                 return Err(ServiceError::OutsideRoot(name));
             }
             let target = real.metadata().map_err(unreadable)?;
-            if target.is_file() || target.is_dir() {
+            if target.is_file() {
+                check_file_size(&file_name, &name, target.len())?;
+                continue;
+            }
+            if target.is_dir() {
                 continue;
             }
         }
@@ -76,6 +118,27 @@ pub fn check_folder_files(root: &Path, folder: &Path, requested: &str) -> Servic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_read_whole_are_refused_when_larger_than_real_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = root.path().join("m");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), "{}").unwrap();
+        // Sparse: the size is what counts, not the bytes on disk.
+        let weights = std::fs::File::create(folder.join("model.safetensors")).unwrap();
+        weights.set_len(MAX_TOKENIZER_FILE_BYTES * 4).unwrap();
+        assert!(check_folder_files(root.path(), &folder, "m").is_ok());
+        let tokenizer = std::fs::File::create(folder.join("tokenizer.json")).unwrap();
+        tokenizer.set_len(MAX_TOKENIZER_FILE_BYTES + 1).unwrap();
+        let err = check_folder_files(root.path(), &folder, "m").unwrap_err();
+        assert!(err.to_string().contains("m/tokenizer.json is"), "{err}");
+        std::fs::remove_file(folder.join("tokenizer.json")).unwrap();
+        let config = std::fs::File::create(folder.join("config.json")).unwrap();
+        config.set_len(MAX_CONFIG_FILE_BYTES + 1).unwrap();
+        let err = check_folder_files(root.path(), &folder, "m").unwrap_err();
+        assert!(matches!(err, ServiceError::InvalidArgument { .. }), "{err}");
+    }
 
     #[test]
     fn paths_inside_resolve_and_escapes_are_denied() {

@@ -85,6 +85,8 @@ impl RunningServer {
             path: config.data_dir.clone(),
             source,
         })?;
+        crate::error::keep_private(&config.model_root, "");
+        crate::error::keep_private(&config.data_dir, "<data-dir>");
         let datasets =
             DatasetStore::new(&config.data_dir).map_err(|source| StartError::DataDir {
                 path: config.data_dir.clone(),
@@ -168,6 +170,7 @@ impl RunningServer {
             events,
             metrics: metrics.clone(),
             limits: crate::config::Limits::from(&config),
+            downloads: Arc::new(tokio::sync::Semaphore::new(config.max_downloads)),
             device: device_label,
             closing: closing_rx,
         };

@@ -41,6 +41,8 @@ pub struct ServiceState {
     pub events: broadcast::Sender<JobEvent>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::config::Limits,
+    /// One permit per DownloadModel stream that may run at once (`--max-downloads`).
+    pub downloads: Arc<tokio::sync::Semaphore>,
     /// The device the models live on (`cpu`, `cuda:N`).
     pub device: String,
     /// Becomes `true` when the server starts shutting down: long-lived streams end then.
@@ -377,22 +379,31 @@ impl pb::models_server::Models for ModelsService {
                 }
             }
             let digest = upload.digest().to_string();
-            let folder = tokio::task::spawn_blocking(move || upload.commit())
+            let reward_readout = readout_from_proto(load.reward_readout)?;
+            let committed = tokio::task::spawn_blocking(move || upload.commit_new())
                 .await
                 .map_err(|e| ServiceError::Internal(e.to_string()))??;
-            let summary = self
+            let loaded = self
                 .0
                 .worker
                 .load(LoadSpec {
                     name: load.name,
-                    source: ModelSource::Uploaded { digest, folder },
+                    source: ModelSource::Uploaded {
+                        digest,
+                        folder: committed.folder.clone(),
+                    },
                     role: load.role,
                     reward_head: load.reward_head,
-                    reward_readout: readout_from_proto(load.reward_readout)?,
+                    reward_readout,
                     seed: load.seed,
                 })
-                .await?;
-            Ok(model_info(summary))
+                .await;
+            if loaded.is_err() && committed.created {
+                // A folder that cannot be loaded is of no use to a later LoadModel either.
+                let folder = committed.folder;
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(folder)).await;
+            }
+            Ok(model_info(loaded?))
         }
         .await;
         self.0.finish("UploadModel", started, result)
@@ -409,6 +420,14 @@ impl pb::models_server::Models for ModelsService {
         let name = request.into_inner().name;
         let prepared = async {
             require("name", &name)?;
+            // Held by the stream until it ends or its client leaves.
+            let permit = self.0.downloads.clone().try_acquire_owned().map_err(|_| {
+                ServiceError::ResourceExhausted(
+                    "the server's downloads are all in use (--max-downloads); retry when one \
+                     ends"
+                        .into(),
+                )
+            })?;
             let folder = self.0.models.download_folder();
             self.0.worker.export(name.clone(), folder.0.clone()).await?;
             let dir = folder.0.clone();
@@ -419,10 +438,10 @@ impl pb::models_server::Models for ModelsService {
                     .map_err(|e| {
                         ServiceError::Internal(format!("reading the export of {name}: {e}"))
                     })?;
-            Ok((folder, files))
+            Ok((folder, files, permit))
         }
         .await;
-        let (folder, files) = match prepared {
+        let (folder, files, permit) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return Err(self.0.fail("DownloadModel", started, e)),
         };
@@ -468,9 +487,12 @@ impl pb::models_server::Models for ModelsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        // The stream holds the download's permit until it ends or its client goes away.
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver).map(move |message| {
+            let _held = &permit;
+            message
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

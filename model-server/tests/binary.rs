@@ -297,3 +297,92 @@ fn silent_connections_do_not_lock_out_a_new_client() {
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Model configs whose sizes would need more memory than any machine has are refused at
+/// once, before anything scales with them, and the server keeps serving. The server runs under
+/// a 6 GiB address-space limit, so a regression fails this test instead of taking the test
+/// machine down (it once aborted on "memory allocation of 1879048192 bytes failed", or was
+/// OOM-killed at 24 GB).
+#[test]
+fn absurd_model_configs_are_refused_at_once_under_an_address_space_limit() {
+    use pb::load_model_request::Source;
+    use w2s_proto::v1 as pb;
+    let data = tempfile::tempdir().unwrap();
+    let root = data.path().join("models");
+    let folder = root.join("huge");
+    std::fs::create_dir_all(&folder).unwrap();
+    let gpt2 = |n_embd: u64, n_layer: u64, n_head: u64, vocab: u64| {
+        serde_json::json!({
+            "model_type": "gpt2", "vocab_size": vocab, "n_positions": 64,
+            "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
+        })
+        .to_string()
+    };
+    std::fs::write(folder.join("config.json"), gpt2(16, 1 << 40, 2, 300)).unwrap();
+    let binary = env!("CARGO_BIN_EXE_model-server");
+    let mut shell = Command::new("sh");
+    shell.args([
+        "-c",
+        &format!(
+            "ulimit -v 6291456 && exec '{binary}' --listen 127.0.0.1:0 --data-dir '{}' \
+             --model-root '{}'",
+            data.path().join("data").display(),
+            root.display()
+        ),
+    ]);
+    let (mut child, addr, _logs) = start_command(shell);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = model_server::W2sClient::connect(&format!("http://{addr}"))
+            .await
+            .unwrap();
+        let max = u64::MAX;
+        let sources = [
+            Source::RandomInit(pb::RandomInit {
+                config_json: gpt2(16, 1 << 40, 2, 300),
+                tokenizer_json: String::new(),
+            }),
+            Source::RandomInit(pb::RandomInit {
+                config_json: gpt2(max, max, max, max),
+                tokenizer_json: String::new(),
+            }),
+            Source::RandomInit(pb::RandomInit {
+                config_json: gpt2(1 << 31, 1 << 31, 1 << 31, 1 << 31),
+                tokenizer_json: String::new(),
+            }),
+            Source::Path("huge".into()),
+        ];
+        for (i, source) in sources.into_iter().enumerate() {
+            let request = pb::LoadModelRequest {
+                name: format!("huge-{i}"),
+                source: Some(source.clone()),
+                ..Default::default()
+            };
+            // A generous bound: it checks that the refusal does not build anything that scales
+            // with the config (then it would take minutes or abort), not how fast it is.
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                client.load_model(request),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{source:?}: no answer within 20 s"));
+            let Err(model_server::ClientError::Rpc(status)) = answer else {
+                panic!("{source:?}: not refused: {answer:?}");
+            };
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                ),
+                "{source:?}: {status:?}"
+            );
+            assert!(
+                !status.message().contains(data.path().to_str().unwrap()),
+                "{status:?}"
+            );
+        }
+        assert!(client.list_models().await.unwrap().is_empty());
+    });
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+}

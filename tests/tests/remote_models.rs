@@ -252,10 +252,93 @@ async fn random_inits_are_made_on_the_server_and_bad_uploads_leave_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A folder that arrives whole and checked but cannot be loaded is not kept either.
+    let unloadable = tempfile::tempdir().unwrap();
+    std::fs::write(
+        unloadable.path().join("config.json"),
+        "{\"model_type\": \"llama\"}",
+    )
+    .unwrap();
+    let Err(model_server::ClientError::Rpc(status)) = client
+        .upload_model(load("unloadable"), unloadable.path())
+        .await
+    else {
+        panic!("an unloadable folder was accepted");
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let kept: Vec<_> = std::fs::read_dir(folders.path().join("data/models"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(kept.is_empty(), "{kept:?}");
+    server.shutdown().await.unwrap();
+}
+
+/// Each DownloadModel stream stages a whole export: beyond `--max-downloads` (2) at once, a
+/// download is refused with RESOURCE_EXHAUSTED, and a slot comes back when a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_downloads_are_bounded() {
+    let (server, client, _folders) = server_of_its_own().await;
+    // ~18 MB of weights: more than HTTP/2 flow control lets through unread, so a stream whose
+    // client reads nothing stays open on the server.
+    let config = serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 5000, "n_positions": 64,
+        "n_embd": 256, "n_layer": 4, "n_head": 4,
+    });
+    client
+        .load_model(pb::LoadModelRequest {
+            source: Some(Source::RandomInit(pb::RandomInit {
+                config_json: config.to_string(),
+                tokenizer_json: String::new(),
+            })),
+            ..load("exported")
+        })
+        .await
+        .unwrap();
+    let request = || pb::DownloadModelRequest {
+        name: "exported".into(),
+    };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = client
+            .models
+            .clone()
+            .download_model(request())
+            .await
+            .unwrap()
+            .into_inner();
+        // The first message arrives once the export is staged; the stream is then held open.
+        assert!(stream.message().await.unwrap().is_some());
+        open.push(stream);
+    }
+    let status = client
+        .models
+        .clone()
+        .download_model(request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-downloads"), "{status:?}");
+    drop(open.pop());
+    // The server notices the dropped stream when it next sends; allow it a few seconds.
+    let mut served = None;
+    for _ in 0..50 {
+        match client.models.clone().download_model(request()).await {
+            Ok(stream) => {
+                served = Some(stream);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(
+        served.is_some(),
+        "no download slot came back after a stream ended"
+    );
+    drop(open);
+    drop(served);
     server.shutdown().await.unwrap();
 }
