@@ -38,6 +38,17 @@ pub enum ClientError {
     #[error("download of `{model}`: {reason}")]
     Download { model: String, reason: String },
     #[error(
+        "{call}: the connection failed {attempts} times over ~{waited_seconds} s (last: {last}); \
+         the server may be down or restarting. Finished work is kept: rerunning the same \
+         command resumes where it left off"
+    )]
+    Unreachable {
+        call: String,
+        attempts: usize,
+        waited_seconds: u64,
+        last: String,
+    },
+    #[error(
         "following job {id}: the watch failed {attempts} times (last: {last}); the job keeps \
          running on the server, and rerunning the same command resumes where it left off"
     )]
@@ -160,32 +171,52 @@ impl W2sClient {
         Ok(self.models.clone().load_model(request).await?.into_inner())
     }
 
+    /// Token log-probs; retried on a broken connection (see [`retry_transient`]).
     pub async fn token_logprobs(
         &self,
         request: pb::TokenLogprobsRequest,
     ) -> Result<pb::TokenLogprobsResponse, ClientError> {
-        Ok(self
-            .inference
-            .clone()
-            .token_logprobs(request)
-            .await?
-            .into_inner())
+        retry_transient("TokenLogprobs", || async {
+            Ok(self
+                .inference
+                .clone()
+                .token_logprobs(request.clone())
+                .await?
+                .into_inner())
+        })
+        .await
     }
 
+    /// Pair scores; retried on a broken connection (see [`retry_transient`]).
     pub async fn score_pairs(
         &self,
         request: pb::ScorePairsRequest,
     ) -> Result<pb::ScorePairsResponse, ClientError> {
-        Ok(self
-            .inference
-            .clone()
-            .score_pairs(request)
-            .await?
-            .into_inner())
+        retry_transient("ScorePairs", || async {
+            Ok(self
+                .inference
+                .clone()
+                .score_pairs(request.clone())
+                .await?
+                .into_inner())
+        })
+        .await
     }
 
-    /// Uploads rows as one dataset (streamed in order after a header).
+    /// Uploads rows as one dataset (streamed in order after a header); retried on a broken
+    /// connection (datasets are stored by content, so a repeat is harmless).
     pub async fn upload_dataset(
+        &self,
+        name: &str,
+        rows: Vec<pb::upload_dataset_request::Item>,
+    ) -> Result<pb::DatasetInfo, ClientError> {
+        retry_transient("UploadDataset", || {
+            self.upload_dataset_once(name, rows.clone())
+        })
+        .await
+    }
+
+    async fn upload_dataset_once(
         &self,
         name: &str,
         rows: Vec<pb::upload_dataset_request::Item>,
@@ -213,8 +244,17 @@ impl W2sClient {
     /// Loads the HF folder `dir` (on this machine) on the server as `load.name`: by its digest
     /// when the server already holds an identical upload, else by streaming the files (1 MiB
     /// messages, read lazily; the server checks sizes and SHA-256 and commits atomically).
-    /// `load.source` is ignored. Works the same against a server on another machine.
+    /// `load.source` is ignored. Works the same against a server on another machine. Retried
+    /// on a broken connection (uploads are stored by content, so a repeat is harmless).
     pub async fn upload_model(
+        &self,
+        load: pb::LoadModelRequest,
+        dir: &Path,
+    ) -> Result<pb::ModelInfo, ClientError> {
+        retry_transient("UploadModel", || self.upload_model_once(load.clone(), dir)).await
+    }
+
+    async fn upload_model_once(
         &self,
         mut load: pb::LoadModelRequest,
         dir: &Path,
@@ -469,7 +509,6 @@ impl W2sClient {
         id: &str,
         on_event: &mut impl FnMut(&pb::JobEvent),
     ) -> Result<pb::JobInfo, ClientError> {
-        const BACKOFF_SECONDS: [u64; 4] = [1, 2, 4, 8];
         let mut last: Option<pb::JobInfo> = None;
         let mut failures = 0;
         loop {
@@ -483,7 +522,7 @@ impl W2sClient {
                 }
                 Err(e) => return Err(e),
             };
-            let Some(&wait) = BACKOFF_SECONDS.get(failures) else {
+            let Some(&wait) = RETRY_BACKOFF_SECONDS.get(failures) else {
                 return Err(ClientError::JobFollow {
                     id: id.to_string(),
                     attempts: failures + 1,
@@ -516,6 +555,52 @@ impl W2sClient {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits between attempts of a call whose connection broke: long enough for a server restart,
+/// short enough that a study's pool moves the work of a dead server soon.
+const RETRY_BACKOFF_SECONDS: [u64; 4] = [1, 2, 4, 8];
+
+/// Runs `call` again after 1, 2, 4 and 8 s while it fails with a connection error (a server
+/// going away, a stream broken in transit); any other error, or success, ends it at once. Only
+/// for calls that are safe to repeat: reads, and uploads stored by content.
+pub async fn retry_transient<T, F, Fut>(what: &str, call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    retry_with_backoff(what, &RETRY_BACKOFF_SECONDS, call).await
+}
+
+async fn retry_with_backoff<T, F, Fut>(
+    what: &str,
+    backoff_seconds: &[u64],
+    mut call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut failures = 0;
+    loop {
+        match call().await {
+            Err(ClientError::Rpc(status)) if is_transient(&status) => {
+                let last = format!("{}: {}", status.code(), status.message());
+                let Some(&wait) = backoff_seconds.get(failures) else {
+                    return Err(ClientError::Unreachable {
+                        call: what.to_string(),
+                        attempts: failures + 1,
+                        waited_seconds: backoff_seconds.iter().sum(),
+                        last,
+                    });
+                };
+                failures += 1;
+                tracing::warn!("{what}: {last}; trying again in {wait} s");
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -622,5 +707,66 @@ impl Session {
             server.shutdown().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_errors_are_retried_and_request_errors_are_not() {
+        let attempts = std::cell::Cell::new(0);
+        let flaky = || async {
+            attempts.set(attempts.get() + 1);
+            if attempts.get() < 3 {
+                Err(ClientError::Rpc(tonic::Status::unavailable(
+                    "connection reset",
+                )))
+            } else {
+                Ok(attempts.get())
+            }
+        };
+        assert_eq!(
+            retry_with_backoff("flaky", &[0, 0, 0], flaky)
+                .await
+                .unwrap(),
+            3
+        );
+
+        attempts.set(0);
+        let refused = || async {
+            attempts.set(attempts.get() + 1);
+            Err::<(), _>(ClientError::Rpc(tonic::Status::invalid_argument(
+                "bad pair",
+            )))
+        };
+        assert!(
+            retry_with_backoff("refused", &[0, 0], refused)
+                .await
+                .is_err()
+        );
+        assert_eq!(attempts.get(), 1);
+
+        attempts.set(0);
+        let down = || async {
+            attempts.set(attempts.get() + 1);
+            Err::<(), _>(ClientError::Rpc(tonic::Status::internal(
+                "h2 protocol error: broken pipe",
+            )))
+        };
+        let err = retry_with_backoff("ScorePairs", &[0, 0], down)
+            .await
+            .unwrap_err();
+        assert_eq!(attempts.get(), 3);
+        let message = err.to_string();
+        assert!(
+            message.starts_with("ScorePairs: the connection failed 3 times"),
+            "{message}"
+        );
+        assert!(
+            message.contains("rerunning the same command resumes"),
+            "{message}"
+        );
     }
 }
