@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/prepare-test-assets.sh
+# The Python package's checked-in stubs must be what the proto generates.
+tools/python-stubs.sh --check
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --release --no-fail-fast
 else

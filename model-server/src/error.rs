@@ -187,4 +187,3 @@ mod tests {
         assert_eq!(status.message(), "path `missing` does not exist");
     }
 }
-

@@ -386,3 +386,96 @@ fn absurd_model_configs_are_refused_at_once_under_an_address_space_limit() {
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// The README's Python snippet, run as written (the address aside) against the binary after
+/// `pip install ./clients/python` (into a folder of its own, with the test venv's grpcio and
+/// protobuf).
+#[test]
+fn the_readme_python_snippet_scores_a_pair_after_pip_install() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```python block in README.md");
+    assert!(snippet.lines().count() <= 6, "{snippet}");
+    // Installed from a copy: a build writes `build/` and `*.egg-info` beside the sources.
+    let source = tempfile::tempdir().unwrap();
+    copy_tree(&repo.join("clients/python"), source.path());
+    let installed = tempfile::tempdir().unwrap();
+    let pip = Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
+        .arg("--target")
+        .arg(installed.path())
+        .arg(source.path())
+        .output()
+        .unwrap();
+    assert!(
+        pip.status.success(),
+        "pip install ./clients/python failed:\n{}",
+        String::from_utf8_lossy(&pip.stderr)
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, addr, _logs) = start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(snippet.replace("127.0.0.1:50051", &addr))
+        .env("PYTHONPATH", installed.path())
+        .current_dir(data.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the README snippet failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let numbers: Vec<f64> = printed
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    // margin, then p_chosen = sigmoid(margin).
+    assert_eq!(numbers.len(), 2, "{printed}");
+    let sigmoid = 1.0 / (1.0 + (-numbers[0]).exp());
+    assert!((numbers[1] - sigmoid).abs() < 1e-9, "{printed}");
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// Copies the files of `from` into `to` (which exists), recursively, skipping build leftovers.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let skip = name == "build"
+            || name == "__pycache__"
+            || name.to_string_lossy().ends_with(".egg-info");
+        if skip {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
