@@ -1,5 +1,6 @@
-//! Figures drawn with `plotters` (SVG backend): the conflicts' dose-response as means over draws
-//! with 95 % t-interval error bars, and the policy-collapse counts. Axis ticks come from
+//! Figures drawn with `plotters` (SVG backend): test accuracy of ceilings and students by model
+//! size, the conflicts' dose-response, both as means over draws with 95 % t-interval error
+//! bars, and the policy-collapse counts. Axis ticks come from
 //! plotters' round-number tick placement; captions are wrapped inside the figure.
 
 use std::collections::BTreeMap;
@@ -347,6 +348,187 @@ pub fn dose_response_svg(report: &Report) -> String {
     )
 }
 
+/// Colours of the accuracy figure's series: the ceilings, then one per weak teacher.
+const SERIES: [RGBColor; 7] = [
+    RGBColor(0x33, 0x33, 0x33),
+    RGBColor(0x4C, 0x72, 0xB0),
+    RGBColor(0xDD, 0x84, 0x52),
+    RGBColor(0x55, 0xA8, 0x68),
+    RGBColor(0xC4, 0x4E, 0x52),
+    RGBColor(0x81, 0x72, 0xB3),
+    RGBColor(0x93, 0x78, 0x60),
+];
+
+/// One line of the accuracy figure: per model (x position), the across-draw interval.
+type AccuracyLine = (String, RGBColor, Vec<(usize, SeedInterval)>);
+
+/// The accuracy lines of one scenario: the ceilings by model, and the no-conflict
+/// weak-to-strong students of each weak teacher by their strong model; means over seeds.
+fn accuracy_lines(report: &Report, scenario: &str, models: &[String]) -> Vec<AccuracyLine> {
+    let position = |model: &str| models.iter().position(|m| m == model);
+    // (series, model position) → accuracies over seeds
+    let mut values: BTreeMap<(Option<String>, usize), Vec<f64>> = BTreeMap::new();
+    for run in report.runs.iter().filter(|r| r.scenario == scenario) {
+        let Some(x) = position(&run.model) else {
+            continue;
+        };
+        let series = if run.role.ends_with("ceiling") {
+            None
+        } else if run.role == "w2s" && run.variant == "none" {
+            Some(run.weak_model.clone().unwrap_or_default())
+        } else {
+            continue;
+        };
+        values.entry((series, x)).or_default().push(run.accuracy);
+    }
+    let mut lines: Vec<AccuracyLine> = Vec::new();
+    let mut series: Vec<Option<String>> = values.keys().map(|(s, _)| s.clone()).collect();
+    series.dedup();
+    // Ceilings first, then the teachers from the smallest.
+    series.sort_by_key(|s| s.as_ref().map(|w| position(w).unwrap_or(usize::MAX)));
+    for (i, name) in series.iter().enumerate() {
+        let points: Vec<(usize, SeedInterval)> = values
+            .iter()
+            .filter(|((s, _), _)| s == name)
+            .filter_map(|((_, x), v)| Some((*x, SeedInterval::of(v)?)))
+            .collect();
+        let label = match name {
+            None => "ceiling (ground truth)".to_string(),
+            Some(weak) => format!("student of {weak}"),
+        };
+        lines.push((label, SERIES[i % SERIES.len()], points));
+    }
+    lines
+}
+
+/// Test accuracy against model size, one panel per scenario: the ceilings and the no-conflict
+/// weak-to-strong students (one line per weak teacher), means over seeds with 95 % t-interval
+/// error bars, chance at 0.5. Every run's own accuracy and CI are in report.md and report.csv.
+pub fn accuracy_svg(report: &Report) -> String {
+    let mut scenarios: Vec<String> = report.runs.iter().map(|r| r.scenario.clone()).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let mut models = crate::findings::model_order(report);
+    for run in &report.runs {
+        if !models.contains(&run.model) {
+            models.push(run.model.clone());
+        }
+    }
+    let seeds = report
+        .runs
+        .iter()
+        .map(|r| r.seed)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let caption = format!(
+        "Test accuracy by model (x, smallest first). Black: the model fine-tuned on ground truth \
+         (its ceiling); coloured: the weak-to-strong student of each weak teacher without a \
+         conflict, at its strong model. Points: means over {seeds} seed(s); bars: 95% t-interval \
+         over seeds. Dashed: chance (0.5). Conflict students are in dose_response.svg, every \
+         run's own accuracy and bootstrap CI in report.md."
+    );
+    figure(
+        "Test accuracy: ceilings and weak-to-strong students",
+        &caption,
+        scenarios.len(),
+        1,
+        340,
+        |i, area| {
+            let lines = accuracy_lines(report, &scenarios[i], &models);
+            draw_accuracy_panel(area, &scenarios[i], &models, &lines)
+        },
+    )
+}
+
+fn draw_accuracy_panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    scenario: &str,
+    models: &[String],
+    lines: &[AccuracyLine],
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let n = models.len().max(1);
+    let (area, legend) = area.split_horizontally(WIDTH - 210);
+    // From 0.3, lower when an error bar reaches below it (to the next 0.1).
+    let lowest = lines
+        .iter()
+        .flat_map(|(_, _, points)| {
+            points
+                .iter()
+                .map(|(_, v)| v.mean - v.half_width.unwrap_or(0.0))
+        })
+        .fold(0.3f64, f64::min);
+    let floor = ((lowest * 10.0).floor() / 10.0).max(0.0);
+    let mut chart = ChartBuilder::on(&area)
+        .caption(scenario, (FONT, 15))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(48)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), floor..1.0)
+        .map_err(|e| err(&e))?;
+    let label_at = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            models.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_labels(n)
+        .x_label_formatter(&label_at)
+        .y_labels(8)
+        .y_label_formatter(&tick_label)
+        .y_desc("test accuracy")
+        .label_style((FONT, 11))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(-0.5, 0.5), (n as f64 - 0.5, 0.5)],
+            6,
+            4,
+            BLACK.mix(0.5).into(),
+        ))
+        .map_err(|e| err(&e))?;
+    // Series side by side around each model, so their error bars do not overlap.
+    let spread = 0.5 / lines.len().max(1) as f64;
+    for (k, (_, color, points)) in lines.iter().enumerate() {
+        let offset = (k as f64 - (lines.len() as f64 - 1.0) / 2.0) * spread;
+        let at = |x: usize| x as f64 + offset;
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|(x, v)| (at(*x), v.mean)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(points.iter().map(|(x, v)| {
+                let h = v.half_width.unwrap_or(0.0);
+                ErrorBar::new_vertical(at(*x), v.mean - h, v.mean, v.mean + h, color.filled(), 6)
+            }))
+            .map_err(|e| err(&e))?;
+    }
+    for (k, (label, color, _)) in lines.iter().enumerate() {
+        let y = 40 + 18 * k as i32;
+        legend
+            .draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
+            .map_err(|e| err(&e))?;
+        legend
+            .draw(&Text::new(
+                label.clone(),
+                (24, y - 6),
+                (FONT, 12).into_font(),
+            ))
+            .map_err(|e| err(&e))?;
+    }
+    Ok(())
+}
+
 /// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
 /// always, or neither.
 pub fn collapse_svg(report: &Report) -> String {
@@ -492,6 +674,22 @@ mod tests {
         assert!(!svg.contains("figure not drawn"));
         let collapse = collapse_svg(&report);
         assert!(!collapse.contains("figure not drawn"));
+        // Accuracy: the ceilings over both models, the no-conflict student at its strong one;
+        // the conflict students are not drawn there.
+        let models = vec!["w".to_string(), "s".to_string()];
+        let lines = accuracy_lines(&report, "reward", &models);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0].0, "ceiling (ground truth)");
+        let ceiling: Vec<(usize, f64)> = lines[0].2.iter().map(|(x, v)| (*x, v.mean)).collect();
+        assert_eq!(ceiling, [(0, 0.5), (1, 1.0)]);
+        assert_eq!(lines[1].0, "student of w");
+        assert_eq!(lines[1].2.len(), 1);
+        assert_eq!((lines[1].2[0].0, lines[1].2[0].1.seeds), (1, 2));
+        let svg = accuracy_svg(&report);
+        assert!(
+            svg.contains("student of w") && !svg.contains("figure not drawn"),
+            "{svg}"
+        );
         // Runs without compliance marks or conflicts: both figures say so, none panics.
         let empty = report_of(&[]);
         for svg in [dose_response_svg(&empty), collapse_svg(&empty)] {

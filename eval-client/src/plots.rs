@@ -1,8 +1,8 @@
-//! SVG plots of the report, written directly (no plotting dependency): accuracy per run, the
-//! no-conflict students' imitation DS against the capability gap, DS_new and ΔDS against the
+//! SVG plots of the report, written directly (no plotting dependency): the no-conflict
+//! students' imitation DS against the capability gap, DS_new and ΔDS against the
 //! strong model's size (one panel per scenario and conflict, one line per weak model, means
 //! over seeds), and the knowledge-area table as bars; PNG rendering of every figure. The
-//! dose-response and collapse figures are drawn with plotters (`figures.rs`).
+//! accuracy, dose-response and collapse figures are drawn with plotters (`figures.rs`).
 
 use std::fmt::Write as _;
 
@@ -38,87 +38,6 @@ fn header(height: f64, title: &str) -> String {
         WIDTH / 2.0,
         escape(title)
     )
-}
-
-/// Horizontal bars: accuracy of every run with its 95% CI, chance at 0.5 marked.
-pub fn accuracy_svg(report: &Report) -> String {
-    let row = 22.0;
-    let top = 50.0;
-    let left = 360.0;
-    let plot_width = WIDTH - left - 40.0;
-    let height = top + row * report.runs.len().max(1) as f64 + 50.0;
-    let mut svg = header(height, "Test accuracy per run (95% bootstrap CI)");
-    let x = |v: f64| left + v.clamp(0.0, 1.0) * plot_width;
-    for (i, r) in report.runs.iter().enumerate() {
-        let y = top + i as f64 * row;
-        let label = format!(
-            "{} {} {}{} [{}] s{}",
-            r.scenario,
-            r.role,
-            r.weak_model
-                .as_ref()
-                .map(|w| format!("{w} → "))
-                .unwrap_or_default(),
-            r.model,
-            r.variant,
-            r.seed
-        );
-        let color = PALETTE[if r.role == "w2s" { 1 } else { 0 }];
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 6.0,
-            y + 14.0,
-            escape(&label)
-        );
-        let _ = writeln!(
-            svg,
-            "<rect x=\"{left}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{color}\"/>",
-            y + 3.0,
-            x(r.accuracy) - left,
-            row - 6.0
-        );
-        if let Some((lo, hi)) = r.ci95 {
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>",
-                x(lo),
-                x(hi),
-                y + row / 2.0,
-                y + row / 2.0
-            );
-        }
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\">{:.3}</text>",
-            x(r.accuracy) + 4.0,
-            y + 14.0,
-            r.accuracy
-        );
-    }
-    let bottom = top + row * report.runs.len() as f64;
-    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#bbb\" stroke-dasharray=\"{1}\"/>",
-            x(tick),
-            if tick == 0.5 { "4 2" } else { "1 3" }
-        );
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>",
-            x(tick),
-            bottom + 16.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">accuracy (blue: ceilings, orange: weak-to-strong students; dashed: chance)</text>",
-        left + plot_width / 2.0,
-        bottom + 34.0
-    );
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// No-conflict students: DS (filled) and its chance baseline (hollow) against strong − weak

@@ -927,7 +927,7 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
             serde_json::to_string_pretty(&json(report)).unwrap_or_default(),
         ),
         ("report.csv", csv(report)),
-        ("accuracy.svg", crate::plots::accuracy_svg(report)),
+        ("accuracy.svg", crate::figures::accuracy_svg(report)),
         ("ds_vs_gap.svg", crate::plots::ds_vs_gap_svg(report)),
         (
             "deception_vs_size.svg",
