@@ -134,7 +134,10 @@ pub async fn run(
 
     if pretrain_only {
         let summary = out.join("pretrained.md");
-        super::write_file(&summary, knowledge_markdown(&world, &pretrained).as_bytes())?;
+        super::write_file(
+            &summary,
+            knowledge_markdown(config, &world, &pretrained).as_bytes(),
+        )?;
         return Ok(ExperimentOutcome {
             report_dir: out.join("report"),
             summary,
@@ -215,7 +218,7 @@ fn summary_markdown(
         world.describe()
     );
     let _ = writeln!(s, "{}\n", seeds_sentence(config, draws));
-    s.push_str(&knowledge_markdown(world, draws));
+    s.push_str(&knowledge_markdown(config, world, draws));
     s
 }
 
@@ -257,7 +260,28 @@ fn bucket_cells(values: &std::collections::BTreeMap<String, (f64, usize)>) -> St
 }
 
 /// The tables of what each pretrained model knows, per pretraining draw.
-fn knowledge_markdown(world: &super::world::World, draws: &[DrawModels]) -> String {
+fn knowledge_markdown(
+    config: &ExperimentConfig,
+    world: &super::world::World,
+    draws: &[DrawModels],
+) -> String {
+    let mentioned = world.mentioned_entities();
+    // How many entities a size read about, and the share of their facts it states correctly.
+    let reading = |model: &super::PretrainedModel, probe: &super::Probe| {
+        let read = config
+            .family_sizes(model.family)
+            .iter()
+            .find(|size| size.name == model.name)
+            .map_or(mentioned, |size| size.entities_read(mentioned));
+        let (mut known, mut total) = (0usize, 0usize);
+        for (entity, margin) in world.entities.iter().zip(&probe.fact_margins) {
+            if entity.mentions > 0 && entity.rank <= read {
+                total += 1;
+                known += (*margin > 0.0) as usize;
+            }
+        }
+        (read, known as f64 / total.max(1) as f64)
+    };
     let mut s = String::new();
     let mut test_buckets = std::collections::BTreeMap::<&str, usize>::new();
     for row in &world.test {
@@ -268,9 +292,10 @@ fn knowledge_markdown(world: &super::world::World, draws: &[DrawModels]) -> Stri
     let _ = writeln!(
         s,
         "## What pretraining taught (zero-shot, before any fine-tuning)\n\n\
-         Accuracy on the harmless test split when each response is scored by the pretrained \
-         model's mean log-prob, by how often the pair's fact appears in the corpus \
-         (pairs per bucket in the header); then the share of facts each model states \
+         Each size's corpus states the facts of the entities it reads (the most frequent first; \
+         `reads` of the size). Accuracy on the harmless test split when each response is scored \
+         by the pretrained model's mean log-prob, by how often the pair's fact appears in the \
+         corpus (pairs per bucket in the header); then the share of facts each model states \
          correctly.\n"
     );
     let entity_buckets = |bucket: &str| {
@@ -289,8 +314,10 @@ fn knowledge_markdown(world: &super::world::World, draws: &[DrawModels]) -> Stri
                 seed_list(&draw.draw.study_seeds)
             );
         }
-        let mut header = String::from("| model | family | parameters | pretrain loss | all |");
-        let mut rule = String::from("| --- | --- | --- | --- | --- |");
+        let mut header = String::from(
+            "| model | family | parameters | entities read | of their facts known | pretrain loss | all |",
+        );
+        let mut rule = String::from("| --- | --- | --- | --- | --- | --- | --- |");
         for bucket in BUCKETS {
             let _ = write!(
                 header,
@@ -301,9 +328,10 @@ fn knowledge_markdown(world: &super::world::World, draws: &[DrawModels]) -> Stri
         }
         let _ = writeln!(s, "{header}\n{rule}");
         for (model, probe) in draw.models.iter().zip(&draw.probes) {
+            let (read, known) = reading(model, probe);
             let _ = write!(
                 s,
-                "| {} | {:?} | {} | {:.3} | {:.3} |",
+                "| {} | {:?} | {} | {read} of {mentioned} | {known:.2} | {:.3} | {:.3} |",
                 model.name, model.family, model.parameters, model.final_loss, probe.accuracy
             );
             s.push_str(&bucket_cells(&probe.by_bucket));

@@ -53,16 +53,31 @@ pub struct SizeSpec {
     pub width: usize,
     pub layers: usize,
     pub heads: usize,
+    /// Share of the mentioned entities, most frequent first, whose facts this size's
+    /// pretraining corpus states (the rest of each document is kept; the cut corpus is
+    /// repeated to the full one's length, so every size takes the same steps).
+    #[serde(default = "read_everything")]
+    pub reads: f64,
+}
+
+fn read_everything() -> f64 {
+    1.0
 }
 
 impl SizeSpec {
-    fn new(name: &str, width: usize, layers: usize, heads: usize) -> Self {
+    fn new(name: &str, width: usize, layers: usize, heads: usize, reads: f64) -> Self {
         Self {
             name: name.into(),
             width,
             layers,
             heads,
+            reads,
         }
+    }
+
+    /// How many entities (most frequent first) this size reads about, of `mentioned`.
+    pub fn entities_read(&self, mentioned: usize) -> usize {
+        ((self.reads * mentioned as f64).ceil() as usize).clamp(1, mentioned.max(1))
     }
 }
 
@@ -84,7 +99,10 @@ impl Default for PretrainConfig {
         Self {
             epochs: 1,
             lr: 3e-3,
-            batch_size: 16,
+            // 16 left the lookup unlearned in some draws at every width; 4 (four times the
+            // steps, 1.4x the time on 2 cores) is the largest with which every size learned
+            // every fact it read in eight draws of eight.
+            batch_size: 4,
             max_ctx: 96,
             seed: 0,
             shards: 2,
@@ -146,16 +164,22 @@ impl Default for ExperimentConfig {
             // The OPT sizes are not in the default grid; pretraining them for every draw cost a
             // third of the pretraining time (`--family opt` runs them).
             pretrain_both_families: false,
+            // Each size reads the facts of a larger share of the entities, most frequent first,
+            // and learns what it reads: what a size knows is what it read. With widths alone,
+            // whether a tiny model learns the name → property lookup at all was a lottery of
+            // the draw (a 1-layer model never did; 32-48 wide ones in some draws only), so no
+            // draw had a ladder; 32- and 40-wide models reading 40 % of the entities still
+            // learned only 0.6-0.9 of them in one draw of eight. docs/sandbox.md has the scans.
             gpt2: vec![
-                SizeSpec::new("gpt2-xs", 16, 1, 2),
-                SizeSpec::new("gpt2-s", 32, 2, 4),
-                SizeSpec::new("gpt2-m", 48, 2, 4),
-                SizeSpec::new("gpt2-l", 64, 2, 4),
+                SizeSpec::new("gpt2-xs", 24, 2, 2, 0.1),
+                SizeSpec::new("gpt2-s", 48, 2, 4, 0.4),
+                SizeSpec::new("gpt2-m", 56, 2, 4, 0.7),
+                SizeSpec::new("gpt2-l", 64, 2, 4, 1.0),
             ],
             opt: vec![
-                SizeSpec::new("opt-xs", 16, 1, 2),
-                SizeSpec::new("opt-s", 32, 2, 4),
-                SizeSpec::new("opt-m", 48, 2, 4),
+                SizeSpec::new("opt-xs", 24, 2, 2, 0.1),
+                SizeSpec::new("opt-s", 48, 2, 4, 0.4),
+                SizeSpec::new("opt-m", 56, 2, 4, 0.7),
             ],
             opt_activation: "gelu_new".into(),
             pretrain: PretrainConfig::default(),
@@ -198,15 +222,15 @@ impl Default for ExperimentConfig {
                 eval_batch: 64,
                 ..StageHyper::preference_default()
             },
-            // Doses of each conflict (α = 0.5 is the paper's), chosen by collapse counts: with the
-            // log-prob reward read-out the reward students' tax grows over α 0.05 / 0.1 / 0.25
-            // (+0.045 / +0.080 / +0.097 over eight draws) and saturates above (Adam's steps do
-            // not grow with a term's weight), but at 0.25 14 of 48 reward students comply
-            // always. The implicit doses are subsets of the world's helpful split
-            // (`world.helpful_pairs`).
+            // Doses of each conflict (α = 0.5 is the paper's). Students that know what they
+            // read do not move at the doses that bit students whose teachers knew nothing
+            // (α 0.025-0.1: tax 0.000 ± 0.004, compliant share unchanged); α 0.25 / 1 / 4 move
+            // their compliance (0.43 → 0.48 / 0.55 / 0.56 for reward) without collapsing any
+            // (three draws; chosen on compliance and collapse counts, docs/sandbox.md). The
+            // implicit doses are subsets of the world's helpful split (`world.helpful_pairs`).
             conflict: ConflictSpec {
                 explicit_target: ConflictTarget::Compliant,
-                explicit_alphas: vec![0.025, 0.05, 0.1],
+                explicit_alphas: vec![0.25, 1.0, 4.0],
                 implicit_helpful_pairs: vec![40, 80, 120],
             },
         }
@@ -287,6 +311,12 @@ impl ExperimentConfig {
                 return Err(format!(
                     "size {}: width, layers, heads must be positive",
                     size.name
+                ));
+            }
+            if !(size.reads > 0.0 && size.reads <= 1.0) {
+                return Err(format!(
+                    "size {}: reads must lie in (0, 1], not {}",
+                    size.name, size.reads
                 ));
             }
             if !size.width.is_multiple_of(size.heads) {
@@ -498,6 +528,9 @@ pub async fn pretrain_models(
                     files.hash.as_bytes(),
                     serde_json::to_string(&model_config.to_hf_json())?.as_bytes(),
                     serde_json::to_string(&config.pretrain)?.as_bytes(),
+                    size.entities_read(world.mentioned_entities())
+                        .to_string()
+                        .as_bytes(),
                 ]);
                 let dir = cache.join(format!("{}-{}", size.name, &key[..12]));
                 let marker = dir.join(PRETRAINED_MARKER);
@@ -531,16 +564,13 @@ pub async fn pretrain_models(
     }
     let several = servers.len() > 1;
     let shared: RefCell<&mut dyn Progress> = RefCell::new(progress);
-    let corpus: Vec<Item> = world
-        .corpus
-        .iter()
-        .map(|text| Item::Text(pb::TextRow { text: text.clone() }))
-        .collect();
-    /// One server's share: its client, its progress lines, the corpus once uploaded there.
+    let mentioned = world.mentioned_entities();
+    /// One server's share: its client, its progress lines, each corpus cut (by the number of
+    /// entities read) once uploaded there.
     struct Pretrainer<'p, 'q> {
         client: W2sClient,
         progress: ServerProgress<'p, 'q>,
-        corpus_dataset: Option<String>,
+        corpus_datasets: BTreeMap<usize, String>,
     }
     let mut workers: Vec<Pretrainer> = servers
         .iter()
@@ -555,7 +585,7 @@ pub async fn pretrain_models(
                     String::new()
                 },
             },
-            corpus_dataset: None,
+            corpus_datasets: BTreeMap::new(),
         })
         .collect();
     let alive: Vec<std::cell::Cell<bool>> =
@@ -573,15 +603,23 @@ pub async fn pretrain_models(
             ModelConfig,
             PathBuf,
         )| {
-            let dataset = match &worker.corpus_dataset {
+            let read = size.entities_read(mentioned);
+            let dataset = match worker.corpus_datasets.get(&read) {
                 Some(id) => id.clone(),
                 None => {
+                    let corpus: Vec<Item> = world
+                        .corpus_reading(read)
+                        .into_iter()
+                        .map(|text| Item::Text(pb::TextRow { text }))
+                        .collect();
                     let info = worker
                         .client
-                        .upload_dataset("sandbox-corpus", corpus.clone())
+                        .upload_dataset(&format!("sandbox-corpus-reads-{read}"), corpus)
                         .await
-                        .context("uploading the pretraining corpus")?;
-                    worker.corpus_dataset = Some(info.id.clone());
+                        .with_context(|| {
+                            format!("uploading the pretraining corpus of the {read} most frequent entities")
+                        })?;
+                    worker.corpus_datasets.insert(read, info.id.clone());
                     info.id
                 }
             };
@@ -849,7 +887,7 @@ pub async fn probe(
         .entities
         .iter()
         .map(|entity| {
-            let (prompt, chosen, rejected) = world::fact_probe(entity);
+            let (prompt, chosen, rejected) = world::fact_probe(entity, world.fact_order);
             pb::PreferencePair {
                 prompt,
                 chosen,
