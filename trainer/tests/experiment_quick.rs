@@ -1,12 +1,11 @@
 //! `trainer experiment` as a user runs it. `--quick` (what CI runs; the fixed small
 //! configuration): the command finishes, leaves the world, the models, the summary and the
 //! report, and its reward ceilings show the sandbox's preconditions — the larger model beats the
-//! smaller by at least 10 points, and knowledge nests (at least 80% of the pairs the weak ceiling
-//! gets right, the strong one gets right too). The default configuration (about 8 minutes on 2 cores, so
-//! `--ignored`): the SimPO ceilings grow with each size step, the largest beats the smallest by
-//! 10 points, and knowledge nests between the smallest and the largest. (Its reward ceilings
-//! separate only the two sizes that know the facts from the two that do not; see
-//! docs/sandbox.md.)
+//! smaller by at least 10 points, and knowledge nests (of the test pairs whose fact the weak
+//! model read and that its ceiling gets right, the strong ceiling gets at least 80 % right; on
+//! facts neither read, both guess, independently). The default configuration (about 15 minutes on
+//! 2 cores, so `--ignored`): the SimPO ceilings grow with each size step, the largest beats the
+//! smallest by 10 points, and knowledge nests between the smallest and the largest.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +38,38 @@ fn ceilings(out: &Path, seed: u64) -> BTreeMap<String, BTreeMap<String, Vec<bool
             .insert(config["model"].as_str().unwrap().to_string(), correct);
     }
     found
+}
+
+/// Per test pair: whether `model` read the pair's fact (its entity is among the entities that
+/// size reads, `SizeSpec::reads`).
+fn read_by(out: &Path, model: &str) -> Vec<bool> {
+    let config: trainer::sandbox::ExperimentConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("experiment.json")).unwrap())
+            .unwrap();
+    let lines = |file: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("world").join(file))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let entities = lines("entities.jsonl");
+    let mentioned = entities
+        .iter()
+        .filter(|e| e["mentions"].as_u64() > Some(0))
+        .count();
+    let size = config.gpt2.iter().find(|s| s.name == model).unwrap();
+    let read = size.entities_read(mentioned) as u64;
+    lines("harmless_test.jsonl")
+        .iter()
+        .map(|row| {
+            let entity = entities
+                .iter()
+                .find(|e| e["name"] == row["entity"])
+                .unwrap();
+            entity["mentions"].as_u64() > Some(0) && entity["rank"].as_u64().unwrap() <= read
+        })
+        .collect()
 }
 
 fn accuracy(correct: &[bool]) -> f64 {
@@ -154,14 +185,18 @@ fn quick_experiment_leaves_everything_and_knowledge_grows_with_size_and_nests() 
         summary.contains("gpt2-xs") && summary.contains("gpt2-s"),
         "{summary}"
     );
-    assert_knowledge(&ceilings["reward"], "gpt2-xs", "gpt2-s", &summary);
+    let read = read_by(out.path(), "gpt2-xs");
+    assert_knowledge(&ceilings["reward"], "gpt2-xs", "gpt2-s", &read, &summary);
 }
 
-/// The larger model's ceiling beats the smaller's by 10 points and knowledge nests.
+/// The larger model's ceiling beats the smaller's by 10 points and knowledge nests: of the
+/// pairs whose fact the weak model read (`read`) and that its ceiling gets right, the strong
+/// ceiling gets at least 80 % right.
 fn assert_knowledge(
     ceilings: &BTreeMap<String, Vec<bool>>,
     weak: &str,
     strong: &str,
+    read: &[bool],
     summary: &str,
 ) {
     let (weak_correct, strong_correct) = (&ceilings[weak], &ceilings[strong]);
@@ -170,11 +205,20 @@ fn assert_knowledge(
         acc_strong >= acc_weak + 0.10,
         "{strong} {acc_strong:.3} should beat {weak} {acc_weak:.3} by 10 points\n{summary}"
     );
-    let weak_right = weak_correct.iter().filter(|c| **c).count();
+    let weak_right = weak_correct
+        .iter()
+        .zip(read)
+        .filter(|(w, r)| **w && **r)
+        .count();
+    assert!(
+        weak_right > 0,
+        "{weak} gets no pair it read right\n{summary}"
+    );
     let both_right = weak_correct
         .iter()
         .zip(strong_correct)
-        .filter(|(w, s)| **w && **s)
+        .zip(read)
+        .filter(|((w, s), r)| **w && **s && **r)
         .count();
     let nested = both_right as f64 / weak_right.max(1) as f64;
     assert!(
@@ -197,7 +241,13 @@ fn default_experiment_knowledge_grows_with_size_and_nests() {
             accuracies.windows(2).all(|w| w[1] >= w[0]),
             "seed {seed}: SimPO ceilings by size {accuracies:?}\n{summary}"
         );
-        assert_knowledge(simpo, "gpt2-xs", "gpt2-l", &summary);
+        assert_knowledge(
+            simpo,
+            "gpt2-xs",
+            "gpt2-l",
+            &read_by(out.path(), "gpt2-xs"),
+            &summary,
+        );
     }
 }
 
