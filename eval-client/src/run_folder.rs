@@ -179,6 +179,10 @@ pub struct ResultsSummary {
     pub accuracy: f64,
     pub accuracy_stderr: f64,
     pub n: usize,
+    /// Wall-clock seconds the run took (from its start, or its resumption, to this file);
+    /// absent in run folders written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
 }
 
 /// σ(x), stable for large |x|.
@@ -276,13 +280,21 @@ pub fn write_weak_labels(dir: &Path, labels: &[WeakLabel]) -> Result<()> {
     write_jsonl(&dir.join(WEAK_LABELS), labels)
 }
 
+/// Reads a finished run's `results_summary.json`.
+pub fn read_summary(dir: &Path) -> Result<ResultsSummary> {
+    let path = dir.join(RESULTS_SUMMARY);
+    let text = std::fs::read_to_string(&path).map_err(|e| RunFolderError::new(&path, None, e))?;
+    serde_json::from_str(&text).map_err(|e| RunFolderError::new(&path, None, e))
+}
+
 /// Writes the test predictions from margins (with each pair's `chosen_compliant`, in the same
 /// order; an empty slice when the data does not say), then `results_summary.json` (which marks
-/// the run finished); returns the summary.
+/// the run finished, with the run's wall-clock `seconds` when known); returns the summary.
 pub fn finish(
     dir: &Path,
     test_margins: &[f64],
     chosen_compliant: &[Option<bool>],
+    seconds: Option<f64>,
 ) -> Result<ResultsSummary> {
     if !chosen_compliant.is_empty() && chosen_compliant.len() != test_margins.len() {
         return Err(RunFolderError::new(
@@ -311,6 +323,7 @@ pub fn finish(
         accuracy,
         accuracy_stderr: (accuracy * (1.0 - accuracy) / n.max(1) as f64).sqrt(),
         n,
+        seconds,
     };
     write_json(&dir.join(RESULTS_SUMMARY), &summary)?;
     Ok(summary)
@@ -328,11 +341,20 @@ mod tests {
             dir.path(),
             &[0.5, -1.0, 0.0, 2.0],
             &[Some(true), Some(false), None, Some(true)],
+            Some(1.5),
         )
         .unwrap();
         assert!(is_finished(dir.path()));
         assert_eq!(summary.n, 4);
         assert_eq!(summary.accuracy, 0.75);
+        assert_eq!(read_summary(dir.path()).unwrap(), summary);
+        // A summary written before run times were recorded reads without one.
+        std::fs::write(
+            dir.path().join(RESULTS_SUMMARY),
+            r#"{"accuracy": 0.75, "accuracy_stderr": 0.2, "n": 4}"#,
+        )
+        .unwrap();
+        assert_eq!(read_summary(dir.path()).unwrap().seconds, None);
         let predictions = read_predictions(dir.path()).unwrap();
         assert_eq!(
             predictions.iter().map(|p| p.correct).collect::<Vec<_>>(),
@@ -341,7 +363,7 @@ mod tests {
         assert!((predictions[0].p_chosen - sigmoid(0.5)).abs() < 1e-12);
         assert_eq!(predictions[1].chosen_compliant, Some(false));
         assert_eq!(predictions[2].chosen_compliant, None);
-        assert!(finish(dir.path(), &[0.5], &[None, None]).is_err());
+        assert!(finish(dir.path(), &[0.5], &[None, None], None).is_err());
         // No temporary files are left behind.
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -187,6 +187,22 @@ fn quick_experiment_leaves_everything_and_knowledge_grows_with_size_and_nests() 
     );
     let read = read_by(out.path(), "gpt2-xs");
     assert_knowledge(&ceilings["reward"], "gpt2-xs", "gpt2-s", &read, &summary);
+    // Run again: everything comes from the cache and the finished runs, and the summary still
+    // reports the time the work took, as recorded when it was done.
+    let recorded = |summary: &str| -> String {
+        let line = summary
+            .lines()
+            .find(|l| l.starts_with("Time: the work behind these results took"))
+            .unwrap_or_else(|| panic!("no time line\n{summary}"))
+            .to_string();
+        line.split("; this invocation").next().unwrap().to_string()
+    };
+    let again = experiment(&["--quick"], out.path());
+    assert_eq!(recorded(&again), recorded(&summary));
+    assert!(
+        !recorded(&summary).contains("took 0 s of pretraining"),
+        "{summary}"
+    );
 }
 
 /// The larger model's ceiling beats the smaller's by 10 points and knowledge nests: of the

@@ -196,7 +196,8 @@ pub async fn run(
     text.push_str(&collapse_markdown(&report));
     text.push_str(&ladder_markdown(config, &world, &pretrained, &report));
     text.push_str(&summary_markdown(config, &world, &pretrained));
-    text.push_str(&study_markdown(&report, pretrain_seconds, study_seconds));
+    let times = Times::recorded(&pretrained, &finished, pretrain_seconds, study_seconds);
+    text.push_str(&study_markdown(&report, &times));
     super::write_file(&summary, text.as_bytes())?;
     Ok(ExperimentOutcome {
         report_dir,
@@ -357,11 +358,64 @@ fn knowledge_markdown(
     s
 }
 
-fn study_markdown(
-    report: &eval_client::report::Report,
-    pretrain_seconds: f64,
-    study_seconds: f64,
-) -> String {
+/// Where the experiment's time went: this invocation's, and the work it rests on as recorded
+/// when it was done (so a resumed or cached experiment still reports its whole cost).
+struct Times {
+    invocation_pretrain: f64,
+    invocation_study: f64,
+    /// The models' own pretraining times, cached or not.
+    models: f64,
+    /// The runs' own times, summed.
+    runs: f64,
+    /// Runs whose folder records no time (written before times were recorded).
+    runs_untimed: usize,
+}
+
+impl Times {
+    fn recorded(
+        draws: &[DrawModels],
+        run_dirs: &[std::path::PathBuf],
+        invocation_pretrain: f64,
+        invocation_study: f64,
+    ) -> Self {
+        let models = draws
+            .iter()
+            .flat_map(|d| &d.models)
+            .map(|m| m.seconds)
+            .sum();
+        let (mut runs, mut runs_untimed) = (0.0, 0);
+        for dir in run_dirs {
+            match eval_client::run_folder::read_summary(dir).map(|s| s.seconds) {
+                Ok(Some(seconds)) => runs += seconds,
+                _ => runs_untimed += 1,
+            }
+        }
+        Self {
+            invocation_pretrain,
+            invocation_study,
+            models,
+            runs,
+            runs_untimed,
+        }
+    }
+
+    fn sentence(&self) -> String {
+        let untimed = if self.runs_untimed > 0 {
+            format!(" ({} runs record no time)", self.runs_untimed)
+        } else {
+            String::new()
+        };
+        format!(
+            "Time: the work behind these results took {:.0} s of pretraining (the models' own \
+             times, cached or not) and {:.0} s of runs (summed; runs on several servers \
+             overlap){untimed}; this invocation spent {:.0} s pretraining and {:.0} s on the \
+             study (runs found finished are skipped).",
+            self.models, self.runs, self.invocation_pretrain, self.invocation_study
+        )
+    }
+}
+
+fn study_markdown(report: &eval_client::report::Report, times: &Times) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -385,9 +439,8 @@ fn study_markdown(
         "Per comparison and seed: `report/report.md` (the conflict table with paired CIs and one \
          verdict per comparison, the no-conflict students' PGR and imitation DS, the 2×2 \
          knowledge-area tables); plots `report/deception_vs_size.svg`, \
-         `report/dose_response.svg`.\n\n\
-         Time: pretraining {pretrain_seconds:.0} s (0 when every model came from the cache), \
-         study {study_seconds:.0} s."
+         `report/dose_response.svg`.\n\n{}",
+        times.sentence()
     );
     s
 }

@@ -147,6 +147,8 @@ pub struct Study<'a> {
     pub out: PathBuf,
     pub force: bool,
     pub progress: &'a mut dyn Progress,
+    /// When the run in progress started (or resumed), for its `results_summary.json`.
+    run_started: Option<std::time::Instant>,
     /// Datasets uploaded to `client`, by content.
     datasets: BTreeMap<String, String>,
 }
@@ -238,6 +240,7 @@ impl<'a> Study<'a> {
             out,
             force,
             progress,
+            run_started: None,
             datasets: BTreeMap::new(),
         }
     }
@@ -441,6 +444,7 @@ impl<'a> Study<'a> {
                 out: out.clone(),
                 force,
                 progress,
+                run_started: None,
                 datasets: BTreeMap::new(),
             })
             .collect();
@@ -529,6 +533,7 @@ impl<'a> Study<'a> {
             .append(true)
             .open(dir.join(contract::LOG))?;
         self.progress.line(&format!("run {id}"));
+        self.run_started = Some(std::time::Instant::now());
         Ok(Some((dir, log)))
     }
 
@@ -544,7 +549,11 @@ impl<'a> Study<'a> {
         } else {
             Vec::new()
         };
-        let summary = contract::finish(dir, test_margins, &chosen_compliant)?;
+        let seconds = self
+            .run_started
+            .take()
+            .map(|started| started.elapsed().as_secs_f64());
+        let summary = contract::finish(dir, test_margins, &chosen_compliant, seconds)?;
         self.progress.run_done();
         self.progress.line(&format!(
             "  accuracy {:.4} on {} test pairs",
