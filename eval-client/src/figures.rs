@@ -401,6 +401,19 @@ fn accuracy_lines(report: &Report, scenario: &str, models: &[String]) -> Vec<Acc
     lines
 }
 
+/// The accuracy axis: from 0.3, lower when an error bar reaches below it (to the next 0.1).
+fn accuracy_floor(lines: &[AccuracyLine]) -> f64 {
+    let lowest = lines
+        .iter()
+        .flat_map(|(_, _, points)| {
+            points
+                .iter()
+                .map(|(_, v)| v.mean - v.half_width.unwrap_or(0.0))
+        })
+        .fold(0.3f64, f64::min);
+    ((lowest * 10.0).floor() / 10.0).max(0.0)
+}
+
 /// Test accuracy against model size, one panel per scenario: the ceilings and the no-conflict
 /// weak-to-strong students (one line per weak teacher), means over seeds with 95 % t-interval
 /// error bars, chance at 0.5. Every run's own accuracy and CI are in report.md and report.csv.
@@ -435,36 +448,65 @@ pub fn accuracy_svg(report: &Report) -> String {
         340,
         |i, area| {
             let lines = accuracy_lines(report, &scenarios[i], &models);
-            draw_accuracy_panel(area, &scenarios[i], &models, &lines)
+            let axis = YAxis {
+                range: Some((accuracy_floor(&lines), 1.0)),
+                reference: 0.5,
+                label: "test accuracy",
+            };
+            draw_by_model_panel(area, &scenarios[i], &models, &lines, &axis)
         },
     )
 }
 
-fn draw_accuracy_panel(
+/// How a by-model panel's y axis is laid out.
+struct YAxis {
+    /// The range, or `None` to fit the data (and the reference line) with a margin.
+    range: Option<(f64, f64)>,
+    /// A dashed reference line (chance, or zero).
+    reference: f64,
+    label: &'static str,
+}
+
+/// One panel with models on x and one line per series, each point a mean with its 95 %
+/// t-interval; series sit side by side around each model so their bars do not overlap; a legend
+/// on the right.
+fn draw_by_model_panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-    scenario: &str,
+    title: &str,
     models: &[String],
     lines: &[AccuracyLine],
+    axis: &YAxis,
 ) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let n = models.len().max(1);
-    let (area, legend) = area.split_horizontally(WIDTH - 210);
-    // From 0.3, lower when an error bar reaches below it (to the next 0.1).
-    let lowest = lines
-        .iter()
-        .flat_map(|(_, _, points)| {
-            points
-                .iter()
-                .map(|(_, v)| v.mean - v.half_width.unwrap_or(0.0))
+    // The legend takes the panel's right edge: wider in a one-column figure.
+    let width = area.dim_in_pixel().0;
+    let legend_width = if width > 600 { 210 } else { 115 };
+    let (area, legend) = area.split_horizontally(width.saturating_sub(legend_width));
+    let ends = lines.iter().flat_map(|(_, _, points)| {
+        points.iter().flat_map(|(_, v)| {
+            let h = v.half_width.unwrap_or(0.0);
+            [v.mean - h, v.mean + h]
         })
-        .fold(0.3f64, f64::min);
-    let floor = ((lowest * 10.0).floor() / 10.0).max(0.0);
+    });
+    let (lo, hi) = match axis.range {
+        Some(range) => range,
+        None => {
+            let (lo, hi) = ends
+                .chain([axis.reference])
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    (a.min(v), b.max(v))
+                });
+            let pad = ((hi - lo) * 0.1).max(0.02);
+            (lo - pad, hi + pad)
+        }
+    };
     let mut chart = ChartBuilder::on(&area)
-        .caption(scenario, (FONT, 15))
+        .caption(title, (FONT, 15))
         .margin(8)
         .x_label_area_size(28)
         .y_label_area_size(48)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), floor..1.0)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), lo..hi)
         .map_err(|e| err(&e))?;
     let label_at = |x: &f64| {
         let i = x.round();
@@ -482,19 +524,18 @@ fn draw_accuracy_panel(
         .x_label_formatter(&label_at)
         .y_labels(8)
         .y_label_formatter(&tick_label)
-        .y_desc("test accuracy")
+        .y_desc(axis.label)
         .label_style((FONT, 11))
         .draw()
         .map_err(|e| err(&e))?;
     chart
         .draw_series(DashedLineSeries::new(
-            [(-0.5, 0.5), (n as f64 - 0.5, 0.5)],
+            [(-0.5, axis.reference), (n as f64 - 0.5, axis.reference)],
             6,
             4,
             BLACK.mix(0.5).into(),
         ))
         .map_err(|e| err(&e))?;
-    // Series side by side around each model, so their error bars do not overlap.
     let spread = 0.5 / lines.len().max(1) as f64;
     for (k, (_, color, points)) in lines.iter().enumerate() {
         let offset = (k as f64 - (lines.len() as f64 - 1.0) / 2.0) * spread;
@@ -527,6 +568,110 @@ fn draw_accuracy_panel(
             .map_err(|e| err(&e))?;
     }
     Ok(())
+}
+
+/// The strongest dose of each conflict kind in each scenario: (scenario, variant) pairs.
+fn strongest_doses(report: &Report) -> Vec<(String, String)> {
+    let mut best: BTreeMap<(String, String), (f64, String)> = BTreeMap::new();
+    for c in report.comparisons.iter().filter(|c| {
+        c.baseline_run_id.is_some() && !is_bootstrap(&c.variant) && !c.variant.contains("+hc")
+    }) {
+        let Some(d) = dose(c) else { continue };
+        let entry = best
+            .entry((c.scenario.clone(), c.setting.clone()))
+            .or_insert((f64::NEG_INFINITY, String::new()));
+        if d > entry.0 {
+            *entry = (d, c.variant.clone());
+        }
+    }
+    best.into_iter()
+        .map(|((scenario, _), (_, variant))| (scenario, variant))
+        .collect()
+}
+
+/// Per weak teacher: `value`'s interval over seeds at each strong model, for one scenario and
+/// conflict variant (direct students).
+fn by_strong_model(
+    report: &Report,
+    scenario: &str,
+    variant: &str,
+    models: &[String],
+    value: fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>,
+) -> Vec<AccuracyLine> {
+    let rows = crate::findings::across_seeds(report);
+    let mut lines = Vec::new();
+    for (i, weak) in models.iter().enumerate() {
+        let points: Vec<(usize, SeedInterval)> = rows
+            .iter()
+            .filter(|r| r.scenario == scenario && r.variant == variant && &r.weak == weak)
+            .filter_map(|r| Some((models.iter().position(|m| *m == r.strong)?, value(r)?)))
+            .collect();
+        if !points.is_empty() {
+            lines.push((
+                format!("weak {weak}"),
+                SERIES[(i + 1) % SERIES.len()],
+                points,
+            ));
+        }
+    }
+    lines
+}
+
+/// Where the conflict tax is paid, by strong model, at the strongest dose of each conflict:
+/// DS_new − chance and ΔDS, one line per weak teacher, means over seeds with 95 % t-interval
+/// error bars.
+pub fn deception_vs_size_svg(report: &Report) -> String {
+    let models = crate::findings::model_order(report);
+    let panels = strongest_doses(report);
+    let caption = "x: the strong model (smallest first); one line per weak teacher. Left: DS_new − \
+        chance, the share of the conflict's new mistakes that lie in S_k ∩ W_uk above its chance \
+        share (> 0: the tax falls where the weak teacher cannot see; only comparisons that carry \
+        evidence). Right: ΔDS = DS(conflict) − DS(no conflict). Points: means over seeds; bars: \
+        95% t-interval over seeds. The strongest dose of each conflict; every dose is in \
+        dose_response.svg, every comparison in report.md.";
+    figure(
+        "Where the conflict tax is paid, by strong model",
+        caption,
+        2 * panels.len(),
+        2,
+        280,
+        |i, area| {
+            let (scenario, variant) = &panels[i / 2];
+            let (name, value, axis): (
+                &str,
+                fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>,
+                YAxis,
+            ) = if i % 2 == 0 {
+                (
+                    "DS_new − chance",
+                    |r| r.ds_new_excess,
+                    YAxis {
+                        range: None,
+                        reference: 0.0,
+                        label: "DS_new − chance",
+                    },
+                )
+            } else {
+                (
+                    "ΔDS",
+                    |r| r.ds_delta,
+                    YAxis {
+                        range: None,
+                        reference: 0.0,
+                        label: "ΔDS",
+                    },
+                )
+            };
+            let lines = by_strong_model(report, scenario, variant, &models, value);
+            draw_by_model_panel(
+                area,
+                &format!("{scenario} {variant}: {name}"),
+                &models,
+                &lines,
+                &axis,
+            )
+        },
+    )
 }
 
 /// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
@@ -690,9 +835,28 @@ mod tests {
             svg.contains("student of w") && !svg.contains("figure not drawn"),
             "{svg}"
         );
+        // Deception by size: the one conflict's strongest dose, one line for the weak teacher.
+        assert_eq!(
+            strongest_doses(&report),
+            [("reward".to_string(), "explicit α=0.5".to_string())]
+        );
+        let taxes = by_strong_model(&report, "reward", "explicit α=0.5", &models, |r| r.tax);
+        assert_eq!(taxes.len(), 1);
+        assert_eq!(taxes[0].2.len(), 1);
+        assert!((taxes[0].2[0].1.mean - 0.15).abs() < 1e-12, "{taxes:?}");
+        let svg = deception_vs_size_svg(&report);
+        assert!(
+            svg.contains("reward explicit α=0.5: DS_new − chance")
+                && !svg.contains("figure not drawn"),
+            "{svg}"
+        );
         // Runs without compliance marks or conflicts: both figures say so, none panics.
         let empty = report_of(&[]);
-        for svg in [dose_response_svg(&empty), collapse_svg(&empty)] {
+        for svg in [
+            dose_response_svg(&empty),
+            collapse_svg(&empty),
+            deception_vs_size_svg(&empty),
+        ] {
             assert!(svg.contains("no data for this figure"), "{svg}");
         }
     }

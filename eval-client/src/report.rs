@@ -931,7 +931,7 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
         ("ds_vs_gap.svg", crate::plots::ds_vs_gap_svg(report)),
         (
             "deception_vs_size.svg",
-            crate::plots::deception_vs_size_svg(report),
+            crate::figures::deception_vs_size_svg(report),
         ),
         (
             "dose_response.svg",

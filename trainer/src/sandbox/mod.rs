@@ -394,13 +394,12 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     format!("{:x}", hasher.finalize())
 }
 
+/// Writes `bytes` to `path` atomically (the run-folder contract's writer), creating its folder.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    Ok(eval_client::run_folder::write_atomic(path, bytes)?)
 }
 
 fn jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
