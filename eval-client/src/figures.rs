@@ -162,32 +162,7 @@ fn draw_dose_panel(
         (Some(a), Some(b)) => format!("{title} ({a}–{b} draws)"),
         _ => format!("{title} (no data)"),
     };
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FONT, 15))
-        .margin(8)
-        .x_label_area_size(28)
-        .y_label_area_size(48)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo - pad)..(hi + pad))
-        .map_err(|e| err(&e))?;
-    let label_at = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() < 1e-6 && i >= 0.0 {
-            labels.get(i as usize).cloned().unwrap_or_default()
-        } else {
-            String::new()
-        }
-    };
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(TRANSPARENT)
-        .x_labels(n)
-        .x_label_formatter(&label_at)
-        .y_labels(6)
-        .y_label_formatter(&tick_label)
-        .label_style((FONT, 11))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = categorical_chart(area, &title, &labels, (lo - pad)..(hi + pad), 6, None)?;
     chart
         .draw_series(LineSeries::new(
             [(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
@@ -217,6 +192,55 @@ fn draw_dose_panel(
             .map_err(|e| err(&e))?;
     }
     Ok(())
+}
+
+/// A chart on `area` with the categories `labels` at x = 0, 1, …, y over `y_range`, round y
+/// ticks (`y_ticks` of them), an optional y description, and `title` above.
+fn categorical_chart<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    labels: &[String],
+    y_range: std::ops::Range<f64>,
+    y_ticks: usize,
+    y_desc: Option<&str>,
+) -> Result<
+    ChartContext<
+        'a,
+        SVGBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    String,
+> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let n = labels.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 15))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(48)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), y_range)
+        .map_err(|e| err(&e))?;
+    let label_at = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            labels.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_labels(n)
+        .x_label_formatter(&label_at)
+        .y_labels(y_ticks)
+        .y_label_formatter(&tick_label)
+        .label_style((FONT, 11));
+    if let Some(desc) = y_desc {
+        mesh.y_desc(desc);
+    }
+    mesh.draw().map_err(|e| err(&e))?;
+    Ok(chart)
 }
 
 /// Draws `caption` wrapped into `area`, one line per 16 px.
@@ -501,33 +525,7 @@ fn draw_by_model_panel(
             (lo - pad, hi + pad)
         }
     };
-    let mut chart = ChartBuilder::on(&area)
-        .caption(title, (FONT, 15))
-        .margin(8)
-        .x_label_area_size(28)
-        .y_label_area_size(48)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), lo..hi)
-        .map_err(|e| err(&e))?;
-    let label_at = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() < 1e-6 && i >= 0.0 {
-            models.get(i as usize).cloned().unwrap_or_default()
-        } else {
-            String::new()
-        }
-    };
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(TRANSPARENT)
-        .x_labels(n)
-        .x_label_formatter(&label_at)
-        .y_labels(8)
-        .y_label_formatter(&tick_label)
-        .y_desc(axis.label)
-        .label_style((FONT, 11))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = categorical_chart(&area, title, models, lo..hi, 8, Some(axis.label))?;
     chart
         .draw_series(DashedLineSeries::new(
             [(-0.5, axis.reference), (n as f64 - 0.5, axis.reference)],
