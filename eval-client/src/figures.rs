@@ -587,6 +587,9 @@ fn strongest_doses(report: &Report) -> Vec<(String, String)> {
         .collect()
 }
 
+/// One across-seeds interval of a comparison row (its tax, DS_new − chance, ΔDS, …).
+type Interval = fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>;
+
 /// Per weak teacher: `value`'s interval over seeds at each strong model, for one scenario and
 /// conflict variant (direct students).
 fn by_strong_model(
@@ -594,7 +597,7 @@ fn by_strong_model(
     scenario: &str,
     variant: &str,
     models: &[String],
-    value: fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>,
+    value: Interval,
 ) -> Vec<AccuracyLine> {
     let rows = crate::findings::across_seeds(report);
     let mut lines = Vec::new();
@@ -635,30 +638,15 @@ pub fn deception_vs_size_svg(report: &Report) -> String {
         280,
         |i, area| {
             let (scenario, variant) = &panels[i / 2];
-            let (name, value, axis): (
-                &str,
-                fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>,
-                YAxis,
-            ) = if i % 2 == 0 {
-                (
-                    "DS_new − chance",
-                    |r| r.ds_new_excess,
-                    YAxis {
-                        range: None,
-                        reference: 0.0,
-                        label: "DS_new − chance",
-                    },
-                )
+            let (name, value): (&'static str, Interval) = if i % 2 == 0 {
+                ("DS_new − chance", |r| r.ds_new_excess)
             } else {
-                (
-                    "ΔDS",
-                    |r| r.ds_delta,
-                    YAxis {
-                        range: None,
-                        reference: 0.0,
-                        label: "ΔDS",
-                    },
-                )
+                ("ΔDS", |r| r.ds_delta)
+            };
+            let axis = YAxis {
+                range: None,
+                reference: 0.0,
+                label: name,
             };
             let lines = by_strong_model(report, scenario, variant, &models, value);
             draw_by_model_panel(

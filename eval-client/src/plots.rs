@@ -271,8 +271,6 @@ pub fn regions_svg(report: &Report) -> String {
     svg
 }
 
-/// DS_new − chance and ΔDS against the strong model, one line per weak model.
-
 /// Renders an SVG to PNG at 1:1 scale. Text uses the system fonts (sans-serif); on a machine
 /// without any font the PNG has the shapes but no text, which the returned flag reports.
 pub fn svg_to_png(svg: &str) -> Result<(Vec<u8>, bool), String> {
