@@ -660,6 +660,129 @@ pub fn deception_vs_size_svg(report: &Report) -> String {
     )
 }
 
+/// The four knowledge areas, in `region_table`'s cell order, with their colours.
+const AREAS: [(&str, RGBColor); 4] = [
+    ("W_k ∩ S_k", RGBColor(0x55, 0xA8, 0x68)),
+    ("W_k ∩ S_uk", RGBColor(0x93, 0x78, 0x60)),
+    ("W_uk ∩ S_k", RGBColor(0xC4, 0x4E, 0x52)),
+    ("W_uk ∩ S_uk", RGBColor(0xBB, 0xBB, 0xBB)),
+];
+
+/// Per scenario, per weak → strong pair: each knowledge area's share of the test pairs, as the
+/// across-seed interval of the per-seed shares. `(labels, per area: points (pair index, interval))`.
+fn region_shares(
+    report: &Report,
+    scenario: &str,
+) -> (Vec<String>, Vec<Vec<(usize, SeedInterval)>>) {
+    let order = crate::findings::model_order(report);
+    let rank = |m: &str| order.iter().position(|o| o == m).unwrap_or(usize::MAX);
+    let mut pairs: Vec<(String, String)> = report
+        .regions
+        .iter()
+        .filter(|r| r.scenario == scenario)
+        .map(|r| (r.weak.clone(), r.strong.clone()))
+        .collect();
+    pairs.sort_by_key(|(w, s)| (rank(w), rank(s)));
+    pairs.dedup();
+    let mut areas = vec![Vec::new(); AREAS.len()];
+    for (i, (weak, strong)) in pairs.iter().enumerate() {
+        let tables: Vec<_> = report
+            .regions
+            .iter()
+            .filter(|r| r.scenario == scenario && &r.weak == weak && &r.strong == strong)
+            .collect();
+        for (k, points) in areas.iter_mut().enumerate() {
+            let shares: Vec<f64> = tables
+                .iter()
+                .filter_map(|t| {
+                    let total: usize = t.cells.iter().map(|c| c.pairs).sum();
+                    let cell = t.cells.get(k)?;
+                    (total > 0).then(|| cell.pairs as f64 / total as f64)
+                })
+                .collect();
+            if let Some(v) = SeedInterval::of(&shares) {
+                points.push((i, v));
+            }
+        }
+    }
+    let labels = pairs.iter().map(|(w, s)| format!("{w} → {s}")).collect();
+    (labels, areas)
+}
+
+/// The knowledge areas of every weak → strong pair, one panel per scenario: the share of test
+/// pairs each area holds (the weak and strong ceilings' knowledge), means over seeds with 95 %
+/// t-interval error bars. Where the students' mistakes fall, per seed, is in report.md.
+pub fn regions_svg(report: &Report) -> String {
+    let mut scenarios: Vec<String> = report.regions.iter().map(|r| r.scenario.clone()).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let caption = "Share of the test pairs in each knowledge area of a weak → strong pair: known \
+        (k) or unknown (uk) to the weak (W) and the strong (S) ceiling. Red, W_uk ∩ S_k, is where \
+        only the strong model knows the answer: where deception would hide. Bars: means over \
+        seeds; error bars: 95% t-interval over seeds. The students' mistakes per area and seed \
+        are in report.md.";
+    figure(
+        "Knowledge areas of each weak → strong pair",
+        caption,
+        scenarios.len(),
+        1,
+        320,
+        |i, area| {
+            let err = |e: &dyn std::fmt::Display| e.to_string();
+            let (labels, areas) = region_shares(report, &scenarios[i]);
+            let (plot, legend) = area.split_horizontally(WIDTH - 150);
+            let mut chart = categorical_chart(
+                &plot,
+                &scenarios[i],
+                &labels,
+                0.0..1.0,
+                6,
+                Some("share of test pairs"),
+            )?;
+            let width = 0.8 / AREAS.len() as f64;
+            for (k, ((_, color), points)) in AREAS.iter().zip(&areas).enumerate() {
+                let left = |x: usize| x as f64 - 0.4 + k as f64 * width;
+                chart
+                    .draw_series(points.iter().map(|(x, v)| {
+                        Rectangle::new(
+                            [(left(*x), 0.0), (left(*x) + width * 0.9, v.mean)],
+                            color.filled(),
+                        )
+                    }))
+                    .map_err(|e| err(&e))?;
+                chart
+                    .draw_series(points.iter().map(|(x, v)| {
+                        let h = v.half_width.unwrap_or(0.0);
+                        let mid = left(*x) + width * 0.45;
+                        ErrorBar::new_vertical(
+                            mid,
+                            v.mean - h,
+                            v.mean,
+                            v.mean + h,
+                            BLACK.filled(),
+                            4,
+                        )
+                    }))
+                    .map_err(|e| err(&e))?;
+            }
+            for (k, (name, color)) in AREAS.iter().enumerate() {
+                let y = 40 + 18 * k as i32;
+                legend
+                    .draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
+                    .map_err(|e| err(&e))?;
+                legend
+                    .draw(&Text::new(
+                        name.to_string(),
+                        (24, y - 6),
+                        (FONT, 12).into_font(),
+                    ))
+                    .map_err(|e| err(&e))?;
+            }
+            Ok(())
+        },
+    )
+}
+
 /// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
 /// always, or neither.
 pub fn collapse_svg(report: &Report) -> String {
@@ -830,6 +953,12 @@ mod tests {
         assert_eq!(taxes.len(), 1);
         assert_eq!(taxes[0].2.len(), 1);
         assert!((taxes[0].2[0].1.mean - 0.15).abs() < 1e-12, "{taxes:?}");
+        // Knowledge areas: w knows the first 10 of 20 pairs, s all 20, in both seeds.
+        let (labels, areas) = region_shares(&report, "reward");
+        assert_eq!(labels, ["w → s"]);
+        let shares: Vec<f64> = areas.iter().map(|a| a[0].1.mean).collect();
+        assert_eq!(shares, [0.5, 0.0, 0.5, 0.0]);
+        assert!(!regions_svg(&report).contains("figure not drawn"));
         let svg = deception_vs_size_svg(&report);
         assert!(
             svg.contains("reward explicit α=0.5: DS_new − chance")
@@ -842,6 +971,7 @@ mod tests {
             dose_response_svg(&empty),
             collapse_svg(&empty),
             deception_vs_size_svg(&empty),
+            regions_svg(&empty),
         ] {
             assert!(svg.contains("no data for this figure"), "{svg}");
         }

@@ -1,7 +1,6 @@
-//! SVG plots of the report written directly (no plotting dependency): the no-conflict
-//! students' imitation DS against the capability gap, and the knowledge-area table as bars;
-//! PNG rendering of every figure. The accuracy, deception-by-size, dose-response and collapse
-//! figures are drawn with plotters (`figures.rs`).
+//! The no-conflict students' imitation DS against the capability gap, as SVG written directly,
+//! and PNG rendering of every figure. The other figures are drawn with plotters
+//! (`figures.rs`).
 
 use std::fmt::Write as _;
 
@@ -164,108 +163,6 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
             ly,
             escape(label)
         );
-    }
-    svg.push_str("</svg>\n");
-    svg
-}
-
-/// For each (scenario, weak, strong, seed): pairs per knowledge area and each student's
-/// mistakes in it, as grouped bars.
-pub fn regions_svg(report: &Report) -> String {
-    let panel_h = 220.0;
-    let height = 40.0 + panel_h * report.regions.len().max(1) as f64;
-    let mut svg = header(
-        height,
-        "Knowledge areas: pairs (grey) and student mistakes (colours)",
-    );
-    for (p, region) in report.regions.iter().enumerate() {
-        let top = 50.0 + p as f64 * panel_h;
-        let bottom = top + panel_h - 60.0;
-        let left = 70.0;
-        let max = region
-            .cells
-            .iter()
-            .map(|c| c.pairs)
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        let _ = writeln!(
-            svg,
-            "<text x=\"{left}\" y=\"{}\" font-weight=\"bold\">{} {} → {}, seed {}</text>",
-            top - 4.0,
-            region.scenario,
-            escape(&region.weak),
-            escape(&region.strong),
-            region.seed
-        );
-        let students = region.cells.first().map(|c| c.mistakes.len()).unwrap_or(0);
-        let group_w = (WIDTH - left - 220.0) / 4.0;
-        let bar_w = group_w / (students as f64 + 2.0);
-        for (k, cell) in region.cells.iter().enumerate() {
-            let gx = left + k as f64 * group_w;
-            let h = |v: usize| v as f64 / max * (bottom - top - 10.0);
-            let _ = writeln!(
-                svg,
-                "<rect x=\"{gx:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"#bbb\"/>",
-                bottom - h(cell.pairs),
-                h(cell.pairs)
-            );
-            let _ = writeln!(
-                svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}</text>",
-                gx + bar_w / 2.0,
-                bottom - h(cell.pairs) - 2.0,
-                cell.pairs
-            );
-            for (s, (_, mistakes)) in cell.mistakes.iter().enumerate() {
-                let bx = gx + (s as f64 + 1.0) * bar_w;
-                let _ = writeln!(
-                    svg,
-                    "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
-                    bottom - h(*mistakes),
-                    h(*mistakes),
-                    PALETTE[s % PALETTE.len()]
-                );
-                let _ = writeln!(
-                    svg,
-                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{mistakes}</text>",
-                    bx + bar_w / 2.0,
-                    bottom - h(*mistakes) - 2.0
-                );
-            }
-            let area = format!(
-                "{} ∩ {}",
-                if cell.weak_known { "W_k" } else { "W_uk" },
-                if cell.strong_known { "S_k" } else { "S_uk" }
-            );
-            let _ = writeln!(
-                svg,
-                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{area}</text>",
-                gx + group_w / 2.0 - bar_w / 2.0,
-                bottom + 16.0
-            );
-        }
-        let lx = WIDTH - 200.0;
-        let _ = writeln!(
-            svg,
-            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"#bbb\"/><text x=\"{}\" y=\"{}\">pairs</text>",
-            top + 6.0,
-            lx + 14.0,
-            top + 15.0
-        );
-        if let Some(cell) = region.cells.first() {
-            for (s, (name, _)) in cell.mistakes.iter().enumerate() {
-                let ly = top + 22.0 + s as f64 * 16.0;
-                let _ = writeln!(
-                    svg,
-                    "<rect x=\"{lx}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">mistakes: {}</text>",
-                    PALETTE[s % PALETTE.len()],
-                    lx + 14.0,
-                    ly + 9.0,
-                    escape(name)
-                );
-            }
-        }
     }
     svg.push_str("</svg>\n");
     svg

@@ -938,7 +938,7 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
             crate::figures::dose_response_svg(report),
         ),
         ("collapse.svg", crate::figures::collapse_svg(report)),
-        ("regions.svg", crate::plots::regions_svg(report)),
+        ("regions.svg", crate::figures::regions_svg(report)),
     ];
     let mut written = Vec::new();
     let mut put = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
