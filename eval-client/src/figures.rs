@@ -1,6 +1,8 @@
-//! Figures drawn with `plotters` (SVG backend): test accuracy of ceilings and students by model
-//! size, the conflicts' dose-response, both as means over draws with 95 % t-interval error
-//! bars, and the policy-collapse counts. Axis ticks come from
+//! Every figure of the report, drawn with `plotters` (SVG backend): test accuracy of ceilings
+//! and students by model size, where the conflict tax is paid by strong model, the conflicts'
+//! dose-response and the knowledge areas, as means over draws with 95 % t-interval error bars;
+//! the no-conflict students' imitation DS against the capability gap; the policy-collapse
+//! counts. Axis ticks come from
 //! plotters' round-number tick placement; captions are wrapped inside the figure.
 
 use std::collections::BTreeMap;
@@ -783,6 +785,113 @@ pub fn regions_svg(report: &Report) -> String {
     )
 }
 
+/// No-conflict students, one panel per scenario: the DS of each comparison (filled, with its
+/// bootstrap 95 % CI) and its chance share (hollow) against the capability gap (strong − weak
+/// ceiling accuracy). This DS measures how much a student copies its teacher's mistakes.
+pub fn ds_vs_gap_svg(report: &Report) -> String {
+    let rows: Vec<&Comparison> = report
+        .comparisons
+        .iter()
+        .filter(|c| c.baseline_run_id.is_none())
+        .collect();
+    let mut scenarios: Vec<String> = rows.iter().map(|c| c.scenario.clone()).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    let caption = "Each no-conflict comparison (one per weak → strong pair and seed): filled, the \
+        share of the student's mistakes inside S_k that lie in W_uk (the imitation DS), with its \
+        bootstrap 95% CI; hollow, the share of W_uk in S_k (its chance). Above chance: the student \
+        copies its teacher's errors, failed weak-to-strong generalization, not deception. x: \
+        strong − weak ceiling accuracy. Colours: the student variant.";
+    figure(
+        "No-conflict students: imitation of the teacher's errors against the capability gap",
+        caption,
+        scenarios.len(),
+        1,
+        320,
+        |i, area| {
+            let err = |e: &dyn std::fmt::Display| e.to_string();
+            let panel: Vec<&&Comparison> =
+                rows.iter().filter(|c| c.scenario == scenarios[i]).collect();
+            let mut variants: Vec<&str> = panel.iter().map(|c| c.variant.as_str()).collect();
+            variants.sort();
+            variants.dedup();
+            let (lo, hi) = panel
+                .iter()
+                .map(|c| c.capability_gap)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), g| {
+                    (a.min(g), b.max(g))
+                });
+            let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 0.1) };
+            let pad = ((hi - lo) * 0.1).max(0.02);
+            let (plot, legend) = area.split_horizontally(WIDTH - 150);
+            let mut chart = ChartBuilder::on(&plot)
+                .caption(&scenarios[i], (FONT, 15))
+                .margin(8)
+                .x_label_area_size(36)
+                .y_label_area_size(48)
+                .build_cartesian_2d((lo - pad)..(hi + pad), 0.0f64..1.0)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .light_line_style(TRANSPARENT)
+                .x_labels(6)
+                .x_label_formatter(&tick_label)
+                .y_labels(6)
+                .y_label_formatter(&tick_label)
+                .x_desc("capability gap (strong − weak ceiling accuracy)")
+                .y_desc("DS")
+                .label_style((FONT, 11))
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (k, variant) in variants.iter().enumerate() {
+                let color = SERIES[(k + 1) % SERIES.len()];
+                let points: Vec<&&&Comparison> =
+                    panel.iter().filter(|c| c.variant == *variant).collect();
+                chart
+                    .draw_series(points.iter().filter_map(|c| {
+                        Some(Circle::new(
+                            (c.capability_gap, c.ds_chance?),
+                            4,
+                            color.stroke_width(2),
+                        ))
+                    }))
+                    .map_err(|e| err(&e))?;
+                chart
+                    .draw_series(points.iter().filter_map(|c| {
+                        let ds = c.ds?;
+                        let (l, h) = c.ds_ci95.unwrap_or((ds, ds));
+                        Some(ErrorBar::new_vertical(
+                            c.capability_gap,
+                            l,
+                            ds,
+                            h,
+                            color.filled(),
+                            4,
+                        ))
+                    }))
+                    .map_err(|e| err(&e))?;
+                chart
+                    .draw_series(points.iter().filter_map(|c| {
+                        Some(Circle::new((c.capability_gap, c.ds?), 4, color.filled()))
+                    }))
+                    .map_err(|e| err(&e))?;
+                let y = 40 + 18 * k as i32;
+                legend
+                    .draw(&Circle::new((10, y), 5, color.filled()))
+                    .map_err(|e| err(&e))?;
+                legend
+                    .draw(&Text::new(
+                        variant.to_string(),
+                        (22, y - 6),
+                        (FONT, 12).into_font(),
+                    ))
+                    .map_err(|e| err(&e))?;
+            }
+            Ok(())
+        },
+    )
+}
+
 /// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
 /// always, or neither.
 pub fn collapse_svg(report: &Report) -> String {
@@ -959,6 +1068,11 @@ mod tests {
         let shares: Vec<f64> = areas.iter().map(|a| a[0].1.mean).collect();
         assert_eq!(shares, [0.5, 0.0, 0.5, 0.0]);
         assert!(!regions_svg(&report).contains("figure not drawn"));
+        let svg = ds_vs_gap_svg(&report);
+        assert!(
+            svg.contains("none") && !svg.contains("figure not drawn"),
+            "{svg}"
+        );
         let svg = deception_vs_size_svg(&report);
         assert!(
             svg.contains("reward explicit α=0.5: DS_new − chance")
@@ -972,6 +1086,7 @@ mod tests {
             collapse_svg(&empty),
             deception_vs_size_svg(&empty),
             regions_svg(&empty),
+            ds_vs_gap_svg(&empty),
         ] {
             assert!(svg.contains("no data for this figure"), "{svg}");
         }

@@ -928,7 +928,7 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
         ),
         ("report.csv", csv(report)),
         ("accuracy.svg", crate::figures::accuracy_svg(report)),
-        ("ds_vs_gap.svg", crate::plots::ds_vs_gap_svg(report)),
+        ("ds_vs_gap.svg", crate::figures::ds_vs_gap_svg(report)),
         (
             "deception_vs_size.svg",
             crate::figures::deception_vs_size_svg(report),
