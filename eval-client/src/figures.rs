@@ -554,18 +554,29 @@ fn draw_by_model_panel(
             }))
             .map_err(|e| err(&e))?;
     }
-    for (k, (label, color, _)) in lines.iter().enumerate() {
+    draw_legend(
+        &legend,
+        lines
+            .iter()
+            .map(|(label, color, _)| (label.as_str(), *color)),
+    )
+}
+
+/// A legend down `area`: one colour swatch and label per entry.
+fn draw_legend<'l>(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    entries: impl Iterator<Item = (&'l str, RGBColor)>,
+) -> Result<(), String> {
+    for (k, (label, color)) in entries.enumerate() {
         let y = 40 + 18 * k as i32;
-        legend
-            .draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
-            .map_err(|e| err(&e))?;
-        legend
-            .draw(&Text::new(
-                label.clone(),
-                (24, y - 6),
-                (FONT, 12).into_font(),
-            ))
-            .map_err(|e| err(&e))?;
+        area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
+            .map_err(|e| e.to_string())?;
+        area.draw(&Text::new(
+            label.to_string(),
+            (24, y - 6),
+            (FONT, 12).into_font(),
+        ))
+        .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -767,20 +778,7 @@ pub fn regions_svg(report: &Report) -> String {
                     }))
                     .map_err(|e| err(&e))?;
             }
-            for (k, (name, color)) in AREAS.iter().enumerate() {
-                let y = 40 + 18 * k as i32;
-                legend
-                    .draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
-                    .map_err(|e| err(&e))?;
-                legend
-                    .draw(&Text::new(
-                        name.to_string(),
-                        (24, y - 6),
-                        (FONT, 12).into_font(),
-                    ))
-                    .map_err(|e| err(&e))?;
-            }
-            Ok(())
+            draw_legend(&legend, AREAS.iter().copied())
         },
     )
 }
@@ -875,19 +873,9 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
                         Some(Circle::new((c.capability_gap, c.ds?), 4, color.filled()))
                     }))
                     .map_err(|e| err(&e))?;
-                let y = 40 + 18 * k as i32;
-                legend
-                    .draw(&Circle::new((10, y), 5, color.filled()))
-                    .map_err(|e| err(&e))?;
-                legend
-                    .draw(&Text::new(
-                        variant.to_string(),
-                        (22, y - 6),
-                        (FONT, 12).into_font(),
-                    ))
-                    .map_err(|e| err(&e))?;
             }
-            Ok(())
+            let colours = (0..variants.len()).map(|k| SERIES[(k + 1) % SERIES.len()]);
+            draw_legend(&legend, variants.iter().copied().zip(colours))
         },
     )
 }
