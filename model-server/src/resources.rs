@@ -1,6 +1,8 @@
 //! What the server can hold: the host's memory (CPU models live in it), the estimated size of
 //! a model before it is loaded, and the refusal of a load that cannot fit, so that a model too
-//! large for the machine is a clear RESOURCE_EXHAUSTED instead of the kernel's OOM killer.
+//! large for the machine is a clear RESOURCE_EXHAUSTED instead of the kernel's OOM killer; and
+//! the disk an export (ExportModel, DownloadModel's staging) needs, refused the same way before
+//! a byte is written rather than failing half-way with a full disk.
 
 use std::path::Path;
 
@@ -61,6 +63,44 @@ pub fn check_fits(
     Ok(())
 }
 
+/// Disk an export must leave free beyond its own files, so that an export never fills the
+/// data disk that checkpoints, uploads and run outputs share.
+pub const DISK_RESERVE_BYTES: u64 = 256 << 20;
+
+/// What an export writes besides the weights (config, tokenizer, marker): a generous bound, the
+/// largest tokenizer file a folder may hold.
+const EXPORT_OVERHEAD_BYTES: u64 = crate::paths::MAX_TOKENIZER_FILE_BYTES;
+
+/// Bytes an HF export of a model with `config` in `dtype` writes, at most.
+pub fn export_bytes(config: &ModelConfig, dtype: DType) -> u64 {
+    weight_bytes(config, dtype).saturating_add(EXPORT_OVERHEAD_BYTES)
+}
+
+/// Free bytes on the file system that holds `dir` (or its nearest existing ancestor, for a
+/// folder not yet created); `None` where that cannot be asked.
+pub fn free_disk(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    fs2::available_space(existing).ok()
+}
+
+/// Refuses an export of `needed` bytes into `dir` that would leave less than
+/// [`DISK_RESERVE_BYTES`] free.
+pub fn check_disk(name: &str, dir: &Path, needed: u64) -> ServiceResult<()> {
+    let Some(free) = free_disk(dir) else {
+        return Ok(());
+    };
+    if needed.saturating_add(DISK_RESERVE_BYTES) > free {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "exporting `{name}` writes up to {:.2} GiB; the server's disk has {:.2} GiB free and \
+             keeps {} MiB in reserve",
+            needed as f64 / (1u64 << 30) as f64,
+            free as f64 / (1u64 << 30) as f64,
+            DISK_RESERVE_BYTES >> 20
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +121,22 @@ mod tests {
             assert!(e.to_string().contains("GiB"), "{e}");
         }
         check_fits("big", &big, DType::F32, false).unwrap();
+    }
+
+    #[test]
+    fn an_export_larger_than_the_free_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_yet = dir.path().join("a/b/c");
+        let free = free_disk(&not_yet).expect("statvfs of the temp dir");
+        assert!(free > 0);
+        check_disk("small", &not_yet, 1 << 20).unwrap_or_else(|e| {
+            // Only a nearly full disk refuses a megabyte.
+            assert!(free < DISK_RESERVE_BYTES + (1 << 20), "{e}");
+        });
+        let e = check_disk("huge", &not_yet, free).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.to_string().contains("free"), "{e}");
+        let gpt2 = ModelConfig::preset("gpt2").unwrap();
+        assert!(export_bytes(&gpt2, DType::F32) > weight_bytes(&gpt2, DType::F32));
     }
 }

@@ -1,8 +1,9 @@
 //! Long work never holds the device: while a maximal Generate, GeneratePairs or ScorePairs runs
 //! on the GPT-2-small preset (minutes of CPU work each), health checks and tiny ScorePairs are
 //! answered within a few uninterruptible passes and the long work is still running; a client
-//! that goes away stops its work; and the health watchdog reports NOT_SERVING while the device
-//! loop is stuck in one long step.
+//! that goes away stops its work; passes sized by time (`--max-pass-ms`) keep 16 ~1000-token
+//! sequences from becoming one long pass; and the health watchdog reports NOT_SERVING while the
+//! device loop is stuck in one long step.
 //!
 //! The waits are measured against the length of one uninterruptible pass on this machine at
 //! this moment (CI runs other tests beside these, on two cores), not against fixed times.
@@ -48,7 +49,13 @@ fn tiny_pair_request() -> pb::ScorePairsRequest {
 
 /// A ScorePairs on `big` of `pairs` pairs whose sides are ~110 byte-level tokens each.
 fn long_pairs_request(pairs: usize) -> pb::ScorePairsRequest {
-    let long = |side: &str| format!("{side} {}", "word ".repeat(20));
+    pairs_request(pairs, 20)
+}
+
+/// A ScorePairs on `big` of `pairs` pairs whose sides are `words` five-byte words long (the
+/// preset's tokenizer is byte-level: 190 words make a ~1000-token sequence).
+fn pairs_request(pairs: usize, words: usize) -> pb::ScorePairsRequest {
+    let long = |side: &str| format!("{side} {}", "word ".repeat(words));
     pb::ScorePairsRequest {
         model: "big".into(),
         pairs: (0..pairs)
@@ -69,10 +76,15 @@ fn long_pairs_request(pairs: usize) -> pb::ScorePairsRequest {
 /// below 2 s. The long requests below run for minutes, so any such bound shows they are
 /// sliced.
 async fn patience(client: &W2sClient) -> Duration {
+    patience_for(client, long_pairs_request(1)).await
+}
+
+/// [`patience`] measured with `one_pair` (a one-pair request on `big`) instead.
+async fn patience_for(client: &W2sClient, one_pair: pb::ScorePairsRequest) -> Duration {
     let mut times = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        client.score_pairs(long_pairs_request(1)).await.unwrap();
+        client.score_pairs(one_pair.clone()).await.unwrap();
         times.push(started.elapsed());
     }
     times.sort();
@@ -227,6 +239,44 @@ async fn maximal_requests_leave_room_for_short_ones() {
     );
     scoring.abort();
     abandoned_work_stops(&metrics, &client, "ScorePairs").await;
+    server.shutdown().await.unwrap();
+}
+
+/// Passes sized by time (`--max-pass-ms`) with the default token budget: a ScorePairs of
+/// 8 pairs of ~1000-token sides on GPT-2-small would be one pass of 16 x ~1000 tokens (tens of
+/// seconds on two cores) under `--max-batch-tokens` alone; with a 500 ms target it runs one
+/// sequence per pass (one ~1000-token sequence is itself longer than the target, so it runs
+/// whole), and a tiny request on another model waits for at most the pass in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passes_sized_by_time_let_a_tiny_request_through_long_sequences() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url, client) = server_with_gpt2_small(dir.path(), |config| {
+        assert_eq!(config.max_batch_tokens, 16384, "the default token budget");
+        config.max_pass_ms = 500.0;
+    })
+    .await;
+    let metrics = server.metrics();
+    client
+        .load_model(preset("tiny", "tiny-gpt2", true))
+        .await
+        .unwrap();
+    // Two idle one-sequence passes of big (the first also measures big's rate).
+    let patience = patience_for(&client, pairs_request(1, 190)).await;
+
+    let scoring = {
+        let mut inference = client.inference.clone();
+        let request = pairs_request(8, 190);
+        tokio::spawn(async move { inference.score_pairs(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    short_requests_are_served(&url, &client, patience, "16 x 1000-token ScorePairs").await;
+    assert!(
+        !scoring.is_finished(),
+        "the 16-sequence ScorePairs is still running (it takes ~8 one-pair times)"
+    );
+    scoring.abort();
+    abandoned_work_stops(&metrics, &client, "16 x 1000-token ScorePairs").await;
     server.shutdown().await.unwrap();
 }
 

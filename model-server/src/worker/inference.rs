@@ -735,7 +735,9 @@ pub(super) fn batch_end_within(sequences: &[Vec<u32>], start: usize, budget: usi
 }
 
 /// Padded tokens one pass may take: `max_batch_tokens`, lowered to what the model's measured
-/// rate gets through in `max_pass` (unknown rate or no target: `max_batch_tokens`).
+/// rate gets through in `max_pass`. With a target but no rate yet, one sequence: the model's
+/// first pass is a short probe that measures it, not a maximal pass of unknown length. No
+/// target: `max_batch_tokens`.
 pub(super) fn token_budget(
     max_batch_tokens: usize,
     rate: Option<PassRate>,
@@ -747,7 +749,8 @@ pub(super) fn token_budget(
             // `as` saturates; a budget below one sequence still runs one (batch_end_within).
             max_batch_tokens.min(timed.max(1.0) as usize)
         }
-        _ => max_batch_tokens,
+        (None, Some(_)) => 1,
+        (_, None) => max_batch_tokens,
     }
 }
 
@@ -792,10 +795,12 @@ mod pass_sizing_tests {
         let rate = PassRate::first(1000, Duration::from_millis(100)).unwrap(); // 10k tokens/s
         let half_second = Some(Duration::from_millis(500));
         assert_eq!(token_budget(16384, Some(rate), half_second), 5000);
-        // The token cap stays the hard limit; no rate or no target: the cap alone.
+        // The token cap stays the hard limit; no target: the cap alone.
         assert_eq!(token_budget(4096, Some(rate), half_second), 4096);
-        assert_eq!(token_budget(16384, None, half_second), 16384);
+        assert_eq!(token_budget(16384, None, None), 16384);
         assert_eq!(token_budget(16384, Some(rate), None), 16384);
+        // A target but no rate yet: a one-sequence probe pass.
+        assert_eq!(token_budget(16384, None, half_second), 1);
         // A model slower than one token per target still gets a budget (one sequence runs).
         let crawl = PassRate::first(1, Duration::from_secs(10)).unwrap();
         assert_eq!(token_budget(16384, Some(crawl), half_second), 1);

@@ -721,6 +721,8 @@ impl Worker {
             }
             Command::Export(name, dir, reply) => {
                 let result = self.resident(&name).and_then(|r| {
+                    let needed = crate::resources::export_bytes(r.model.config(), r.model.dtype());
+                    crate::resources::check_disk(&name, &dir, needed)?;
                     superficial_training::export::save_hf_folder(&r.model, Some(&r.tokenizer), &dir)
                         .map_err(|e| match e {
                             superficial_training::TrainError::RefusedDestination { .. } => {
