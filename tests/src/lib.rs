@@ -16,9 +16,10 @@ pub fn reference_model_dir(name: &str) -> PathBuf {
     fixtures_dir().join("reference").join(name)
 }
 
-/// The shared HH-RLHF harmless single-turn data beside the checkout.
-pub fn shared_data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/hh-harmless-single-turn")
+/// The HH-RLHF harmless single-turn splits, which `tools/fetch-hh-data.sh` puts in the
+/// checkout's `data/` (`tools/test.sh` runs it through `tools/prepare-test-assets.sh`).
+pub fn hh_data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/hh-harmless-single-turn")
 }
 
 #[derive(Debug, Deserialize)]

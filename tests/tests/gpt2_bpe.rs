@@ -6,7 +6,7 @@
 use std::io::BufRead;
 
 use superficial_models::{ModelConfig, TextTokenizer};
-use superficial_tests::shared_data_dir;
+use superficial_tests::hh_data_dir;
 
 #[test]
 fn gpt2_bpe_matches_the_reference_js_encoder_on_harmless_test() {
@@ -21,7 +21,7 @@ fn gpt2_bpe_matches_the_reference_js_encoder_on_harmless_test() {
         TextTokenizer::from_folder(&assets, &ModelConfig::preset("gpt2").unwrap()).unwrap();
     assert_eq!(tokenizer.vocab_size(), 50257);
 
-    let data = std::fs::File::open(shared_data_dir().join("harmless_test.jsonl")).unwrap();
+    let data = std::fs::File::open(hh_data_dir().join("harmless_test.jsonl")).unwrap();
     let texts: Vec<String> = std::io::BufReader::new(data)
         .lines()
         .flat_map(|line| {
@@ -64,7 +64,7 @@ fn whole_text_response_starts_follow_the_prompts_encoding_on_harmless_test() {
     let assets = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/gpt2-bpe");
     let tokenizer =
         TextTokenizer::from_folder(&assets, &ModelConfig::preset("gpt2").unwrap()).unwrap();
-    let data = std::fs::File::open(shared_data_dir().join("harmless_test.jsonl")).unwrap();
+    let data = std::fs::File::open(hh_data_dir().join("harmless_test.jsonl")).unwrap();
     for line in std::io::BufReader::new(data).lines().take(500) {
         let row: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
         for side in ["chosen", "rejected"] {

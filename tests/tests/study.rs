@@ -17,7 +17,7 @@ impl Progress for Quiet {
 }
 
 fn spec() -> StudySpec {
-    let data = superficial_tests::shared_data_dir();
+    let data = superficial_tests::hh_data_dir();
     let hyper = |lr| StageHyper {
         lr,
         batch_size: 16,

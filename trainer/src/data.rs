@@ -183,9 +183,9 @@ mod tests {
     }
 
     #[test]
-    fn the_shared_splits_are_valid() {
-        let dir =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/hh-harmless-single-turn");
+    fn the_hh_splits_are_valid() {
+        // Placed by tools/fetch-hh-data.sh (tools/test.sh runs it).
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/hh-harmless-single-turn");
         for split in ["harmless_train_gt", "harmless_train_w2s", "harmless_test"] {
             let pairs = read_hh_jsonl(&dir.join(format!("{split}.jsonl")), None).unwrap();
             assert_eq!(pairs.len(), 4000, "{split}");
