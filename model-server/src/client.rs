@@ -432,6 +432,17 @@ impl W2sClient {
         }
     }
 
+    /// Removes a finished job and its folder from the server; a job the server does not know
+    /// (already deleted, or never there) is no error. Returns the bytes freed.
+    pub async fn delete_job_if_present(&self, id: &str) -> Result<u64, ClientError> {
+        let request = pb::DeleteJobRequest { id: id.into() };
+        match self.training.clone().delete_job(request).await {
+            Ok(response) => Ok(response.into_inner().freed_bytes),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(0),
+            Err(status) => Err(status.into()),
+        }
+    }
+
     /// Each pair's margin (chosen − rejected) under `scoring`, in order, sent `chunk` pairs
     /// per ScorePairs request.
     pub async fn pair_margins(

@@ -299,6 +299,43 @@ impl JobPaths {
     }
 }
 
+/// Prefix of a job folder being deleted: set aside first (one rename, so the job is gone from
+/// its place at once), removed afterwards; a server that dies in between removes it at start.
+pub const DELETED_JOB_PREFIX: &str = ".deleted-";
+
+/// Removes a job's folder: renamed aside, then deleted. Returns the bytes it held.
+pub fn remove_job_folder(dir: &Path) -> std::io::Result<u64> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let aside = dir.with_file_name(format!("{DELETED_JOB_PREFIX}{name}"));
+    match std::fs::rename(dir, &aside) {
+        Ok(()) => {}
+        // Never written (a job that failed before its folder existed).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    let bytes = folder_bytes(&aside);
+    std::fs::remove_dir_all(&aside)?;
+    Ok(bytes)
+}
+
+/// Bytes of the regular files below `dir` (what can be read; symlinks not followed).
+pub fn folder_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => folder_bytes(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Writes `value` as JSON atomically (temporary file, then rename).
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;

@@ -436,6 +436,11 @@ async fn recover_jobs(config: &ServerConfig, state: &ServiceState) {
         let Some(id) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
+        if id.starts_with(crate::jobs::DELETED_JOB_PREFIX) {
+            // A DeleteJob the server did not finish: the job was already out of the listing.
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
         if id.starts_with('.') {
             continue; // quarantined earlier
         }

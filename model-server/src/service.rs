@@ -1345,6 +1345,44 @@ impl pb::training_server::Training for TrainingService {
         self.0.finish("CancelJob", started, result)
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let started = Instant::now();
+        let id = request.into_inner().id;
+        let result = async {
+            require("id", &id)?;
+            {
+                let mut table = self
+                    .0
+                    .jobs
+                    .lock()
+                    .map_err(|_| ServiceError::Internal("job table poisoned".into()))?;
+                let state = table
+                    .get(&id)
+                    .map(|status| status.state)
+                    .ok_or_else(|| ServiceError::UnknownJob(id.clone()))?;
+                if !state.is_terminal() {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "job {id} is {state:?}; cancel it before deleting it"
+                    )));
+                }
+                // Out of the table before the folder goes: a LoadModel of it now answers
+                // NOT_FOUND instead of meeting a half-removed folder.
+                table.remove(&id);
+            }
+            let dir = JobPaths::new(&self.0.data_dir, &id).dir;
+            let freed = tokio::task::spawn_blocking(move || crate::jobs::remove_job_folder(&dir))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+                .map_err(|e| ServiceError::Internal(format!("removing job {id}: {e}")))?;
+            Ok(pb::DeleteJobResponse { freed_bytes: freed })
+        }
+        .await;
+        self.0.finish("DeleteJob", started, result)
+    }
+
     async fn list_jobs(
         &self,
         _: Request<pb::ListJobsRequest>,

@@ -1,6 +1,6 @@
 //! Property-based fuzzing of the server's request messages (issue "Hardening"): random
 //! ScorePairs, TokenLogprobs, ScoreTexts, Generate, GeneratePairs, LoadModel, UnloadModel,
-//! ExportModel, UploadDataset, StartJob, WatchJob and CancelJob requests (odd strings, NUL and
+//! ExportModel, UploadDataset, StartJob, WatchJob, CancelJob and DeleteJob requests (odd strings, NUL and
 //! newlines, huge and NaN numbers, unknown names and enum values) against one in-process server
 //! with tiny models. Every answer must be OK or a client-error code (never INTERNAL, UNKNOWN or
 //! UNAVAILABLE, which would mean a server fault, a panic or a dead server), and the server must
@@ -149,6 +149,7 @@ enum Request {
     StartJob(pb::StartJobRequest),
     Watch(String),
     Cancel(String),
+    Delete(String),
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -362,6 +363,7 @@ fn request() -> impl Strategy<Value = Request> {
             ),
         text().prop_map(Request::Watch),
         text().prop_map(Request::Cancel),
+        text().prop_map(Request::Delete),
     ]
 }
 
@@ -455,6 +457,14 @@ async fn send(client: &W2sClient, request: Request) -> Code {
                 .training
                 .clone()
                 .cancel_job(pb::CancelJobRequest { id })
+                .await
+                .map(drop),
+        ),
+        Request::Delete(id) => code(
+            client
+                .training
+                .clone()
+                .delete_job(pb::DeleteJobRequest { id })
                 .await
                 .map(drop),
         ),
@@ -605,7 +615,7 @@ impl tonic::codec::Decoder for RawBytes {
 /// client's fault (INVALID_ARGUMENT), never INTERNAL or UNKNOWN, and the server stays up.
 #[test]
 fn undecodable_messages_are_the_clients_fault() {
-    const UNARY: [&str; 12] = [
+    const UNARY: [&str; 13] = [
         "/w2s.v1.Models/ListModels",
         "/w2s.v1.Models/LoadModel",
         "/w2s.v1.Models/UnloadModel",
@@ -618,6 +628,7 @@ fn undecodable_messages_are_the_clients_fault() {
         "/w2s.v1.Training/StartJob",
         "/w2s.v1.Training/CancelJob",
         "/w2s.v1.Training/ListJobs",
+        "/w2s.v1.Training/DeleteJob",
     ];
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let data = tempfile::tempdir().unwrap();

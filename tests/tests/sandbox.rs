@@ -96,7 +96,7 @@ async fn run_on(
     servers: &[W2sClient],
 ) -> (experiment::ExperimentOutcome, Vec<String>) {
     let mut progress = Quiet::default();
-    let outcome = experiment::run(config, out, servers, false, false, &mut progress)
+    let outcome = experiment::run(config, out, servers, Default::default(), &mut progress)
         .await
         .unwrap();
     // One total for every draw's runs, announced up front, that the runs then reach.

@@ -450,6 +450,19 @@ async fn every_rpc_works_end_to_end() {
         .await
         .unwrap()
         .into_inner();
+    // A job that has not ended cannot be deleted.
+    let delete = |id: &str| {
+        let mut training = client.training.clone();
+        let request = pb::DeleteJobRequest { id: id.into() };
+        async move {
+            training
+                .delete_job(request)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(model_server::ClientError::from)
+        }
+    };
+    assert_eq!(code_of(delete(&long.id).await), Code::FailedPrecondition);
     client
         .training
         .clone()
@@ -460,6 +473,57 @@ async fn every_rpc_works_end_to_end() {
         .unwrap();
     let ended = client.follow_job(&long.id, &mut |_| {}).await.unwrap();
     assert_eq!(ended.state, pb::JobState::Cancelled as i32);
+
+    // DeleteJob removes a finished job's folder and its listing; what was loaded from it stays.
+    let job_dir = dir.path().join("jobs").join(&reward.id);
+    assert!(job_dir.join("model").is_dir());
+    let freed = delete(&reward.id).await.unwrap().freed_bytes;
+    assert!(freed > 10_000, "freed {freed} bytes");
+    assert!(!job_dir.exists());
+    assert!(
+        !std::fs::read_dir(dir.path().join("jobs"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(&reward.id)),
+        "nothing of the job is left beside the other jobs"
+    );
+    let listed = client
+        .training
+        .clone()
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(!listed.iter().any(|j| j.id == reward.id));
+    assert!(listed.iter().any(|j| j.id == long.id));
+    assert_eq!(code_of(delete(&reward.id).await), Code::NotFound);
+    assert_eq!(client.delete_job_if_present(&reward.id).await.unwrap(), 0);
+    assert_eq!(
+        code_of(
+            client
+                .load_model(pb::LoadModelRequest {
+                    name: "gone".into(),
+                    source: Some(pb::load_model_request::Source::Job(reward.id.clone())),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
+    assert!(
+        client
+            .list_models()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "policy-rm"),
+        "the model trained by the deleted job stays resident"
+    );
+    assert!(
+        delete(&long.id).await.is_ok(),
+        "a cancelled job can be deleted"
+    );
 
     // Reflection lists every service without a proto file.
     let channel = tonic::transport::Endpoint::from_shared(server.url())
@@ -957,7 +1021,7 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
 /// checkpoints, half-written JSON, export temporaries) and folders without a readable spec and
 /// state are set aside, so they are neither listed nor resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn start_up_sweeps_job_leftovers_and_sets_broken_jobs_aside() {
+async fn start_up_sweeps_job_leftovers_unfinished_deletions_and_sets_broken_jobs_aside() {
     let dir = tempfile::tempdir().unwrap();
     let hash = simpo_job_to_end(dir.path(), None).await;
     assert!(!hash.is_empty());
@@ -972,6 +1036,9 @@ async fn start_up_sweeps_job_leftovers_and_sets_broken_jobs_aside() {
     std::fs::write(job.join("state.json.tmp"), b"{").unwrap();
     std::fs::create_dir_all(job.join("model.partial")).unwrap();
     std::fs::create_dir_all(jobs.join("ghost/checkpoint")).unwrap();
+    // A DeleteJob that the server did not finish (killed between the rename and the removal).
+    std::fs::create_dir_all(jobs.join(".deleted-job-gone/model")).unwrap();
+    std::fs::write(jobs.join(".deleted-job-gone/model/weights"), b"w").unwrap();
     let server = RunningServer::start(config(dir.path())).await.unwrap();
     let client = W2sClient::connect(&server.url()).await.unwrap();
     for leftover in ["checkpoint.tmp", "state.json.tmp", "model.partial"] {
@@ -983,6 +1050,7 @@ async fn start_up_sweeps_job_leftovers_and_sets_broken_jobs_aside() {
     assert!(job.join("spec.json").is_file() && job.join("model").is_dir());
     assert!(!jobs.join("ghost").exists());
     assert!(jobs.join(".broken-ghost/checkpoint").is_dir());
+    assert!(!jobs.join(".deleted-job-gone").exists());
     let listed = client
         .training
         .clone()

@@ -66,6 +66,15 @@ fn spec() -> StudySpec {
 }
 
 async fn run(spec: &StudySpec, out: &Path) -> (Vec<std::path::PathBuf>, Vec<String>) {
+    run_keeping(spec, out, false).await
+}
+
+/// [`run`], keeping the server's job folders when `keep_models` (as `--keep-models` does).
+async fn run_keeping(
+    spec: &StudySpec,
+    out: &Path,
+    keep_models: bool,
+) -> (Vec<std::path::PathBuf>, Vec<String>) {
     let data = StudyData::load(spec).unwrap();
     let mut config = ServerConfig::ephemeral();
     config.data_dir = out.join(".server");
@@ -79,6 +88,7 @@ async fn run(spec: &StudySpec, out: &Path) -> (Vec<std::path::PathBuf>, Vec<Stri
         false,
         &mut progress,
     )
+    .keeping_models(keep_models)
     .run_all()
     .await
     .unwrap();
@@ -97,6 +107,16 @@ async fn study_runs_resumes_and_reports() {
     let (dirs, _) = run(&spec, out.path()).await;
     // Per scenario: 2 ceilings + 1 pair x 2 settings.
     assert_eq!(dirs.len(), 8);
+    // Every run's jobs were deleted on the server once its results were written.
+    let job_folders: Vec<_> = std::fs::read_dir(out.path().join(".server/jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        job_folders.is_empty(),
+        "left on the server: {job_folders:?}"
+    );
     for dir in &dirs {
         for file in [
             "config.json",
@@ -227,7 +247,8 @@ async fn a_bootstrapped_student_trains_on_the_intermediates_labels() {
     spec.bootstrap = vec![["w".into(), "i".into(), "s".into()]];
     assert_eq!(spec.sizes.n_docs, spec.sizes.n_w2s_docs);
     let out = tempfile::tempdir().unwrap();
-    let (dirs, _) = run(&spec, out.path()).await;
+    // The server's job folders are read below.
+    let (dirs, _) = run_keeping(&spec, out.path(), true).await;
     let find = |prefix: &str| {
         dirs.iter()
             .find(|d| {

@@ -51,6 +51,10 @@ struct RunArgs {
     /// Redo finished runs.
     #[arg(long)]
     force: bool,
+    /// Keep each finished run's training jobs (checkpoints and trained model) on the server;
+    /// by default they are deleted once the run's results are written.
+    #[arg(long)]
+    keep_models: bool,
     /// Override a spec field: KEY=VALUE in TOML syntax (repeatable), e.g. --set sizes.n_docs=256.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -93,6 +97,10 @@ struct ExperimentArgs {
     /// Redo finished runs (pretrained models stay cached).
     #[arg(long)]
     force: bool,
+    /// Keep each finished run's training jobs (checkpoints and trained model) on the server;
+    /// by default they are deleted once the run's results are written.
+    #[arg(long)]
+    keep_models: bool,
     /// Stop after pretraining and the knowledge probe (writes OUT/pretrained.md).
     #[arg(long)]
     pretrain_only: bool,
@@ -272,8 +280,11 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
         &config,
         &args.out,
         &servers.clients(),
-        args.force,
-        args.pretrain_only,
+        experiment::ExperimentOptions {
+            force: args.force,
+            pretrain_only: args.pretrain_only,
+            keep_models: args.keep_models,
+        },
         progress.as_mut(),
     )
     .await;
@@ -281,9 +292,11 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
     servers.session.close().await?;
     let outcome = result?;
     eprintln!(
-        "sandbox study finished in {:.0} s: {} runs",
+        "sandbox study finished in {:.0} s: {} runs; {} on disk under {}",
         started.elapsed().as_secs_f64(),
-        outcome.runs
+        outcome.runs,
+        megabytes(model_server::jobs::folder_bytes(&args.out)),
+        args.out.display()
     );
     println!("summary: {}", outcome.summary.display());
     println!(
@@ -324,12 +337,23 @@ async fn run(args: RunArgs) -> Result<()> {
         args.force,
         progress.as_mut(),
     )
+    .keeping_models(args.keep_models)
     .with_more_servers(servers.more.iter().cloned());
     let result = study.run_all().await;
     servers.session.close().await?;
     let runs = result?;
-    eprintln!("{} runs finished in {}", runs.len(), args.out.display());
+    eprintln!(
+        "{} runs finished in {} ({} on disk there)",
+        runs.len(),
+        args.out.display(),
+        megabytes(model_server::jobs::folder_bytes(&args.out))
+    );
     Ok(())
+}
+
+/// A byte count for a person: "12.3 MB".
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 fn presets() {

@@ -177,3 +177,9 @@ class Client:
             if event.HasField("job"):
                 last = event.job
         return last
+
+    def delete_job(self, job_id: str) -> int:
+        """Removes finished job `job_id` and its folder (checkpoints, trained model) from the
+        server; returns the bytes freed. Models already loaded from it stay resident."""
+        response = self.training.DeleteJob(pb.DeleteJobRequest(id=job_id), metadata=self.metadata)
+        return response.freed_bytes

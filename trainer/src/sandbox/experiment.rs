@@ -62,16 +62,31 @@ pub struct ExperimentOutcome {
     pub runs: usize,
 }
 
+/// How an experiment runs, beside what it computes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExperimentOptions {
+    /// Redo finished runs (pretrained models stay cached).
+    pub force: bool,
+    /// Stop after pretraining and the knowledge probe.
+    pub pretrain_only: bool,
+    /// Keep the finished runs' training jobs on the server (see `Study::keep_models`).
+    pub keep_models: bool,
+}
+
 /// Runs world → pretraining → probe → study → report under `out`. Pretraining and probes go
 /// to the first server; the study's runs are spread over all of them.
 pub async fn run(
     config: &ExperimentConfig,
     out: &Path,
     servers: &[W2sClient],
-    force: bool,
-    pretrain_only: bool,
+    options: ExperimentOptions,
     progress: &mut dyn Progress,
 ) -> Result<ExperimentOutcome> {
+    let ExperimentOptions {
+        force,
+        pretrain_only,
+        keep_models,
+    } = options;
     config.validate().map_err(anyhow::Error::msg)?;
     let Some(client) = servers.first() else {
         anyhow::bail!("an experiment needs at least one model server");
@@ -173,6 +188,7 @@ pub async fn run(
             force,
             &mut progress,
         )
+        .keeping_models(keep_models)
         .with_more_servers(servers[1..].iter().cloned())
         .run_all()
         .await?;

@@ -750,6 +750,13 @@ async fn pretrain_one(
     for name in [base, output] {
         unload(client, &name).await;
     }
+    // The cache holds the model now; the job's copy on the server is no longer needed.
+    if let Err(e) = client.delete_job_if_present(&ended.id).await {
+        progress.line(&format!(
+            "    could not delete pretraining job {} on the server: {e}",
+            ended.id
+        ));
+    }
     let seconds = started.elapsed().as_secs_f64();
     progress.line(&format!(
         "pretrained {} of draw pretrain.seed={} in {seconds:.0} s, final loss {last_loss:.3}",

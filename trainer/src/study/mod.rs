@@ -146,6 +146,10 @@ pub struct Study<'a> {
     servers: Vec<W2sClient>,
     pub out: PathBuf,
     pub force: bool,
+    /// Keep each finished run's training jobs (their trained models) on the server; by
+    /// default they are deleted once the run's results are written, since no later run
+    /// reads them (a finished run is skipped, its weak labels read from its folder).
+    pub keep_models: bool,
     pub progress: &'a mut dyn Progress,
     /// When the run in progress started (or resumed), for its `results_summary.json`.
     run_started: Option<std::time::Instant>,
@@ -239,6 +243,7 @@ impl<'a> Study<'a> {
             client,
             out,
             force,
+            keep_models: false,
             progress,
             run_started: None,
             datasets: BTreeMap::new(),
@@ -312,6 +317,12 @@ impl<'a> Study<'a> {
     }
 
     /// Spreads the runs over these servers too (the first stays `client`).
+    /// Whether finished runs keep their training jobs on the server.
+    pub fn keeping_models(mut self, keep: bool) -> Self {
+        self.keep_models = keep;
+        self
+    }
+
     pub fn with_more_servers(mut self, more: impl IntoIterator<Item = W2sClient>) -> Self {
         self.servers.extend(more);
         self
@@ -380,7 +391,13 @@ impl<'a> Study<'a> {
         let total = self.planned_runs();
         self.progress.set_total(total);
         let names: Vec<String> = self.spec.models.iter().map(|m| m.name.clone()).collect();
-        let (spec, data, out, force) = (self.spec, self.data, self.out.clone(), self.force);
+        let (spec, data, out, force, keep_models) = (
+            self.spec,
+            self.data,
+            self.out.clone(),
+            self.force,
+            self.keep_models,
+        );
         let servers = self.servers_that_fit().await?;
         let several = servers.len() > 1;
         // Plan every phase first (it needs `&self`), then hand out the progress display.
@@ -443,6 +460,7 @@ impl<'a> Study<'a> {
                 servers: Vec::new(),
                 out: out.clone(),
                 force,
+                keep_models,
                 progress,
                 run_started: None,
                 datasets: BTreeMap::new(),
@@ -562,6 +580,24 @@ impl<'a> Study<'a> {
         Ok(summary.accuracy)
     }
 
+    /// Deletes the server's jobs of the finished run in `dir` (its `jobs.json`), unless
+    /// `keep_models`. Best effort: a job that cannot be deleted is reported and left.
+    async fn release_jobs(&mut self, dir: &Path) {
+        if self.keep_models {
+            return;
+        }
+        let jobs: BTreeMap<String, String> = std::fs::read_to_string(dir.join("jobs.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        for id in jobs.values() {
+            if let Err(e) = self.client.delete_job_if_present(id).await {
+                self.progress
+                    .line(&format!("  could not delete job {id} on the server: {e}"));
+            }
+        }
+    }
+
     fn read_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
         Ok(contract::read_weak_labels(dir)?)
     }
@@ -600,6 +636,7 @@ impl<'a> Study<'a> {
         contract::write_weak_labels(&dir, &labels)?;
         self.finish_run(&dir, &test)?;
         self.unload(trained).await;
+        self.release_jobs(&dir).await;
         Ok((dir, labels))
     }
 
@@ -748,6 +785,7 @@ impl<'a> Study<'a> {
         }
         self.finish_run(&dir, &test)?;
         self.unload(trained).await;
+        self.release_jobs(&dir).await;
         Ok((dir, new_labels))
     }
 

@@ -731,6 +731,11 @@ class TrainingStub(object):
                 request_serializer=w2s_dot_v1_dot_w2s__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=w2s_dot_v1_dot_w2s__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/w2s.v1.Training/DeleteJob',
+                request_serializer=w2s_dot_v1_dot_w2s__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=w2s_dot_v1_dot_w2s__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServicer(object):
@@ -763,6 +768,16 @@ class TrainingServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Removes a finished job (succeeded, failed or cancelled) with its folder — checkpoints and
+        the trained model — from the server's disk and from ListJobs. Models already loaded from
+        it stay resident. A queued or running job is FAILED_PRECONDITION (cancel it first); an
+        unknown id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -785,6 +800,11 @@ def add_TrainingServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=w2s_dot_v1_dot_w2s__pb2.ListJobsRequest.FromString,
                     response_serializer=w2s_dot_v1_dot_w2s__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=w2s_dot_v1_dot_w2s__pb2.DeleteJobRequest.FromString,
+                    response_serializer=w2s_dot_v1_dot_w2s__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -896,6 +916,33 @@ class Training(object):
             '/w2s.v1.Training/ListJobs',
             w2s_dot_v1_dot_w2s__pb2.ListJobsRequest.SerializeToString,
             w2s_dot_v1_dot_w2s__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/w2s.v1.Training/DeleteJob',
+            w2s_dot_v1_dot_w2s__pb2.DeleteJobRequest.SerializeToString,
+            w2s_dot_v1_dot_w2s__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
