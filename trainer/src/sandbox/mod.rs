@@ -227,11 +227,14 @@ impl Default for ExperimentConfig {
             // (α 0.025-0.1: tax 0.000 ± 0.004, compliant share unchanged); α 0.25 / 1 / 4 move
             // their compliance (0.43 → 0.48 / 0.55 / 0.56 for reward) without collapsing any
             // (three draws; chosen on compliance and collapse counts, docs/sandbox.md). The
-            // implicit doses are subsets of the world's helpful split (`world.helpful_pairs`).
+            // implicit doses are subsets of the world's helpful split (`world.helpful_pairs`):
+            // 1, 2 and 3 helpful pairs per weakly labelled one (the paper mixes 1:1); up to
+            // 120 they leave compliance where it was, 200 / 400 / 600 move it 0.57 / 0.65 /
+            // 0.77 for reward (three draws, chosen the same way).
             conflict: ConflictSpec {
                 explicit_target: ConflictTarget::Compliant,
                 explicit_alphas: vec![0.25, 1.0, 4.0],
-                implicit_helpful_pairs: vec![40, 80, 120],
+                implicit_helpful_pairs: vec![200, 400, 600],
             },
         }
     }
@@ -248,7 +251,6 @@ impl ExperimentConfig {
                 train_gt_pairs: 160,
                 train_w2s_pairs: 160,
                 test_pairs: 200,
-                helpful_pairs: 120,
                 ..WorldConfig::default()
             },
             pretrain_both_families: false,
