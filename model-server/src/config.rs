@@ -32,6 +32,9 @@ impl FromStr for NamedSource {
     }
 }
 
+/// Most CPU threads one server's pool may have (`--threads`).
+pub const MAX_THREADS: usize = 1024;
+
 /// The model server's settings.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -136,6 +139,12 @@ pub struct ServerConfig {
     /// bits between runs (they agree to ~1e-5), where token-sized batches are reproducible.
     #[arg(long, env = "W2S_MAX_PASS_MS", default_value_t = 0.0)]
     pub max_pass_ms: f64,
+    /// CPU threads of this server's tensor work: a pool of its own that the device thread runs
+    /// in. 0 (default): the process's shared pool (every core). Several servers in one process
+    /// (a trainer's in-process servers) each take their share, so their work does not contend
+    /// for the same threads.
+    #[arg(long, env = "W2S_THREADS", default_value_t = 0)]
+    pub threads: usize,
     /// Report NOT_SERVING on grpc.health.v1 while the device loop has work but has made no
     /// progress for this many seconds (a stuck device or a runaway step); 0 turns it off.
     #[arg(long, env = "W2S_STALL_SECONDS", default_value_t = 300.0)]
@@ -352,6 +361,12 @@ impl ServerConfig {
                 self.max_pass_ms
             ));
         }
+        if self.threads > MAX_THREADS {
+            return Err(format!(
+                "--threads must be at most {MAX_THREADS} (0: the shared pool), got {}",
+                self.threads
+            ));
+        }
         if !(self.stall_seconds.is_finite() && self.stall_seconds >= 0.0) {
             return Err(format!(
                 "--stall-seconds must be 0 (off) or positive, got {}",
@@ -418,6 +433,11 @@ mod tests {
         assert_eq!(config.models[0].name, "weak");
         assert_eq!(config.presets[0].value, "tiny-gpt2");
         config.validate().unwrap();
+        assert_eq!(config.threads, 0, "the shared pool by default");
+        let threads = |n: &str| ServerConfig::parse_from(["model-server", "--threads", n]);
+        threads("1").validate().unwrap();
+        let too_many = threads("100000").validate().unwrap_err();
+        assert!(too_many.contains("--threads"), "{too_many}");
     }
 
     #[test]

@@ -107,6 +107,7 @@ impl RunningServer {
                 slice: Duration::from_secs_f64(config.slice_ms / 1000.0),
                 max_pass: (config.max_pass_ms > 0.0)
                     .then(|| Duration::from_secs_f64(config.max_pass_ms / 1000.0)),
+                threads: config.threads,
             },
             jobs.clone(),
             events.clone(),

@@ -226,20 +226,31 @@ async fn maximal_requests_leave_room_for_short_ones() {
     abandoned_work_stops(&metrics, &client, "GeneratePairs").await;
 
     // ScorePairs: the most pairs a request may carry, each side ~110 tokens of GPT-2-small.
+    let request = long_pairs_request(4096);
+    scoring_leaves_room(&url, &client, &metrics, patience, request, "ScorePairs").await;
+    server.shutdown().await.unwrap();
+}
+
+/// While `request` (a ScorePairs that runs far longer than `patience`) is scored, short
+/// requests are served within `patience` and `request` is still running; once its client
+/// leaves, its work stops.
+async fn scoring_leaves_room(
+    url: &str,
+    client: &W2sClient,
+    metrics: &Arc<Metrics>,
+    patience: Duration,
+    request: pb::ScorePairsRequest,
+    what: &str,
+) {
     let scoring = {
         let mut inference = client.inference.clone();
-        let request = long_pairs_request(4096);
         tokio::spawn(async move { inference.score_pairs(request).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    short_requests_are_served(&url, &client, patience, "ScorePairs").await;
-    assert!(
-        !scoring.is_finished(),
-        "the maximal ScorePairs is still running"
-    );
+    short_requests_are_served(url, client, patience, what).await;
+    assert!(!scoring.is_finished(), "{what} is still running");
     scoring.abort();
-    abandoned_work_stops(&metrics, &client, "ScorePairs").await;
-    server.shutdown().await.unwrap();
+    abandoned_work_stops(metrics, client, what).await;
 }
 
 /// Passes sized by time (`--max-pass-ms`) with the default token budget: a ScorePairs of
@@ -264,19 +275,10 @@ async fn passes_sized_by_time_let_a_tiny_request_through_long_sequences() {
     // Two idle one-sequence passes of big (the first also measures big's rate).
     let patience = patience_for(&client, pairs_request(1, 190)).await;
 
-    let scoring = {
-        let mut inference = client.inference.clone();
-        let request = pairs_request(8, 190);
-        tokio::spawn(async move { inference.score_pairs(request).await })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    short_requests_are_served(&url, &client, patience, "16 x 1000-token ScorePairs").await;
-    assert!(
-        !scoring.is_finished(),
-        "the 16-sequence ScorePairs is still running (it takes ~8 one-pair times)"
-    );
-    scoring.abort();
-    abandoned_work_stops(&metrics, &client, "16 x 1000-token ScorePairs").await;
+    // It takes about eight one-pair times.
+    let request = pairs_request(8, 190);
+    let what = "16 x 1000-token ScorePairs";
+    scoring_leaves_room(&url, &client, &metrics, patience, request, what).await;
     server.shutdown().await.unwrap();
 }
 

@@ -65,6 +65,18 @@ fn code_of<T: std::fmt::Debug>(result: Result<T, model_server::ClientError>) -> 
     }
 }
 
+/// What ListJobs answers.
+async fn listed_jobs(client: &W2sClient) -> Vec<pb::JobInfo> {
+    client
+        .training
+        .clone()
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+}
+
 fn dialogue(i: usize, answer: &str) -> String {
     format!("\n\nHuman: question {i}?\n\nAssistant: {answer} {i}")
 }
@@ -487,14 +499,7 @@ async fn every_rpc_works_end_to_end() {
             .any(|e| e.file_name().to_string_lossy().contains(&reward.id)),
         "nothing of the job is left beside the other jobs"
     );
-    let listed = client
-        .training
-        .clone()
-        .list_jobs(pb::ListJobsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let listed = listed_jobs(&client).await;
     assert!(!listed.iter().any(|j| j.id == reward.id));
     assert!(listed.iter().any(|j| j.id == long.id));
     assert_eq!(code_of(delete(&reward.id).await), Code::NotFound);
@@ -932,7 +937,12 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     let mut timed_config = config(&dir.path().join("c"));
     timed_config.max_pass_ms = 0.001;
     let timed = RunningServer::start(timed_config).await.unwrap();
-    for server in [&batched, &single, &timed] {
+    // A compute pool of its own with one thread (`--threads 1`), otherwise as `single`.
+    let mut one_thread_config = config(&dir.path().join("d"));
+    one_thread_config.max_batch_requests = 1;
+    one_thread_config.threads = 1;
+    let one_thread = RunningServer::start(one_thread_config).await.unwrap();
+    for server in [&batched, &single, &timed, &one_thread] {
         W2sClient::connect(&server.url())
             .await
             .unwrap()
@@ -945,6 +955,10 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
         .collect();
     let together = logprobs_of(&batched, &texts, true).await;
     let alone = logprobs_of(&single, &texts, false).await;
+    let on_one_thread = logprobs_of(&one_thread, &texts, false).await;
+    // The thread count splits the same work the same way: bit for bit the same numbers.
+    assert_eq!(on_one_thread, alone, "one thread changed the log-probs");
+    one_thread.shutdown().await.unwrap();
     let cut = logprobs_of(&timed, &texts, true).await;
     for ((a, b), c) in together.iter().zip(&alone).zip(&cut) {
         assert_eq!(a.len(), b.len());
@@ -1051,14 +1065,7 @@ async fn start_up_sweeps_job_leftovers_unfinished_deletions_and_sets_broken_jobs
     assert!(!jobs.join("ghost").exists());
     assert!(jobs.join(".broken-ghost/checkpoint").is_dir());
     assert!(!jobs.join(".deleted-job-gone").exists());
-    let listed = client
-        .training
-        .clone()
-        .list_jobs(pb::ListJobsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let listed = listed_jobs(&client).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     server.shutdown().await.unwrap();
 }

@@ -177,12 +177,21 @@ struct ServerArgs {
     /// Bearer token for --server.
     #[arg(long, env = "W2S_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Without --server: how many in-process servers to start (state in OUT/.server,
+    /// OUT/.server-1, …), the cores split evenly between them. Runs are spread over them like
+    /// over remote servers, with identical results. Default: one per core (up to 4) for
+    /// `experiment`, whose models are tiny and whose single runs use two cores at 1.5x one;
+    /// 1 for `run` (each server holds its own copy of every model).
+    #[arg(long, env = "W2S_LOCAL_SERVERS")]
+    local_servers: Option<usize>,
 }
 
 /// The study's servers: a session (the first server, or an in-process one) and the others.
 struct Servers {
     session: Session,
     more: Vec<W2sClient>,
+    /// In-process servers beyond the session's.
+    local: Vec<Session>,
 }
 
 impl Servers {
@@ -191,12 +200,29 @@ impl Servers {
             .chain(self.more.iter().cloned())
             .collect()
     }
+
+    /// Stops the in-process servers (checkpointing their jobs).
+    async fn close(self) -> Result<()> {
+        self.session.close().await?;
+        for session in self.local {
+            session.close().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Creates `out` and connects to the given servers, or starts an in-process server that keeps
 /// its state in `out/.server`.
-async fn open_servers(out: &Path, server: &ServerArgs) -> Result<Servers> {
-    let session = open_session(out, server).await?;
+async fn open_servers(out: &Path, server: &ServerArgs, default_local: usize) -> Result<Servers> {
+    let local = if server.servers.is_empty() {
+        server.local_servers.unwrap_or(default_local).max(1)
+    } else {
+        1
+    };
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // One in-process server takes the shared pool (every core); several split the cores.
+    let threads = if local > 1 { (cores / local).max(1) } else { 0 };
+    let session = open_session(out, server, ".server", threads).await?;
     let options = ClientOptions {
         token: server.token.clone(),
         ..Default::default()
@@ -205,7 +231,25 @@ async fn open_servers(out: &Path, server: &ServerArgs) -> Result<Servers> {
     for url in server.servers.iter().skip(1) {
         more.push(connect_when_up(url, &options, server.wait_seconds).await?);
     }
-    Ok(Servers { session, more })
+    let mut extra = Vec::new();
+    for i in 1..local {
+        let session = open_session(out, server, &format!(".server-{i}"), threads).await?;
+        more.push(session.client.clone());
+        extra.push(session);
+    }
+    Ok(Servers {
+        session,
+        more,
+        local: extra,
+    })
+}
+
+/// In-process servers for `experiment` when neither --server nor --local-servers says
+/// otherwise: one per core, at most 4.
+fn default_local_servers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4)
 }
 
 /// Connects to `url` and asks it for its identity, retrying each second for up to `wait`
@@ -252,12 +296,18 @@ fn print_at_most_every_10_seconds(line: &str) {
     }
 }
 
-async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
+async fn open_session(
+    out: &Path,
+    server: &ServerArgs,
+    state: &str,
+    threads: usize,
+) -> Result<Session> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut config = ServerConfig::ephemeral();
-    config.data_dir = out.join(".server");
+    config.data_dir = out.join(state);
     // Models travel over gRPC (uploads, downloads, random inits), never by server-side path.
-    config.model_root = out.join(".server");
+    config.model_root = out.join(state);
+    config.threads = threads;
     let options = ClientOptions {
         token: server.token.clone(),
         ..Default::default()
@@ -273,7 +323,7 @@ async fn open_session(out: &Path, server: &ServerArgs) -> Result<Session> {
 
 async fn experiment(args: ExperimentArgs) -> Result<()> {
     let config = args.config()?;
-    let servers = open_servers(&args.out, &args.server).await?;
+    let servers = open_servers(&args.out, &args.server, default_local_servers()).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
     let result = experiment::run(
@@ -289,7 +339,7 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
     )
     .await;
     drop(progress);
-    servers.session.close().await?;
+    servers.close().await?;
     let outcome = result?;
     eprintln!(
         "sandbox study finished in {:.0} s: {} runs; {} on disk under {}",
@@ -327,7 +377,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
-    let servers = open_servers(&args.out, &args.server).await?;
+    let servers = open_servers(&args.out, &args.server, 1).await?;
     let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(
         &spec,
@@ -340,7 +390,7 @@ async fn run(args: RunArgs) -> Result<()> {
     .keeping_models(args.keep_models)
     .with_more_servers(servers.more.iter().cloned());
     let result = study.run_all().await;
-    servers.session.close().await?;
+    servers.close().await?;
     let runs = result?;
     eprintln!(
         "{} runs finished in {} ({} on disk there)",

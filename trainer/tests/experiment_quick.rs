@@ -158,6 +158,23 @@ fn assert_conflict_fields(out: &Path) {
 fn quick_experiment_leaves_everything_and_knowledge_grows_with_size_and_nests() {
     let out = tempfile::tempdir().unwrap();
     let summary = experiment(&["--quick"], out.path());
+    // One in-process server per core (up to 4), each with its own state folder; every
+    // finished run's jobs (and every pretraining job) were deleted from them.
+    let servers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4);
+    for i in 0..servers {
+        let state = match i {
+            0 => ".server".to_string(),
+            i => format!(".server-{i}"),
+        };
+        let jobs: Vec<_> = std::fs::read_dir(out.path().join(&state).join("jobs"))
+            .unwrap_or_else(|e| panic!("{state}/jobs: {e}"))
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(jobs.is_empty(), "{state} keeps jobs: {jobs:?}");
+    }
     for file in [
         "world/entities.jsonl",
         "world/corpus.jsonl",

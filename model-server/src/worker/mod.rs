@@ -294,6 +294,8 @@ pub struct WorkerConfig {
     /// Target duration of one scoring/log-prob forward pass (`--max-pass-ms`); `None`: passes
     /// are sized by `max_batch_tokens` alone.
     pub max_pass: Option<Duration>,
+    /// Threads of a compute pool of the worker's own (`--threads`); 0: the process's pool.
+    pub threads: usize,
 }
 
 /// When the device loop last made progress, for the health watchdog: milliseconds since the
@@ -353,18 +355,36 @@ impl WorkerHandle {
         let heartbeat = Arc::new(Heartbeat::default());
         heartbeat.beat(false);
         let worker_heartbeat = heartbeat.clone();
+        // Tensor work parallelises over the current rayon pool: a pool of the worker's own
+        // when it has a thread count, so servers in one process split the cores between them.
+        let pool = match config.threads {
+            0 => None,
+            threads => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("w2s-compute-{i}"))
+                    .build()
+                    .map_err(std::io::Error::other)?,
+            ),
+        };
         std::thread::Builder::new()
             .name("w2s-device-worker".into())
             .spawn(move || {
-                Worker::new(
-                    config,
-                    jobs,
-                    events,
-                    worker_metrics,
-                    tokenizer,
-                    worker_heartbeat,
-                )
-                .run(receiver)
+                let work = move || {
+                    Worker::new(
+                        config,
+                        jobs,
+                        events,
+                        worker_metrics,
+                        tokenizer,
+                        worker_heartbeat,
+                    )
+                    .run(receiver)
+                };
+                match pool {
+                    Some(pool) => pool.install(work),
+                    None => work(),
+                }
             })?;
         Ok(Self {
             sender,
