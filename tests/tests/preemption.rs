@@ -143,7 +143,8 @@ async fn abandoned_work_stops(metrics: &Arc<Metrics>, client: &W2sClient, what: 
     client.score_pairs(tiny_pair_request()).await.unwrap();
 }
 
-/// A server on `dir` (after `adjust` on its config) with the GPT-2-small preset as `big`.
+/// A server on `dir` (after `adjust` on its config) with the GPT-2-small preset as `big` and
+/// tiny-gpt2 with a reward head as `tiny`.
 async fn server_with_gpt2_small(
     dir: &std::path::Path,
     adjust: impl FnOnce(&mut ServerConfig),
@@ -159,6 +160,10 @@ async fn server_with_gpt2_small(
         .load_model(preset("big", "gpt2", false))
         .await
         .unwrap();
+    client
+        .load_model(preset("tiny", "tiny-gpt2", true))
+        .await
+        .unwrap();
     (server, url, client)
 }
 
@@ -172,10 +177,6 @@ async fn maximal_requests_leave_room_for_short_ones() {
     })
     .await;
     let metrics = server.metrics();
-    client
-        .load_model(preset("tiny", "tiny-gpt2", true))
-        .await
-        .unwrap();
     let patience = patience(&client).await;
 
     // Generate: 1000 new tokens of GPT-2-small (the 1024-position limit).
@@ -268,10 +269,6 @@ async fn passes_sized_by_time_let_a_tiny_request_through_long_sequences() {
     })
     .await;
     let metrics = server.metrics();
-    client
-        .load_model(preset("tiny", "tiny-gpt2", true))
-        .await
-        .unwrap();
     // Two idle one-sequence passes of big (the first also measures big's rate).
     let patience = patience_for(&client, pairs_request(1, 190)).await;
 
