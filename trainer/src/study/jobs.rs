@@ -15,6 +15,17 @@ use super::{Scenario, Study, annotate_config, write_atomic};
 use crate::data::HhPair;
 use crate::spec::{ModelSpec, StageHyper};
 
+/// The run folder's record of its server jobs: stage → job id.
+const JOBS: &str = "jobs.json";
+
+/// The jobs a run folder records (none when the file is missing or unreadable).
+fn recorded_jobs(dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(dir.join(JOBS))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
 impl Study<'_> {
     /// Drops a model from the server; best effort (it may already be gone).
     pub(super) async fn unload(&self, name: impl Into<String>) {
@@ -84,6 +95,20 @@ impl Study<'_> {
         }
     }
 
+    /// Deletes the server's jobs of the finished run in `dir` (its `jobs.json`), unless
+    /// `keep_models`. Best effort: a job that cannot be deleted is reported and left.
+    pub(super) async fn release_jobs(&mut self, dir: &Path) {
+        if self.keep_models {
+            return;
+        }
+        for id in recorded_jobs(dir).values() {
+            if let Err(e) = self.client.delete_job_if_present(id).await {
+                self.progress
+                    .line(&format!("  could not delete job {id} on the server: {e}"));
+            }
+        }
+    }
+
     /// Runs a training stage as a server job, resuming a job recorded in `jobs.json` when the
     /// server still knows it; returns the name of the trained model on the server.
     pub(super) async fn train(
@@ -93,11 +118,8 @@ impl Study<'_> {
         request: pb::StartJobRequest,
         log: &mut std::fs::File,
     ) -> Result<String> {
-        let jobs_path = dir.join("jobs.json");
-        let mut jobs: BTreeMap<String, String> = std::fs::read_to_string(&jobs_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        let jobs_path = dir.join(JOBS);
+        let mut jobs = recorded_jobs(dir);
         let output = request.output_model.clone();
         // A stale model of that name (from an earlier attempt) must not shadow the result.
         self.unload(output.clone()).await;

@@ -580,24 +580,6 @@ impl<'a> Study<'a> {
         Ok(summary.accuracy)
     }
 
-    /// Deletes the server's jobs of the finished run in `dir` (its `jobs.json`), unless
-    /// `keep_models`. Best effort: a job that cannot be deleted is reported and left.
-    async fn release_jobs(&mut self, dir: &Path) {
-        if self.keep_models {
-            return;
-        }
-        let jobs: BTreeMap<String, String> = std::fs::read_to_string(dir.join("jobs.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
-        for id in jobs.values() {
-            if let Err(e) = self.client.delete_job_if_present(id).await {
-                self.progress
-                    .line(&format!("  could not delete job {id} on the server: {e}"));
-            }
-        }
-    }
-
     fn read_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
         Ok(contract::read_weak_labels(dir)?)
     }
