@@ -1,21 +1,24 @@
 //! The LM head and the next-token log-probs as one CPU op (f32), forward and backward:
-//! `log_softmax(hidden · headᵀ)[b, i, ids[b, i + 1]]` for `i < t − 1`.
+//! `log_softmax(hidden · headᵀ)[b, i, ids[b, i + 1]]` for the wanted positions `i < t − 1`.
 //!
 //! Composed from candle ops this is a reshape, a matrix product, a reshape, a narrow to the
 //! predicting positions, a contiguous copy of the logits and the fused log-softmax; backward
 //! pads the narrowed gradient back with a full copy and, for every one of those nodes, candle
 //! adds the gradient into a fresh zero tensor. Each is a pass over (and an allocation of) the
 //! logits, which are the largest tensor of a step (`[b·t, vocab]`: 14 MB for the sandbox's
-//! 64 × 70 tokens, 100 MB for GPT-2-small's 4 × 128). Here the forward is one matrix product
-//! into a buffer the op keeps and one pass over it; the backward turns that buffer into the
-//! logits' gradient in place and runs the two products of the head's backward.
+//! 64 × 70 tokens, 100 MB for GPT-2-small's 4 × 128). Here the forward gathers the hidden
+//! states of the wanted positions, runs one matrix product into a buffer the op keeps and one
+//! pass over it; the backward turns that buffer into the logits' gradient in place and runs
+//! the two products of the head's backward. Positions nobody reads (the prompt under a
+//! response-only loss, padding, the last position) cost nothing: in the sandbox's fine-tuning
+//! they are over half of the rows.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::fused::{
     contiguous, rows_per_task, target_logprob_grad_rows_in_place, target_logprob_rows,
 };
@@ -30,13 +33,27 @@ struct Dims {
     vocab: usize,
 }
 
-/// Logits `[batch·t, vocab]` of every position.
-fn logits(hidden: &[f32], head: &[f32], dims: Dims) -> candle_core::Result<Vec<f32>> {
+/// The hidden states of the wanted positions, `[rows.len(), hidden]`.
+fn gather_rows(hidden: &[f32], rows: &[Position], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for p in rows {
+        out.extend_from_slice(&hidden[p.hidden_row * width..(p.hidden_row + 1) * width]);
+    }
+    out
+}
+
+/// Logits `[rows, vocab]` of the gathered hidden states `[rows, hidden]`.
+fn logits(
+    gathered: &[f32],
+    head: &[f32],
+    rows: usize,
+    dims: Dims,
+) -> candle_core::Result<Vec<f32>> {
     Product {
-        m: dims.batch * dims.t,
+        m: rows,
         n: dims.vocab,
         k: dims.hidden,
-        lhs: hidden,
+        lhs: gathered,
         lhs_strides: (dims.hidden, 1),
         rhs: head,
         // headᵀ: element (c, v) of the `[hidden, vocab]` operand is head[v, c].
@@ -45,9 +62,20 @@ fn logits(hidden: &[f32], head: &[f32], dims: Dims) -> candle_core::Result<Vec<f
     .run()
 }
 
+/// One wanted position: its row in the flattened hidden states `[b·t, h]` (`b·t + i`, which
+/// also indexes its target `ids[b, i + 1]` as `hidden_row + 1`) and its entry in the output
+/// `[b, t − 1]` (`b·(t − 1) + i`).
+#[derive(Clone, Copy)]
+struct Position {
+    hidden_row: usize,
+    out_index: usize,
+}
+
 /// The forward op. It keeps the logits it computed for its backward pass (as the composed
 /// graph keeps its logits tensor); they are freed with the result's graph.
 struct LmHeadLogprobs {
+    /// The wanted positions, in order.
+    rows: Vec<Position>,
     logits: Mutex<Option<Vec<f32>>>,
 }
 
@@ -71,6 +99,12 @@ fn dims_of(l_hidden: &Layout, l_head: &Layout, l_ids: &Layout) -> candle_core::R
     })
 }
 
+impl LmHeadLogprobs {
+    fn targets(&self, ids: &[u32]) -> Vec<u32> {
+        self.rows.iter().map(|p| ids[p.hidden_row + 1]).collect()
+    }
+}
+
 impl CustomOp3 for LmHeadLogprobs {
     fn name(&self) -> &'static str {
         "lm-head-logprobs"
@@ -92,26 +126,25 @@ impl CustomOp3 for LmHeadLogprobs {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= dims.vocab) {
             candle_core::bail!("token {bad} outside the vocabulary of {}", dims.vocab);
         }
-        let logits = logits(hidden, head, dims)?;
-        let (t, vocab) = (dims.t, dims.vocab);
-        let mut out = vec![0f32; dims.batch * (t - 1)];
+        let gathered = gather_rows(hidden, &self.rows, dims.hidden);
+        let logits = logits(&gathered, head, self.rows.len(), dims)?;
+        let targets = self.targets(ids);
+        let vocab = dims.vocab;
+        let mut wanted = vec![0f32; self.rows.len()];
         let chunk = rows_per_task(vocab);
-        out.par_chunks_mut(t - 1).enumerate().for_each(|(b, out)| {
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-                // Position i of sequence b predicts ids[b, i + 1] from logits row b·t + i.
-                let first = c * chunk;
-                let rows = b * t + first..b * t + first + out.len();
-                target_logprob_rows(
-                    &logits[rows.start * vocab..rows.end * vocab],
-                    &ids[rows.start + 1..rows.end + 1],
-                    out,
-                );
-            });
-        });
+        wanted
+            .par_chunks_mut(chunk)
+            .zip(logits.par_chunks(chunk * vocab))
+            .zip(targets.par_chunks(chunk))
+            .for_each(|((out, logits), targets)| target_logprob_rows(logits, targets, out));
+        let mut out = vec![0f32; dims.batch * (dims.t - 1)];
+        for (p, value) in self.rows.iter().zip(wanted) {
+            out[p.out_index] = value;
+        }
         if let Ok(mut kept) = self.logits.lock() {
             *kept = Some(logits);
         }
-        Ok((CpuStorage::F32(out), Shape::from((dims.batch, t - 1))))
+        Ok((CpuStorage::F32(out), Shape::from((dims.batch, dims.t - 1))))
     }
 
     fn bwd(
@@ -134,40 +167,34 @@ impl CustomOp3 for LmHeadLogprobs {
         let hidden_values = contiguous::<f32>(s1, l1, "hidden states")?;
         let head_values = contiguous::<f32>(s2, l2, "head")?;
         let ids_values = contiguous::<u32>(s3, l3, "ids")?;
-        let upstream = grad_res.flatten_all()?.to_vec1::<f32>()?;
-        let results = res.flatten_all()?.to_vec1::<f32>()?;
+        let gathered = gather_rows(hidden_values, &self.rows, dims.hidden);
+        let targets = self.targets(ids_values);
+        let upstream_all = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let results_all = res.flatten_all()?.to_vec1::<f32>()?;
+        let upstream: Vec<f32> = self
+            .rows
+            .iter()
+            .map(|p| upstream_all[p.out_index])
+            .collect();
+        let results: Vec<f32> = self.rows.iter().map(|p| results_all[p.out_index]).collect();
         // The kept logits become their gradient in place; a second backward recomputes them.
         let kept = self.logits.lock().ok().and_then(|mut kept| kept.take());
         let mut grad_logits = match kept {
             Some(logits) => logits,
-            None => logits(hidden_values, head_values, dims)?,
+            None => logits(&gathered, head_values, self.rows.len(), dims)?,
         };
-        let (t, vocab) = (dims.t, dims.vocab);
+        let vocab = dims.vocab;
         let chunk = rows_per_task(vocab);
         grad_logits
-            .par_chunks_mut(t * vocab)
-            .enumerate()
-            .for_each(|(b, rows)| {
-                let (predicting, last) = rows.split_at_mut((t - 1) * vocab);
-                last.fill(0.0); // the last position predicts nothing
-                predicting
-                    .par_chunks_mut(chunk * vocab)
-                    .enumerate()
-                    .for_each(|(c, rows)| {
-                        let first = c * chunk;
-                        let n = rows.len() / vocab;
-                        let out = b * (t - 1) + first..b * (t - 1) + first + n;
-                        target_logprob_grad_rows_in_place(
-                            rows,
-                            &ids_values[b * t + first + 1..b * t + first + n + 1],
-                            &upstream[out.clone()],
-                            &results[out],
-                        );
-                    });
+            .par_chunks_mut(chunk * vocab)
+            .zip(targets.par_chunks(chunk))
+            .zip(upstream.par_chunks(chunk).zip(results.par_chunks(chunk)))
+            .for_each(|((rows, targets), (upstream, results))| {
+                target_logprob_grad_rows_in_place(rows, targets, upstream, results);
             });
-        let m = dims.batch * t;
-        let grad_hidden = Product {
-            m,
+        let n = self.rows.len();
+        let grad_gathered = Product {
+            m: n,
             n: dims.hidden,
             k: vocab,
             lhs: &grad_logits,
@@ -176,14 +203,23 @@ impl CustomOp3 for LmHeadLogprobs {
             rhs_strides: (dims.hidden, 1),
         }
         .run()?;
+        let mut grad_hidden = vec![0f32; dims.batch * dims.t * dims.hidden];
+        for (p, grad) in self
+            .rows
+            .iter()
+            .zip(grad_gathered.chunks_exact(dims.hidden))
+        {
+            grad_hidden[p.hidden_row * dims.hidden..(p.hidden_row + 1) * dims.hidden]
+                .copy_from_slice(grad);
+        }
         let grad_head = Product {
             m: vocab,
             n: dims.hidden,
-            k: m,
+            k: n,
             lhs: &grad_logits,
             // (grad_logits)ᵀ: element (v, r) is grad_logits[r, v].
             lhs_strides: (1, vocab),
-            rhs: hidden_values,
+            rhs: &gathered,
             rhs_strides: (dims.hidden, 1),
         }
         .run()?;
@@ -191,7 +227,7 @@ impl CustomOp3 for LmHeadLogprobs {
         Ok((
             Some(Tensor::from_vec(
                 grad_hidden,
-                (dims.batch, t, dims.hidden),
+                (dims.batch, dims.t, dims.hidden),
                 &device,
             )?),
             Some(Tensor::from_vec(grad_head, (vocab, dims.hidden), &device)?),
@@ -201,12 +237,37 @@ impl CustomOp3 for LmHeadLogprobs {
 }
 
 /// `log p(ids[b, i + 1] | ids[b, ..=i])` `[b, t − 1]` from the final hidden states `[b, t, h]`
-/// and the LM head `[vocab, h]` (f32, CPU; `t ≥ 2`), differentiable in both.
-pub fn lm_head_target_logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor> {
+/// and the LM head `[vocab, h]` (f32, CPU; `t ≥ 2`), differentiable in both, at the positions
+/// `wanted` marks (`[b·(t − 1)]`, row-major; `None`: all of them). Other entries are 0 and pass
+/// no gradient, and their logits are never computed.
+pub fn lm_head_target_logprobs(
+    hidden: &Tensor,
+    head: &Tensor,
+    ids: &Tensor,
+    wanted: Option<&[bool]>,
+) -> Result<Tensor> {
+    let (batch, t, _) = hidden.dims3()?;
+    let predicting = t.saturating_sub(1);
+    if let Some(wanted) = wanted
+        && wanted.len() != batch * predicting
+    {
+        return Err(ModelError::InvalidInput(format!(
+            "a mask of {} positions for log-probs of {batch} × {predicting}",
+            wanted.len()
+        )));
+    }
+    let rows = (0..batch * predicting)
+        .filter(|&j| wanted.is_none_or(|w| w[j]))
+        .map(|j| Position {
+            hidden_row: (j / predicting) * t + j % predicting,
+            out_index: j,
+        })
+        .collect();
     Ok(hidden.contiguous()?.apply_op3(
         &head.contiguous()?,
         &ids.contiguous()?,
         LmHeadLogprobs {
+            rows,
             logits: Mutex::new(None),
         },
     )?)
@@ -239,10 +300,45 @@ mod tests {
             let head = random_var(&[vocab, hidden], 0.0, 0.5);
             let ids: Vec<u32> = (0..batch * t).map(|i| (i * 7 % vocab) as u32).collect();
             let ids = Tensor::from_vec(ids, (batch, t), &Device::Cpu).unwrap();
-            let fused = lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids).unwrap();
+            let fused =
+                lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids, None).unwrap();
             let reference = composed(h.as_tensor(), head.as_tensor(), &ids);
             assert_same_values_and_gradients(fused, reference, &[&h, &head], 1e-5, 1e-4);
         }
+    }
+
+    #[test]
+    fn masked_positions_match_the_full_head_where_wanted_and_pass_nothing_elsewhere() {
+        let (batch, t, hidden, vocab) = (3, 9, 16, 40);
+        let h = random_var(&[batch, t, hidden], 0.0, 1.0);
+        let head = random_var(&[vocab, hidden], 0.0, 0.5);
+        let ids: Vec<u32> = (0..batch * t).map(|i| (i * 5 % vocab) as u32).collect();
+        let ids = Tensor::from_vec(ids, (batch, t), &Device::Cpu).unwrap();
+        // A response-only mask per row, one row with nothing wanted.
+        let wanted: Vec<bool> = (0..batch * (t - 1))
+            .map(|j| {
+                let (row, i) = (j / (t - 1), j % (t - 1));
+                row != 1 && i >= 3 + row
+            })
+            .collect();
+        let mask = Tensor::from_vec(
+            wanted
+                .iter()
+                .map(|&w| if w { 1f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (batch, t - 1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let masked =
+            lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids, Some(&wanted)).unwrap();
+        let reference = composed(h.as_tensor(), head.as_tensor(), &ids)
+            .mul(&mask)
+            .unwrap();
+        assert_same_values_and_gradients(masked, reference, &[&h, &head], 1e-5, 1e-4);
+        let wrong_length =
+            lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids, Some(&wanted[1..]));
+        assert!(wrong_length.is_err());
     }
 
     #[test]
@@ -250,7 +346,7 @@ mod tests {
         let h = random_var(&[2, 5, 8], 0.0, 1.0);
         let head = random_var(&[11, 8], 0.0, 0.5);
         let ids = Tensor::from_vec((0..10u32).collect(), (2, 5), &Device::Cpu).unwrap();
-        let out = lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids)
+        let out = lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids, None)
             .unwrap()
             .sum_all()
             .unwrap();
@@ -277,13 +373,13 @@ mod tests {
         let h = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
         let head = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
         let ids = Tensor::from_vec(vec![0u32, 1, 9], (1, 3), &Device::Cpu).unwrap();
-        let err = lm_head_target_logprobs(&h, &head, &ids)
+        let err = lm_head_target_logprobs(&h, &head, &ids, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("token 9"), "{err}");
         let short = Tensor::from_vec(vec![0u32, 1], (1, 2), &Device::Cpu).unwrap();
-        assert!(lm_head_target_logprobs(&h, &head, &short).is_err());
+        assert!(lm_head_target_logprobs(&h, &head, &short, None).is_err());
         let narrow_head = Tensor::zeros((5, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(lm_head_target_logprobs(&h, &narrow_head, &ids).is_err());
+        assert!(lm_head_target_logprobs(&h, &narrow_head, &ids, None).is_err());
     }
 }

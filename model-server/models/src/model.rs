@@ -326,9 +326,36 @@ impl CausalLm {
     /// [`Self::token_logprobs`] from the final hidden states of `ids`.
     pub fn token_logprobs_from_hidden(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
         if fused_applies(hidden) && ids.dim(1)? >= 2 {
-            return lm_head_target_logprobs(hidden, &self.lm_head, ids);
+            return lm_head_target_logprobs(hidden, &self.lm_head, ids, None);
         }
         token_logprobs_from_logits(&self.logits_from_hidden(hidden)?, ids)
+    }
+
+    /// [`Self::token_logprobs_from_hidden`] at the positions `wanted` marks (`[b·(t − 1)]`,
+    /// row-major); every other entry is 0 and passes no gradient. On the CPU the logits of
+    /// unwanted positions (a prompt, padding) are never computed.
+    pub fn token_logprobs_where(
+        &self,
+        hidden: &Tensor,
+        ids: &Tensor,
+        wanted: &[bool],
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if wanted.len() != b * t.saturating_sub(1) {
+            return Err(ModelError::InvalidInput(format!(
+                "a mask of {} positions for log-probs of {b} × {}",
+                wanted.len(),
+                t.saturating_sub(1)
+            )));
+        }
+        if fused_applies(hidden) && t >= 2 {
+            return lm_head_target_logprobs(hidden, &self.lm_head, ids, Some(wanted));
+        }
+        let all = token_logprobs_from_logits(&self.logits_from_hidden(hidden)?, ids)?;
+        let mask: Vec<f32> = wanted.iter().map(|&w| if w { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (b, t.saturating_sub(1)), &self.device)?
+            .to_dtype(all.dtype())?;
+        Ok(all.mul(&mask)?)
     }
 
     /// Reward of each row: the head applied to the hidden state of the last real token
@@ -377,7 +404,6 @@ impl CausalLm {
         if t < 2 {
             return Ok(head);
         }
-        let logprobs = self.token_logprobs_from_hidden(&hidden, &batch.ids)?;
         // Entry j predicts token j + 1; each response token weighs 1 / (its row's count).
         let mut weights = vec![0f32; b * (t - 1)];
         for (row, (&len, &start)) in batch.lengths.iter().zip(response_starts).enumerate() {
@@ -389,6 +415,8 @@ impl CausalLm {
                 }
             }
         }
+        let wanted: Vec<bool> = weights.iter().map(|&w| w != 0.0).collect();
+        let logprobs = self.token_logprobs_where(&hidden, &batch.ids, &wanted)?;
         let weights =
             Tensor::from_vec(weights, (b, t - 1), &self.device)?.to_dtype(logprobs.dtype())?;
         let mean_logprob = (logprobs * weights)?.sum(1)?;
@@ -401,8 +429,15 @@ impl CausalLm {
         self.in_halves(sequences.len(), |rows| {
             let batch =
                 PaddedBatch::new(&sequences[rows], self.config.pad_token_id(), &self.device)?;
+            let width = batch.ids.dim(1)?.saturating_sub(1);
+            let wanted: Vec<bool> = batch
+                .lengths
+                .iter()
+                .flat_map(|&len| (0..width).map(move |i| i + 1 < len))
+                .collect();
+            let hidden = self.hidden_states(&batch.ids)?;
             let rows: Vec<Vec<f32>> = self
-                .token_logprobs(&batch.ids)?
+                .token_logprobs_where(&hidden, &batch.ids, &wanted)?
                 .to_dtype(DType::F32)?
                 .to_vec2()?;
             Ok(rows

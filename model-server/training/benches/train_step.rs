@@ -145,7 +145,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect();
         let model = CausalLm::random_init(config.clone(), 1, &options)?
-            .with_fresh_reward_head(3, RewardReadout::LastToken)?;
+            .with_fresh_reward_head(3, RewardReadout::LastTokenAndMeanLogprob)?;
         let mut reward_run = TrainingRun::new(
             model,
             reward_examples,

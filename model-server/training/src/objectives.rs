@@ -208,19 +208,19 @@ pub fn pooled_response_logprobs(
 ) -> Result<Tensor> {
     let sequences: Vec<Vec<u32>> = dialogues.iter().map(|d| d.ids.clone()).collect();
     let batch = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let logprobs = model.token_logprobs(&batch.ids)?;
-    let width = logprobs.dim(1)?;
-    let mut mask = Vec::with_capacity(dialogues.len() * width);
+    let width = batch.ids.dim(1)?.saturating_sub(1);
+    let mut wanted = Vec::with_capacity(dialogues.len() * width);
     let mut counts = Vec::with_capacity(dialogues.len());
     for d in dialogues {
         let m = d.logprob_mask();
         counts.push(m.iter().filter(|x| **x).count().max(1) as f32);
-        mask.extend(m.iter().map(|&x| if x { 1f32 } else { 0.0 }));
-        mask.extend(std::iter::repeat_n(0f32, width - m.len()));
+        wanted.extend_from_slice(&m);
+        wanted.extend(std::iter::repeat_n(false, width - m.len()));
     }
-    let mask = Tensor::from_vec(mask, (dialogues.len(), width), model.device())?
-        .to_dtype(logprobs.dtype())?;
-    let sums = logprobs.mul(&mask)?.sum(1)?;
+    // Only the response's positions are computed; the others come back as 0.
+    let hidden = model.hidden_states(&batch.ids)?;
+    let logprobs = model.token_logprobs_where(&hidden, &batch.ids, &wanted)?;
+    let sums = logprobs.sum(1)?;
     Ok(match pooling {
         Pooling::Sum => sums,
         Pooling::Mean => {
@@ -240,15 +240,18 @@ fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
         })
         .collect();
     let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let logprobs = model.token_logprobs(&padded.ids)?;
-    let width = logprobs.dim(1)?;
-    let mut mask = Vec::with_capacity(sequences.len() * width);
-    for len in &padded.lengths {
-        mask.extend((0..width).map(|i| if i + 1 < *len { 1f32 } else { 0.0 }));
-    }
-    let mask = Tensor::from_vec(mask, (sequences.len(), width), model.device())?
-        .to_dtype(logprobs.dtype())?;
-    let loss = logprobs.mul(&mask)?.sum_all()?.neg()?;
+    let width = padded.ids.dim(1)?.saturating_sub(1);
+    let wanted: Vec<bool> = padded
+        .lengths
+        .iter()
+        .flat_map(|&len| (0..width).map(move |i| i + 1 < len))
+        .collect();
+    // Padding positions are never computed and come back as 0.
+    let hidden = model.hidden_states(&padded.ids)?;
+    let loss = model
+        .token_logprobs_where(&hidden, &padded.ids, &wanted)?
+        .sum_all()?
+        .neg()?;
     Ok(LossOutput {
         loss,
         correct: 0,
