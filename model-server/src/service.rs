@@ -723,7 +723,7 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        let opened = (|| {
+        let opened = async {
             require("model", &request.model)?;
             require("prompt", &request.prompt)?;
             if request.max_new_tokens == 0 {
@@ -739,14 +739,18 @@ impl pb::inference_server::Inference for InferenceService {
             sampling
                 .validate()
                 .map_err(|e| ServiceError::invalid("sampling", e))?;
-            self.0.worker.generate(GenerateJob {
-                model: request.model,
-                prompt: request.prompt,
-                max_new_tokens: request.max_new_tokens as usize,
-                sampling,
-                stop_at_eos: request.stop_at_eos.unwrap_or(true),
-            })
-        })();
+            self.0
+                .worker
+                .generate(GenerateJob {
+                    model: request.model,
+                    prompt: request.prompt,
+                    max_new_tokens: request.max_new_tokens as usize,
+                    sampling,
+                    stop_at_eos: request.stop_at_eos.unwrap_or(true),
+                })
+                .await
+        }
+        .await;
         let receiver = match opened {
             Ok(r) => r,
             Err(e) => return Err(self.0.fail("Generate", started, e)),

@@ -39,7 +39,7 @@ impl ReplyTo {
         }
     }
 
-    fn fail(self, error: ServiceError) {
+    pub(super) fn fail(self, error: ServiceError) {
         match self {
             ReplyTo::Logprobs { reply, .. } => drop(reply.send(Err(error))),
             ReplyTo::Texts { reply } => drop(reply.send(Err(error))),

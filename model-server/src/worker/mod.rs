@@ -2,21 +2,21 @@
 //! training job. Commands arrive on a bounded channel (full → RESOURCE_EXHAUSTED) and are
 //! answered on oneshot channels; the async side never touches tensors.
 //!
-//! Scheduling, one turn of the loop: drain every queued command; hand the ones carrying text
-//! to a tokenizer thread (small or bulk lane; each lane's share of a group comes back encoded
-//! as one `Tokenized` message), or, while long work or a training job runs, encode them here
-//! when they carry at most 4 KiB of text; answer the rest in order; turn encoded work into
-//! tasks, grouping scoring requests for the same model into shared forward passes under a
-//! token budget (dynamic batching; padding never changes a sequence's result); advance the
-//! tasks round-robin, one forward pass each, until the turn's slice (`--slice-ms`) is spent;
-//! run one step of the active training job; repeat.
+//! Requests that carry text are encoded before they are queued, by the handle on the caller's
+//! side against the registry's published tokenizers ([`tokenize`]); the device thread sees
+//! only ready work. Scheduling, one turn of the loop: drain every queued command; answer the
+//! commands in order; turn encoded work into tasks (after checking that the models it was
+//! encoded for are still the resident ones), grouping scoring requests for the same model into
+//! shared forward passes under a token budget (dynamic batching; padding never changes a
+//! sequence's result); advance the tasks round-robin, one forward pass each, until the turn's
+//! slice (`--slice-ms`) is spent; run one step of the active training job; repeat.
 //! So no request holds the device for longer than one forward pass plus one training step
 //! before queued requests are looked at again. Work whose client has gone (deadline passed,
 //! cancelled) is dropped between slices. A heartbeat ([`Heartbeat`]) records the last time the
 //! loop made progress, for the health watchdog.
 //!
 //! - this file: the command types, the handle, the loop, the model registry;
-//! - [`tokenize`]: the tokenizer threads and the encoding rules of every request;
+//! - [`tokenize`]: the published tokenizer snapshot and the encoding rules of every request;
 //! - [`inference`]: the resumable tasks (scoring batches, DPO, generation, preference pairs);
 //! - [`training`]: the queue of training jobs, one step at a time, persistence.
 
@@ -45,8 +45,7 @@ use crate::jobs::{JobEvent, JobPaths, JobSpec, JobStatus};
 use crate::metrics::Metrics;
 use inference::{BatchTask, DpoTask, GenerateTask, PairsTask, Progress, Task};
 use tokenize::{
-    Contexts, INLINE_TEXT_BYTES, TokenizeContext, Tokenized, TokenizerHandle, needs_tokenizing,
-    text_bytes,
+    Contexts, Encoded, INLINE_TEXT_BYTES, ModelStamp, TextRequest, TokenizeContext, Tokenized,
 };
 
 /// A file-system error of an export: the client's mistake where its path caused it (a path
@@ -255,16 +254,11 @@ enum Command {
     Unload(String, Reply<()>),
     List(Reply<Vec<ModelSummary>>),
     Export(String, PathBuf, Reply<()>),
-    Logprobs(LogprobsJob, Reply<(Vec<SequenceLogprobs>, StageTimes)>),
-    Score(ScoreJob, Reply<(Vec<PairScore>, StageTimes)>),
-    ScoreTexts(TextsJob, Reply<(Vec<f64>, StageTimes)>),
-    Generate(GenerateJob, mpsc::Sender<ServiceResult<GenerationEvent>>),
-    Pairs(PairsJob, Reply<(Vec<GeneratedPair>, StageTimes)>),
+    /// A request whose texts the handle has encoded (scoring, log-probs, generation, pairs).
+    Encoded(Box<Encoded>),
     StartJob(Box<JobSpec>, Vec<Row>, Reply<JobStatus>),
     CancelJob(String, Reply<JobStatus>),
     Shutdown(Reply<()>),
-    /// Requests the tokenizer thread has encoded (internal; never refused for a full queue).
-    Tokenized(Vec<Tokenized>),
 }
 
 struct Job {
@@ -331,6 +325,10 @@ impl Heartbeat {
 /// Shared, read-mostly view of the jobs for the services.
 pub type JobTable = Arc<Mutex<BTreeMap<String, JobStatus>>>;
 
+/// The registry's tokenizers as the worker last published them (replaced whole on every
+/// load and unload, before the load's or unload's reply is sent).
+type Published = Arc<Mutex<Contexts>>;
+
 /// Cloneable handle to a device worker thread.
 #[derive(Clone)]
 pub struct WorkerHandle {
@@ -338,6 +336,9 @@ pub struct WorkerHandle {
     capacity: usize,
     metrics: Arc<Metrics>,
     heartbeat: Arc<Heartbeat>,
+    published: Published,
+    /// Encodings running on the blocking pool at once (big requests only).
+    encoding_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl WorkerHandle {
@@ -351,7 +352,8 @@ impl WorkerHandle {
         let capacity = config.queue_capacity.max(1);
         let (sender, receiver) = mpsc::channel(capacity);
         let worker_metrics = metrics.clone();
-        let tokenizer = TokenizerHandle::spawn(sender.downgrade())?;
+        let published: Published = Arc::new(Mutex::new(Arc::new(BTreeMap::new())));
+        let worker_published = published.clone();
         let heartbeat = Arc::new(Heartbeat::default());
         heartbeat.beat(false);
         let worker_heartbeat = heartbeat.clone();
@@ -376,7 +378,7 @@ impl WorkerHandle {
                         jobs,
                         events,
                         worker_metrics,
-                        tokenizer,
+                        worker_published,
                         worker_heartbeat,
                     )
                     .run(receiver)
@@ -386,11 +388,14 @@ impl WorkerHandle {
                     None => work(),
                 }
             })?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             sender,
             capacity,
             metrics,
             heartbeat,
+            published,
+            encoding_permits: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
         })
     }
 
@@ -424,6 +429,43 @@ impl WorkerHandle {
         receive.await.map_err(|_| ServiceError::WorkerGone)?
     }
 
+    /// Encodes a request that carries text against the published tokenizers and queues the
+    /// ready work; errors in the request are answered through its own reply channel.
+    async fn submit_text(&self, request: TextRequest) -> ServiceResult<()> {
+        // A full queue refuses before any encoding is spent on the request.
+        if self.sender.capacity() == 0 {
+            return Err(ServiceError::Overloaded(self.capacity));
+        }
+        let contexts = self
+            .published
+            .lock()
+            .map(|published| published.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+        let span = Span::current();
+        let encoded = if request.text_bytes() <= INLINE_TEXT_BYTES {
+            tokenize::encode(request, &contexts, &span)
+        } else {
+            let _permit = self
+                .encoding_permits
+                .acquire()
+                .await
+                .map_err(|_| ServiceError::WorkerGone)?;
+            tokio::task::spawn_blocking(move || tokenize::encode(request, &contexts, &span))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("encoding a request: {e}")))?
+        };
+        match encoded {
+            Some(encoded) => self.enqueue(Command::Encoded(Box::new(encoded))),
+            None => Ok(()),
+        }
+    }
+
+    async fn call_text<T>(&self, make: impl FnOnce(Reply<T>) -> TextRequest) -> ServiceResult<T> {
+        let (reply, receive) = oneshot::channel();
+        self.submit_text(make(reply)).await?;
+        receive.await.map_err(|_| ServiceError::WorkerGone)?
+    }
+
     pub async fn load(&self, spec: LoadSpec) -> ServiceResult<ModelSummary> {
         self.call(|r| Command::Load(spec, r)).await
     }
@@ -440,28 +482,28 @@ impl WorkerHandle {
         &self,
         job: LogprobsJob,
     ) -> ServiceResult<(Vec<SequenceLogprobs>, StageTimes)> {
-        self.call(|r| Command::Logprobs(job, r)).await
+        self.call_text(|r| TextRequest::Logprobs(job, r)).await
     }
     pub async fn score(&self, job: ScoreJob) -> ServiceResult<(Vec<PairScore>, StageTimes)> {
-        self.call(|r| Command::Score(job, r)).await
+        self.call_text(|r| TextRequest::Score(job, r)).await
     }
     pub async fn score_texts(&self, job: TextsJob) -> ServiceResult<(Vec<f64>, StageTimes)> {
-        self.call(|r| Command::ScoreTexts(job, r)).await
+        self.call_text(|r| TextRequest::ScoreTexts(job, r)).await
     }
     /// Starts a generation; events arrive on the returned receiver.
-    pub fn generate(
+    pub async fn generate(
         &self,
         job: GenerateJob,
     ) -> ServiceResult<mpsc::Receiver<ServiceResult<GenerationEvent>>> {
         let (tx, rx) = mpsc::channel(64);
-        self.enqueue(Command::Generate(job, tx))?;
+        self.submit_text(TextRequest::Generate(job, tx)).await?;
         Ok(rx)
     }
     pub async fn generate_pairs(
         &self,
         job: PairsJob,
     ) -> ServiceResult<(Vec<GeneratedPair>, StageTimes)> {
-        self.call(|r| Command::Pairs(job, r)).await
+        self.call_text(|r| TextRequest::Pairs(job, r)).await
     }
     pub async fn start_job(&self, spec: JobSpec, rows: Vec<Row>) -> ServiceResult<JobStatus> {
         self.call(|r| Command::StartJob(Box::new(spec), rows, r))
@@ -524,9 +566,8 @@ enum Output {
 struct Worker {
     config: WorkerConfig,
     models: BTreeMap<String, Resident>,
-    /// What the tokenizer thread needs of `models`, rebuilt whenever `models` changes.
-    contexts: Contexts,
-    tokenizer: TokenizerHandle,
+    /// What encoding a request needs of `models`, republished whenever `models` changes.
+    published: Published,
     /// Inference work in progress, advanced round-robin.
     tasks: VecDeque<Task>,
     heartbeat: Arc<Heartbeat>,
@@ -545,14 +586,13 @@ impl Worker {
         jobs: JobTable,
         events: broadcast::Sender<JobEvent>,
         metrics: Arc<Metrics>,
-        tokenizer: TokenizerHandle,
+        published: Published,
         heartbeat: Arc<Heartbeat>,
     ) -> Self {
         Self {
             config,
             models: BTreeMap::new(),
-            contexts: Arc::new(BTreeMap::new()),
-            tokenizer,
+            published,
             tasks: VecDeque::new(),
             heartbeat,
             jobs,
@@ -594,32 +634,18 @@ impl Worker {
 
     /// Answers or dispatches one drained group of commands in order; false on shutdown.
     fn serve_commands(&mut self, pending: VecDeque<Job>) -> bool {
-        let mut to_tokenize = Vec::new();
         let mut encoded = Vec::new();
-        // With long work or a training job in progress, a request that waited for a tokenizer
-        // thread would wait one more pass or step; with the device otherwise idle the thread
-        // costs only a hand-off and can encode the next requests while the device computes.
-        let device_busy = !self.tasks.is_empty() || !self.queue.is_empty();
         for job in pending {
-            if needs_tokenizing(&job.command) {
-                if device_busy && text_bytes(&job.command) <= INLINE_TEXT_BYTES {
-                    // Encoded against the same models as if it had waited for a lane.
-                    encoded.extend(tokenize::encode(job, &self.contexts));
-                } else {
-                    to_tokenize.push(job);
-                }
-                continue;
-            }
-            // Requests ahead of a command are encoded against the models before it runs.
-            self.tokenizer
-                .submit(std::mem::take(&mut to_tokenize), self.contexts.clone());
             match job.command {
                 Command::Shutdown(reply) => {
                     self.checkpoint_for_shutdown();
                     let _ = reply.send(Ok(()));
                     return false;
                 }
-                Command::Tokenized(work) => encoded.extend(work),
+                Command::Encoded(mut work) => {
+                    work.work.add_queue_time(job.enqueued.elapsed());
+                    encoded.push(*work);
+                }
                 command => {
                     let span = job.span.clone();
                     let _entered = span.enter();
@@ -629,16 +655,35 @@ impl Worker {
             }
             self.heartbeat.beat(true);
         }
-        self.tokenizer.submit(to_tokenize, self.contexts.clone());
         self.start_tasks(encoded);
         true
     }
 
+    /// The models `stamps` name are resident and still the ones the work was encoded for.
+    fn check_stamps(&self, stamps: &[ModelStamp]) -> ServiceResult<()> {
+        for stamp in stamps {
+            let resident = self.resident(&stamp.name)?;
+            if *resident.summary.content_hash != *stamp.content_hash
+                || resident.tokenizer_digest != stamp.tokenizer_digest
+            {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "model `{}` was replaced after this request was encoded; send it again",
+                    stamp.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Turns encoded work into tasks; scoring requests for the same model and primitive share
     /// forward passes (at most `max_batch_requests` per batch).
-    fn start_tasks(&mut self, encoded: Vec<Tokenized>) {
+    fn start_tasks(&mut self, encoded: Vec<Encoded>) {
         let mut groups: Vec<Vec<tokenize::Prepared>> = Vec::new();
-        for work in encoded {
+        for Encoded { work, stamps } in encoded {
+            if let Err(error) = self.check_stamps(&stamps) {
+                work.fail(error);
+                continue;
+            }
             match work {
                 Tokenized::Batch(prepared) => {
                     let limit = self.config.max_batch_requests.max(1);
@@ -763,14 +808,8 @@ impl Worker {
             Command::CancelJob(id, reply) => {
                 let _ = reply.send(self.cancel_job(&id));
             }
-            // Encoded first (tokenize.rs) or handled by the loop.
-            Command::Logprobs(..)
-            | Command::ScoreTexts(..)
-            | Command::Score(..)
-            | Command::Generate(..)
-            | Command::Pairs(..)
-            | Command::Tokenized(_)
-            | Command::Shutdown(_) => {}
+            // Handled by the loop.
+            Command::Encoded(_) | Command::Shutdown(_) => {}
         }
     }
 
@@ -900,14 +939,18 @@ impl Worker {
         Ok((model, tokenizer))
     }
 
-    /// Rebuilds what the tokenizer thread sees of the registry.
+    /// Republishes what encoding a request needs of the registry.
     fn models_changed(&mut self) {
-        self.contexts = Arc::new(
+        let contexts: Contexts = Arc::new(
             self.models
                 .iter()
                 .map(|(name, resident)| (name.clone(), self.context_of(resident)))
                 .collect(),
         );
+        match self.published.lock() {
+            Ok(mut published) => *published = contexts,
+            Err(poisoned) => *poisoned.into_inner() = contexts,
+        }
         self.metrics.resident_models.set(self.models.len() as i64);
     }
 
@@ -916,7 +959,11 @@ impl Worker {
         TokenizeContext {
             name: resident.summary.name.clone(),
             tokenizer: resident.tokenizer.clone(),
-            tokenizer_digest: resident.tokenizer_digest.clone(),
+            stamp: ModelStamp {
+                name: resident.summary.name.clone(),
+                content_hash: resident.summary.content_hash.as_str().into(),
+                tokenizer_digest: resident.tokenizer_digest.clone(),
+            },
             vocab_size: config.vocab_size(),
             max_positions: config.max_positions(),
             has_reward_head: resident.model.has_reward_head(),
@@ -952,4 +999,125 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
         .parse()
         .map_err(|_| format!("bad CUDA ordinal in `{spec}`"))?;
     Device::new_cuda(ordinal).map_err(|e| format!("cannot open {spec}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn_worker(dir: &std::path::Path) -> WorkerHandle {
+        let (events, _) = broadcast::channel(16);
+        WorkerHandle::spawn(
+            WorkerConfig {
+                device: Device::Cpu,
+                dtype: DType::F32,
+                queue_capacity: 16,
+                max_batch_tokens: 4096,
+                max_batch_requests: 8,
+                data_dir: dir.to_path_buf(),
+                checkpoint_every: 100,
+                slice: Duration::from_millis(50),
+                max_pass: None,
+                threads: 1,
+            },
+            Arc::new(Mutex::new(BTreeMap::new())),
+            events,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap()
+    }
+
+    fn tiny(seed: u64) -> LoadSpec {
+        LoadSpec {
+            name: "m".into(),
+            source: ModelSource::Preset("tiny-gpt2".into()),
+            role: "strong".into(),
+            reward_head: true,
+            reward_readout: RewardReadout::LastToken,
+            seed,
+        }
+    }
+
+    fn texts() -> TextsJob {
+        TextsJob {
+            model: "m".into(),
+            texts: vec!["\n\nHuman: hi\n\nAssistant: hello".into()],
+            max_ctx: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn work_encoded_for_a_model_that_was_replaced_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = spawn_worker(dir.path());
+        worker.load(tiny(1)).await.unwrap();
+        // Encoded against the published snapshot, as `submit_text` does...
+        let contexts = worker.published.lock().unwrap().clone();
+        let (reply, answer) = oneshot::channel();
+        let stale = tokenize::encode(
+            TextRequest::ScoreTexts(texts(), reply),
+            &contexts,
+            &Span::none(),
+        )
+        .expect("encodes");
+        // ... then the model is swapped for another under the same name before it is queued.
+        worker.unload("m".into()).await.unwrap();
+        worker.load(tiny(2)).await.unwrap();
+        worker.enqueue(Command::Encoded(Box::new(stale))).unwrap();
+        let error = answer.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&error, ServiceError::FailedPrecondition(m) if m.contains("was replaced")),
+            "{error}"
+        );
+        // Unloaded outright: the model is unknown.
+        let contexts = worker.published.lock().unwrap().clone();
+        let (reply, answer) = oneshot::channel();
+        let orphan = tokenize::encode(
+            TextRequest::ScoreTexts(texts(), reply),
+            &contexts,
+            &Span::none(),
+        )
+        .expect("encodes");
+        worker.unload("m".into()).await.unwrap();
+        worker.enqueue(Command::Encoded(Box::new(orphan))).unwrap();
+        let error = answer.await.unwrap().unwrap_err();
+        assert!(matches!(error, ServiceError::UnknownModel(_)), "{error}");
+        // Requests through the handle see every load before its reply.
+        worker.load(tiny(3)).await.unwrap();
+        let (scores, _) = worker.score_texts(texts()).await.unwrap();
+        assert_eq!(scores.len(), 1);
+        assert!(scores[0].is_finite());
+    }
+
+    #[tokio::test]
+    async fn big_requests_are_encoded_off_the_runtime_and_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = spawn_worker(dir.path());
+        worker.load(tiny(1)).await.unwrap();
+        // More than INLINE_TEXT_BYTES of text goes through the blocking pool.
+        let long = format!("\n\nHuman: {}\n\nAssistant: yes", "word ".repeat(1000));
+        assert!(long.len() > INLINE_TEXT_BYTES);
+        let job = TextsJob {
+            model: "m".into(),
+            texts: vec![long.clone(), long],
+            max_ctx: 64,
+        };
+        let (scores, times) = worker.score_texts(job).await.unwrap();
+        assert_eq!(scores.len(), 2);
+        assert_eq!(scores[0], scores[1]);
+        assert!(times.tokenize > Duration::ZERO);
+        let empty = TextsJob {
+            model: "m".into(),
+            texts: vec!["".into()],
+            max_ctx: 0,
+        };
+        let error = worker.score_texts(empty).await.unwrap_err();
+        assert!(error.to_string().contains("texts[0]"), "{error}");
+        let unknown = TextsJob {
+            model: "absent".into(),
+            ..texts()
+        };
+        let error = worker.score_texts(unknown).await.unwrap_err();
+        assert!(matches!(error, ServiceError::UnknownModel(_)), "{error}");
+    }
 }

@@ -1,14 +1,13 @@
-//! Tokenization off the device thread. The worker hands every request that carries text to a
-//! tokenizer thread together with a snapshot of the resident models' tokenizers and limits
-//! ([`Contexts`]); the thread encodes and validates the texts (errors name the field and are
-//! answered from there) and sends the encoded work back to the worker's own queue as one
-//! [`Command::Tokenized`] message per group, so requests that arrived together are still
-//! batched together. A 256 KB prompt costs the device nothing, and two lanes (small and bulk
-//! requests) keep a one-pair request from waiting behind the encoding of a 4096-pair one.
-//! While long work or a training job runs, requests with at most 4 KiB of text skip the
-//! threads: the device thread encodes them in microseconds ([`encode`]), which spares them a
-//! turn of the loop (one more pass or step) spent waiting for the encoded result. With the
-//! device otherwise idle they take the small lane, which encodes while the device computes.
+//! Tokenization before the queue, as text-embeddings-inference does it. The worker publishes a
+//! snapshot of the resident models' tokenizers and limits ([`Contexts`]) whenever its registry
+//! changes; a request that carries text ([`TextRequest`]) is encoded against the current
+//! snapshot by the caller's side of the [`WorkerHandle`] (inline for at most 4 KiB of text, on
+//! the blocking pool beyond), errors naming the field are answered from there, and only ready
+//! work ([`Encoded`]) enters the device queue. The device thread never encodes, and a request
+//! never waits a turn of the loop for its own encoding. The work carries the identity of every
+//! model it was encoded for ([`ModelStamp`]: weights' content hash and tokenizer digest); the
+//! worker checks it when the task starts, so a model unloaded or replaced in between is an
+//! error, never ids read by the wrong tokenizer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,15 +25,53 @@ use crate::error::{ServiceError, ServiceResult};
 pub(super) struct TokenizeContext {
     pub name: String,
     pub tokenizer: Arc<TextTokenizer>,
-    /// SHA-256 of the tokenizer's JSON (see `Resident`).
-    pub tokenizer_digest: Arc<str>,
+    /// What the encoded work must find resident when it starts.
+    pub stamp: ModelStamp,
     pub vocab_size: usize,
     pub max_positions: usize,
     pub has_reward_head: bool,
 }
 
-/// The resident models at the time a group of requests left the worker, by name.
+/// The resident models as the worker last published them, by name.
 pub(super) type Contexts = Arc<BTreeMap<String, TokenizeContext>>;
+
+/// Which model a piece of encoded work was encoded for: ids from one tokenizer mean nothing to
+/// another, and a model reloaded under the same name may be a different one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ModelStamp {
+    pub name: String,
+    /// SHA-256 of the weights (`ModelSummary::content_hash`).
+    pub content_hash: Arc<str>,
+    /// SHA-256 of the tokenizer's JSON (see `Resident`).
+    pub tokenizer_digest: Arc<str>,
+}
+
+/// A request that carries text, before it is encoded.
+pub(super) enum TextRequest {
+    Logprobs(LogprobsJob, Reply<(Vec<SequenceLogprobs>, StageTimes)>),
+    Score(ScoreJob, Reply<(Vec<PairScore>, StageTimes)>),
+    ScoreTexts(TextsJob, Reply<(Vec<f64>, StageTimes)>),
+    Generate(GenerateJob, mpsc::Sender<ServiceResult<GenerationEvent>>),
+    Pairs(PairsJob, Reply<(Vec<GeneratedPair>, StageTimes)>),
+}
+
+impl TextRequest {
+    /// The bytes of text it carries (what its encoding costs, roughly).
+    pub(super) fn text_bytes(&self) -> usize {
+        let total = |texts: &[String]| texts.iter().map(String::len).sum::<usize>();
+        match self {
+            TextRequest::Logprobs(job, _) => total(&job.texts),
+            TextRequest::ScoreTexts(job, _) => total(&job.texts),
+            TextRequest::Score(job, _) => job
+                .pairs
+                .iter()
+                .map(|p| p.prompt.len() + p.chosen.len() + p.rejected.len())
+                .sum(),
+            TextRequest::Generate(job, _) => job.prompt.len(),
+            TextRequest::Pairs(job, _) => total(&job.prompts),
+        }
+    }
+}
 
 impl TokenizeContext {
     fn of<'a>(contexts: &'a Contexts, name: &str) -> ServiceResult<&'a Self> {
@@ -262,29 +299,17 @@ pub(super) enum Tokenized {
     Pairs(PairsWork),
 }
 
-/// Whether a command carries text to encode before the device sees it.
-pub(super) fn needs_tokenizing(command: &Command) -> bool {
-    matches!(
-        command,
-        Command::Logprobs(..)
-            | Command::ScoreTexts(..)
-            | Command::Score(..)
-            | Command::Generate(..)
-            | Command::Pairs(..)
-    )
-}
-
 /// Encodes one request; `None` when it was answered here (an error) or its client has gone.
-fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
-    let queue = job.enqueued.elapsed();
+fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
     let started = Instant::now();
+    // The queue's share is added when the device thread picks the work up.
     let times = |started: Instant| StageTimes {
-        queue,
+        queue: Duration::ZERO,
         tokenize: started.elapsed(),
         compute: Duration::ZERO,
     };
-    match job.command {
-        Command::Logprobs(request, reply) => {
+    match request {
+        TextRequest::Logprobs(request, reply) => {
             if reply.is_closed() {
                 return None;
             }
@@ -308,7 +333,7 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 }
             }
         }
-        Command::ScoreTexts(request, reply) => {
+        TextRequest::ScoreTexts(request, reply) => {
             if reply.is_closed() {
                 return None;
             }
@@ -329,7 +354,7 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 }
             }
         }
-        Command::Score(request, reply) => {
+        TextRequest::Score(request, reply) => {
             if reply.is_closed() {
                 return None;
             }
@@ -339,7 +364,7 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                     let reference_context = TokenizeContext::of(contexts, reference)?;
                     // DPO's implicit reward compares the two models' log-probs of the same
                     // tokens; with different tokenizers the sums cover different units.
-                    if policy.tokenizer_digest != reference_context.tokenizer_digest {
+                    if policy.stamp.tokenizer_digest != reference_context.stamp.tokenizer_digest {
                         return Err(ServiceError::invalid(
                             "reference_model",
                             format!(
@@ -396,7 +421,7 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 }
             }
         }
-        Command::Generate(request, events) => {
+        TextRequest::Generate(request, events) => {
             if events.is_closed() {
                 return None;
             }
@@ -410,12 +435,13 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                     events,
                 })),
                 Err(e) => {
-                    let _ = events.blocking_send(Err(e));
+                    // A fresh channel has room; `blocking_send` would panic on a runtime thread.
+                    let _ = events.try_send(Err(e));
                     None
                 }
             }
         }
-        Command::Pairs(request, reply) => {
+        TextRequest::Pairs(request, reply) => {
             if reply.is_closed() {
                 return None;
             }
@@ -451,127 +477,71 @@ fn tokenize(job: Job, contexts: &Contexts) -> Option<Tokenized> {
                 }
             }
         }
-        _ => None,
     }
 }
 
-/// While long work runs, requests with at most this much text are encoded on the device thread
-/// itself, in microseconds: a round trip through a tokenizer thread would cost them one more
-/// forward pass or training step.
+/// Requests with at most this much text are encoded on the calling thread (microseconds);
+/// larger ones on the blocking pool, so an async runtime thread never encodes for long.
 pub(super) const INLINE_TEXT_BYTES: usize = 4 * 1024;
 
-/// Requests whose texts together exceed this go to the bulk lane: a batch of long dialogues
-/// takes the tokenizer hundreds of milliseconds, which a one-pair request should not wait for.
-const BULK_TEXT_BYTES: usize = 32 * 1024;
-
-/// The bytes of text a command carries (what its encoding costs, roughly).
-pub(super) fn text_bytes(command: &Command) -> usize {
-    let total = |texts: &[String]| texts.iter().map(String::len).sum::<usize>();
-    match command {
-        Command::Logprobs(job, _) => total(&job.texts),
-        Command::ScoreTexts(job, _) => total(&job.texts),
-        Command::Score(job, _) => job
-            .pairs
-            .iter()
-            .map(|p| p.prompt.len() + p.chosen.len() + p.rejected.len())
-            .sum(),
-        Command::Generate(job, _) => job.prompt.len(),
-        Command::Pairs(job, _) => total(&job.prompts),
-        _ => 0,
-    }
+/// Encoded work on its way to the device thread, with the models it was encoded for.
+pub(super) struct Encoded {
+    pub work: Tokenized,
+    pub stamps: Vec<ModelStamp>,
 }
 
-/// What a lane receives: a group of requests and the models they are encoded against.
-type LaneMessage = (Vec<Job>, Contexts);
-
-/// The tokenizer threads' end of the handoff: one lane for small requests and one for bulk
-/// ones, so a short request is never queued behind a long encoding. Each lane keeps the order
-/// of what it is given; requests in different lanes were independent anyway.
-pub(super) struct TokenizerHandle {
-    small: std::sync::mpsc::Sender<LaneMessage>,
-    bulk: std::sync::mpsc::Sender<LaneMessage>,
-}
-
-impl TokenizerHandle {
-    /// Starts both lanes' threads. They hold only weak senders to the worker's queue, so the
-    /// worker still stops once every [`WorkerHandle`] is gone.
-    pub(super) fn spawn(worker: mpsc::WeakSender<Job>) -> std::io::Result<Self> {
-        Ok(Self {
-            small: spawn_lane("w2s-tokenizer", worker.clone())?,
-            bulk: spawn_lane("w2s-tokenizer-bulk", worker)?,
-        })
+impl Tokenized {
+    /// The resident models the work reads (each checked when it starts).
+    fn models(&self) -> Vec<&str> {
+        match self {
+            Tokenized::Batch(p) => vec![p.model.as_str()],
+            Tokenized::Dpo(w) => match &w.job.scoring {
+                PairScoring::Dpo { reference } => vec![w.job.model.as_str(), reference.as_str()],
+                _ => vec![w.job.model.as_str()],
+            },
+            Tokenized::Generate(w) => vec![w.job.model.as_str()],
+            Tokenized::Pairs(w) => vec![w.job.policy.as_str(), w.job.judge.as_str()],
+        }
     }
 
-    /// Hands a group of requests over; each lane's share comes back as one
-    /// [`Command::Tokenized`].
-    pub(super) fn submit(&self, jobs: Vec<Job>, contexts: Contexts) {
-        let (bulk, small): (Vec<Job>, Vec<Job>) = jobs
-            .into_iter()
-            .partition(|job| text_bytes(&job.command) > BULK_TEXT_BYTES);
-        for (lane, jobs) in [(&self.small, small), (&self.bulk, bulk)] {
-            if jobs.is_empty() {
-                continue;
-            }
-            if let Err(std::sync::mpsc::SendError((jobs, _))) = lane.send((jobs, contexts.clone()))
-            {
-                // The thread is gone (a panic in a tokenizer): dropping the replies answers
-                // UNAVAILABLE, which beats hanging.
-                error!(
-                    "tokenizer thread has stopped; refusing {} requests",
-                    jobs.len()
-                );
-            }
+    /// Time the work waited in the device queue.
+    pub(super) fn add_queue_time(&mut self, queued: Duration) {
+        let times = match self {
+            Tokenized::Batch(p) => &mut p.times,
+            Tokenized::Dpo(w) => &mut w.times,
+            Tokenized::Generate(w) => &mut w.times,
+            Tokenized::Pairs(w) => &mut w.times,
+        };
+        times.queue += queued;
+    }
+
+    /// Answers the request with `error`.
+    pub(super) fn fail(self, error: ServiceError) {
+        match self {
+            Tokenized::Batch(p) => p.reply.fail(error),
+            Tokenized::Dpo(w) => drop(w.reply.send(Err(error))),
+            Tokenized::Generate(w) => drop(w.events.try_send(Err(error))),
+            Tokenized::Pairs(w) => drop(w.reply.send(Err(error))),
         }
     }
 }
 
-/// Encodes one request in its span; `None` when it was answered (an error) or its client has
-/// gone. A panic (a bug in a tokenizer) drops this request's reply, so its client sees
-/// UNAVAILABLE; the caller keeps serving.
-pub(super) fn encode(job: Job, contexts: &Contexts) -> Option<Tokenized> {
-    let span = job.span.clone();
+/// Encodes one request against `contexts` in `span`; `None` when it was answered (an error) or
+/// its client has gone. A panic (a bug in a tokenizer) drops this request's reply, so its
+/// client sees UNAVAILABLE; the caller keeps serving.
+pub(super) fn encode(request: TextRequest, contexts: &Contexts, span: &Span) -> Option<Encoded> {
     let _entered = span.enter();
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokenize(job, contexts)))
-        .unwrap_or_else(|_| {
-            error!("a tokenizer panicked; the request was dropped");
-            None
-        })
-}
-
-/// One tokenizer thread: encodes each group it receives and sends the result to the worker.
-fn spawn_lane(
-    name: &str,
-    worker: mpsc::WeakSender<Job>,
-) -> std::io::Result<std::sync::mpsc::Sender<LaneMessage>> {
-    let (sender, receiver) = std::sync::mpsc::channel::<LaneMessage>();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            for (jobs, contexts) in receiver {
-                let span = jobs
-                    .first()
-                    .map(|j| j.span.clone())
-                    .unwrap_or_else(Span::none);
-                let encoded: Vec<Tokenized> = jobs
-                    .into_iter()
-                    .filter_map(|job| encode(job, &contexts))
-                    .collect();
-                if encoded.is_empty() {
-                    continue;
-                }
-                let Some(worker) = worker.upgrade() else {
-                    return;
-                };
-                let job = Job {
-                    command: Command::Tokenized(encoded),
-                    enqueued: Instant::now(),
-                    span,
-                };
-                // Waits for room: encoded work is never refused once accepted.
-                if worker.blocking_send(job).is_err() {
-                    return;
-                }
-            }
-        })?;
-    Ok(sender)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let work = tokenize(request, contexts)?;
+        let stamps = work
+            .models()
+            .into_iter()
+            .filter_map(|name| contexts.get(name).map(|c| c.stamp.clone()))
+            .collect();
+        Some(Encoded { work, stamps })
+    }))
+    .unwrap_or_else(|_| {
+        error!("a tokenizer panicked; the request was dropped");
+        None
+    })
 }
