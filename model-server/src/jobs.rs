@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use superficial_models::{RewardReadout, TextTokenizer};
+pub use superficial_training::ObjectiveKind;
 use superficial_training::objectives::Example;
 use superficial_training::orientation::PythonRandom;
 use superficial_training::{AdamConfig, DEFAULT_SHARDS, Objective, Schedule, TrainConfig};
@@ -18,17 +19,6 @@ use superficial_training::{AdamConfig, DEFAULT_SHARDS, Objective, Schedule, Trai
 use crate::datasets::Row;
 use crate::error::{ServiceError, ServiceResult};
 use crate::worker::ModelSource;
-
-/// The objective of a job with its parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ObjectiveKind {
-    CausalLm,
-    Reward,
-    Sft,
-    Simpo,
-    Dpo,
-}
 
 /// Everything a job needs, persisted so that it can resume after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,23 +68,8 @@ fn default_shards() -> usize {
 
 impl JobSpec {
     pub fn objective(&self) -> Objective {
-        let alpha = self.hyper.conflict_alpha;
-        match self.objective {
-            ObjectiveKind::CausalLm => Objective::CausalLm,
-            ObjectiveKind::Reward => Objective::Reward {
-                explicit_alpha: alpha,
-            },
-            ObjectiveKind::Sft => Objective::Sft,
-            ObjectiveKind::Simpo => Objective::Simpo {
-                beta: self.hyper.beta.unwrap_or(2.0),
-                gamma: self.hyper.gamma.unwrap_or(1.0),
-                reverse_alpha: alpha,
-            },
-            ObjectiveKind::Dpo => Objective::Dpo {
-                beta: self.hyper.beta.unwrap_or(0.1),
-                reverse_alpha: alpha,
-            },
-        }
+        self.objective
+            .with(self.hyper.beta, self.hyper.gamma, self.hyper.conflict_alpha)
     }
 
     pub fn train_config(&self) -> TrainConfig {
@@ -164,10 +139,7 @@ impl JobSpec {
     /// Checks the job's rows once read: their kind fits the objective and there is at least one
     /// batch of them.
     pub fn validate_rows(&self, rows: &[Row]) -> ServiceResult<()> {
-        let needs_pairs = matches!(
-            self.objective,
-            ObjectiveKind::Reward | ObjectiveKind::Simpo | ObjectiveKind::Dpo
-        );
+        let needs_pairs = self.objective.needs_pairs();
         if let Some(i) = rows.iter().position(|row| match row {
             Row::Pair { .. } => false,
             Row::Text { .. } => needs_pairs,

@@ -1078,13 +1078,7 @@ pub fn job_info(status: &JobStatus) -> pb::JobInfo {
             JobState::Failed => pb::JobState::Failed,
             JobState::Cancelled => pb::JobState::Cancelled,
         } as i32,
-        objective: match status.objective {
-            ObjectiveKind::CausalLm => pb::ObjectiveKind::CausalLm,
-            ObjectiveKind::Reward => pb::ObjectiveKind::Reward,
-            ObjectiveKind::Sft => pb::ObjectiveKind::Sft,
-            ObjectiveKind::Simpo => pb::ObjectiveKind::Simpo,
-            ObjectiveKind::Dpo => pb::ObjectiveKind::Dpo,
-        } as i32,
+        objective: objective_to_pb(status.objective) as i32,
         base_model: status.base_model.clone(),
         output_model: status.output_model.clone(),
         step: status.step as u64,
@@ -1112,6 +1106,26 @@ fn job_event(event: &JobEvent) -> pb::JobEvent {
             eta_seconds: s.eta_seconds,
         }),
     }
+}
+
+/// The protobuf name of an objective (the one mapping between the two enums, with
+/// [`objective_from_pb`]).
+fn objective_to_pb(kind: ObjectiveKind) -> pb::ObjectiveKind {
+    match kind {
+        ObjectiveKind::CausalLm => pb::ObjectiveKind::CausalLm,
+        ObjectiveKind::Reward => pb::ObjectiveKind::Reward,
+        ObjectiveKind::Sft => pb::ObjectiveKind::Sft,
+        ObjectiveKind::Simpo => pb::ObjectiveKind::Simpo,
+        ObjectiveKind::Dpo => pb::ObjectiveKind::Dpo,
+    }
+}
+
+/// The objective a StartJob request names; UNSPECIFIED or an unknown value is the client's error.
+fn objective_from_pb(value: i32) -> ServiceResult<ObjectiveKind> {
+    ObjectiveKind::ALL
+        .into_iter()
+        .find(|&kind| objective_to_pb(kind) as i32 == value)
+        .ok_or_else(|| ServiceError::invalid("objective", "choose an OBJECTIVE_KIND"))
 }
 
 /// A readable, unique job id.
@@ -1147,19 +1161,7 @@ impl pb::training_server::Training for TrainingService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            let objective = match pb::ObjectiveKind::try_from(request.objective) {
-                Ok(pb::ObjectiveKind::CausalLm) => ObjectiveKind::CausalLm,
-                Ok(pb::ObjectiveKind::Reward) => ObjectiveKind::Reward,
-                Ok(pb::ObjectiveKind::Sft) => ObjectiveKind::Sft,
-                Ok(pb::ObjectiveKind::Simpo) => ObjectiveKind::Simpo,
-                Ok(pb::ObjectiveKind::Dpo) => ObjectiveKind::Dpo,
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "objective",
-                        "choose an OBJECTIVE_KIND",
-                    ));
-                }
-            };
+            let objective = objective_from_pb(request.objective)?;
             require("base_model", &request.base_model)?;
             check_name("output_model", &request.output_model)?;
             let h = request
@@ -1220,8 +1222,7 @@ impl pb::training_server::Training for TrainingService {
                 objective,
                 base_model: base.name.clone(),
                 base_source: base.source.clone(),
-                base_reward_head: base.reward_head_requested
-                    || (objective == ObjectiveKind::Reward),
+                base_reward_head: base.reward_head_requested || objective.needs_reward_head(),
                 base_reward_readout: base.reward_readout_requested,
                 base_seed: base.seed,
                 dataset_ids: request.dataset_ids.clone(),

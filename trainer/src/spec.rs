@@ -198,16 +198,96 @@ impl StageHyper {
     }
 }
 
+/// One training job of a scenario's run, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingStage {
+    /// The stage's key in a run's `jobs.json` (read back when a run resumes).
+    pub key: &'static str,
+    pub objective: w2s_proto::v1::ObjectiveKind,
+    pub epochs: u32,
+    pub schedule: w2s_proto::v1::LrSchedule,
+    /// Whether the explicit conflict's α reaches this stage (the final objective only).
+    pub takes_conflict: bool,
+    /// Random slot orientation of reward pairs, as the reference code does.
+    pub orient_slots: bool,
+    /// Suffix of the stage's output model name (`<run id>:<suffix>`).
+    pub output_suffix: &'static str,
+}
+
+/// What a scenario means for a study, in one place: which hyper-parameters it reads, whether
+/// its base model gets a reward head, how its models score a pair, its training stages, and
+/// whether the preference-only variants (bootstrapping chains, the high-confidence filter)
+/// apply. A new scenario is a new arm here.
+#[derive(Debug, Clone)]
+pub struct ScenarioPlan<'a> {
+    pub hyper: &'a StageHyper,
+    pub reward_head: bool,
+    pub scoring: w2s_proto::v1::PairScoring,
+    pub stages: Vec<TrainingStage>,
+    pub preference_variants: bool,
+}
+
 impl StudySpec {
+    /// How `scenario` trains and scores.
+    pub fn plan(&self, scenario: Scenario) -> ScenarioPlan<'_> {
+        use w2s_proto::v1::{LrSchedule, ObjectiveKind, PairScoring};
+        match scenario {
+            Scenario::Reward => ScenarioPlan {
+                hyper: &self.reward,
+                reward_head: true,
+                scoring: PairScoring::Reward,
+                stages: vec![TrainingStage {
+                    key: "reward",
+                    objective: ObjectiveKind::Reward,
+                    epochs: self.reward.epochs,
+                    schedule: LrSchedule::CosineToZero,
+                    takes_conflict: true,
+                    orient_slots: true,
+                    output_suffix: "rm",
+                }],
+                preference_variants: false,
+            },
+            Scenario::Simpo | Scenario::Dpo => {
+                let h = &self.preference;
+                let (objective, scoring, epochs) = if scenario == Scenario::Simpo {
+                    (ObjectiveKind::Simpo, PairScoring::MeanLogprob, h.epochs)
+                } else {
+                    (ObjectiveKind::Dpo, PairScoring::SumLogprob, h.dpo_epochs)
+                };
+                ScenarioPlan {
+                    hyper: h,
+                    reward_head: false,
+                    scoring,
+                    stages: vec![
+                        TrainingStage {
+                            key: "sft",
+                            objective: ObjectiveKind::Sft,
+                            epochs: h.sft_epochs,
+                            schedule: LrSchedule::WarmupConstant,
+                            takes_conflict: false,
+                            orient_slots: false,
+                            output_suffix: "sft",
+                        },
+                        TrainingStage {
+                            key: "preference",
+                            objective,
+                            epochs,
+                            schedule: LrSchedule::WarmupConstant,
+                            takes_conflict: true,
+                            orient_slots: false,
+                            output_suffix: "pref",
+                        },
+                    ],
+                    preference_variants: true,
+                }
+            }
+        }
+    }
+
     /// The explicit conflict's doses α of a scenario.
     pub fn explicit_alphas(&self, scenario: Scenario) -> Vec<f64> {
         if self.conflict.explicit_alphas.is_empty() {
-            let h = if scenario == Scenario::Reward {
-                &self.reward
-            } else {
-                &self.preference
-            };
-            vec![h.alpha]
+            vec![self.plan(scenario).hyper.alpha]
         } else {
             self.conflict.explicit_alphas.clone()
         }

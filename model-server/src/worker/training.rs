@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use superficial_training::objectives::attach_reference_logprobs;
-use superficial_training::{Objective, TrainingRun, frozen_copy};
+use superficial_training::{TrainingRun, frozen_copy};
 use tracing::{error, info, warn};
 
 use super::*;
@@ -94,7 +94,7 @@ impl Worker {
         )?;
         let mut examples = build_examples(&spec, &job.rows, &tokenizer)?;
         let objective = spec.objective();
-        if matches!(objective, Objective::Dpo { .. }) {
+        if objective.kind().needs_reference() {
             let reference =
                 frozen_copy(&base).map_err(|e| ServiceError::Internal(e.to_string()))?;
             attach_reference_logprobs(&reference, &mut examples, spec.hyper.minibatch_size.max(1))

@@ -22,7 +22,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
-pub use objectives::{Example, Objective};
+pub use objectives::{Example, Objective, ObjectiveKind};
 pub use optimizer::AdamConfig;
 pub use schedule::Schedule;
 pub use trainer::{DEFAULT_SHARDS, StepMetrics, TrainConfig, TrainingRun, frozen_copy};

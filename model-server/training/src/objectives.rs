@@ -76,6 +76,89 @@ pub enum Objective {
     },
 }
 
+/// Which objective, without its parameters: what a job asks for, what persists in its record
+/// and what a client names over gRPC. Everything that depends only on the kind lives here —
+/// the rows it trains on, its defaults, whether it reads a reward head or a frozen reference,
+/// and how its parameters make an [`Objective`] — so a new objective is a new variant here, its
+/// loss below, its protobuf name and its row conversion (model-server's `jobs.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveKind {
+    CausalLm,
+    Reward,
+    Sft,
+    Simpo,
+    Dpo,
+}
+
+impl ObjectiveKind {
+    pub const ALL: [ObjectiveKind; 5] = [
+        ObjectiveKind::CausalLm,
+        ObjectiveKind::Reward,
+        ObjectiveKind::Sft,
+        ObjectiveKind::Simpo,
+        ObjectiveKind::Dpo,
+    ];
+
+    /// Whether it trains on pairs only (texts: only the language-model objectives).
+    pub fn needs_pairs(self) -> bool {
+        matches!(
+            self,
+            ObjectiveKind::Reward | ObjectiveKind::Simpo | ObjectiveKind::Dpo
+        )
+    }
+
+    /// Whether the model needs a reward head.
+    pub fn needs_reward_head(self) -> bool {
+        self == ObjectiveKind::Reward
+    }
+
+    /// Whether its examples carry log-probs of a frozen reference (a copy of the base model).
+    pub fn needs_reference(self) -> bool {
+        self == ObjectiveKind::Dpo
+    }
+
+    /// β when the job leaves it unset: the paper's SimPO 2, DPO 0.1.
+    pub fn default_beta(self) -> Option<f64> {
+        match self {
+            ObjectiveKind::Simpo => Some(2.0),
+            ObjectiveKind::Dpo => Some(0.1),
+            _ => None,
+        }
+    }
+
+    /// γ when the job leaves it unset: the paper's SimPO 1.
+    pub fn default_gamma(self) -> Option<f64> {
+        (self == ObjectiveKind::Simpo).then_some(1.0)
+    }
+
+    /// The objective with these parameters (`None`: the default; the conflict term off).
+    pub fn with(
+        self,
+        beta: Option<f64>,
+        gamma: Option<f64>,
+        conflict_alpha: Option<f64>,
+    ) -> Objective {
+        let beta = beta.or(self.default_beta()).unwrap_or_default();
+        match self {
+            ObjectiveKind::CausalLm => Objective::CausalLm,
+            ObjectiveKind::Reward => Objective::Reward {
+                explicit_alpha: conflict_alpha,
+            },
+            ObjectiveKind::Sft => Objective::Sft,
+            ObjectiveKind::Simpo => Objective::Simpo {
+                beta,
+                gamma: gamma.or(self.default_gamma()).unwrap_or_default(),
+                reverse_alpha: conflict_alpha,
+            },
+            ObjectiveKind::Dpo => Objective::Dpo {
+                beta,
+                reverse_alpha: conflict_alpha,
+            },
+        }
+    }
+}
+
 /// The loss of a minibatch (or, from [`Objective::loss_sum`], the undivided sum over a shard)
 /// plus what the step log reports.
 pub struct LossOutput {
@@ -88,24 +171,28 @@ pub struct LossOutput {
 impl Objective {
     /// The paper's SimPO (β = 2, γ = 1).
     pub fn simpo(reverse_alpha: Option<f64>) -> Self {
-        Objective::Simpo {
-            beta: 2.0,
-            gamma: 1.0,
-            reverse_alpha,
-        }
+        ObjectiveKind::Simpo.with(None, None, reverse_alpha)
     }
 
     /// The paper's DPO (β = 0.1).
     pub fn dpo(reverse_alpha: Option<f64>) -> Self {
-        Objective::Dpo {
-            beta: 0.1,
-            reverse_alpha,
+        ObjectiveKind::Dpo.with(None, None, reverse_alpha)
+    }
+
+    /// Which objective this is.
+    pub fn kind(&self) -> ObjectiveKind {
+        match self {
+            Objective::CausalLm => ObjectiveKind::CausalLm,
+            Objective::Reward { .. } => ObjectiveKind::Reward,
+            Objective::Sft => ObjectiveKind::Sft,
+            Objective::Simpo { .. } => ObjectiveKind::Simpo,
+            Objective::Dpo { .. } => ObjectiveKind::Dpo,
         }
     }
 
     /// Whether the model needs a reward head.
     pub fn needs_reward_head(&self) -> bool {
-        matches!(self, Objective::Reward { .. })
+        self.kind().needs_reward_head()
     }
 
     /// Checks that every example is of the kind this objective trains on.
@@ -425,4 +512,53 @@ pub fn attach_reference_logprobs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_builds_its_objective_with_the_papers_defaults() {
+        for kind in ObjectiveKind::ALL {
+            assert_eq!(kind.with(None, None, None).kind(), kind);
+            assert_eq!(kind.with(None, None, Some(0.5)).kind(), kind);
+        }
+        assert_eq!(
+            ObjectiveKind::Simpo.with(None, None, None),
+            Objective::Simpo {
+                beta: 2.0,
+                gamma: 1.0,
+                reverse_alpha: None
+            }
+        );
+        assert_eq!(
+            ObjectiveKind::Dpo.with(Some(0.3), Some(9.0), Some(1.0)),
+            Objective::Dpo {
+                beta: 0.3,
+                reverse_alpha: Some(1.0)
+            }
+        );
+        assert!(ObjectiveKind::Reward.needs_reward_head() && ObjectiveKind::Reward.needs_pairs());
+        assert!(ObjectiveKind::Dpo.needs_reference());
+        assert!(!ObjectiveKind::Sft.needs_pairs() && !ObjectiveKind::CausalLm.needs_pairs());
+    }
+
+    #[test]
+    fn kinds_keep_the_names_job_records_persist() {
+        let names: Vec<String> = ObjectiveKind::ALL
+            .iter()
+            .map(|k| serde_json::to_string(k).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                r#""causal_lm""#,
+                r#""reward""#,
+                r#""sft""#,
+                r#""simpo""#,
+                r#""dpo""#
+            ]
+        );
+    }
 }

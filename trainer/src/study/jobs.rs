@@ -220,14 +220,12 @@ impl Study<'_> {
     }
 
     pub(super) fn scoring(&self, scenario: Scenario) -> (pb::PairScoring, StageHyper) {
-        match scenario {
-            Scenario::Reward => (pb::PairScoring::Reward, self.spec.reward.clone()),
-            Scenario::Simpo => (pb::PairScoring::MeanLogprob, self.spec.preference.clone()),
-            Scenario::Dpo => (pb::PairScoring::SumLogprob, self.spec.preference.clone()),
-        }
+        let plan = self.spec.plan(scenario);
+        (plan.scoring, plan.hyper.clone())
     }
 
-    /// Trains `model` for `scenario` on the datasets (SFT first for SimPO/DPO).
+    /// Trains `model` for `scenario` on the datasets, one server job per stage of its plan
+    /// (SFT first for SimPO/DPO), each stage starting from the previous one's model.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn train_scenario(
         &mut self,
@@ -240,77 +238,33 @@ impl Study<'_> {
         seed: u64,
         log: &mut std::fs::File,
     ) -> Result<String> {
-        let base = format!("{run_id}:base");
-        match scenario {
-            Scenario::Reward => {
-                let hash = self.load_base(model, &base, true).await?;
-                annotate_config(dir, "model_content_hash", &hash)?;
-                let h = self.spec.reward.clone();
-                let request = pb::StartJobRequest {
-                    objective: pb::ObjectiveKind::Reward as i32,
-                    base_model: base.clone(),
-                    dataset_ids: datasets,
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        h.epochs,
-                        seed,
-                        pb::LrSchedule::CosineToZero,
-                        conflict_alpha,
-                        true,
-                    )),
-                    output_model: format!("{run_id}:rm"),
-                };
-                let out = self.train(dir, "reward", request, log).await?;
-                self.unload(base).await;
-                Ok(out)
-            }
-            Scenario::Simpo | Scenario::Dpo => {
-                let hash = self.load_base(model, &base, false).await?;
-                annotate_config(dir, "model_content_hash", &hash)?;
-                let h = self.spec.preference.clone();
-                let sft = pb::StartJobRequest {
-                    objective: pb::ObjectiveKind::Sft as i32,
-                    base_model: base.clone(),
-                    dataset_ids: datasets.clone(),
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        h.sft_epochs,
-                        seed,
-                        pb::LrSchedule::WarmupConstant,
-                        0.0,
-                        false,
-                    )),
-                    output_model: format!("{run_id}:sft"),
-                };
-                let sft_model = self.train(dir, "sft", sft, log).await?;
-                self.unload(base).await;
-                let objective = if scenario == Scenario::Simpo {
-                    pb::ObjectiveKind::Simpo
-                } else {
-                    pb::ObjectiveKind::Dpo
-                };
-                let pref = pb::StartJobRequest {
-                    objective: objective as i32,
-                    base_model: sft_model.clone(),
-                    dataset_ids: datasets,
-                    hyperparameters: Some(self.hyper(
-                        &h,
-                        if scenario == Scenario::Dpo {
-                            h.dpo_epochs
-                        } else {
-                            h.epochs
-                        },
-                        seed,
-                        pb::LrSchedule::WarmupConstant,
-                        conflict_alpha,
-                        false,
-                    )),
-                    output_model: format!("{run_id}:pref"),
-                };
-                let out = self.train(dir, "preference", pref, log).await?;
-                self.unload(sft_model).await;
-                Ok(out)
-            }
+        let plan = self.spec.plan(scenario);
+        let (hyper, stages) = (plan.hyper.clone(), plan.stages.clone());
+        let mut current = format!("{run_id}:base");
+        let hash = self.load_base(model, &current, plan.reward_head).await?;
+        annotate_config(dir, "model_content_hash", &hash)?;
+        for stage in stages {
+            let request = pb::StartJobRequest {
+                objective: stage.objective as i32,
+                base_model: current.clone(),
+                dataset_ids: datasets.clone(),
+                hyperparameters: Some(self.hyper(
+                    &hyper,
+                    stage.epochs,
+                    seed,
+                    stage.schedule,
+                    if stage.takes_conflict {
+                        conflict_alpha
+                    } else {
+                        0.0
+                    },
+                    stage.orient_slots,
+                )),
+                output_model: format!("{run_id}:{}", stage.output_suffix),
+            };
+            let trained = self.train(dir, stage.key, request, log).await?;
+            self.unload(std::mem::replace(&mut current, trained)).await;
         }
+        Ok(current)
     }
 }

@@ -364,11 +364,7 @@ impl<'a> Study<'a> {
             seed,
             high_conf: false,
             high_conf_peeks: false,
-            hyperparameters: if scenario == Scenario::Reward {
-                self.spec.reward.clone()
-            } else {
-                self.spec.preference.clone()
-            },
+            hyperparameters: self.spec.plan(scenario).hyper.clone(),
             sizes: self.spec.sizes.clone(),
             // Only the models this run involves, so adding a model to the spec keeps the ids
             // (and finished results) of existing runs.
@@ -413,7 +409,7 @@ impl<'a> Study<'a> {
                     })
                     .collect();
                 let mut students = Vec::new();
-                if scenario != Scenario::Reward {
+                if spec.plan(scenario).preference_variants {
                     students.extend(spec.bootstrap.iter().map(|chain| pool::Task::Bootstrap {
                         scenario,
                         chain: chain.clone(),
@@ -706,11 +702,7 @@ impl<'a> Study<'a> {
             self.spec.preference.conf_threshold,
             self.spec.conflict.explicit_target,
         );
-        let batch = if scenario == Scenario::Reward {
-            self.spec.reward.batch_size
-        } else {
-            self.spec.preference.batch_size
-        };
+        let batch = self.spec.plan(scenario).hyper.batch_size;
         if rows.len() < batch as usize {
             // Not an error of the study: the filter left too little to train on. The run stays
             // unfinished and the report lists it as such.
@@ -883,7 +875,10 @@ fn high_conf_variants(
     scenario: Scenario,
     conflict: Conflict,
 ) -> Vec<Option<bool>> {
-    if spec.high_conf && scenario != Scenario::Reward && conflict.setting() != Setting::Explicit {
+    if spec.high_conf
+        && spec.plan(scenario).preference_variants
+        && conflict.setting() != Setting::Explicit
+    {
         vec![None, Some(true), Some(false)]
     } else {
         vec![None]
@@ -901,10 +896,10 @@ pub fn planned_runs(spec: &StudySpec) -> usize {
             .iter()
             .map(|&conflict| high_conf_variants(spec, scenario, conflict).len())
             .sum();
-        let bootstrap = if scenario == Scenario::Reward {
-            0
-        } else {
+        let bootstrap = if spec.plan(scenario).preference_variants {
             spec.bootstrap.len() * (1 + conflicts.len())
+        } else {
+            0
         };
         models + pairs * variants + bootstrap
     };
