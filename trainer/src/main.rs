@@ -71,7 +71,7 @@ struct ExperimentArgs {
     /// The full configuration as TOML, or as JSON like the `experiment.json` every run writes.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Number of study seeds (default 3, which give intervals across seeds; --quick uses 1).
+    /// Number of study seeds, each fine-tuning its own pretraining draw (default 8; --quick uses 1).
     #[arg(long)]
     seeds: Option<usize>,
     /// Entities (facts) in the world.
