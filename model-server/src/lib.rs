@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod model_store;
 pub mod paths;
+pub mod requests;
 pub mod resources;
 pub mod server;
 pub mod service;

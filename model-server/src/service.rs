@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use superficial_models::generation::SamplingConfig;
 use superficial_models::{Architecture, ModelConfig, RewardReadout};
 use superficial_training::{DEFAULT_SHARDS, Schedule};
 use tokio::sync::broadcast;
@@ -23,9 +22,9 @@ use crate::jobs::{
 use crate::metrics::Metrics;
 use crate::model_store::ModelStore;
 use crate::paths::{check_folder_files, resolve_in_root};
+use crate::requests::require;
 use crate::worker::{
-    GenerateJob, GenerationEvent, JobTable, JudgeKind, LoadSpec, LogprobsJob, ModelSource,
-    ModelSummary, Pair, PairScoring, PairsJob, ScoreJob, StageTimes, TextsJob, WorkerHandle,
+    GenerationEvent, JobTable, LoadSpec, ModelSource, ModelSummary, StageTimes, WorkerHandle,
 };
 
 /// Shared state of the services.
@@ -200,38 +199,6 @@ fn timing(times: StageTimes, started: Instant) -> pb::Timing {
         compute_ns: times.compute.as_nanos() as u64,
         total_ns: started.elapsed().as_nanos() as u64,
     }
-}
-
-fn require(field: &str, value: &str) -> ServiceResult<()> {
-    if value.is_empty() {
-        Err(ServiceError::invalid(field, "must not be empty"))
-    } else {
-        Ok(())
-    }
-}
-
-/// Sampling settings, range-checked: temperature finite and ≥ 0 (0 = greedy), top_p in [0, 1]
-/// (0 = no limit).
-fn sampling(params: Option<pb::SamplingParams>) -> ServiceResult<SamplingConfig> {
-    let p = params.unwrap_or_default();
-    if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-        return Err(ServiceError::invalid(
-            "sampling.temperature",
-            format!("{} is not a finite number ≥ 0", p.temperature),
-        ));
-    }
-    if !(0.0..=1.0).contains(&p.top_p) {
-        return Err(ServiceError::invalid(
-            "sampling.top_p",
-            format!("{} is outside [0, 1] (0 = no limit)", p.top_p),
-        ));
-    }
-    Ok(SamplingConfig {
-        temperature: p.temperature,
-        top_k: p.top_k as usize,
-        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
-        seed: p.seed,
-    })
 }
 
 #[tonic::async_trait]
@@ -581,47 +548,7 @@ impl pb::inference_server::Inference for InferenceService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            require("model", &request.model)?;
-            let scoring = match pb::PairScoring::try_from(request.scoring) {
-                Ok(pb::PairScoring::Reward) => PairScoring::Reward,
-                Ok(pb::PairScoring::MeanLogprob) => PairScoring::MeanLogprob,
-                Ok(pb::PairScoring::SumLogprob) => PairScoring::SumLogprob,
-                Ok(pb::PairScoring::Dpo) => {
-                    require("reference_model", &request.reference_model)?;
-                    PairScoring::Dpo {
-                        reference: request.reference_model.clone(),
-                    }
-                }
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "scoring",
-                        "choose PAIR_SCORING_REWARD, _MEAN_LOGPROB, _SUM_LOGPROB or _DPO",
-                    ));
-                }
-            };
-            if request.pairs.is_empty() {
-                return Err(ServiceError::invalid("pairs", "must not be empty"));
-            }
-            // Each side of a pair is a text: the count and every size are checked.
-            let pairs = &request.pairs;
-            let limits = &self.0.limits;
-            limits.check_texts("pairs.chosen", pairs.iter().map(|p| p.chosen.as_str()))?;
-            limits.check_texts("pairs.rejected", pairs.iter().map(|p| p.rejected.as_str()))?;
-            limits.check_texts("pairs.prompt", pairs.iter().map(|p| p.prompt.as_str()))?;
-            let job = ScoreJob {
-                model: request.model,
-                pairs: request
-                    .pairs
-                    .into_iter()
-                    .map(|p| Pair {
-                        prompt: p.prompt,
-                        chosen: p.chosen,
-                        rejected: p.rejected,
-                    })
-                    .collect(),
-                scoring,
-                max_ctx: request.max_ctx as usize,
-            };
+            let job = crate::requests::score_job(request, &self.0.limits)?;
             let (scores, times) = self.0.worker.score(job).await?;
             Ok(pb::ScorePairsResponse {
                 scores: scores
@@ -651,20 +578,7 @@ impl pb::inference_server::Inference for InferenceService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            require("model", &request.model)?;
-            if request.texts.is_empty() {
-                return Err(ServiceError::invalid("texts", "must not be empty"));
-            }
-            self.0
-                .limits
-                .check_texts("texts", request.texts.iter().map(String::as_str))?;
-            let job = LogprobsJob {
-                model: request.model,
-                texts: request.texts,
-                split_dialogue: request.split_dialogue,
-                max_ctx: request.max_ctx as usize,
-                truncate: request.truncate,
-            };
+            let job = crate::requests::logprobs_job(request, &self.0.limits)?;
             let (sequences, times) = self.0.worker.logprobs(job).await?;
             Ok(pb::TokenLogprobsResponse {
                 sequences: sequences
@@ -690,22 +604,8 @@ impl pb::inference_server::Inference for InferenceService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            require("model", &request.model)?;
-            if request.texts.is_empty() {
-                return Err(ServiceError::invalid("texts", "must not be empty"));
-            }
-            self.0
-                .limits
-                .check_texts("texts", request.texts.iter().map(String::as_str))?;
-            let (rewards, times) = self
-                .0
-                .worker
-                .score_texts(TextsJob {
-                    model: request.model,
-                    texts: request.texts,
-                    max_ctx: request.max_ctx as usize,
-                })
-                .await?;
+            let job = crate::requests::texts_job(request, &self.0.limits)?;
+            let (rewards, times) = self.0.worker.score_texts(job).await?;
             Ok(pb::ScoreTextsResponse {
                 rewards,
                 timing: Some(timing(times, started)),
@@ -724,31 +624,8 @@ impl pb::inference_server::Inference for InferenceService {
         let started = Instant::now();
         let request = request.into_inner();
         let opened = async {
-            require("model", &request.model)?;
-            require("prompt", &request.prompt)?;
-            if request.max_new_tokens == 0 {
-                return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
-            }
-            self.0
-                .limits
-                .check_texts("prompt", std::iter::once(request.prompt.as_str()))?;
-            self.0
-                .limits
-                .check_generation(1, 1, request.max_new_tokens as usize)?;
-            let sampling = sampling(request.sampling)?;
-            sampling
-                .validate()
-                .map_err(|e| ServiceError::invalid("sampling", e))?;
-            self.0
-                .worker
-                .generate(GenerateJob {
-                    model: request.model,
-                    prompt: request.prompt,
-                    max_new_tokens: request.max_new_tokens as usize,
-                    sampling,
-                    stop_at_eos: request.stop_at_eos.unwrap_or(true),
-                })
-                .await
+            let job = crate::requests::generate_job(request, &self.0.limits)?;
+            self.0.worker.generate(job).await
         }
         .await;
         let receiver = match opened {
@@ -793,50 +670,8 @@ impl pb::inference_server::Inference for InferenceService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            require("policy", &request.policy)?;
-            require("judge", &request.judge)?;
-            if request.prompts.is_empty() {
-                return Err(ServiceError::invalid("prompts", "must not be empty"));
-            }
-            if request.max_new_tokens == 0 {
-                return Err(ServiceError::invalid("max_new_tokens", "must be positive"));
-            }
-            self.0
-                .limits
-                .check_texts("prompts", request.prompts.iter().map(String::as_str))?;
-            self.0.limits.check_generation(
-                request.prompts.len(),
-                request.samples_per_prompt as usize,
-                request.max_new_tokens as usize,
-            )?;
-            let judge_kind = match pb::JudgeKind::try_from(request.judge_kind) {
-                Ok(pb::JudgeKind::Reward) => JudgeKind::Reward,
-                Ok(pb::JudgeKind::MeanLogprob) => JudgeKind::MeanLogprob,
-                Ok(pb::JudgeKind::SumLogprob) => JudgeKind::SumLogprob,
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "judge_kind",
-                        "choose JUDGE_KIND_REWARD, _MEAN_LOGPROB or _SUM_LOGPROB",
-                    ));
-                }
-            };
-            let sampling = sampling(request.sampling)?;
-            sampling
-                .validate()
-                .map_err(|e| ServiceError::invalid("sampling", e))?;
-            let (pairs, times) = self
-                .0
-                .worker
-                .generate_pairs(PairsJob {
-                    policy: request.policy,
-                    judge: request.judge,
-                    judge_kind,
-                    prompts: request.prompts,
-                    samples_per_prompt: request.samples_per_prompt as usize,
-                    max_new_tokens: request.max_new_tokens as usize,
-                    sampling,
-                })
-                .await?;
+            let job = crate::requests::pairs_job(request, &self.0.limits)?;
+            let (pairs, times) = self.0.worker.generate_pairs(job).await?;
             Ok(pb::GeneratePairsResponse {
                 pairs: pairs
                     .into_iter()
