@@ -109,6 +109,20 @@ impl PaddedBatch {
             lengths: sequences.iter().map(Vec::len).collect(),
         })
     }
+
+    /// Which next-token log-probs `[b·(t − 1)]` (row-major) predict a real token, not padding:
+    /// the mask [`CausalLm::token_logprobs_where`] takes for whole sequences.
+    pub fn real_predictions(&self) -> Vec<bool> {
+        let width = self
+            .lengths
+            .iter()
+            .max()
+            .map_or(0, |&t| t.saturating_sub(1));
+        self.lengths
+            .iter()
+            .flat_map(|&len| (0..width).map(move |i| i + 1 < len))
+            .collect()
+    }
 }
 
 /// What a fresh reward head reads.
@@ -429,15 +443,9 @@ impl CausalLm {
         self.in_halves(sequences.len(), |rows| {
             let batch =
                 PaddedBatch::new(&sequences[rows], self.config.pad_token_id(), &self.device)?;
-            let width = batch.ids.dim(1)?.saturating_sub(1);
-            let wanted: Vec<bool> = batch
-                .lengths
-                .iter()
-                .flat_map(|&len| (0..width).map(move |i| i + 1 < len))
-                .collect();
             let hidden = self.hidden_states(&batch.ids)?;
             let rows: Vec<Vec<f32>> = self
-                .token_logprobs_where(&hidden, &batch.ids, &wanted)?
+                .token_logprobs_where(&hidden, &batch.ids, &batch.real_predictions())?
                 .to_dtype(DType::F32)?
                 .to_vec2()?;
             Ok(rows

@@ -327,16 +327,10 @@ fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
         })
         .collect();
     let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let width = padded.ids.dim(1)?.saturating_sub(1);
-    let wanted: Vec<bool> = padded
-        .lengths
-        .iter()
-        .flat_map(|&len| (0..width).map(move |i| i + 1 < len))
-        .collect();
     // Padding positions are never computed and come back as 0.
     let hidden = model.hidden_states(&padded.ids)?;
     let loss = model
-        .token_logprobs_where(&hidden, &padded.ids, &wanted)?
+        .token_logprobs_where(&hidden, &padded.ids, &padded.real_predictions())?
         .sum_all()?
         .neg()?;
     Ok(LossOutput {
