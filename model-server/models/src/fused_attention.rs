@@ -133,6 +133,15 @@ fn tile_rows(
     }
 }
 
+/// Which query rows of one sequence are wanted: `first..len`. Keys past `len` are never read
+/// and the output's other rows are 0; their upstream gradients are ignored. Packed sequences
+/// use it to skip a batch's padding and a pair's shared prompt, whose outputs nobody reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryRows {
+    pub first: usize,
+    pub len: usize,
+}
+
 /// Padded sizes of one (sequence, head): positions `tp` and head width `dp`, both multiples
 /// of [`LANES`] (and so of [`TILE_ROWS`]), so that every tile is whole; padding is zeros.
 #[derive(Clone, Copy)]
@@ -141,18 +150,34 @@ struct Padded {
     d: usize,
     tp: usize,
     dp: usize,
+    /// First wanted query row, and the first tile holding it.
+    first: usize,
+    first_tile: usize,
 }
 
 impl Padded {
-    fn new(dims: Dims) -> Self {
-        let (t, d) = (dims.t, dims.head_dim());
+    fn new(dims: Dims, rows: QueryRows) -> Self {
+        let (t, d) = (rows.len, dims.head_dim());
         Self {
             t,
             d,
             tp: round_up(t, LANES),
             dp: round_up(d, LANES),
+            first: rows.first,
+            first_tile: rows.first / TILE_ROWS * TILE_ROWS,
         }
     }
+}
+
+/// The wanted rows of sequence `b`: all of them without `spans`.
+fn rows_of(spans: Option<&[QueryRows]>, dims: Dims, b: usize) -> QueryRows {
+    spans.map_or(
+        QueryRows {
+            first: 0,
+            len: dims.t,
+        },
+        |s| s[b],
+    )
 }
 
 /// Copies head `h`'s columns (starting at `column`) of sequence `b` into `dst`, row-major
@@ -226,7 +251,8 @@ fn transposed_products(a: &[f32], b: &[f32], p: Padded, c: &mut [f32]) {
         let (a, c) = (&a[r0 * tp..], &mut c[r0 * tp..]);
         let mut n0 = 0;
         while n0 < tp {
-            let ks = n0.min(p.t)..p.t;
+            // Rows before `first` are not wanted: they send nothing back.
+            let ks = n0.max(p.first).min(p.t)..p.t;
             if n0 + 2 * LANES <= tp {
                 tile::<16>(a, tp, b, tp, ks, n0, c, tp);
                 n0 += 2 * LANES;
@@ -262,22 +288,31 @@ fn scatter(block: &[f32], p: Padded, out: &mut [f32], ld: usize, column: usize) 
 }
 
 /// Attention output `[batch, t, width]`, contiguous.
-fn forward(q: View, k: View, v: View, dims: Dims, scale: f32) -> Vec<f32> {
+fn forward(
+    q: View,
+    k: View,
+    v: View,
+    dims: Dims,
+    scale: f32,
+    spans: Option<&[QueryRows]>,
+) -> Vec<f32> {
     let (t, w) = (dims.t, dims.width);
     let mut out = vec![0f32; dims.batch * t * w];
-    out.par_chunks_mut(t * w)
-        .enumerate()
-        .for_each(|(b, out)| forward_sequence(&q, &k, &v, dims, scale, b, out));
+    out.par_chunks_mut(t * w).enumerate().for_each(|(b, out)| {
+        let rows = rows_of(spans, dims, b);
+        forward_sequence(&q, &k, &v, dims, scale, b, rows, out)
+    });
     out
 }
 
 crate::fused::avx2_dispatch! {
     /// One sequence's attention output `[t, width]`.
-    fn forward_sequence(q: &View, k: &View, v: &View, dims: Dims, scale: f32, b: usize, out: &mut [f32])
+    fn forward_sequence(q: &View, k: &View, v: &View, dims: Dims, scale: f32, b: usize, rows: QueryRows, out: &mut [f32])
         => forward_sequence_body
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_sequence_body(
     q: &View,
     k: &View,
@@ -285,9 +320,13 @@ fn forward_sequence_body(
     dims: Dims,
     scale: f32,
     b: usize,
+    rows: QueryRows,
     out: &mut [f32],
 ) {
-    let p = Padded::new(dims);
+    let p = Padded::new(dims, rows);
+    if p.first >= p.t {
+        return;
+    }
     let (tp, dp) = (p.tp, p.dp);
     let mut q_h = vec![0f32; tp * dp];
     let mut keys_t = vec![0f32; dp * tp];
@@ -299,7 +338,7 @@ fn forward_sequence_body(
         gather(q, b, column, p, false, &mut q_h);
         gather(k, b, column, p, true, &mut keys_t);
         gather(v, b, column, p, false, &mut v_h);
-        for i0 in (0..tp).step_by(TILE_ROWS) {
+        for i0 in (p.first_tile..tp).step_by(TILE_ROWS) {
             // Probabilities of this tile of queries, then their weighted values.
             let seen = probability_tile(&q_h, &keys_t, p, scale, i0, &mut probs);
             tile_rows(
@@ -313,24 +352,36 @@ fn forward_sequence_body(
                 dp,
             );
         }
+        o[..p.first * dp].fill(0.0);
         scatter(&o, p, out, dims.width, column);
     }
 }
 
 /// Gradients `[batch, t, 3·width]` (q, k, v side by side) from the upstream gradient `dout`.
-fn backward(q: View, k: View, v: View, dout: View, dims: Dims, scale: f32) -> Vec<f32> {
+fn backward(
+    q: View,
+    k: View,
+    v: View,
+    dout: View,
+    dims: Dims,
+    scale: f32,
+    spans: Option<&[QueryRows]>,
+) -> Vec<f32> {
     let (t, w) = (dims.t, dims.width);
     let mut grads = vec![0f32; dims.batch * t * 3 * w];
     grads
         .par_chunks_mut(t * 3 * w)
         .enumerate()
-        .for_each(|(b, grads)| backward_sequence(&q, &k, &v, &dout, dims, scale, b, grads));
+        .for_each(|(b, grads)| {
+            let rows = rows_of(spans, dims, b);
+            backward_sequence(&q, &k, &v, &dout, dims, scale, b, rows, grads)
+        });
     grads
 }
 
 crate::fused::avx2_dispatch! {
     /// One sequence's gradients `[t, 3·width]`.
-    fn backward_sequence(q: &View, k: &View, v: &View, dout: &View, dims: Dims, scale: f32, b: usize, grads: &mut [f32])
+    fn backward_sequence(q: &View, k: &View, v: &View, dout: &View, dims: Dims, scale: f32, b: usize, rows: QueryRows, grads: &mut [f32])
         => backward_sequence_body
 }
 
@@ -349,9 +400,13 @@ fn backward_sequence_body(
     dims: Dims,
     scale: f32,
     b: usize,
+    rows: QueryRows,
     grads: &mut [f32],
 ) {
-    let p = Padded::new(dims);
+    let p = Padded::new(dims, rows);
+    if p.first >= p.t {
+        return;
+    }
     let (t, w, tp, dp) = (p.t, dims.width, p.tp, p.dp);
     let mut q_h = vec![0f32; tp * dp];
     let mut queries_t = vec![0f32; dp * tp];
@@ -372,10 +427,10 @@ fn backward_sequence_body(
         gather(v, b, column, p, true, &mut values_t);
         gather(dout, b, column, p, false, &mut dout_h);
         gather(dout, b, column, p, true, &mut dout_t);
-        for i0 in (0..tp).step_by(TILE_ROWS) {
+        for i0 in (p.first_tile..tp).step_by(TILE_ROWS) {
             probability_tile(&q_h, &keys_t, p, scale, i0, &mut probs);
         }
-        for i0 in (0..tp).step_by(TILE_ROWS) {
+        for i0 in (p.first_tile..tp).step_by(TILE_ROWS) {
             let seen = (i0 + TILE_ROWS).min(t);
             let rows = &mut ds[i0 * tp..(i0 + TILE_ROWS) * tp];
             tile_rows(
@@ -398,7 +453,7 @@ fn backward_sequence_body(
                 }
                 masked.fill(0.0);
             }
-            for i in t.max(i0)..i0 + TILE_ROWS {
+            for i in (t.max(i0)..i0 + TILE_ROWS).chain(i0..p.first.min(i0 + TILE_ROWS)) {
                 ds[i * tp..(i + 1) * tp].fill(0.0);
             }
             // dQ rows of this tile: Σ_j dS_ij k_j over the keys they saw.
@@ -413,6 +468,7 @@ fn backward_sequence_body(
                 dp,
             );
         }
+        grad[..p.first * dp].fill(0.0);
         scatter(&grad, p, grads, 3 * w, column);
         // dK_j = Σ_{i ≥ j} dS_ij q_i and dV_j = Σ_{i ≥ j} P_ij dO_i, computed transposed.
         transposed_products(&queries_t, &ds, p, &mut grad);
@@ -446,6 +502,7 @@ fn check_dims(
 struct PackedAttention {
     heads: usize,
     scale: f32,
+    spans: Option<Vec<QueryRows>>,
 }
 
 impl CustomOp1 for PackedAttention {
@@ -472,7 +529,8 @@ impl CustomOp1 for PackedAttention {
                 ..view
             },
         );
-        let out = forward(q, k, v, dims, self.scale);
+        check_spans(self.spans.as_deref(), dims)?;
+        let out = forward(q, k, v, dims, self.scale, self.spans.as_deref());
         Ok((CpuStorage::F32(out), Shape::from((dims.batch, dims.t, w))))
     }
 
@@ -487,6 +545,7 @@ impl CustomOp1 for PackedAttention {
             &PackedAttentionGrad {
                 heads: self.heads,
                 scale: self.scale,
+                spans: self.spans.clone(),
             },
         )?;
         Ok(Some(grad))
@@ -498,6 +557,7 @@ impl CustomOp1 for PackedAttention {
 struct PackedAttentionGrad {
     heads: usize,
     scale: f32,
+    spans: Option<Vec<QueryRows>>,
 }
 
 impl CustomOp2 for PackedAttentionGrad {
@@ -527,7 +587,8 @@ impl CustomOp2 for PackedAttentionGrad {
             offset: view.offset + 2 * w,
             ..view
         };
-        let grads = backward(view, k, v, dout, dims, self.scale);
+        check_spans(self.spans.as_deref(), dims)?;
+        let grads = backward(view, k, v, dout, dims, self.scale, self.spans.as_deref());
         Ok((CpuStorage::F32(grads), l1.shape().clone()))
     }
 }
@@ -536,6 +597,7 @@ impl CustomOp2 for PackedAttentionGrad {
 struct SplitAttention {
     heads: usize,
     scale: f32,
+    spans: Option<Vec<QueryRows>>,
 }
 
 impl CustomOp3 for SplitAttention {
@@ -561,12 +623,14 @@ impl CustomOp3 for SplitAttention {
                 l3.dims()
             );
         }
+        check_spans(self.spans.as_deref(), dims)?;
         let out = forward(
             View::new(s1, l1, "q")?,
             View::new(s2, l2, "k")?,
             View::new(s3, l3, "v")?,
             dims,
             self.scale,
+            self.spans.as_deref(),
         );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -586,6 +650,7 @@ impl CustomOp3 for SplitAttention {
             &PackedAttentionGrad {
                 heads: self.heads,
                 scale: self.scale,
+                spans: self.spans.clone(),
             },
         )?;
         Ok((
@@ -594,6 +659,29 @@ impl CustomOp3 for SplitAttention {
             Some(grads.narrow(2, 2 * width, width)?),
         ))
     }
+}
+
+fn check_spans(spans: Option<&[QueryRows]>, dims: Dims) -> candle_core::Result<()> {
+    let Some(spans) = spans else { return Ok(()) };
+    if spans.len() != dims.batch {
+        candle_core::bail!(
+            "fused attention: {} query spans for {} sequences",
+            spans.len(),
+            dims.batch
+        );
+    }
+    if let Some(bad) = spans
+        .iter()
+        .find(|r| r.len == 0 || r.len > dims.t || r.first > r.len)
+    {
+        candle_core::bail!(
+            "fused attention: query rows {}..{} outside 1..={} positions",
+            bad.first,
+            bad.len,
+            dims.t
+        );
+    }
+    Ok(())
 }
 
 fn validated_scale(scale: f64) -> Result<f32> {
@@ -607,22 +695,42 @@ fn validated_scale(scale: f64) -> Result<f32> {
 }
 
 /// Causal self-attention of a packed `[batch, t, 3·width]` q|k|v tensor (f32, CPU),
-/// differentiable: `[batch, t, width]` with the heads merged.
-pub fn packed_causal_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// differentiable: `[batch, t, width]` with the heads merged. `spans` (one per sequence)
+/// restricts each sequence to its wanted query rows; `None` computes every row.
+pub fn packed_causal_attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    spans: Option<&[QueryRows]>,
+) -> Result<Tensor> {
     let scale = validated_scale(scale)?;
-    Ok(qkv.apply_op1(PackedAttention { heads, scale })?)
+    Ok(qkv.apply_op1(PackedAttention {
+        heads,
+        scale,
+        spans: spans.map(<[QueryRows]>::to_vec),
+    })?)
 }
 
-/// Causal self-attention of separate `[batch, t, width]` q, k, v (f32, CPU), differentiable.
+/// Causal self-attention of separate `[batch, t, width]` q, k, v (f32, CPU), differentiable;
+/// `spans` as in [`packed_causal_attention`].
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
+    spans: Option<&[QueryRows]>,
 ) -> Result<Tensor> {
     let scale = validated_scale(scale)?;
-    Ok(q.apply_op3(k, v, SplitAttention { heads, scale })?)
+    Ok(q.apply_op3(
+        k,
+        v,
+        SplitAttention {
+            heads,
+            scale,
+            spans: spans.map(<[QueryRows]>::to_vec),
+        },
+    )?)
 }
 
 #[cfg(test)]
@@ -669,7 +777,7 @@ mod tests {
         ] {
             let qkv = random_var(&[batch, t, 3 * width], 0.0, 1.5);
             let scale = 1.0 / ((width / heads) as f64).sqrt();
-            let fused = packed_causal_attention(qkv.as_tensor(), heads, scale).unwrap();
+            let fused = packed_causal_attention(qkv.as_tensor(), heads, scale, None).unwrap();
             let x = qkv.as_tensor();
             let reference = composed(
                 &x.narrow(2, 0, width).unwrap(),
@@ -682,6 +790,69 @@ mod tests {
         }
     }
 
+    /// With query spans the fused op gives the composed attention on the wanted rows, 0
+    /// elsewhere, and ignores the upstream gradient of the other rows.
+    #[test]
+    fn query_spans_give_the_wanted_rows_and_ignore_the_rest() {
+        let cases: [(usize, usize, usize, &[QueryRows]); 2] = [
+            (
+                11,
+                16,
+                2,
+                &[
+                    QueryRows { first: 0, len: 11 },
+                    QueryRows { first: 5, len: 9 },
+                    QueryRows { first: 9, len: 9 },
+                ],
+            ),
+            (
+                70,
+                64,
+                4,
+                &[
+                    QueryRows { first: 22, len: 51 },
+                    QueryRows { first: 0, len: 40 },
+                ],
+            ),
+        ];
+        for (t, width, heads, spans) in cases {
+            let batch = spans.len();
+            let qkv = random_var(&[batch, t, 3 * width], 0.0, 1.5);
+            let scale = 1.0 / ((width / heads) as f64).sqrt();
+            let x = qkv.as_tensor();
+            let mask: Vec<f32> = spans
+                .iter()
+                .flat_map(|r| (0..t).map(move |i| f32::from(u8::from(i >= r.first && i < r.len))))
+                .collect();
+            let mask = Tensor::from_vec(mask, (batch, t, 1), &Device::Cpu).unwrap();
+            let reference = composed(
+                &x.narrow(2, 0, width).unwrap(),
+                &x.narrow(2, width, width).unwrap(),
+                &x.narrow(2, 2 * width, width).unwrap(),
+                heads,
+                scale,
+            )
+            .broadcast_mul(&mask)
+            .unwrap();
+            let packed = packed_causal_attention(x, heads, scale, Some(spans)).unwrap();
+            assert_same_values_and_gradients(packed, reference.clone(), &[&qkv], 1e-5, 1e-4);
+            let split = causal_attention(
+                &x.narrow(2, 0, width).unwrap(),
+                &x.narrow(2, width, width).unwrap(),
+                &x.narrow(2, 2 * width, width).unwrap(),
+                heads,
+                scale,
+                Some(spans),
+            )
+            .unwrap();
+            assert_same_values_and_gradients(split, reference, &[&qkv], 1e-5, 1e-4);
+        }
+        let qkv = Tensor::zeros((1, 4, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let too_long = [QueryRows { first: 0, len: 5 }];
+        assert!(packed_causal_attention(&qkv, 2, 0.5, Some(&too_long)).is_err());
+        assert!(packed_causal_attention(&qkv, 2, 0.5, Some(&[])).is_err());
+    }
+
     #[test]
     fn split_attention_matches_composed_values_and_gradients_on_strided_inputs() {
         let (batch, t, width, heads) = (3, 13, 24, 3);
@@ -692,7 +863,7 @@ mod tests {
         // v as a column slice of a wider tensor: read in place, not copied.
         let wide = random_var(&[batch, t, 2 * width], 0.0, 1.0);
         let v = wide.as_tensor().narrow(2, width, width).unwrap();
-        let fused = causal_attention(q.as_tensor(), k.as_tensor(), &v, heads, 0.4).unwrap();
+        let fused = causal_attention(q.as_tensor(), k.as_tensor(), &v, heads, 0.4, None).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), &v, heads, 0.4);
         assert_same_values_and_gradients(fused, reference, &[&q, &k, &wide], 1e-5, 1e-4);
     }
@@ -700,11 +871,11 @@ mod tests {
     #[test]
     fn a_query_ignores_later_positions() {
         let qkv = Tensor::randn(0f32, 1.0, (1, 8, 3 * 8), &Device::Cpu).unwrap();
-        let out = packed_causal_attention(&qkv, 2, 0.5).unwrap();
+        let out = packed_causal_attention(&qkv, 2, 0.5, None).unwrap();
         // Changing the last position's q/k/v leaves every earlier output unchanged.
         let tail = Tensor::randn(0f32, 1.0, (1, 1, 3 * 8), &Device::Cpu).unwrap();
         let changed = Tensor::cat(&[&qkv.narrow(1, 0, 7).unwrap(), &tail], 1).unwrap();
-        let out2 = packed_causal_attention(&changed, 2, 0.5).unwrap();
+        let out2 = packed_causal_attention(&changed, 2, 0.5, None).unwrap();
         let a: Vec<f32> = out
             .narrow(1, 0, 7)
             .unwrap()
@@ -725,8 +896,8 @@ mod tests {
     #[test]
     fn bad_shapes_and_scales_are_errors() {
         let qkv = Tensor::zeros((1, 4, 3 * 10), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(packed_causal_attention(&qkv, 3, 1.0).is_err());
-        assert!(packed_causal_attention(&qkv, 2, 0.0).is_err());
-        assert!(packed_causal_attention(&qkv, 2, f64::NAN).is_err());
+        assert!(packed_causal_attention(&qkv, 3, 1.0, None).is_err());
+        assert!(packed_causal_attention(&qkv, 2, 0.0, None).is_err());
+        assert!(packed_causal_attention(&qkv, 2, f64::NAN, None).is_err());
     }
 }

@@ -15,7 +15,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -24,11 +24,10 @@ use crate::fused::{
 };
 use crate::matmul::Product;
 
-/// Shape of one call: batch, positions, hidden width, vocabulary.
+/// Shape of one call: hidden rows, hidden width, vocabulary.
 #[derive(Clone, Copy)]
 struct Dims {
-    batch: usize,
-    t: usize,
+    rows: usize,
     hidden: usize,
     vocab: usize,
 }
@@ -62,12 +61,13 @@ fn logits(
     .run()
 }
 
-/// One wanted position: its row in the flattened hidden states `[b·t, h]` (`b·t + i`, which
-/// also indexes its target `ids[b, i + 1]` as `hidden_row + 1`) and its entry in the output
-/// `[b, t − 1]` (`b·(t − 1) + i`).
+/// One wanted log-prob: the row of the flattened hidden states `[rows, h]` that predicts, the
+/// token it is scored on, and its entry in the output. Rows may repeat (a shared prompt's last
+/// row predicts the first token of both responses); their gradients add up.
 #[derive(Clone, Copy)]
 struct Position {
     hidden_row: usize,
+    target: u32,
     out_index: usize,
 }
 
@@ -76,36 +76,52 @@ struct Position {
 struct LmHeadLogprobs {
     /// The wanted positions, in order.
     rows: Vec<Position>,
+    /// Shape of the result; entries no position writes are 0.
+    out_shape: Shape,
     logits: Mutex<Option<Vec<f32>>>,
 }
 
-fn dims_of(l_hidden: &Layout, l_head: &Layout, l_ids: &Layout) -> candle_core::Result<Dims> {
-    let (batch, t, hidden) = l_hidden.shape().dims3()?;
+fn dims_of(l_hidden: &Layout, l_head: &Layout) -> candle_core::Result<Dims> {
     let (vocab, head_width) = l_head.shape().dims2()?;
-    let (id_batch, id_t) = l_ids.shape().dims2()?;
-    if head_width != hidden || (id_batch, id_t) != (batch, t) || t < 2 {
+    let hidden = l_hidden.dims().last().copied().unwrap_or(0);
+    if head_width != hidden || hidden == 0 {
         candle_core::bail!(
-            "lm-head log-probs: hidden {:?}, head {:?}, ids {:?} do not fit (need [b, t ≥ 2, h], [vocab, h], [b, t])",
+            "lm-head log-probs: hidden {:?} and head {:?} do not fit (need [.., h], [vocab, h])",
             l_hidden.dims(),
             l_head.dims(),
-            l_ids.dims()
         );
     }
     Ok(Dims {
-        batch,
-        t,
+        rows: l_hidden.shape().elem_count() / hidden,
         hidden,
         vocab,
     })
 }
 
 impl LmHeadLogprobs {
-    fn targets(&self, ids: &[u32]) -> Vec<u32> {
-        self.rows.iter().map(|p| ids[p.hidden_row + 1]).collect()
+    fn new(rows: Vec<Position>, out_shape: Shape, dims: Dims) -> Result<Self> {
+        if let Some(p) = rows
+            .iter()
+            .find(|p| p.hidden_row >= dims.rows || p.target as usize >= dims.vocab)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "log-prob of token {} at hidden row {}: outside the vocabulary of {} or the {} rows",
+                p.target, p.hidden_row, dims.vocab, dims.rows
+            )));
+        }
+        Ok(Self {
+            rows,
+            out_shape,
+            logits: Mutex::new(None),
+        })
+    }
+
+    fn targets(&self) -> Vec<u32> {
+        self.rows.iter().map(|p| p.target).collect()
     }
 }
 
-impl CustomOp3 for LmHeadLogprobs {
+impl CustomOp2 for LmHeadLogprobs {
     fn name(&self) -> &'static str {
         "lm-head-logprobs"
     }
@@ -116,19 +132,13 @@ impl CustomOp3 for LmHeadLogprobs {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = dims_of(l1, l2, l3)?;
+        let dims = dims_of(l1, l2)?;
         let hidden = contiguous::<f32>(s1, l1, "hidden states")?;
         let head = contiguous::<f32>(s2, l2, "head")?;
-        let ids = contiguous::<u32>(s3, l3, "ids")?;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= dims.vocab) {
-            candle_core::bail!("token {bad} outside the vocabulary of {}", dims.vocab);
-        }
         let gathered = gather_rows(hidden, &self.rows, dims.hidden);
         let logits = logits(&gathered, head, self.rows.len(), dims)?;
-        let targets = self.targets(ids);
+        let targets = self.targets();
         let vocab = dims.vocab;
         let mut wanted = vec![0f32; self.rows.len()];
         let chunk = rows_per_task(vocab);
@@ -137,38 +147,33 @@ impl CustomOp3 for LmHeadLogprobs {
             .zip(logits.par_chunks(chunk * vocab))
             .zip(targets.par_chunks(chunk))
             .for_each(|((out, logits), targets)| target_logprob_rows(logits, targets, out));
-        let mut out = vec![0f32; dims.batch * (dims.t - 1)];
+        let mut out = vec![0f32; self.out_shape.elem_count()];
         for (p, value) in self.rows.iter().zip(wanted) {
             out[p.out_index] = value;
         }
         if let Ok(mut kept) = self.logits.lock() {
             *kept = Some(logits);
         }
-        Ok((CpuStorage::F32(out), Shape::from((dims.batch, dims.t - 1))))
+        Ok((CpuStorage::F32(out), self.out_shape.clone()))
     }
 
     fn bwd(
         &self,
         hidden: &Tensor,
         head: &Tensor,
-        ids: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (hidden_storage, l1) = hidden.storage_and_layout();
         let (head_storage, l2) = head.storage_and_layout();
-        let (ids_storage, l3) = ids.storage_and_layout();
-        let (Storage::Cpu(s1), Storage::Cpu(s2), Storage::Cpu(s3)) =
-            (&*hidden_storage, &*head_storage, &*ids_storage)
-        else {
+        let (Storage::Cpu(s1), Storage::Cpu(s2)) = (&*hidden_storage, &*head_storage) else {
             candle_core::bail!("lm-head log-probs: backward on a non-CPU device");
         };
-        let dims = dims_of(l1, l2, l3)?;
+        let dims = dims_of(l1, l2)?;
         let hidden_values = contiguous::<f32>(s1, l1, "hidden states")?;
         let head_values = contiguous::<f32>(s2, l2, "head")?;
-        let ids_values = contiguous::<u32>(s3, l3, "ids")?;
         let gathered = gather_rows(hidden_values, &self.rows, dims.hidden);
-        let targets = self.targets(ids_values);
+        let targets = self.targets();
         let upstream_all = grad_res.flatten_all()?.to_vec1::<f32>()?;
         let results_all = res.flatten_all()?.to_vec1::<f32>()?;
         let upstream: Vec<f32> = self
@@ -203,14 +208,17 @@ impl CustomOp3 for LmHeadLogprobs {
             rhs_strides: (dims.hidden, 1),
         }
         .run()?;
-        let mut grad_hidden = vec![0f32; dims.batch * dims.t * dims.hidden];
+        let mut grad_hidden = vec![0f32; dims.rows * dims.hidden];
         for (p, grad) in self
             .rows
             .iter()
             .zip(grad_gathered.chunks_exact(dims.hidden))
         {
-            grad_hidden[p.hidden_row * dims.hidden..(p.hidden_row + 1) * dims.hidden]
-                .copy_from_slice(grad);
+            let row =
+                &mut grad_hidden[p.hidden_row * dims.hidden..(p.hidden_row + 1) * dims.hidden];
+            for (g, d) in row.iter_mut().zip(grad) {
+                *g += d;
+            }
         }
         let grad_head = Product {
             m: vocab,
@@ -225,15 +233,18 @@ impl CustomOp3 for LmHeadLogprobs {
         .run()?;
         let device = candle_core::Device::Cpu;
         Ok((
-            Some(Tensor::from_vec(
-                grad_hidden,
-                (dims.batch, dims.t, dims.hidden),
-                &device,
-            )?),
+            Some(Tensor::from_vec(grad_hidden, hidden.shape(), &device)?),
             Some(Tensor::from_vec(grad_head, (vocab, dims.hidden), &device)?),
-            None,
         ))
     }
+}
+
+fn apply(hidden: &Tensor, head: &Tensor, rows: Vec<Position>, out_shape: Shape) -> Result<Tensor> {
+    let hidden = hidden.contiguous()?;
+    let head = head.contiguous()?;
+    let dims = dims_of(hidden.layout(), head.layout())?;
+    let op = LmHeadLogprobs::new(rows, out_shape, dims)?;
+    Ok(hidden.apply_op2(&head, op)?)
 }
 
 /// `log p(ids[b, i + 1] | ids[b, ..=i])` `[b, t − 1]` from the final hidden states `[b, t, h]`
@@ -247,7 +258,14 @@ pub fn lm_head_target_logprobs(
     wanted: Option<&[bool]>,
 ) -> Result<Tensor> {
     let (batch, t, _) = hidden.dims3()?;
-    let predicting = t.saturating_sub(1);
+    if ids.dims2()? != (batch, t) || t < 2 {
+        return Err(ModelError::InvalidInput(format!(
+            "lm-head log-probs: hidden {:?} and ids {:?} do not fit (need [b, t ≥ 2, h], [b, t])",
+            hidden.dims(),
+            ids.dims()
+        )));
+    }
+    let predicting = t - 1;
     if let Some(wanted) = wanted
         && wanted.len() != batch * predicting
     {
@@ -256,21 +274,39 @@ pub fn lm_head_target_logprobs(
             wanted.len()
         )));
     }
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
     let rows = (0..batch * predicting)
         .filter(|&j| wanted.is_none_or(|w| w[j]))
-        .map(|j| Position {
-            hidden_row: (j / predicting) * t + j % predicting,
-            out_index: j,
+        .map(|j| {
+            let hidden_row = (j / predicting) * t + j % predicting;
+            Position {
+                hidden_row,
+                target: ids[hidden_row + 1],
+                out_index: j,
+            }
         })
         .collect();
-    Ok(hidden.contiguous()?.apply_op3(
-        &head.contiguous()?,
-        &ids.contiguous()?,
-        LmHeadLogprobs {
-            rows,
-            logits: Mutex::new(None),
-        },
-    )?)
+    apply(hidden, head, rows, Shape::from((batch, predicting)))
+}
+
+/// `log p(target | hidden row)` `[predictions.len()]` for explicit `(row, target)` pairs over
+/// hidden states `[.., h]` read as `[rows, h]` (f32, CPU), differentiable in both; a row may
+/// appear more than once. Only these rows' logits are computed.
+pub fn lm_head_row_logprobs(
+    hidden: &Tensor,
+    head: &Tensor,
+    predictions: &[(usize, u32)],
+) -> Result<Tensor> {
+    let rows = predictions
+        .iter()
+        .enumerate()
+        .map(|(out_index, &(hidden_row, target))| Position {
+            hidden_row,
+            target,
+            out_index,
+        })
+        .collect();
+    apply(hidden, head, rows, Shape::from(predictions.len()))
 }
 
 #[cfg(test)]
@@ -339,6 +375,38 @@ mod tests {
         let wrong_length =
             lm_head_target_logprobs(h.as_tensor(), head.as_tensor(), &ids, Some(&wanted[1..]));
         assert!(wrong_length.is_err());
+    }
+
+    #[test]
+    fn explicit_rows_may_repeat_and_their_gradients_add_up() {
+        let (rows, hidden, vocab) = (6, 16, 40);
+        let h = random_var(&[1, rows, hidden], 0.0, 1.0);
+        let head = random_var(&[vocab, hidden], 0.0, 0.5);
+        // Row 2 predicts two different tokens (a shared prompt's last row).
+        let predictions = [(0usize, 3u32), (2, 7), (2, 11), (5, 39), (1, 0)];
+        let fused = lm_head_row_logprobs(h.as_tensor(), head.as_tensor(), &predictions).unwrap();
+        let index = Tensor::new(&predictions.map(|(r, _)| r as u32)[..], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&predictions.map(|(_, t)| t)[..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let logits = h
+            .as_tensor()
+            .reshape((rows, hidden))
+            .unwrap()
+            .index_select(&index, 0)
+            .unwrap()
+            .matmul(&head.as_tensor().t().unwrap())
+            .unwrap();
+        let reference = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
+            .unwrap()
+            .gather(&targets, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        assert_same_values_and_gradients(fused, reference, &[&h, &head], 1e-5, 1e-4);
+        let outside = lm_head_row_logprobs(h.as_tensor(), head.as_tensor(), &[(6, 0)]);
+        assert!(outside.is_err());
     }
 
     #[test]

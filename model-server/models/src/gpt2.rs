@@ -9,6 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::fused::fused_applies;
 use crate::fused_attention::packed_causal_attention;
 use crate::layers::{Affine, LayerCache, LayerNorm, activate, causal_self_attention, embed};
+use crate::packed::PackedSequences;
 use crate::weights::{Init, Weights};
 
 #[derive(Debug, Clone)]
@@ -163,20 +164,51 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let positions = Tensor::arange(past as u32, (past + t) as u32, ids.device())?;
-        let mut h = embed(&self.wte, ids)?.broadcast_add(&embed(&self.wpe, &positions)?)?;
         let d = self.config.n_embd;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let x = block.ln_1.forward(&h)?;
-            let qkv = block.c_attn.forward(&x)?;
+        let heads = self.config.n_head;
+        self.run_blocks(ids, &positions, |i, scale, qkv| {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let attn = if cache.is_none() && fused_applies(&qkv) {
-                packed_causal_attention(&qkv, self.config.n_head, block.attn_scale)?
+            if cache.is_none() && fused_applies(qkv) {
+                return packed_causal_attention(qkv, heads, scale, None);
+            }
+            let q = qkv.narrow(2, 0, d)?;
+            let k = qkv.narrow(2, d, d)?;
+            let v = qkv.narrow(2, 2 * d, d)?;
+            causal_self_attention(&q, &k, &v, heads, scale, cache, None)
+        })
+    }
+
+    /// Final hidden states `[1, n, n_embd]` of packed rows (see [`PackedSequences`]).
+    pub fn forward_packed(&self, packed: &PackedSequences) -> Result<Tensor> {
+        let d = self.config.n_embd;
+        let heads = self.config.n_head;
+        self.run_blocks(packed.ids(), &packed.position_ids(0)?, |_, scale, qkv| {
+            let qkv = packed.to_sequences(qkv)?;
+            let out = if fused_applies(&qkv) {
+                packed_causal_attention(&qkv, heads, scale, Some(packed.query_rows()))?
             } else {
                 let q = qkv.narrow(2, 0, d)?;
                 let k = qkv.narrow(2, d, d)?;
                 let v = qkv.narrow(2, 2 * d, d)?;
-                causal_self_attention(&q, &k, &v, self.config.n_head, block.attn_scale, cache)?
+                causal_self_attention(&q, &k, &v, heads, scale, None, None)?
             };
+            packed.from_sequences(&out)
+        })
+    }
+
+    /// Embeddings, the blocks and `ln_f`; `attend(layer, scale, qkv)` maps the packed
+    /// projections `[.., 3·n_embd]` to the merged heads `[.., n_embd]`.
+    fn run_blocks(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mut attend: impl FnMut(usize, f64, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = embed(&self.wte, ids)?.broadcast_add(&embed(&self.wpe, positions)?)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let x = block.ln_1.forward(&h)?;
+            let qkv = block.c_attn.forward(&x)?;
+            let attn = attend(i, block.attn_scale, &qkv)?;
             h = (h + block.attn_c_proj.forward(&attn)?)?;
             let x = block.ln_2.forward(&h)?;
             let x = activate(&block.c_fc.forward(&x)?, self.activation)?;

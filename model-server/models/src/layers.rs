@@ -10,6 +10,7 @@ use crate::config::Activation;
 use crate::error::Result;
 use crate::fused::{causal_softmax, fused_applies, gelu_tanh, layer_norm};
 use crate::fused_affine::{WeightLayout, affine};
+use crate::fused_attention::QueryRows;
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance, as `torch.nn.LayerNorm`.
@@ -158,6 +159,8 @@ pub struct LayerCache {
 
 /// Scaled dot-product attention with a causal mask; q/k/v are `[b, t, width]` and are split
 /// into heads here. With a cache, new keys/values are appended and attend over the past.
+/// `spans` (per sequence, no cache) names the query rows the caller reads: the fused CPU
+/// kernel computes only those, the composed ops all of them.
 pub fn causal_self_attention(
     q: &Tensor,
     k: &Tensor,
@@ -165,9 +168,10 @@ pub fn causal_self_attention(
     heads: usize,
     scale: f64,
     cache: Option<&mut LayerCache>,
+    spans: Option<&[QueryRows]>,
 ) -> Result<Tensor> {
     if cache.is_none() && fused_applies(q) {
-        return crate::fused_attention::causal_attention(q, k, v, heads, scale);
+        return crate::fused_attention::causal_attention(q, k, v, heads, scale, spans);
     }
     let (batch, new, width) = q.dims3()?;
     let head_dim = width / heads;

@@ -13,6 +13,7 @@
 //!   the CPU and fall back to composed candle ops elsewhere.
 //! - [`gpt2`], [`opt`]: the transformer bodies, tensor names mirroring HF.
 //! - [`model`]: [`CausalLm`] — logits, per-token log-probs, reward head, KV-cached decoding.
+//! - [`packed`]: sequences without padding, pairs sharing their prompt, for training passes.
 //! - [`generation`]: seeded sampling and the decode loop.
 //! - [`tokenizer`]: HF tokenizers with the reference's special tokens, dialogue split,
 //!   truncation.
@@ -29,6 +30,7 @@ pub mod layers;
 mod matmul;
 pub mod model;
 pub mod opt;
+pub mod packed;
 pub mod tokenizer;
 pub mod weights;
 
@@ -36,6 +38,7 @@ pub use candle_core::{DType, Device, DeviceLocation, Tensor};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch, RewardReadout};
+pub use packed::{PackedSequences, Prediction, PrefixSharing};
 pub use tokenizer::{EncodedDialogue, TextTokenizer};
 pub use weights::{REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, Weights};
 

@@ -9,10 +9,11 @@ use candle_core::{D, DType, Device, Tensor};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::fused::{fused_applies, target_logprobs};
-use crate::fused_lm_head::lm_head_target_logprobs;
+use crate::fused_lm_head::{lm_head_row_logprobs, lm_head_target_logprobs};
 use crate::gpt2::{self, Gpt2};
 use crate::layers::{LayerCache, embed};
 use crate::opt::{self, Opt};
+use crate::packed::{PackedSequences, Prediction, weighted_sums};
 use crate::weights::{Init, REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, Weights};
 
 #[derive(Debug, Clone)]
@@ -296,6 +297,10 @@ impl CausalLm {
         if past + t > max {
             return Err(ModelError::SequenceTooLong { len: past + t, max });
         }
+        self.check_vocabulary(ids)
+    }
+
+    fn check_vocabulary(&self, ids: &Tensor) -> Result<()> {
         let max_id = ids
             .flatten_all()?
             .max(0)?
@@ -435,6 +440,93 @@ impl CausalLm {
             Tensor::from_vec(weights, (b, t - 1), &self.device)?.to_dtype(logprobs.dtype())?;
         let mean_logprob = (logprobs * weights)?.sum(1)?;
         Ok((head + mean_logprob.broadcast_mul(scale)?)?)
+    }
+
+    /// Final hidden states `[1, n, output_dim]` of packed rows (see [`PackedSequences`]).
+    pub fn packed_hidden_states(&self, packed: &PackedSequences) -> Result<Tensor> {
+        let max = self.config.max_positions();
+        if packed.max_len() > max {
+            return Err(ModelError::SequenceTooLong {
+                len: packed.max_len(),
+                max,
+            });
+        }
+        self.check_vocabulary(packed.ids())?;
+        match &self.body {
+            Body::Gpt2(m) => m.forward_packed(packed),
+            Body::Opt(m) => m.forward_packed(packed),
+        }
+    }
+
+    /// `log p(target | row)` `[predictions.len()]` from packed hidden states `[1, n, h]`,
+    /// differentiable; on the CPU only the predicting rows' logits are computed.
+    pub fn packed_logprobs(&self, hidden: &Tensor, predictions: &[Prediction]) -> Result<Tensor> {
+        if predictions.is_empty() {
+            return Ok(Tensor::zeros(0, hidden.dtype(), hidden.device())?);
+        }
+        if fused_applies(hidden) {
+            let pairs: Vec<(usize, u32)> = predictions.iter().map(|p| (p.row, p.target)).collect();
+            return lm_head_row_logprobs(hidden, &self.lm_head, &pairs);
+        }
+        let width = hidden.dims().last().copied().unwrap_or(0);
+        let rows: Vec<u32> = predictions.iter().map(|p| p.row as u32).collect();
+        let targets: Vec<u32> = predictions.iter().map(|p| p.target).collect();
+        let m = predictions.len();
+        let rows = Tensor::from_vec(rows, m, hidden.device())?;
+        let targets = Tensor::from_vec(targets, (m, 1), hidden.device())?;
+        let gathered = hidden
+            .reshape((hidden.elem_count() / width, width))?
+            .index_select(&rows, 0)?;
+        let logits = gathered.matmul(&self.lm_head.t()?)?;
+        let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        Ok(logprobs.gather(&targets, 1)?.squeeze(1)?)
+    }
+
+    /// [`Self::rewards`] of packed sequences (pairs may share their prompt): `[sequences]`.
+    pub fn packed_rewards(
+        &self,
+        packed: &PackedSequences,
+        response_starts: &[usize],
+    ) -> Result<Tensor> {
+        let head = self
+            .reward_head
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("this model has no reward head".into()))?;
+        let count = packed.sequences();
+        if response_starts.len() != count {
+            return Err(ModelError::InvalidInput(format!(
+                "{} response starts for a batch of {count}",
+                response_starts.len()
+            )));
+        }
+        let hidden = self.packed_hidden_states(packed)?;
+        let width = hidden.dims().last().copied().unwrap_or(0);
+        let last: Vec<u32> = (0..count)
+            .map(|k| packed.row(k, packed.sequence_len(k) - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, count, &self.device)?;
+        let scores = hidden
+            .reshape((packed.len(), width))?
+            .index_select(&last, 0)?
+            .matmul(&head.t()?)?
+            .squeeze(1)?;
+        let Some(scale) = &self.reward_loglik_scale else {
+            return Ok(scores);
+        };
+        // Each response token weighs 1 / (its sequence's count); a sequence without one adds 0.
+        let mut predictions = Vec::new();
+        let mut owners = Vec::new();
+        let mut weights = Vec::new();
+        for (k, &start) in response_starts.iter().enumerate() {
+            let before = predictions.len();
+            predictions.extend(packed.predictions(k, start..packed.sequence_len(k)));
+            let added = predictions.len() - before;
+            owners.extend(std::iter::repeat_n(k, added));
+            weights.extend(std::iter::repeat_n(1.0 / added.max(1) as f32, added));
+        }
+        let logprobs = self.packed_logprobs(&hidden, &predictions)?;
+        let means = weighted_sums(&logprobs, &owners, &weights, count)?;
+        Ok((scores + means.broadcast_mul(scale)?)?)
     }
 
     /// Per-token log-probs of each sequence (length `len - 1` each), computed as right-padded

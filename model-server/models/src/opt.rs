@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use crate::config::{Activation, OptConfig};
 use crate::error::{ModelError, Result};
 use crate::layers::{Affine, LayerCache, LayerNorm, activate, causal_self_attention, embed};
+use crate::packed::PackedSequences;
 use crate::weights::{Init, Weights};
 
 /// HF OPT's learned position table has two extra rows at the front.
@@ -176,11 +177,45 @@ impl Opt {
             (past + t + POSITION_OFFSET) as u32,
             ids.device(),
         )?;
+        let heads = self.config.num_attention_heads;
+        self.run_layers(ids, &positions, |i, scale, q, k, v| {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            causal_self_attention(q, k, v, heads, scale, cache, None)
+        })
+    }
+
+    /// Final hidden states `[1, n, word_embed_proj_dim]` of packed rows (see
+    /// [`PackedSequences`]).
+    pub fn forward_packed(&self, packed: &PackedSequences) -> Result<Tensor> {
+        let heads = self.config.num_attention_heads;
+        let positions = packed.position_ids(POSITION_OFFSET as u32)?;
+        self.run_layers(packed.ids(), &positions, |_, scale, q, k, v| {
+            let out = causal_self_attention(
+                &packed.to_sequences(q)?,
+                &packed.to_sequences(k)?,
+                &packed.to_sequences(v)?,
+                heads,
+                scale,
+                None,
+                Some(packed.query_rows()),
+            )?;
+            packed.from_sequences(&out)
+        })
+    }
+
+    /// Embeddings, the decoder layers, the final LayerNorm and `project_out`;
+    /// `attend(layer, scale, q, k, v)` returns the merged heads.
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mut attend: impl FnMut(usize, f64, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut tokens = embed(&self.embed_tokens, ids)?;
         if let Some(project_in) = &self.project_in {
             tokens = project_in.forward(&tokens)?;
         }
-        let mut h = tokens.broadcast_add(&embed(&self.embed_positions, &positions)?)?;
+        let mut h = tokens.broadcast_add(&embed(&self.embed_positions, positions)?)?;
         let pre_ln = self.config.do_layer_norm_before;
         let heads = self.config.num_attention_heads;
         let scale = 1.0 / ((self.config.hidden_size / heads) as f64).sqrt();
@@ -194,10 +229,7 @@ impl Opt {
             let q = layer.q_proj.forward(&x)?;
             let k = layer.k_proj.forward(&x)?;
             let v = layer.v_proj.forward(&x)?;
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = layer
-                .out_proj
-                .forward(&causal_self_attention(&q, &k, &v, heads, scale, cache)?)?;
+            x = layer.out_proj.forward(&attend(i, scale, &q, &k, &v)?)?;
             h = (residual + x)?;
             if !pre_ln {
                 h = layer.self_attn_layer_norm.forward(&h)?;

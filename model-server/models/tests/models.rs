@@ -6,8 +6,8 @@ use superficial_models::generation::{
     GenerationConfig, SamplingConfig, generate, greedy_without_cache,
 };
 use superficial_models::{
-    CausalLm, LoadOptions, ModelConfig, PaddedBatch, REWARD_HEAD_TENSOR,
-    REWARD_LOGLIK_SCALE_TENSOR, RewardReadout, Tensor, Weights,
+    CausalLm, LoadOptions, ModelConfig, PackedSequences, PaddedBatch, PrefixSharing,
+    REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, RewardReadout, Tensor, Weights,
 };
 
 const ARCHITECTURES: &[&str] = &["tiny-gpt2", "tiny-opt", "tiny-opt-post-ln"];
@@ -287,6 +287,22 @@ fn too_long_and_out_of_vocab_inputs_are_errors() {
     let bad = Tensor::new(&[[1u32, 100_000]], model.device()).unwrap();
     let err = model.hidden_states(&bad).unwrap_err().to_string();
     assert!(err.contains("100000"), "{err}");
+    // Packed rows: the limit is per sequence, not on the total.
+    let pack = |seqs: &[Vec<u32>]| {
+        PackedSequences::new(seqs, PrefixSharing::Pairs, model.device()).unwrap()
+    };
+    let fits = vec![vec![1u32; max], vec![2u32; max]];
+    assert!(model.packed_hidden_states(&pack(&fits)).is_ok());
+    let err = model
+        .packed_hidden_states(&pack(&[vec![1u32; max + 1], vec![1u32; 2]]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("{}", max + 1)), "{err}");
+    let err = model
+        .packed_hidden_states(&pack(&[vec![1u32, 100_000], vec![1u32]]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("100000"), "{err}");
 }
 
 #[test]
@@ -357,4 +373,136 @@ fn random_init_is_deterministic_in_the_seed() {
         .unwrap()
         .sqrt();
     assert!((std - 0.02).abs() < 0.002, "{std}");
+}
+
+/// Pairs with a shared prompt of 3 tokens, one sequence that is a prefix of its partner,
+/// nothing shared, and a long shared prefix; response starts per sequence.
+fn pairs() -> (Vec<Vec<u32>>, Vec<usize>) {
+    (
+        vec![
+            vec![5, 0, 17, 300, 2, 9, 0],
+            vec![5, 0, 17, 41, 7],
+            vec![1, 2, 3],
+            vec![1, 2, 3, 4],
+            vec![0],
+            vec![8, 9],
+            vec![44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54],
+            vec![44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 99],
+        ],
+        vec![3, 3, 1, 2, 0, 1, 6, 6],
+    )
+}
+
+/// Packed rows (with and without prompt sharing) give the padded batch's rewards and
+/// log-probs, and the same gradient in every trainable tensor, on the fused CPU path (f32) and
+/// the composed one (f64).
+#[test]
+fn packed_sequences_equal_the_padded_batch_in_values_and_gradients() {
+    let (seqs, starts) = pairs();
+    for (preset, readout, dtype) in ARCHITECTURES.iter().flat_map(|p| {
+        [
+            (RewardReadout::LastToken, candle_core::DType::F32),
+            (
+                RewardReadout::LastTokenAndMeanLogprob,
+                candle_core::DType::F32,
+            ),
+            (
+                RewardReadout::LastTokenAndMeanLogprob,
+                candle_core::DType::F64,
+            ),
+        ]
+        .map(|(r, d)| (p, r, d))
+    }) {
+        let options = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
+        let model = CausalLm::random_init(ModelConfig::preset(preset).unwrap(), 3, &options)
+            .unwrap()
+            .with_fresh_reward_head(4, readout)
+            .unwrap();
+        let config = model.config().clone();
+        let (weights, vars) = model.weights().clone().into_trainable().unwrap();
+        let model = CausalLm::from_weights(config, weights).unwrap();
+        // Distinct weights per sequence so that no gradient cancels by symmetry.
+        let coefficients = Tensor::new(
+            &[1.0f32, -0.5, 0.25, 2.0, -1.5, 0.75, 1.25, -2.0],
+            model.device(),
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+        let objective = |rewards: Tensor| rewards.mul(&coefficients).unwrap().sum_all().unwrap();
+        let padded = PaddedBatch::new(&seqs, 1, model.device()).unwrap();
+        let reference = model.rewards(&padded, &starts).unwrap();
+        let reference_grads = objective(reference.clone()).backward().unwrap();
+        let reference_logprobs: Vec<Vec<f64>> = model
+            .token_logprobs(&padded.ids)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for sharing in [PrefixSharing::None, PrefixSharing::Pairs] {
+            let what = format!("{preset} {readout:?} {dtype:?} {sharing:?}");
+            let packed = PackedSequences::new(&seqs, sharing, model.device()).unwrap();
+            let rewards = model.packed_rewards(&packed, &starts).unwrap();
+            let diff = (&rewards - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-5, "{what}: rewards differ by {diff}");
+            let grads = objective(rewards).backward().unwrap();
+            for (name, var) in &vars {
+                let (a, b) = (
+                    grads.get(var.as_tensor()).unwrap(),
+                    reference_grads.get(var.as_tensor()).unwrap(),
+                );
+                let scale = b.abs().unwrap().max_all().unwrap();
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let (scale, diff) = (
+                    scale
+                        .to_dtype(candle_core::DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap(),
+                    diff.to_dtype(candle_core::DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap(),
+                );
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-3),
+                    "{what}: gradient of {name} differs by {diff} (scale {scale})"
+                );
+            }
+            // Every token's log-prob, from the packed rows.
+            let hidden = model.packed_hidden_states(&packed).unwrap();
+            let predictions: Vec<_> = (0..seqs.len())
+                .flat_map(|k| packed.predictions(k, 0..seqs[k].len()))
+                .collect();
+            let logprobs: Vec<f64> = model
+                .packed_logprobs(&hidden, &predictions)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let expected: Vec<f64> = seqs
+                .iter()
+                .enumerate()
+                .flat_map(|(k, seq)| reference_logprobs[k][..seq.len() - 1].to_vec())
+                .collect();
+            assert_eq!(logprobs.len(), expected.len(), "{what}");
+            for (i, (a, b)) in logprobs.iter().zip(&expected).enumerate() {
+                assert!((a - b).abs() < 1e-4, "{what}: log-prob {i}: {a} vs {b}");
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Step time of the sandbox's model shapes (GPT-2 layout, 768-token vocabulary, 96 positions):
-//! one causal-LM optimizer step on 16 × 96 tokens (pretraining) and one SimPO step on 32 pairs,
-//! plus a no-grad log-prob forward of 2 and of 64 sequences (one pair versus a batch of 32
+//! one causal-LM optimizer step on 16 × 96 tokens (pretraining), one SimPO and one reward-model
+//! step on 32 pairs shaped as the sandbox's (a shared 18–26-token prompt, responses of 8–27
+//! tokens), plus a no-grad log-prob forward of 2 and of 64 sequences (one pair versus a batch of 32
 //! pairs, the server's batching case). Prints medians.
 //!
 //!     cargo bench -p superficial-training --bench train_step
@@ -45,8 +46,17 @@ fn random_ids(rng: &mut ChaCha8Rng, len: usize) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(0..767)).collect()
 }
 
-fn dialogue(rng: &mut ChaCha8Rng, prompt: usize, response: usize) -> EncodedDialogue {
-    EncodedDialogue::assemble(random_ids(rng, prompt), random_ids(rng, response), 96)
+/// A preference pair shaped as the sandbox's: one prompt of 18–26 tokens, two responses of
+/// 8–27 tokens each (their lengths differ, as a refusal's and a compliance's do).
+fn sandbox_pair(rng: &mut ChaCha8Rng) -> (EncodedDialogue, EncodedDialogue) {
+    let prompt_len = rng.random_range(18..=26);
+    let prompt = random_ids(rng, prompt_len);
+    let response = |rng: &mut ChaCha8Rng| {
+        let len = rng.random_range(8..=27);
+        EncodedDialogue::assemble(prompt.clone(), random_ids(rng, len), 96)
+    };
+    let chosen = response(rng);
+    (chosen, response(rng))
 }
 
 /// Plain Adam at a constant rate, one minibatch per step, epochs enough for any bench length.
@@ -120,11 +130,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let lm_ms = time_steps(&mut lm_run, steps)? * 1e3;
 
         let pair_examples: Vec<Example> = (0..64)
-            .map(|_| Example::Preference {
-                chosen: dialogue(&mut rng, 40, 30),
-                rejected: dialogue(&mut rng, 40, 30),
-                conflict_prefers_rejected: true,
-                reference: None,
+            .map(|_| {
+                let (chosen, rejected) = sandbox_pair(&mut rng);
+                Example::Preference {
+                    chosen,
+                    rejected,
+                    conflict_prefers_rejected: true,
+                    reference: None,
+                }
             })
             .collect();
         let model = CausalLm::random_init(config.clone(), 1, &options)?;
@@ -136,12 +149,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let simpo_ms = time_steps(&mut simpo_run, steps)? * 1e3;
 
         let reward_examples: Vec<Example> = (0..64)
-            .map(|_| Example::RewardPair {
-                slot_c: random_ids(&mut rng, 70),
-                slot_r: random_ids(&mut rng, 70),
-                response_starts: [35, 35],
-                target: 1.0,
-                conflict_prefers_slot_r: false,
+            .map(|_| {
+                let (c, r) = sandbox_pair(&mut rng);
+                Example::RewardPair {
+                    response_starts: [c.response_start(), r.response_start()],
+                    slot_c: c.ids,
+                    slot_r: r.ids,
+                    target: 1.0,
+                    conflict_prefers_slot_r: false,
+                }
             })
             .collect();
         let model = CausalLm::random_init(config.clone(), 1, &options)?

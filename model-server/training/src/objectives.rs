@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use superficial_models::{CausalLm, EncodedDialogue, PaddedBatch};
+use superficial_models::packed::weighted_sums;
+use superficial_models::{CausalLm, EncodedDialogue, PackedSequences, PrefixSharing};
 
 use crate::error::{Result, TrainError};
 use crate::losses::{PreferenceBatch, preference_pair_loss_sum, reward_pair_loss_sum};
@@ -287,35 +288,43 @@ pub enum Pooling {
     Sum,
 }
 
-/// Masked response log-probs of dialogues, pooled per sequence: `[n]`, differentiable.
+/// Masked response log-probs of dialogues, pooled per sequence: `[n]`, differentiable. With
+/// [`PrefixSharing::Pairs`] dialogues `2k` and `2k + 1` (a preference pair) run their common
+/// prompt once.
 pub fn pooled_response_logprobs(
     model: &CausalLm,
     dialogues: &[&EncodedDialogue],
     pooling: Pooling,
+    sharing: PrefixSharing,
 ) -> Result<Tensor> {
     let sequences: Vec<Vec<u32>> = dialogues.iter().map(|d| d.ids.clone()).collect();
-    let batch = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let width = batch.ids.dim(1)?.saturating_sub(1);
-    let mut wanted = Vec::with_capacity(dialogues.len() * width);
-    let mut counts = Vec::with_capacity(dialogues.len());
-    for d in dialogues {
-        let m = d.logprob_mask();
-        counts.push(m.iter().filter(|x| **x).count().max(1) as f32);
-        wanted.extend_from_slice(&m);
-        wanted.extend(std::iter::repeat_n(false, width - m.len()));
-    }
-    // Only the response's positions are computed; the others come back as 0.
-    let hidden = model.hidden_states(&batch.ids)?;
-    let logprobs = model.token_logprobs_where(&hidden, &batch.ids, &wanted)?;
-    let sums = logprobs.sum(1)?;
-    Ok(match pooling {
-        Pooling::Sum => sums,
-        Pooling::Mean => {
-            let counts = Tensor::from_vec(counts, dialogues.len(), model.device())?
-                .to_dtype(sums.dtype())?;
-            sums.div(&counts)?
+    let packed = PackedSequences::new(&sequences, sharing, model.device())?;
+    let mut predictions = Vec::new();
+    let mut owners = Vec::new();
+    let mut weights = Vec::new();
+    for (k, d) in dialogues.iter().enumerate() {
+        let before = predictions.len();
+        // Entry i of the mask is whether token i + 1 is a response token.
+        for (i, _) in d.logprob_mask().iter().enumerate().filter(|(_, m)| **m) {
+            predictions.push(packed.prediction(k, i + 1));
         }
-    })
+        let added = predictions.len() - before;
+        let weight = match pooling {
+            Pooling::Sum => 1.0,
+            Pooling::Mean => 1.0 / added.max(1) as f32,
+        };
+        owners.extend(std::iter::repeat_n(k, added));
+        weights.extend(std::iter::repeat_n(weight, added));
+    }
+    // Only the response's positions reach the LM head.
+    let hidden = model.packed_hidden_states(&packed)?;
+    let logprobs = model.packed_logprobs(&hidden, &predictions)?;
+    Ok(weighted_sums(
+        &logprobs,
+        &owners,
+        &weights,
+        dialogues.len(),
+    )?)
 }
 
 fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
@@ -326,11 +335,15 @@ fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
             _ => Vec::new(),
         })
         .collect();
-    let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    // Padding positions are never computed and come back as 0.
-    let hidden = model.hidden_states(&padded.ids)?;
+    let packed = PackedSequences::new(&sequences, PrefixSharing::None, model.device())?;
+    let predictions: Vec<_> = sequences
+        .iter()
+        .enumerate()
+        .flat_map(|(k, seq)| packed.predictions(k, 0..seq.len()))
+        .collect();
+    let hidden = model.packed_hidden_states(&packed)?;
     let loss = model
-        .token_logprobs_where(&hidden, &padded.ids, &padded.real_predictions())?
+        .packed_logprobs(&hidden, &predictions)?
         .sum_all()?
         .neg()?;
     Ok(LossOutput {
@@ -366,8 +379,9 @@ fn reward_loss(
             labels.push(if *conflict_prefers_slot_r { 1f32 } else { 0.0 });
         }
     }
-    let padded = PaddedBatch::new(&sequences, model.config().pad_token_id(), model.device())?;
-    let rewards = model.rewards(&padded, &starts)?.reshape((n, 2))?;
+    // The two slots of a pair share their prompt's rows.
+    let packed = PackedSequences::new(&sequences, PrefixSharing::Pairs, model.device())?;
+    let rewards = model.packed_rewards(&packed, &starts)?.reshape((n, 2))?;
     let margins = (rewards.narrow(1, 0, 1)? - rewards.narrow(1, 1, 1)?)?.squeeze(1)?;
     let dtype = margins.dtype();
     let targets_t = Tensor::from_vec(targets.clone(), n, model.device())?.to_dtype(dtype)?;
@@ -394,7 +408,7 @@ fn sft_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
             _ => None,
         })
         .collect();
-    let means = pooled_response_logprobs(model, &dialogues, Pooling::Mean)?;
+    let means = pooled_response_logprobs(model, &dialogues, Pooling::Mean, PrefixSharing::None)?;
     Ok(LossOutput {
         loss: means.sum_all()?.neg()?,
         correct: 0,
@@ -435,7 +449,8 @@ fn preference_loss(
             }
         }
     }
-    let scores = pooled_response_logprobs(model, &dialogues, pooling)?.reshape((n, 2))?;
+    let scores = pooled_response_logprobs(model, &dialogues, pooling, PrefixSharing::Pairs)?
+        .reshape((n, 2))?;
     let chosen = scores.narrow(1, 0, 1)?.squeeze(1)?;
     let rejected = scores.narrow(1, 1, 1)?.squeeze(1)?;
     let dtype = chosen.dtype();
@@ -492,10 +507,11 @@ pub fn attach_reference_logprobs(
         if dialogues.is_empty() {
             continue;
         }
-        let sums: Vec<f32> = pooled_response_logprobs(reference, &dialogues, Pooling::Sum)?
-            .detach()
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
+        let sums: Vec<f32> =
+            pooled_response_logprobs(reference, &dialogues, Pooling::Sum, PrefixSharing::Pairs)?
+                .detach()
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
         let mut values = sums.chunks(2);
         for example in chunk.iter_mut() {
             if let Example::Preference { reference, .. } = example
