@@ -12,11 +12,11 @@
 //! Every file is written to a temporary name, flushed to disk and renamed into place, so a
 //! reader sees a whole file or none.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use superficial_training::checkpoint::write_file_atomic;
 
 pub const CONFIG: &str = "config.json";
 pub const LOG: &str = "log.jsonl";
@@ -185,14 +185,7 @@ pub struct ResultsSummary {
     pub seconds: Option<f64>,
 }
 
-/// σ(x), stable for large |x|.
-pub fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
-}
+pub use superficial_training::losses::sigmoid;
 
 /// Labels from margins in pair order (`correct` = margin ≥ 0, pairs are in human order).
 pub fn labels_from_margins(margins: &[f64]) -> Vec<WeakLabel> {
@@ -210,17 +203,7 @@ pub fn labels_from_margins(margins: &[f64]) -> Vec<WeakLabel> {
 
 /// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let io = |e: std::io::Error| RunFolderError::new(path, None, e);
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)
+    write_file_atomic(path, bytes).map_err(|e| RunFolderError::new(path, None, e))
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {

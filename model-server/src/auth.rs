@@ -4,6 +4,8 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::config::ConfigError;
+
 /// Server side: accepts a request when no token is configured or its `authorization` header
 /// is `Bearer <token>`.
 #[derive(Clone)]
@@ -52,12 +54,12 @@ pub struct AddBearer {
 }
 
 impl AddBearer {
-    pub fn new(token: Option<&str>) -> Result<Self, String> {
+    pub fn new(token: Option<&str>) -> Result<Self, ConfigError> {
         let header = token
             .map(|t| {
                 format!("Bearer {t}")
                     .parse()
-                    .map_err(|_| "the token must be printable ASCII".to_string())
+                    .map_err(|_| ConfigError::from("the token must be printable ASCII"))
             })
             .transpose()?;
         Ok(Self { header })

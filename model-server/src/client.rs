@@ -132,7 +132,8 @@ impl W2sClient {
                 url: url.to_string(),
                 source,
             })?;
-        let auth = AddBearer::new(options.token.as_deref()).map_err(ClientError::Settings)?;
+        let auth = AddBearer::new(options.token.as_deref())
+            .map_err(|e| ClientError::Settings(e.to_string()))?;
         let limit = CLIENT_MESSAGE_LIMIT;
         Ok(Self {
             models: ModelsClient::with_interceptor(channel.clone(), auth.clone())

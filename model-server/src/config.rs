@@ -32,6 +32,24 @@ impl FromStr for NamedSource {
     }
 }
 
+/// A setting (flag, environment variable, device, token) the server cannot use; the message
+/// names it and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
+
 /// Most CPU threads one server's pool may have (`--threads`).
 pub const MAX_THREADS: usize = 1024;
 
@@ -308,12 +326,13 @@ impl ServerConfig {
     }
 
     /// Checks what clap cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.listen.ip().is_loopback() && self.token.is_none() && !self.insecure {
             return Err(format!(
                 "refusing to listen on non-loopback address {} without --token (or --insecure)",
                 self.listen
-            ));
+            )
+            .into());
         }
         if self
             .token
@@ -326,7 +345,8 @@ impl ServerConfig {
             return Err(format!(
                 "--drain-seconds must be between 0 and 3600, got {}",
                 self.drain_seconds
-            ));
+            )
+            .into());
         }
         if self.metrics_token && self.token.is_none() {
             return Err("--metrics-token needs --token".into());
@@ -341,7 +361,8 @@ impl ServerConfig {
             return Err(format!(
                 "refusing to serve metrics on non-loopback address {metrics} without \
                  --metrics-token (or --insecure)"
-            ));
+            )
+            .into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be positive".into());
@@ -353,31 +374,36 @@ impl ServerConfig {
             return Err(format!(
                 "--slice-ms must be between 0.1 and 60000, got {}",
                 self.slice_ms
-            ));
+            )
+            .into());
         }
         if !(self.max_pass_ms.is_finite() && (0.0..=600_000.0).contains(&self.max_pass_ms)) {
             return Err(format!(
                 "--max-pass-ms must be 0 (off) or up to 600000, got {}",
                 self.max_pass_ms
-            ));
+            )
+            .into());
         }
         if self.threads > MAX_THREADS {
             return Err(format!(
                 "--threads must be at most {MAX_THREADS} (0: the shared pool), got {}",
                 self.threads
-            ));
+            )
+            .into());
         }
         if !(self.stall_seconds.is_finite() && self.stall_seconds >= 0.0) {
             return Err(format!(
                 "--stall-seconds must be 0 (off) or positive, got {}",
                 self.stall_seconds
-            ));
+            )
+            .into());
         }
         if !(self.first_bytes_seconds.is_finite() && self.first_bytes_seconds > 0.0) {
             return Err(format!(
                 "--first-bytes-seconds must be positive, got {}",
                 self.first_bytes_seconds
-            ));
+            )
+            .into());
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());
@@ -409,7 +435,7 @@ impl ServerConfig {
             .collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("model name `{}` is given twice", w[0]));
+            return Err(format!("model name `{}` is given twice", w[0]).into());
         }
         Ok(())
     }
@@ -437,13 +463,13 @@ mod tests {
         let threads = |n: &str| ServerConfig::parse_from(["model-server", "--threads", n]);
         threads("1").validate().unwrap();
         let too_many = threads("100000").validate().unwrap_err();
-        assert!(too_many.contains("--threads"), "{too_many}");
+        assert!(too_many.0.contains("--threads"), "{too_many}");
     }
 
     #[test]
     fn non_loopback_and_duplicate_names_are_refused() {
         let config = ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1"]);
-        assert!(config.validate().unwrap_err().contains("non-loopback"));
+        assert!(config.validate().unwrap_err().0.contains("non-loopback"));
         let config =
             ServerConfig::parse_from(["model-server", "--listen", "0.0.0.0:1", "--token", "t"]);
         config.validate().unwrap();
@@ -462,12 +488,12 @@ mod tests {
             args.extend_from_slice(extra);
             ServerConfig::parse_from(args).validate()
         };
-        assert!(metrics(&[]).unwrap_err().contains("--metrics-token"));
+        assert!(metrics(&[]).unwrap_err().0.contains("--metrics-token"));
         metrics(&["--metrics-token"]).unwrap();
         metrics(&["--insecure"]).unwrap();
         let config =
             ServerConfig::parse_from(["model-server", "--model", "a=x", "--preset", "a=tiny-opt"]);
-        assert!(config.validate().unwrap_err().contains("twice"));
+        assert!(config.validate().unwrap_err().0.contains("twice"));
         assert!("noequals".parse::<NamedSource>().is_err());
     }
 

@@ -34,6 +34,23 @@ pub enum Row {
     },
 }
 
+/// Why a dataset row is unusable (the caller adds its index).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRow(pub String);
+
+impl From<String> for InvalidRow {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for InvalidRow {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
+
 impl Row {
     pub fn kind(&self) -> RowKind {
         match self {
@@ -44,7 +61,7 @@ impl Row {
     }
 
     /// Checks a row; the error names the problem (the caller adds the row index).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidRow> {
         match self {
             Row::Pair {
                 prompt,
@@ -57,17 +74,17 @@ impl Row {
                     return Err("chosen and rejected must be non-empty".into());
                 }
                 if !(0.0..=1.0).contains(label) {
-                    return Err(format!("label {label} is outside [0, 1]"));
+                    return Err(format!("label {label} is outside [0, 1]").into());
                 }
                 if prompt.is_empty() {
                     for (side, text) in [("chosen", chosen), ("rejected", rejected)] {
                         match superficial_models::tokenizer::split_dialogue(text) {
                             Some((_, response)) if !response.is_empty() => {}
-                            Some(_) => return Err(format!("{side} has an empty response")),
+                            Some(_) => return Err(format!("{side} has an empty response").into()),
                             None => {
                                 return Err(format!(
                                     "{side} has no \"\\n\\nAssistant:\" marker and no prompt is given"
-                                ));
+                                ).into());
                             }
                         }
                     }

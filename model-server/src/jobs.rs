@@ -12,9 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use superficial_models::{RewardReadout, TextTokenizer};
 pub use superficial_training::ObjectiveKind;
+use superficial_training::checkpoint::write_file_atomic;
 use superficial_training::objectives::Example;
 use superficial_training::orientation::PythonRandom;
-use superficial_training::{AdamConfig, DEFAULT_SHARDS, Objective, Schedule, TrainConfig};
+use superficial_training::{
+    AdamConfig, DEFAULT_SHARDS, Objective, Schedule, StepMetrics, TrainConfig,
+};
 
 use crate::datasets::Row;
 use crate::error::{ServiceError, ServiceResult};
@@ -225,15 +228,11 @@ impl JobStatus {
     }
 }
 
-/// A step as watchers see it.
+/// A step as watchers see it: the training loop's own record plus the job's pace.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepUpdate {
-    pub step: usize,
-    pub total_steps: usize,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub accuracy: Option<f64>,
+    pub metrics: StepMetrics,
+    /// Tokens per wall-clock second since the job (re)started, inference passes included.
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
 }
@@ -308,12 +307,10 @@ pub fn folder_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Writes `value` as JSON atomically (temporary file, then rename).
+/// Writes `value` as JSON atomically (see [`write_file_atomic`]).
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    write_file_atomic(path, &text)
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {

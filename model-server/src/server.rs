@@ -18,7 +18,7 @@ use w2s_proto::v1::models_server::ModelsServer;
 use w2s_proto::v1::training_server::TrainingServer;
 
 use crate::auth::RequireBearer;
-use crate::config::ServerConfig;
+use crate::config::{ConfigError, ServerConfig};
 use crate::connections::{ConnectionLimits, guarded_incoming};
 use crate::datasets::DatasetStore;
 use crate::jobs::{JobPaths, JobSpec, JobStatus, read_json};
@@ -33,7 +33,7 @@ use crate::worker::{JobTable, LoadSpec, ModelSource, WorkerConfig, WorkerHandle,
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -347,7 +347,9 @@ impl RunningServer {
         }
         match served {
             Ok(result) => Ok(result?),
-            Err(join) => Err(StartError::Config(format!("server task failed: {join}"))),
+            Err(join) => Err(StartError::Config(
+                format!("server task failed: {join}").into(),
+            )),
         }
     }
 

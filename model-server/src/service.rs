@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use superficial_models::{Architecture, ModelConfig, RewardReadout};
+use superficial_training::losses::sigmoid;
 use superficial_training::{DEFAULT_SHARDS, Schedule};
 use tokio::sync::broadcast;
 use tokio_stream::{Stream, StreamExt};
@@ -931,12 +932,12 @@ fn job_event(event: &JobEvent) -> pb::JobEvent {
     pb::JobEvent {
         job: Some(job_info(&event.status)),
         step: event.step.as_ref().map(|s| pb::StepEvent {
-            step: s.step as u64,
-            total_steps: s.total_steps as u64,
-            loss: s.loss,
-            learning_rate: s.lr,
-            grad_norm: s.grad_norm,
-            accuracy: s.accuracy,
+            step: s.metrics.step as u64,
+            total_steps: s.metrics.total_steps as u64,
+            loss: s.metrics.loss,
+            learning_rate: s.metrics.lr,
+            grad_norm: s.metrics.grad_norm,
+            accuracy: s.metrics.accuracy,
             tokens_per_second: s.tokens_per_second,
             eta_seconds: s.eta_seconds,
         }),
@@ -1279,14 +1280,4 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-/// Numerically stable logistic function.
-pub fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }

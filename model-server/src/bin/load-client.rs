@@ -140,7 +140,7 @@ async fn run() -> Result<()> {
     grpc_server.shutdown().await?;
     let config = ModelConfig::preset(&args.preset).context("unknown preset")?;
     let options = LoadOptions {
-        device: parse_device(&args.device).map_err(anyhow::Error::msg)?,
+        device: parse_device(&args.device)?,
         ..LoadOptions::default()
     };
     let model = CausalLm::random_init(config, 0, &options)?;

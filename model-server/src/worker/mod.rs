@@ -39,6 +39,7 @@ use superficial_training::TrainingRun;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Span, error, info, instrument, warn};
 
+use crate::config::ConfigError;
 use crate::datasets::Row;
 use crate::error::{ServiceError, ServiceResult};
 use crate::jobs::{JobEvent, JobPaths, JobSpec, JobStatus};
@@ -987,7 +988,7 @@ pub fn device_name(device: &Device) -> String {
 }
 
 /// Parses "cpu" or "cuda:N" into a device (CUDA needs the `cuda` feature).
-pub fn parse_device(spec: &str) -> Result<Device, String> {
+pub fn parse_device(spec: &str) -> Result<Device, ConfigError> {
     if spec == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -998,7 +999,7 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
     let ordinal: usize = ordinal
         .parse()
         .map_err(|_| format!("bad CUDA ordinal in `{spec}`"))?;
-    Device::new_cuda(ordinal).map_err(|e| format!("cannot open {spec}: {e}"))
+    Ok(Device::new_cuda(ordinal).map_err(|e| format!("cannot open {spec}: {e}"))?)
 }
 
 #[cfg(test)]

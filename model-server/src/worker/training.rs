@@ -180,14 +180,9 @@ impl Worker {
             .max(1e-9);
         let per_step = elapsed / job.steps_this_session as f64;
         let update = StepUpdate {
-            step: metrics.step,
-            total_steps: metrics.total_steps,
-            loss: metrics.loss,
-            lr: metrics.lr,
-            grad_norm: metrics.grad_norm,
-            accuracy: metrics.accuracy,
             tokens_per_second: job.tokens_this_session as f64 / elapsed,
             eta_seconds: per_step * (metrics.total_steps - metrics.step) as f64,
+            metrics: metrics.clone(),
         };
         let every = if job.spec.hyper.checkpoint_every > 0 {
             job.spec.hyper.checkpoint_every

@@ -1,6 +1,7 @@
 //! Training checkpoints: weights, optimizer moments and the loop position, written atomically
 //! (a new folder is renamed into place) so that a crash never leaves a half-written checkpoint
-//! that looks complete.
+//! that looks complete; and [`write_file_atomic`], the one atomic file writer of the workspace
+//! (job records, run folders).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,23 @@ use crate::error::{Result, TrainError};
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
+
+/// Writes `bytes` to `path` atomically: a temporary sibling `.NAME.tmp`, fsync, rename. A
+/// crash leaves the old file or the new one, never a torn one (a leftover `.tmp` is the
+/// caller's to sweep).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
 
 /// The loop position stored with a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

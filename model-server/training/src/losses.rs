@@ -5,6 +5,17 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
+/// `σ(x)` of one score, stable for any `x`: a pair's `p_chosen` from its margin and a weak
+/// label's soft target `σ(z_weak)` (server, run folders and trainer all use this one).
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
 /// `log σ(x) = min(x, 0) − log(1 + exp(−|x|))`, stable for any finite `x`.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
