@@ -6,6 +6,24 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use superficial_models::RewardReadout;
 
+/// A study or sandbox configuration that cannot be used (a file that does not parse, a field
+/// out of range, an override that names nothing); the message says which and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+impl From<String> for SpecError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for SpecError {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
+
 fn default_seeds() -> Vec<u64> {
     vec![0]
 }
@@ -303,14 +321,14 @@ impl StudySpec {
     }
 
     /// Reads and validates a spec; relative data paths resolve against the spec's folder.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub fn from_file(path: &Path) -> Result<Self, SpecError> {
         Self::from_file_with_overrides(path, &[])
     }
 
     /// As [`StudySpec::from_file`], with `key.path=value` overrides applied first (values in
     /// TOML syntax; a bare word is taken as a string), e.g. `sizes.n_docs=256`,
     /// `seeds=[0,1,2]`, `preference.lr=1e-5`.
-    pub fn from_file_with_overrides(path: &Path, overrides: &[String]) -> Result<Self, String> {
+    pub fn from_file_with_overrides(path: &Path, overrides: &[String]) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -343,7 +361,7 @@ impl StudySpec {
         Ok(spec)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         if self.models.len() < 2 {
             return Err("give at least two models (weak and strong)".into());
         }
@@ -352,7 +370,8 @@ impl StudySpec {
                 return Err(format!(
                     "model `{}`: give exactly one of `path` and `preset`",
                     model.name
-                ));
+                )
+                .into());
             }
         }
         let mut names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
@@ -377,7 +396,8 @@ impl StudySpec {
                 _ => {
                     return Err(format!(
                         "bootstrap chain {chain:?}: give three listed models in increasing order"
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -387,9 +407,9 @@ impl StudySpec {
             .iter()
             .find(|a| !a.is_finite() || **a <= 0.0)
         {
-            return Err(format!(
-                "conflict.explicit_alphas: {bad} is not a positive finite dose"
-            ));
+            return Err(
+                format!("conflict.explicit_alphas: {bad} is not a positive finite dose").into(),
+            );
         }
         if self.conflict.implicit_helpful_pairs.contains(&0) {
             return Err(
@@ -408,7 +428,7 @@ impl StudySpec {
             {
                 return Err(format!(
                     "[{name}]: batch sizes and shards must be positive and minibatch_size must divide batch_size"
-                ));
+                ).into());
             }
         }
         Ok(())
@@ -416,7 +436,7 @@ impl StudySpec {
 }
 
 /// Sets `a.b.c=value` in a TOML table, creating tables on the way.
-pub(crate) fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
+pub(crate) fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), SpecError> {
     let (key, raw) = item
         .split_once('=')
         .ok_or_else(|| format!("override `{item}`: expected KEY=VALUE"))?;
@@ -477,7 +497,7 @@ mod tests {
         let err =
             StudySpec::from_file_with_overrides(&path, &["sizes.n_docs=lots".into()]).unwrap_err();
         assert!(
-            err.contains("n_docs") || err.contains("invalid type"),
+            err.0.contains("n_docs") || err.0.contains("invalid type"),
             "{err}"
         );
     }

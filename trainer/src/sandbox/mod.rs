@@ -12,6 +12,7 @@
 pub mod experiment;
 pub mod world;
 
+use crate::spec::SpecError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -290,7 +291,7 @@ impl ExperimentConfig {
         config
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         self.world.validate()?;
         if self.tokenizer_vocab < 300 {
             return Err("tokenizer_vocab must be at least 300 (256 bytes + specials)".into());
@@ -299,7 +300,8 @@ impl ExperimentConfig {
             return Err(format!(
                 "opt_activation `{}`: use relu, gelu or gelu_new",
                 self.opt_activation
-            ));
+            )
+            .into());
         }
         let grid = self.family_sizes(self.family);
         if grid.len() < 2 {
@@ -310,19 +312,19 @@ impl ExperimentConfig {
         }
         for size in self.gpt2.iter().chain(&self.opt) {
             if size.width == 0 || size.layers == 0 || size.heads == 0 {
-                return Err(format!(
-                    "size {}: width, layers, heads must be positive",
-                    size.name
-                ));
+                return Err(
+                    format!("size {}: width, layers, heads must be positive", size.name).into(),
+                );
             }
             if !(size.reads > 0.0 && size.reads <= 1.0) {
                 return Err(format!(
                     "size {}: reads must lie in (0, 1], not {}",
                     size.name, size.reads
-                ));
+                )
+                .into());
             }
             if !size.width.is_multiple_of(size.heads) {
-                return Err(format!("size {}: heads must divide width", size.name));
+                return Err(format!("size {}: heads must divide width", size.name).into());
             }
         }
         if self.seeds.is_empty() || self.scenarios.is_empty() || self.settings.is_empty() {
@@ -332,7 +334,7 @@ impl ExperimentConfig {
         distinct.sort_unstable();
         distinct.dedup();
         if distinct.len() != self.seeds.len() {
-            return Err(format!("seeds {:?} repeat a seed", self.seeds));
+            return Err(format!("seeds {:?} repeat a seed", self.seeds).into());
         }
         if self.pretrain.epochs == 0 || self.pretrain.batch_size == 0 {
             return Err("pretrain epochs and batch_size must be positive".into());
@@ -999,7 +1001,7 @@ pub fn study_spec(
 
 impl ExperimentConfig {
     /// Applies `KEY=VALUE` overrides in TOML syntax (e.g. `world.entities=400`).
-    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, String> {
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, SpecError> {
         if overrides.is_empty() {
             return Ok(self);
         }
@@ -1009,7 +1011,7 @@ impl ExperimentConfig {
         }
         toml::Value::Table(table)
             .try_into()
-            .map_err(|e| format!("experiment overrides: {e}"))
+            .map_err(|e| SpecError(format!("experiment overrides: {e}")))
     }
 }
 
@@ -1049,6 +1051,6 @@ mod tests {
             }]
         );
         config.seeds = vec![1, 1];
-        assert!(config.validate().unwrap_err().contains("repeat"));
+        assert!(config.validate().unwrap_err().0.contains("repeat"));
     }
 }

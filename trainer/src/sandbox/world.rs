@@ -5,6 +5,7 @@
 //! Everything here is a pure function of [`WorldConfig`] (its own seeded generator, no global
 //! state), so the same config always writes byte-identical files.
 
+use crate::spec::SpecError;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -136,7 +137,7 @@ impl Default for WorldConfig {
 }
 
 impl WorldConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         if self.entities < 8 {
             return Err("world.entities must be at least 8".into());
         }
@@ -535,7 +536,7 @@ pub fn fact_probe(entity: &Entity, order: FactOrder) -> (String, String, String)
 }
 
 impl World {
-    pub fn generate(config: &WorldConfig) -> Result<Self, String> {
+    pub fn generate(config: &WorldConfig) -> Result<Self, SpecError> {
         config.validate()?;
         let mut rng = Rng::new(config.seed);
         let names = names(&mut rng, config.entities);
