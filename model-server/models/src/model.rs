@@ -13,7 +13,7 @@ use crate::fused_lm_head::{lm_head_row_logprobs, lm_head_target_logprobs};
 use crate::gpt2::{self, Gpt2};
 use crate::layers::{LayerCache, embed};
 use crate::opt::{self, Opt};
-use crate::packed::{PackedSequences, Prediction, weighted_sums};
+use crate::packed::{PackedSequences, PooledPredictions, Prediction, check_batch};
 use crate::weights::{Init, REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, Weights};
 
 #[derive(Debug, Clone)]
@@ -91,14 +91,7 @@ pub struct PaddedBatch {
 impl PaddedBatch {
     /// Right-pads `sequences` with `pad_id`. Every sequence must be non-empty.
     pub fn new(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
-        if sequences.is_empty() {
-            return Err(ModelError::InvalidInput("empty batch".into()));
-        }
-        if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
-            return Err(ModelError::InvalidInput(format!(
-                "sequence {i} has no tokens"
-            )));
-        }
+        check_batch(sequences)?;
         let max_len = sequences.iter().map(Vec::len).max().unwrap_or(0);
         let mut flat = Vec::with_capacity(sequences.len() * max_len);
         for seq in sequences {
@@ -513,19 +506,17 @@ impl CausalLm {
         let Some(scale) = &self.reward_loglik_scale else {
             return Ok(scores);
         };
-        // Each response token weighs 1 / (its sequence's count); a sequence without one adds 0.
-        let mut predictions = Vec::new();
-        let mut owners = Vec::new();
-        let mut weights = Vec::new();
+        // The mean over each response's tokens; a sequence without one adds 0.
+        let mut pooled = PooledPredictions::default();
         for (k, &start) in response_starts.iter().enumerate() {
-            let before = predictions.len();
-            predictions.extend(packed.predictions(k, start..packed.sequence_len(k)));
-            let added = predictions.len() - before;
-            owners.extend(std::iter::repeat_n(k, added));
-            weights.extend(std::iter::repeat_n(1.0 / added.max(1) as f32, added));
+            pooled.push(
+                k,
+                packed.predictions(k, start..packed.sequence_len(k)),
+                true,
+            );
         }
-        let logprobs = self.packed_logprobs(&hidden, &predictions)?;
-        let means = weighted_sums(&logprobs, &owners, &weights, count)?;
+        let logprobs = self.packed_logprobs(&hidden, &pooled.predictions)?;
+        let means = pooled.pool(&logprobs, count)?;
         Ok((scores + means.broadcast_mul(scale)?)?)
     }
 

@@ -21,6 +21,19 @@ use candle_core::{Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::fused_attention::QueryRows;
 
+/// A batch must hold at least one sequence and every sequence at least one token.
+pub(crate) fn check_batch(sequences: &[Vec<u32>]) -> Result<()> {
+    if sequences.is_empty() {
+        return Err(ModelError::InvalidInput("empty batch".into()));
+    }
+    if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
+        return Err(ModelError::InvalidInput(format!(
+            "sequence {i} has no tokens"
+        )));
+    }
+    Ok(())
+}
+
 /// Which sequences may share rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefixSharing {
@@ -85,14 +98,7 @@ impl PackedSequences {
     /// Packs `sequences` (each non-empty; an even number of them for
     /// [`PrefixSharing::Pairs`]).
     pub fn new(sequences: &[Vec<u32>], sharing: PrefixSharing, device: &Device) -> Result<Self> {
-        if sequences.is_empty() {
-            return Err(ModelError::InvalidInput("empty batch".into()));
-        }
-        if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
-            return Err(ModelError::InvalidInput(format!(
-                "sequence {i} has no tokens"
-            )));
-        }
+        check_batch(sequences)?;
         if sharing == PrefixSharing::Pairs && !sequences.len().is_multiple_of(2) {
             return Err(ModelError::InvalidInput(format!(
                 "{} sequences cannot form pairs",
@@ -248,6 +254,38 @@ impl PackedSequences {
         Ok(y.reshape((self.sequences() * self.block_len, c))?
             .index_select(&self.scatter, 0)?
             .reshape((1, self.len(), c))?)
+    }
+}
+
+/// The log-probs several sequences read, each with its weight in its sequence's pooled score
+/// (1 for a sum, 1 / count for a mean).
+#[derive(Debug, Default)]
+pub struct PooledPredictions {
+    pub predictions: Vec<Prediction>,
+    owners: Vec<usize>,
+    weights: Vec<f32>,
+}
+
+impl PooledPredictions {
+    /// Adds sequence `seq`'s predictions, pooled as a mean (`mean`) or a sum.
+    pub fn push(
+        &mut self,
+        seq: usize,
+        predictions: impl IntoIterator<Item = Prediction>,
+        mean: bool,
+    ) {
+        let before = self.predictions.len();
+        self.predictions.extend(predictions);
+        let added = self.predictions.len() - before;
+        let weight = if mean { 1.0 / added.max(1) as f32 } else { 1.0 };
+        self.owners.extend(std::iter::repeat_n(seq, added));
+        self.weights.extend(std::iter::repeat_n(weight, added));
+    }
+
+    /// The pooled score `[count]` of each sequence from the log-probs `[predictions.len()]`
+    /// (0 for a sequence without predictions).
+    pub fn pool(&self, logprobs: &Tensor, count: usize) -> Result<Tensor> {
+        weighted_sums(logprobs, &self.owners, &self.weights, count)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use superficial_models::packed::weighted_sums;
+use superficial_models::packed::PooledPredictions;
 use superficial_models::{CausalLm, EncodedDialogue, PackedSequences, PrefixSharing};
 
 use crate::error::{Result, TrainError};
@@ -299,32 +299,20 @@ pub fn pooled_response_logprobs(
 ) -> Result<Tensor> {
     let sequences: Vec<Vec<u32>> = dialogues.iter().map(|d| d.ids.clone()).collect();
     let packed = PackedSequences::new(&sequences, sharing, model.device())?;
-    let mut predictions = Vec::new();
-    let mut owners = Vec::new();
-    let mut weights = Vec::new();
+    let mut pooled = PooledPredictions::default();
     for (k, d) in dialogues.iter().enumerate() {
-        let before = predictions.len();
         // Entry i of the mask is whether token i + 1 is a response token.
-        for (i, _) in d.logprob_mask().iter().enumerate().filter(|(_, m)| **m) {
-            predictions.push(packed.prediction(k, i + 1));
-        }
-        let added = predictions.len() - before;
-        let weight = match pooling {
-            Pooling::Sum => 1.0,
-            Pooling::Mean => 1.0 / added.max(1) as f32,
-        };
-        owners.extend(std::iter::repeat_n(k, added));
-        weights.extend(std::iter::repeat_n(weight, added));
+        let response = d.logprob_mask().into_iter().enumerate().filter(|(_, m)| *m);
+        pooled.push(
+            k,
+            response.map(|(i, _)| packed.prediction(k, i + 1)),
+            pooling == Pooling::Mean,
+        );
     }
     // Only the response's positions reach the LM head.
     let hidden = model.packed_hidden_states(&packed)?;
-    let logprobs = model.packed_logprobs(&hidden, &predictions)?;
-    Ok(weighted_sums(
-        &logprobs,
-        &owners,
-        &weights,
-        dialogues.len(),
-    )?)
+    let logprobs = model.packed_logprobs(&hidden, &pooled.predictions)?;
+    Ok(pooled.pool(&logprobs, dialogues.len())?)
 }
 
 fn causal_lm_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
