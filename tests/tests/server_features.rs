@@ -933,7 +933,8 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     single_config.max_batch_requests = 1;
     let single = RunningServer::start(single_config).await.unwrap();
     // Passes sized by measured time: a 1 µs target cuts every pass after the first timed one
-    // down to a single sequence.
+    // down to a single sequence, and sequences over 32 tokens into 32-token chunks through the
+    // KV cache.
     let mut timed_config = config(&dir.path().join("c"));
     timed_config.max_pass_ms = 0.001;
     let timed = RunningServer::start(timed_config).await.unwrap();
@@ -951,7 +952,7 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
             .unwrap();
     }
     let texts: Vec<String> = (0..48)
-        .map(|i| dialogue(i, &"abc ".repeat(i % 7 + 1)))
+        .map(|i| dialogue(i, &"abc ".repeat(3 * (i % 7) + 1)))
         .collect();
     let together = logprobs_of(&batched, &texts, true).await;
     let alone = logprobs_of(&single, &texts, false).await;

@@ -18,6 +18,7 @@
 //! - [`tokenizer`]: HF tokenizers with the reference's special tokens, dialogue split,
 //!   truncation.
 
+pub mod chunked;
 pub mod config;
 pub mod error;
 pub mod fused;
@@ -35,6 +36,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use candle_core::{DType, Device, DeviceLocation, Tensor};
+pub use chunked::{ChunkedOutput, ChunkedScoring};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache, LoadOptions, PaddedBatch, RewardReadout};

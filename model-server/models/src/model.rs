@@ -596,6 +596,12 @@ impl CausalLm {
 
     /// Logits `[b, t, vocab]` of `ids` appended after what `cache` already holds.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_cached_hidden(ids, cache)?;
+        self.logits_from_hidden(&hidden)
+    }
+
+    /// Final hidden states `[b, t, output_dim]` of `ids` appended after what `cache` holds.
+    pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.check_ids(ids, cache.len)?;
         let (_, t) = ids.dims2()?;
         let hidden = match &self.body {
@@ -603,7 +609,37 @@ impl CausalLm {
             Body::Opt(m) => m.forward(ids, cache.len, Some(&mut cache.layers)),
         }?;
         cache.len += t;
-        self.logits_from_hidden(&hidden)
+        Ok(hidden)
+    }
+
+    /// The reward head's score of one position's final hidden state (any shape holding
+    /// `output_dim` values).
+    pub fn reward_head_score(&self, hidden: &Tensor) -> Result<f32> {
+        let head = self
+            .reward_head
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("this model has no reward head".into()))?;
+        let width = head.dim(1)?;
+        let score = hidden
+            .reshape((1, width))?
+            .matmul(&head.t()?)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(score[0])
+    }
+
+    /// The learned scale of a [`RewardReadout::LastTokenAndMeanLogprob`] head; `None` for
+    /// other read-outs.
+    pub fn reward_loglik_scale_value(&self) -> Result<Option<f32>> {
+        let Some(scale) = &self.reward_loglik_scale else {
+            return Ok(None);
+        };
+        let values = scale
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(values.first().copied())
     }
 
     /// The token embedding of `ids` (for tests of tying).

@@ -1,13 +1,15 @@
 //! Behaviour of the models that does not need reference fixtures: gradients reach every
 //! trainable tensor, padding and batching do not change per-sequence results, cached decoding
-//! equals full re-forwards, and saved folders reload to the same weights.
+//! equals full re-forwards, chunked scoring equals one whole pass, and saved folders reload to
+//! the same weights.
 
 use superficial_models::generation::{
     GenerationConfig, SamplingConfig, generate, greedy_without_cache,
 };
 use superficial_models::{
-    CausalLm, LoadOptions, ModelConfig, PackedSequences, PaddedBatch, PrefixSharing,
-    REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, RewardReadout, Tensor, Weights,
+    CausalLm, ChunkedOutput, ChunkedScoring, LoadOptions, ModelConfig, PackedSequences,
+    PaddedBatch, PrefixSharing, REWARD_HEAD_TENSOR, REWARD_LOGLIK_SCALE_TENSOR, RewardReadout,
+    Tensor, Weights,
 };
 
 const ARCHITECTURES: &[&str] = &["tiny-gpt2", "tiny-opt", "tiny-opt-post-ln"];
@@ -204,6 +206,84 @@ fn batched_and_padded_results_equal_unpadded_ones() {
             }
         }
     }
+}
+
+/// A model whose reward head is random and nonzero, with a log-prob scale of 2.
+fn with_head_and_scale(preset: &str) -> CausalLm {
+    let plain = tiny(preset, 3)
+        .with_fresh_reward_head(4, RewardReadout::LastToken)
+        .unwrap();
+    let width = plain.config().output_dim();
+    let mut weights = plain.weights().clone();
+    weights.insert(
+        REWARD_LOGLIK_SCALE_TENSOR,
+        Tensor::new(&[2f32], &candle_core::Device::Cpu).unwrap(),
+    );
+    assert!(weights.get(REWARD_HEAD_TENSOR, &[1, width]).is_ok());
+    CausalLm::from_weights(plain.config().clone(), weights).unwrap()
+}
+
+#[test]
+fn chunked_scoring_equals_one_whole_pass() {
+    for preset in ARCHITECTURES {
+        for model in [
+            tiny(preset, 3)
+                .with_fresh_reward_head(4, RewardReadout::LastToken)
+                .unwrap(),
+            with_head_and_scale(preset),
+        ] {
+            let seqs = sequences();
+            let whole_logprobs = model.sequence_logprobs(&seqs).unwrap();
+            let whole_rewards = model.sequence_rewards(&seqs, &STARTS).unwrap();
+            for chunk in [1, 2, 3, 5, 64] {
+                for (i, seq) in seqs.iter().enumerate() {
+                    let mut scoring =
+                        ChunkedScoring::new(&model, seq.clone(), ChunkedOutput::Logprobs).unwrap();
+                    let mut passes = 0;
+                    while !scoring.is_done() {
+                        let ran = scoring.advance(&model, chunk).unwrap();
+                        assert!(ran >= 1 && ran <= chunk, "{preset}: ran {ran} of {chunk}");
+                        passes += 1;
+                    }
+                    assert_eq!(passes, seq.len().div_ceil(chunk), "{preset} row {i}");
+                    let logprobs = scoring.into_logprobs().unwrap();
+                    assert_eq!(logprobs.len(), whole_logprobs[i].len());
+                    for (a, b) in logprobs.iter().zip(&whole_logprobs[i]) {
+                        assert!((a - b).abs() < 1e-5, "{preset} row {i} chunk {chunk}");
+                    }
+                    let output = ChunkedOutput::Reward {
+                        response_start: STARTS[i],
+                    };
+                    let mut scoring = ChunkedScoring::new(&model, seq.clone(), output).unwrap();
+                    assert!(scoring.reward(&model).is_err(), "read before it ran");
+                    while !scoring.is_done() {
+                        scoring.advance(&model, chunk).unwrap();
+                    }
+                    let reward = scoring.reward(&model).unwrap();
+                    assert!(
+                        (reward - whole_rewards[i]).abs() < 1e-5,
+                        "{preset} row {i} chunk {chunk}: {reward} vs {}",
+                        whole_rewards[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_scoring_refuses_what_one_pass_refuses() {
+    let model = tiny("tiny-gpt2", 3);
+    let max = model.config().max_positions();
+    assert!(ChunkedScoring::new(&model, vec![], ChunkedOutput::Logprobs).is_err());
+    assert!(ChunkedScoring::new(&model, vec![1; max + 1], ChunkedOutput::Logprobs).is_err());
+    let reward = ChunkedOutput::Reward { response_start: 0 };
+    assert!(
+        ChunkedScoring::new(&model, vec![1, 2], reward).is_err(),
+        "no head"
+    );
+    let vocab = model.config().vocab_size() as u32;
+    assert!(ChunkedScoring::new(&model, vec![1, vocab], ChunkedOutput::Logprobs).is_err());
 }
 
 #[test]

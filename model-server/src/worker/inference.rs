@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use superficial_models::generation::{Generation, GenerationConfig, SamplingConfig};
-use superficial_models::{CausalLm, EncodedDialogue};
+use superficial_models::{CausalLm, ChunkedOutput, ChunkedScoring, EncodedDialogue};
 use tokio::sync::mpsc;
 
 use super::tokenize::{DpoWork, GenerateWork, PairsWork, Prepared};
@@ -97,7 +97,9 @@ pub(super) enum Progress {
     Done,
 }
 
-/// Forward passes over many sequences, one token-budget batch per call.
+/// Forward passes over many sequences, one token-budget batch per call; under a pass target
+/// (`--max-pass-ms`) a sequence longer than the budget runs a chunk of it per call through the
+/// KV cache.
 struct SlicedForward {
     model: String,
     primitive: Primitive,
@@ -105,6 +107,8 @@ struct SlicedForward {
     /// Where each sequence's response starts (read by mean-log-prob reward heads only).
     response_starts: Vec<usize>,
     next: usize,
+    /// Sequence `next`, part-way through chunked scoring.
+    chunked: Option<Box<ChunkedScoring>>,
     logprobs: Vec<Vec<f32>>,
     rewards: Vec<f32>,
     compute: Duration,
@@ -123,6 +127,7 @@ impl SlicedForward {
             sequences,
             response_starts,
             next: 0,
+            chunked: None,
             logprobs: Vec::new(),
             rewards: Vec::new(),
             compute: Duration::ZERO,
@@ -133,12 +138,49 @@ impl SlicedForward {
         self.next >= self.sequences.len()
     }
 
-    /// Runs the next batch of at most `max_batch_tokens` padded tokens.
+    /// Runs the next batch of at most the pass's token budget (padded tokens), or the next
+    /// chunk of a sequence longer than the budget.
     fn advance(&mut self, worker: &Worker) -> ServiceResult<()> {
         let started = Instant::now();
-        let end = worker.batch_end(&self.model, &self.sequences, self.next);
-        let batch = &self.sequences[self.next..end];
+        let budget = worker.pass_budget(&self.model);
         let resident = worker.resident(&self.model)?;
+        let chunk = budget.max(MIN_CHUNK_TOKENS);
+        if self.chunked.is_none()
+            && worker.config.max_pass.is_some()
+            && self.sequences[self.next].len() > chunk
+        {
+            let output = match self.primitive {
+                Primitive::Logprobs => ChunkedOutput::Logprobs,
+                Primitive::Rewards => ChunkedOutput::Reward {
+                    response_start: self.response_starts[self.next],
+                },
+            };
+            let ids = self.sequences[self.next].clone();
+            self.chunked = Some(Box::new(ChunkedScoring::new(&resident.model, ids, output)?));
+        }
+        if let Some(scoring) = &mut self.chunked {
+            let ran = scoring.advance(&resident.model, chunk)?;
+            if scoring.is_done() {
+                match self.primitive {
+                    Primitive::Logprobs => {
+                        if let Some(done) = self.chunked.take() {
+                            self.logprobs.push(done.into_logprobs()?);
+                        }
+                    }
+                    Primitive::Rewards => {
+                        self.rewards.push(scoring.reward(&resident.model)?);
+                        self.chunked = None;
+                    }
+                }
+                self.next += 1;
+            }
+            let elapsed = started.elapsed();
+            worker.observe_pass(&self.model, ran, elapsed);
+            self.compute += elapsed;
+            return Ok(());
+        }
+        let end = batch_end_within(&self.sequences, self.next, budget);
+        let batch = &self.sequences[self.next..end];
         let padded = padded_tokens(batch);
         match self.primitive {
             Primitive::Logprobs => self
@@ -611,9 +653,13 @@ impl Worker {
     /// End (exclusive) of the batch starting at `start`: as many sequences as fit the pass's
     /// token budget (`max_batch_tokens`, or less under `--max-pass-ms`), at least one.
     pub(super) fn batch_end(&self, model: &str, sequences: &[Vec<u32>], start: usize) -> usize {
+        batch_end_within(sequences, start, self.pass_budget(model))
+    }
+
+    /// Padded tokens one pass on `model` may take (see [`token_budget`]).
+    fn pass_budget(&self, model: &str) -> usize {
         let rate = self.pass_rates.borrow().get(model).copied();
-        let budget = token_budget(self.config.max_batch_tokens, rate, self.config.max_pass);
-        batch_end_within(sequences, start, budget)
+        token_budget(self.config.max_batch_tokens, rate, self.config.max_pass)
     }
 
     /// Records how long a pass of `padded` tokens on `model` took.
@@ -712,6 +758,11 @@ pub(super) fn truncate_dialogue(dialogue: EncodedDialogue, max_ctx: usize) -> En
     }
     EncodedDialogue::assemble(prompt, response, max_ctx)
 }
+
+/// The shortest chunk a sequence is split into under a pass target: shorter sequences run
+/// whole, and a model's first (probe) pass on a long sequence is one such chunk. Below this a
+/// pass is mostly fixed overhead.
+const MIN_CHUNK_TOKENS: usize = 32;
 
 /// Padded tokens of a batch: rows × longest row.
 fn padded_tokens(batch: &[Vec<u32>]) -> usize {
