@@ -12,6 +12,17 @@ use plotters::prelude::*;
 use crate::findings::{SeedInterval, is_bootstrap};
 use crate::report::{Comparison, Report, collapse_counts};
 
+/// Why a figure could not be drawn; the message goes into the figure's file instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct DrawError(String);
+
+impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for DrawError {
+    fn from(error: DrawingAreaErrorKind<E>) -> Self {
+        Self(error.to_string())
+    }
+}
+
 const WIDTH: u32 = 900;
 const FONT: &str = "sans-serif";
 const EXPLICIT: RGBColor = RGBColor(0x4C, 0x72, 0xB0);
@@ -129,8 +140,7 @@ fn draw_dose_panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     title: &str,
     curves: &Curves,
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<(), DrawError> {
     let mut labels: Vec<String> = Vec::new();
     let mut placed: Placed<'_> = Vec::new();
     for (kind, color, points) in curves {
@@ -165,33 +175,27 @@ fn draw_dose_panel(
         _ => format!("{title} (no data)"),
     };
     let mut chart = categorical_chart(area, &title, &labels, (lo - pad)..(hi + pad), 6, None)?;
-    chart
-        .draw_series(LineSeries::new(
-            [(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
-            BLACK.mix(0.4),
-        ))
-        .map_err(|e| err(&e))?;
+    chart.draw_series(LineSeries::new(
+        [(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
+        BLACK.mix(0.4),
+    ))?;
     for (_, color, xs) in &placed {
         let color = *color;
-        chart
-            .draw_series(LineSeries::new(
-                xs.iter().map(|(x, p)| (*x, p.value.mean)),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(xs.iter().map(|(x, p)| {
-                let h = p.value.half_width.unwrap_or(0.0);
-                ErrorBar::new_vertical(
-                    *x,
-                    p.value.mean - h,
-                    p.value.mean,
-                    p.value.mean + h,
-                    color.filled(),
-                    8,
-                )
-            }))
-            .map_err(|e| err(&e))?;
+        chart.draw_series(LineSeries::new(
+            xs.iter().map(|(x, p)| (*x, p.value.mean)),
+            color.stroke_width(2),
+        ))?;
+        chart.draw_series(xs.iter().map(|(x, p)| {
+            let h = p.value.half_width.unwrap_or(0.0);
+            ErrorBar::new_vertical(
+                *x,
+                p.value.mean - h,
+                p.value.mean,
+                p.value.mean + h,
+                color.filled(),
+                8,
+            )
+        }))?;
     }
     Ok(())
 }
@@ -211,17 +215,15 @@ fn categorical_chart<'a, 'b>(
         SVGBackend<'b>,
         Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
     >,
-    String,
+    DrawError,
 > {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
     let n = labels.len().max(1);
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT, 15))
         .margin(8)
         .x_label_area_size(28)
         .y_label_area_size(48)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), y_range)
-        .map_err(|e| err(&e))?;
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), y_range)?;
     let label_at = |x: &f64| {
         let i = x.round();
         if (x - i).abs() < 1e-6 && i >= 0.0 {
@@ -241,7 +243,7 @@ fn categorical_chart<'a, 'b>(
     if let Some(desc) = y_desc {
         mesh.y_desc(desc);
     }
-    mesh.draw().map_err(|e| err(&e))?;
+    mesh.draw()?;
     Ok(chart)
 }
 
@@ -249,14 +251,13 @@ fn categorical_chart<'a, 'b>(
 fn draw_caption(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     caption: &[String],
-) -> Result<(), String> {
+) -> Result<(), DrawError> {
     for (i, line) in caption.iter().enumerate() {
         area.draw(&Text::new(
             line.clone(),
             (12, 6 + 16 * i as i32),
             (FONT, 12).into_font(),
-        ))
-        .map_err(|e| e.to_string())?;
+        ))?;
     }
     Ok(())
 }
@@ -272,7 +273,7 @@ fn figure(
     mut draw: impl FnMut(
         usize,
         &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-    ) -> Result<(), String>,
+    ) -> Result<(), DrawError>,
 ) -> String {
     let cols = cols.max(1);
     let rows = panels.div_ceil(cols);
@@ -280,9 +281,9 @@ fn figure(
     let caption_height = 16 * caption.len() as u32 + 16;
     let height = 40 + panel_height * rows.max(1) as u32 + caption_height;
     let mut svg = String::new();
-    let result = (|| {
+    let result = (|| -> Result<(), DrawError> {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE)?;
         let (top, rest) = root.split_vertically(40);
         top.draw(&Text::new(
             title.to_string(),
@@ -293,30 +294,28 @@ fn figure(
                     plotters::style::text_anchor::VPos::Top,
                 ),
             ),
-        ))
-        .map_err(|e| e.to_string())?;
+        ))?;
         let (grid, bottom) = rest.split_vertically(panel_height * rows.max(1) as u32);
         if panels == 0 {
             grid.draw(&Text::new(
                 "no data for this figure in these runs".to_string(),
                 (12, 20),
                 (FONT, 13).into_font(),
-            ))
-            .map_err(|e| e.to_string())?;
+            ))?;
         }
         let areas = grid.split_evenly((rows.max(1), cols));
         for (i, panel) in areas.iter().enumerate().take(panels) {
             draw(i, panel)?;
         }
         draw_caption(&bottom, &caption)?;
-        root.present().map_err(|e| e.to_string())
+        Ok(root.present()?)
     })();
     match result {
         Ok(()) => svg,
         // A figure that cannot be drawn still says why, in the file itself.
         Err(e) => format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"60\"><text x=\"10\" y=\"30\">figure not drawn: {}</text></svg>\n",
-            e.replace('&', "&amp;").replace('<', "&lt;")
+            e.to_string().replace('&', "&amp;").replace('<', "&lt;")
         ),
     }
 }
@@ -502,8 +501,7 @@ fn draw_by_model_panel(
     models: &[String],
     lines: &[AccuracyLine],
     axis: &YAxis,
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<(), DrawError> {
     let n = models.len().max(1);
     // The legend takes the panel's right edge: wider in a one-column figure.
     let width = area.dim_in_pixel().0;
@@ -528,31 +526,25 @@ fn draw_by_model_panel(
         }
     };
     let mut chart = categorical_chart(&area, title, models, lo..hi, 8, Some(axis.label))?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(-0.5, axis.reference), (n as f64 - 0.5, axis.reference)],
-            6,
-            4,
-            BLACK.mix(0.5).into(),
-        ))
-        .map_err(|e| err(&e))?;
+    chart.draw_series(DashedLineSeries::new(
+        [(-0.5, axis.reference), (n as f64 - 0.5, axis.reference)],
+        6,
+        4,
+        BLACK.mix(0.5).into(),
+    ))?;
     let spread = 0.5 / lines.len().max(1) as f64;
     for (k, (_, color, points)) in lines.iter().enumerate() {
         let offset = (k as f64 - (lines.len() as f64 - 1.0) / 2.0) * spread;
         let at = |x: usize| x as f64 + offset;
         let color = *color;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|(x, v)| (at(*x), v.mean)),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| err(&e))?;
-        chart
-            .draw_series(points.iter().map(|(x, v)| {
-                let h = v.half_width.unwrap_or(0.0);
-                ErrorBar::new_vertical(at(*x), v.mean - h, v.mean, v.mean + h, color.filled(), 6)
-            }))
-            .map_err(|e| err(&e))?;
+        chart.draw_series(LineSeries::new(
+            points.iter().map(|(x, v)| (at(*x), v.mean)),
+            color.stroke_width(2),
+        ))?;
+        chart.draw_series(points.iter().map(|(x, v)| {
+            let h = v.half_width.unwrap_or(0.0);
+            ErrorBar::new_vertical(at(*x), v.mean - h, v.mean, v.mean + h, color.filled(), 6)
+        }))?;
     }
     draw_legend(
         &legend,
@@ -566,17 +558,15 @@ fn draw_by_model_panel(
 fn draw_legend<'l>(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     entries: impl Iterator<Item = (&'l str, RGBColor)>,
-) -> Result<(), String> {
+) -> Result<(), DrawError> {
     for (k, (label, color)) in entries.enumerate() {
         let y = 40 + 18 * k as i32;
-        area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))
-            .map_err(|e| e.to_string())?;
+        area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], color.filled()))?;
         area.draw(&Text::new(
             label.to_string(),
             (24, y - 6),
             (FONT, 12).into_font(),
-        ))
-        .map_err(|e| e.to_string())?;
+        ))?;
     }
     Ok(())
 }
@@ -741,7 +731,6 @@ pub fn regions_svg(report: &Report) -> String {
         1,
         320,
         |i, area| {
-            let err = |e: &dyn std::fmt::Display| e.to_string();
             let (labels, areas) = region_shares(report, &scenarios[i]);
             let (plot, legend) = area.split_horizontally(WIDTH - 150);
             let mut chart = categorical_chart(
@@ -755,28 +744,17 @@ pub fn regions_svg(report: &Report) -> String {
             let width = 0.8 / AREAS.len() as f64;
             for (k, ((_, color), points)) in AREAS.iter().zip(&areas).enumerate() {
                 let left = |x: usize| x as f64 - 0.4 + k as f64 * width;
-                chart
-                    .draw_series(points.iter().map(|(x, v)| {
-                        Rectangle::new(
-                            [(left(*x), 0.0), (left(*x) + width * 0.9, v.mean)],
-                            color.filled(),
-                        )
-                    }))
-                    .map_err(|e| err(&e))?;
-                chart
-                    .draw_series(points.iter().map(|(x, v)| {
-                        let h = v.half_width.unwrap_or(0.0);
-                        let mid = left(*x) + width * 0.45;
-                        ErrorBar::new_vertical(
-                            mid,
-                            v.mean - h,
-                            v.mean,
-                            v.mean + h,
-                            BLACK.filled(),
-                            4,
-                        )
-                    }))
-                    .map_err(|e| err(&e))?;
+                chart.draw_series(points.iter().map(|(x, v)| {
+                    Rectangle::new(
+                        [(left(*x), 0.0), (left(*x) + width * 0.9, v.mean)],
+                        color.filled(),
+                    )
+                }))?;
+                chart.draw_series(points.iter().map(|(x, v)| {
+                    let h = v.half_width.unwrap_or(0.0);
+                    let mid = left(*x) + width * 0.45;
+                    ErrorBar::new_vertical(mid, v.mean - h, v.mean, v.mean + h, BLACK.filled(), 4)
+                }))?;
             }
             draw_legend(&legend, AREAS.iter().copied())
         },
@@ -807,7 +785,6 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
         1,
         320,
         |i, area| {
-            let err = |e: &dyn std::fmt::Display| e.to_string();
             let panel: Vec<&&Comparison> =
                 rows.iter().filter(|c| c.scenario == scenarios[i]).collect();
             let mut variants: Vec<&str> = panel.iter().map(|c| c.variant.as_str()).collect();
@@ -827,8 +804,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
                 .margin(8)
                 .x_label_area_size(36)
                 .y_label_area_size(48)
-                .build_cartesian_2d((lo - pad)..(hi + pad), 0.0f64..1.0)
-                .map_err(|e| err(&e))?;
+                .build_cartesian_2d((lo - pad)..(hi + pad), 0.0f64..1.0)?;
             chart
                 .configure_mesh()
                 .light_line_style(TRANSPARENT)
@@ -839,40 +815,33 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
                 .x_desc("capability gap (strong − weak ceiling accuracy)")
                 .y_desc("DS")
                 .label_style((FONT, 11))
-                .draw()
-                .map_err(|e| err(&e))?;
+                .draw()?;
             for (k, variant) in variants.iter().enumerate() {
                 let color = SERIES[(k + 1) % SERIES.len()];
                 let points: Vec<&&&Comparison> =
                     panel.iter().filter(|c| c.variant == *variant).collect();
-                chart
-                    .draw_series(points.iter().filter_map(|c| {
-                        Some(Circle::new(
-                            (c.capability_gap, c.ds_chance?),
-                            4,
-                            color.stroke_width(2),
-                        ))
-                    }))
-                    .map_err(|e| err(&e))?;
-                chart
-                    .draw_series(points.iter().filter_map(|c| {
-                        let ds = c.ds?;
-                        let (l, h) = c.ds_ci95.unwrap_or((ds, ds));
-                        Some(ErrorBar::new_vertical(
-                            c.capability_gap,
-                            l,
-                            ds,
-                            h,
-                            color.filled(),
-                            4,
-                        ))
-                    }))
-                    .map_err(|e| err(&e))?;
-                chart
-                    .draw_series(points.iter().filter_map(|c| {
-                        Some(Circle::new((c.capability_gap, c.ds?), 4, color.filled()))
-                    }))
-                    .map_err(|e| err(&e))?;
+                chart.draw_series(points.iter().filter_map(|c| {
+                    Some(Circle::new(
+                        (c.capability_gap, c.ds_chance?),
+                        4,
+                        color.stroke_width(2),
+                    ))
+                }))?;
+                chart.draw_series(points.iter().filter_map(|c| {
+                    let ds = c.ds?;
+                    let (l, h) = c.ds_ci95.unwrap_or((ds, ds));
+                    Some(ErrorBar::new_vertical(
+                        c.capability_gap,
+                        l,
+                        ds,
+                        h,
+                        color.filled(),
+                        4,
+                    ))
+                }))?;
+                chart.draw_series(points.iter().filter_map(|c| {
+                    Some(Circle::new((c.capability_gap, c.ds?), 4, color.filled()))
+                }))?;
             }
             let colours = (0..variants.len()).map(|k| SERIES[(k + 1) % SERIES.len()]);
             draw_legend(&legend, variants.iter().copied().zip(colours))
@@ -920,8 +889,7 @@ pub fn collapse_svg(report: &Report) -> String {
                 .margin(8)
                 .x_label_area_size(24)
                 .y_label_area_size(190)
-                .build_cartesian_2d(0f64..max as f64 * 1.05, -0.5f64..(n as f64 - 0.5))
-                .map_err(|e| e.to_string())?;
+                .build_cartesian_2d(0f64..max as f64 * 1.05, -0.5f64..(n as f64 - 0.5))?;
             let label_at = |y: &f64| {
                 let k = y.round();
                 if (y - k).abs() < 1e-6 && k >= 0.0 {
@@ -941,25 +909,22 @@ pub fn collapse_svg(report: &Report) -> String {
                 .x_labels(8)
                 .x_label_formatter(&tick_label)
                 .label_style((FONT, 11))
-                .draw()
-                .map_err(|e| e.to_string())?;
+                .draw()?;
             let bar = |y: usize, from: usize, to: usize, color: RGBColor| {
                 Rectangle::new(
                     [(from as f64, y as f64 - 0.35), (to as f64, y as f64 + 0.35)],
                     color.filled(),
                 )
             };
-            chart
-                .draw_series(rows.iter().enumerate().flat_map(|(y, (_, c))| {
-                    let comply = c[1];
-                    let refuse = c[2];
-                    [
-                        bar(y, 0, comply, COMPLY),
-                        bar(y, comply, comply + refuse, REFUSE),
-                        bar(y, comply + refuse, c[0], ANSWERS),
-                    ]
-                }))
-                .map_err(|e| e.to_string())?;
+            chart.draw_series(rows.iter().enumerate().flat_map(|(y, (_, c))| {
+                let comply = c[1];
+                let refuse = c[2];
+                [
+                    bar(y, 0, comply, COMPLY),
+                    bar(y, comply, comply + refuse, REFUSE),
+                    bar(y, comply + refuse, c[0], ANSWERS),
+                ]
+            }))?;
             Ok(())
         },
     )

@@ -97,7 +97,7 @@ fn report(args: ReportArgs) -> Result<()> {
     {
         bail!("--known-threshold must be in [0.5, 1], got {t}");
     }
-    let (runs, warnings) = report::load_runs(&args.dirs).map_err(anyhow::Error::msg)?;
+    let (runs, warnings) = report::load_runs(&args.dirs)?;
     if runs.is_empty() {
         bail!("no finished runs found in {:?}", args.dirs);
     }

@@ -16,7 +16,7 @@ use crate::metrics::{
 };
 
 pub use crate::run_folder::RunMeta;
-use crate::run_folder::{is_finished, read_meta, read_predictions};
+use crate::run_folder::{RunFolderError, is_finished, read_meta, read_predictions};
 
 /// A finished run with its per-pair outcomes.
 #[derive(Debug, Clone)]
@@ -43,15 +43,15 @@ impl Run {
 
 /// Reads every finished run in `paths` (run folders, folders of run folders, or folders whose
 /// subfolders hold run folders, such as an experiment's output with its `runs/`).
-pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), String> {
+pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), RunFolderError> {
     let mut dirs = Vec::new();
     for path in paths {
         if path.join("config.json").is_file() {
             dirs.push(path.clone());
             continue;
         }
-        let run_folders_in = |dir: &Path| -> Result<Vec<PathBuf>, String> {
-            let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let run_folders_in = |dir: &Path| -> Result<Vec<PathBuf>, RunFolderError> {
+            let entries = std::fs::read_dir(dir).map_err(|e| RunFolderError::new(dir, None, e))?;
             let mut children: Vec<PathBuf> = entries
                 .flatten()
                 .map(|e| e.path())
@@ -95,8 +95,8 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), String> {
             ));
             continue;
         }
-        let meta = read_meta(&dir).map_err(|e| e.to_string())?;
-        let predictions = read_predictions(&dir).map_err(|e| e.to_string())?;
+        let meta = read_meta(&dir)?;
+        let predictions = read_predictions(&dir)?;
         runs.push(Run {
             dir: dir.clone(),
             meta,

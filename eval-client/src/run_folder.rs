@@ -34,7 +34,7 @@ pub struct RunFolderError {
 }
 
 impl RunFolderError {
-    fn new(path: &Path, line: Option<usize>, reason: impl ToString) -> Self {
+    pub(crate) fn new(path: &Path, line: Option<usize>, reason: impl ToString) -> Self {
         Self {
             path: path.to_path_buf(),
             line,
