@@ -252,6 +252,9 @@ pub struct FindingRow {
     /// evidence (a collapsed student or counterpart, a strong ceiling not above chance).
     pub comparisons_used: usize,
     pub comparisons_left_out: usize,
+    /// Comparisons that carry evidence but leave the value undefined: a student with no new
+    /// mistakes under the conflict has no DS_new to compare (finding (iii)).
+    pub comparisons_without_new_mistakes: usize,
 }
 
 impl FindingRow {
@@ -272,12 +275,18 @@ impl FindingRow {
             verdict: verdict(value, yes, no),
             comparisons_used: 0,
             comparisons_left_out: 0,
+            comparisons_without_new_mistakes: 0,
         }
     }
 
     fn counted(mut self, used: usize, left_out: usize) -> Self {
         self.comparisons_used = used;
         self.comparisons_left_out = left_out;
+        self
+    }
+
+    fn without_new_mistakes(mut self, count: usize) -> Self {
+        self.comparisons_without_new_mistakes = count;
         self
     }
 }
@@ -341,6 +350,7 @@ pub fn findings(report: &Report) -> Findings {
         );
         let chains = bootstrap_differences(report, &scenario, &variant);
         let used = chains.diffs.len();
+        let without_mistakes = chains.without_new_mistakes;
         if chains.chains > 0 && chains.diffs.is_empty() {
             out.bootstrap_reduces.push(FindingRow {
                 scenario,
@@ -349,7 +359,8 @@ pub fn findings(report: &Report) -> Findings {
                 per_seed: Vec::new(),
                 verdict: "undefined: no seed where both the bootstrapped and the direct student learned (neither collapsed) and make new mistakes under the conflict",
                 comparisons_used: 0,
-                comparisons_left_out: chains.chains,
+                comparisons_left_out: chains.chains - without_mistakes,
+                comparisons_without_new_mistakes: without_mistakes,
             });
         } else if !chains.diffs.is_empty() {
             out.bootstrap_reduces.push(
@@ -360,7 +371,8 @@ pub fn findings(report: &Report) -> Findings {
                     "reversed: bootstrapping increases it",
                     "reproduced: bootstrapping reduces it",
                 )
-                .counted(used, chains.chains - used),
+                .counted(used, chains.chains - used - without_mistakes)
+                .without_new_mistakes(without_mistakes),
             );
         }
     }
@@ -373,6 +385,8 @@ struct ChainDifferences {
     chains: usize,
     /// Per chain with evidence on both sides: (seed, bootstrapped − direct DS_new − chance).
     diffs: Vec<(u64, f64)>,
+    /// Chains with evidence on both sides where a student has no new mistakes (no DS_new).
+    without_new_mistakes: usize,
 }
 
 /// Per (chain, seed): the bootstrapped student's DS_new − chance minus the direct student's
@@ -381,6 +395,7 @@ struct ChainDifferences {
 fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> ChainDifferences {
     let mut out = Vec::new();
     let mut chains = 0;
+    let mut without_new_mistakes = 0;
     for b in report.comparisons.iter().filter(|c| {
         c.scenario == scenario
             && c.variant.starts_with(&format!("{variant}+via-"))
@@ -398,11 +413,16 @@ fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> Chai
         if b.no_evidence_reason().is_some() || direct.no_evidence_reason().is_some() {
             continue;
         }
-        if let (Some(x), Some(y)) = (b.ds_new_excess, direct.ds_new_excess) {
-            out.push((b.seed, x - y));
+        match (b.ds_new_excess, direct.ds_new_excess) {
+            (Some(x), Some(y)) => out.push((b.seed, x - y)),
+            _ => without_new_mistakes += 1,
         }
     }
-    ChainDifferences { chains, diffs: out }
+    ChainDifferences {
+        chains,
+        diffs: out,
+        without_new_mistakes,
+    }
 }
 
 #[cfg(test)]
@@ -576,6 +596,86 @@ mod tests {
         let f = findings(&report);
         let row = &f.tax_in_blind_spot[0];
         assert_eq!((row.comparisons_used, row.comparisons_left_out), (0, 1));
+    }
+
+    #[test]
+    fn a_bootstrapped_student_without_new_mistakes_is_undefined_not_left_out() {
+        let n = 20;
+        let right = |wrong: &dyn Fn(usize) -> bool| predictions(n, wrong);
+        let bootstrapped = |mut r: crate::report::Run| {
+            r.meta.role = crate::run_folder::Role::Bootstrap;
+            r.meta.intermediate_model = Some("m".into());
+            r
+        };
+        let mut runs = Vec::new();
+        for seed in [0, 1] {
+            // The weak ceiling knows pairs 0..10, the strong one all of them.
+            runs.push(run(
+                &format!("w{seed}"),
+                "w",
+                None,
+                Setting::None,
+                seed,
+                right(&|i| i >= 10),
+            ));
+            runs.push(run(
+                &format!("s{seed}"),
+                "s",
+                None,
+                Setting::None,
+                seed,
+                right(&|_| false),
+            ));
+            for (id, student) in [("n", false), ("bn", true)] {
+                let r = run(
+                    &format!("{id}{seed}"),
+                    "s",
+                    Some("w"),
+                    Setting::None,
+                    seed,
+                    right(&|_| false),
+                );
+                runs.push(if student { bootstrapped(r) } else { r });
+            }
+            // The direct conflict student gets pairs 10..12 wrong (in S_k ∩ W_uk).
+            runs.push(run(
+                &format!("e{seed}"),
+                "s",
+                Some("w"),
+                Setting::Explicit,
+                seed,
+                right(&|i| (10..12).contains(&i)),
+            ));
+        }
+        // Seed 0: the bootstrapped conflict student gets pair 10 wrong; seed 1: none.
+        runs.push(bootstrapped(run(
+            "be0",
+            "s",
+            Some("w"),
+            Setting::Explicit,
+            0,
+            right(&|i| i == 10),
+        )));
+        runs.push(bootstrapped(run(
+            "be1",
+            "s",
+            Some("w"),
+            Setting::Explicit,
+            1,
+            right(&|_| false),
+        )));
+        let f = findings(&report_of(&runs));
+        let row = &f.bootstrap_reduces[0];
+        assert_eq!(
+            (
+                row.comparisons_used,
+                row.comparisons_left_out,
+                row.comparisons_without_new_mistakes
+            ),
+            (1, 0, 1)
+        );
+        assert_eq!(row.per_seed.len(), 1);
+        assert_eq!(row.per_seed[0].0, 0);
     }
 
     #[test]

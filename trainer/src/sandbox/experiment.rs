@@ -498,18 +498,27 @@ fn findings_markdown(report: &eval_client::report::Report) -> String {
                 .and_then(|v| v.mde)
                 .map(|m| format!("; detectable effect (80% power) {m:.2}"))
                 .unwrap_or_default();
+            let total =
+                r.comparisons_used + r.comparisons_left_out + r.comparisons_without_new_mistakes;
             let left_out = if r.comparisons_left_out > 0 {
                 format!(
                     "; {} of {} comparisons left out (collapsed student or counterpart, or a strong ceiling at chance or not above the weak one)",
-                    r.comparisons_left_out,
-                    r.comparisons_used + r.comparisons_left_out
+                    r.comparisons_left_out, total
+                )
+            } else {
+                String::new()
+            };
+            let without_mistakes = if r.comparisons_without_new_mistakes > 0 {
+                format!(
+                    "; {} of {} undefined (a student made no new mistakes under the conflict)",
+                    r.comparisons_without_new_mistakes, total
                 )
             } else {
                 String::new()
             };
             let _ = writeln!(
                 s,
-                "- {} [{}]: {unit} {value}{per_seed}{mde}{left_out}: **{}**",
+                "- {} [{}]: {unit} {value}{per_seed}{mde}{left_out}{without_mistakes}: **{}**",
                 r.scenario, r.variant, r.verdict
             );
         }
