@@ -1,6 +1,6 @@
 //! The Inference service's protobuf requests turned into worker jobs, with every field and
 //! request-limit check on the way: pure functions of a request and the [`Limits`], so each
-//! rule is unit-tested without a server. `service.rs` calls one per RPC and only adds timing,
+//! rule is unit-tested without a server. `service/inference.rs` calls one per RPC and only adds timing,
 //! metrics and the reply.
 
 use superficial_models::generation::SamplingConfig;
