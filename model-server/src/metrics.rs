@@ -1,102 +1,52 @@
 //! Prometheus metrics of one server: request counts and latencies per RPC and status code,
-//! dynamic-batch sizes, queue depth, resident models, training-job progress. Rendered in the
-//! Prometheus text format on a separate port (`--metrics-listen`). Each server owns its
+//! dynamic-batch sizes, queue depth, resident models, training-job progress, kept in a
+//! `prometheus-client` registry and rendered in the OpenMetrics text format on a separate port
+//! (`--metrics-listen`). Each server owns its
 //! registry, so several servers in one process (tests, embedded clients) do not collide.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-/// A settable integer.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
+/// The exposition format the registry renders (OpenMetrics text, which Prometheus scrapes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-impl Gauge {
-    pub fn set(&self, value: i64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    rpc: String,
+    code: String,
 }
 
-/// Cumulative histogram with fixed upper bounds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: Vec<f64>,
-    counts: Vec<AtomicU64>,
-    sum_micro: AtomicU64,
-    count: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: String,
 }
 
-impl Histogram {
-    pub fn new(bounds: Vec<f64>) -> Self {
-        let counts = (0..bounds.len()).map(|_| AtomicU64::new(0)).collect();
-        Self {
-            bounds,
-            counts,
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, value: f64) {
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            if value <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micro
-            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
-                count.load(Ordering::Relaxed)
-            );
-        }
-        let total = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{braces} {total}");
-    }
+/// Latency buckets: geometric ×2 from 100 µs to ~100 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-4, 2.0, 21))
 }
 
-fn latency_bounds() -> Vec<f64> {
-    // Geometric ×2 from 100 µs to ~100 s.
-    (0..21).map(|i| 1e-4 * 2f64.powi(i)).collect()
+/// Size buckets: powers of two up to 1024.
+fn size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
 
-fn size_bounds() -> Vec<f64> {
-    (0..11).map(|i| 2f64.powi(i)).collect()
-}
-
-/// The registry.
+/// The registry and handles to its metrics (each handle shares its value with the registry).
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String), u64>>,
-    latencies: Mutex<BTreeMap<String, Histogram>>,
-    pub batch_requests: Histogram,
-    pub batch_sequences: Histogram,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latencies: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    batch_requests: Histogram,
+    batch_sequences: Histogram,
     pub queue_depth: Gauge,
     pub active_tasks: Gauge,
     pub resident_models: Gauge,
@@ -106,16 +56,63 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "w2s_requests",
+            "Finished RPCs by method and status code",
+            requests.clone(),
+        );
+        let latencies = Family::<RpcLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "w2s_request_duration_seconds",
+            "RPC latency",
+            latencies.clone(),
+        );
+        let batch_requests = size_histogram();
+        registry.register(
+            "w2s_batch_requests",
+            "Requests merged into one forward batch",
+            batch_requests.clone(),
+        );
+        let batch_sequences = size_histogram();
+        registry.register(
+            "w2s_batch_sequences",
+            "Sequences in one forward batch",
+            batch_sequences.clone(),
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let queue_depth = gauge("w2s_queue_depth", "Requests waiting for the device worker");
+        let active_tasks = gauge(
+            "w2s_active_tasks",
+            "Resumable inference tasks (scoring batches, generations) the worker is advancing",
+        );
+        let resident_models = gauge("w2s_resident_models", "Models resident on the device");
+        let job_step = gauge(
+            "w2s_job_step",
+            "Steps completed by the running training job",
+        );
+        let job_total_steps = gauge(
+            "w2s_job_total_steps",
+            "Total steps of the running training job",
+        );
         Self {
-            requests: Mutex::new(BTreeMap::new()),
-            latencies: Mutex::new(BTreeMap::new()),
-            batch_requests: Histogram::new(size_bounds()),
-            batch_sequences: Histogram::new(size_bounds()),
-            queue_depth: Gauge::default(),
-            active_tasks: Gauge::default(),
-            resident_models: Gauge::default(),
-            job_step: Gauge::default(),
-            job_total_steps: Gauge::default(),
+            registry,
+            requests,
+            latencies,
+            batch_requests,
+            batch_sequences,
+            queue_depth,
+            active_tasks,
+            resident_models,
+            job_step,
+            job_total_steps,
         }
     }
 }
@@ -123,17 +120,17 @@ impl Default for Metrics {
 impl Metrics {
     /// Records one finished RPC.
     pub fn observe_request(&self, rpc: &str, code: tonic::Code, elapsed: Duration) {
-        if let Ok(mut requests) = self.requests.lock() {
-            *requests
-                .entry((rpc.to_string(), format!("{code:?}")))
-                .or_default() += 1;
-        }
-        if let Ok(mut latencies) = self.latencies.lock() {
-            latencies
-                .entry(rpc.to_string())
-                .or_insert_with(|| Histogram::new(latency_bounds()))
-                .observe(elapsed.as_secs_f64());
-        }
+        self.requests
+            .get_or_create(&RequestLabels {
+                rpc: rpc.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.latencies
+            .get_or_create(&RpcLabels {
+                rpc: rpc.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Records one dynamic batch.
@@ -145,73 +142,19 @@ impl Metrics {
     /// Requests counted for `rpc` with `code`.
     pub fn request_count(&self, rpc: &str, code: tonic::Code) -> u64 {
         self.requests
-            .lock()
-            .ok()
-            .and_then(|r| r.get(&(rpc.to_string(), format!("{code:?}"))).copied())
-            .unwrap_or(0)
+            .get_or_create(&RequestLabels {
+                rpc: rpc.to_string(),
+                code: format!("{code:?}"),
+            })
+            .get()
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition of every metric ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP w2s_requests_total Finished RPCs by method and status code.\n# TYPE w2s_requests_total counter\n");
-        if let Ok(requests) = self.requests.lock() {
-            for ((rpc, code), n) in requests.iter() {
-                let _ = writeln!(
-                    out,
-                    "w2s_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} {n}"
-                );
-            }
-        }
-        out.push_str("# HELP w2s_request_duration_seconds RPC latency.\n# TYPE w2s_request_duration_seconds histogram\n");
-        if let Ok(latencies) = self.latencies.lock() {
-            for (rpc, histogram) in latencies.iter() {
-                histogram.render(
-                    &mut out,
-                    "w2s_request_duration_seconds",
-                    &format!("rpc=\"{rpc}\""),
-                );
-            }
-        }
-        out.push_str("# HELP w2s_batch_requests Requests merged into one forward batch.\n# TYPE w2s_batch_requests histogram\n");
-        self.batch_requests
-            .render(&mut out, "w2s_batch_requests", "");
-        out.push_str("# HELP w2s_batch_sequences Sequences in one forward batch.\n# TYPE w2s_batch_sequences histogram\n");
-        self.batch_sequences
-            .render(&mut out, "w2s_batch_sequences", "");
-        for (name, help, gauge) in [
-            (
-                "w2s_queue_depth",
-                "Requests waiting for the device worker.",
-                &self.queue_depth,
-            ),
-            (
-                "w2s_active_tasks",
-                "Resumable inference tasks (scoring batches, generations) the worker is advancing.",
-                &self.active_tasks,
-            ),
-            (
-                "w2s_resident_models",
-                "Models resident on the device.",
-                &self.resident_models,
-            ),
-            (
-                "w2s_job_step",
-                "Steps completed by the running training job.",
-                &self.job_step,
-            ),
-            (
-                "w2s_job_total_steps",
-                "Total steps of the running training job.",
-                &self.job_total_steps,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                gauge.get()
-            );
-        }
+        // Writing into a String cannot fail; a metric that could not be encoded would leave
+        // the text cut short, which a scraper reports.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -251,19 +194,21 @@ pub async fn serve(
 
 type Body = http_body_util::Full<bytes::Bytes>;
 
+const PLAIN: &str = "text/plain; charset=utf-8";
+
 /// The answer to one request: the metrics, 401 without the token, 404 elsewhere.
 fn answer<B>(
     metrics: &Metrics,
     token: Option<&str>,
     request: &hyper::Request<B>,
 ) -> hyper::Response<Body> {
-    let reply = |status: u16, body: String| {
+    let reply = |status: u16, content_type: &'static str, body: String| {
         let mut response = hyper::Response::new(Body::from(body));
         *response.status_mut() =
             hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            hyper::header::HeaderValue::from_static(content_type),
         );
         response
     };
@@ -274,13 +219,13 @@ fn answer<B>(
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         if given != Some(expected.as_str()) {
-            return reply(401, "missing or invalid bearer token\n".into());
+            return reply(401, PLAIN, "missing or invalid bearer token\n".into());
         }
     }
     if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
-        reply(200, metrics.render())
+        reply(200, CONTENT_TYPE, metrics.render())
     } else {
-        reply(404, "only GET /metrics is served here\n".into())
+        reply(404, PLAIN, "only GET /metrics is served here\n".into())
     }
 }
 

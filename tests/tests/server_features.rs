@@ -972,7 +972,7 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     timed.shutdown().await.unwrap();
     // Some requests were actually merged.
     let metrics = batched.metrics().render();
-    let singles: u64 = metric_value(&metrics, "w2s_batch_requests_bucket{le=\"1\"}");
+    let singles: u64 = metric_value(&metrics, "w2s_batch_requests_bucket{le=\"1.0\"}");
     let batches: u64 = metric_value(&metrics, "w2s_batch_requests_count");
     assert!(
         singles < batches,
@@ -1020,13 +1020,59 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     }
     assert!(ok > 0);
 
-    // The metrics endpoint serves the registry over HTTP.
+    // The metrics endpoint serves the registry over HTTP, and a Prometheus text parser reads
+    // every metric of it.
     let addr = batched.metrics_addr().unwrap();
     let body = http_get(addr, "/metrics", None).await;
     assert!(
         body.starts_with("HTTP/1.1 200")
             && body.contains("w2s_requests_total{rpc=\"ScorePairs\",code=\"Ok\"}"),
         "{body}"
+    );
+    let exposition = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let scrape =
+        prometheus_parse::Scrape::parse(exposition.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let sample = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| s.value.clone())
+    };
+    // OpenMetrics declares the counter family `w2s_requests` and its sample
+    // `w2s_requests_total`; a Prometheus-text parser reads that sample untyped.
+    let Some(
+        prometheus_parse::Value::Counter(ok_scores) | prometheus_parse::Value::Untyped(ok_scores),
+    ) = sample("w2s_requests_total", Some(("rpc", "ScorePairs")))
+    else {
+        panic!("no ScorePairs counter in\n{exposition}");
+    };
+    assert!(ok_scores >= 1.0);
+    assert!(
+        matches!(
+            sample("w2s_request_duration_seconds", Some(("rpc", "ScorePairs"))),
+            Some(prometheus_parse::Value::Histogram(_))
+        ),
+        "{exposition}"
+    );
+    for gauge in [
+        "w2s_queue_depth",
+        "w2s_active_tasks",
+        "w2s_resident_models",
+        "w2s_job_step",
+        "w2s_job_total_steps",
+    ] {
+        assert!(
+            matches!(sample(gauge, None), Some(prometheus_parse::Value::Gauge(_))),
+            "{gauge} in\n{exposition}"
+        );
+    }
+    assert_eq!(
+        sample("w2s_resident_models", None),
+        Some(prometheus_parse::Value::Gauge(1.0))
     );
     batched.shutdown().await.unwrap();
     single.shutdown().await.unwrap();
