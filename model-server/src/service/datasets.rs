@@ -8,21 +8,22 @@ impl pb::datasets_server::Datasets for DatasetsService {
         &self,
         request: Request<Streaming<pb::UploadDatasetRequest>>,
     ) -> Result<Response<pb::DatasetInfo>, Status> {
-        let started = Instant::now();
         let mut stream = request.into_inner();
-        let result = async {
-            // Rows are validated and written to disk in batches of about this many bytes, so
-            // an upload holds little memory however large it is.
-            const BATCH_BYTES: usize = 4 << 20;
-            let mut name = String::new();
-            let mut seen_header = false;
-            let mut upload = None;
-            let mut batch: Vec<Row> = Vec::new();
-            let (mut batch_bytes, mut bytes, mut index) = (0usize, 0usize, 0usize);
-            let store = self.0.datasets.clone();
-            // Writes the batch on a blocking thread and hands the upload back.
-            let flush =
-                |upload: Option<crate::datasets::DatasetUpload>, batch: Vec<Row>, name: String| {
+        self.0
+            .unary("UploadDataset", |_| async move {
+                // Rows are validated and written to disk in batches of about this many bytes, so
+                // an upload holds little memory however large it is.
+                const BATCH_BYTES: usize = 4 << 20;
+                let mut name = String::new();
+                let mut seen_header = false;
+                let mut upload = None;
+                let mut batch: Vec<Row> = Vec::new();
+                let (mut batch_bytes, mut bytes, mut index) = (0usize, 0usize, 0usize);
+                let store = self.0.datasets.clone();
+                // Writes the batch on a blocking thread and hands the upload back.
+                let flush = |upload: Option<crate::datasets::DatasetUpload>,
+                             batch: Vec<Row>,
+                             name: String| {
                     let store = store.clone();
                     async move {
                         tokio::task::spawn_blocking(move || {
@@ -39,125 +40,130 @@ impl pb::datasets_server::Datasets for DatasetsService {
                         .map_err(|e| ServiceError::Internal(e.to_string()))?
                     }
                 };
-            while let Some(message) = stream.next().await {
-                let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
-                use pb::upload_dataset_request::Item;
-                let size = match &message.item {
-                    Some(Item::Pair(p)) => p.prompt.len() + p.chosen.len() + p.rejected.len(),
-                    Some(Item::Text(t)) => t.text.len(),
-                    Some(Item::Prompt(p)) => p.prompt.len(),
-                    Some(Item::Header(h)) => h.name.len(),
-                    None => 0,
-                };
-                bytes += size;
-                self.0.limits.check_upload(bytes)?;
-                let longest_text = match &message.item {
-                    Some(Item::Pair(p)) => p.prompt.len().max(p.chosen.len()).max(p.rejected.len()),
-                    Some(Item::Text(t)) => t.text.len(),
-                    Some(Item::Prompt(p)) => p.prompt.len(),
-                    Some(Item::Header(_)) | None => 0,
-                };
-                self.0.limits.check_row(index, longest_text)?;
-                let row = match message.item {
-                    Some(Item::Header(header)) if !seen_header => {
-                        check_dataset_name(&header.name)?;
-                        name = header.name;
-                        seen_header = true;
-                        continue;
+                while let Some(message) = stream.next().await {
+                    let message =
+                        message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
+                    use pb::upload_dataset_request::Item;
+                    let size = match &message.item {
+                        Some(Item::Pair(p)) => p.prompt.len() + p.chosen.len() + p.rejected.len(),
+                        Some(Item::Text(t)) => t.text.len(),
+                        Some(Item::Prompt(p)) => p.prompt.len(),
+                        Some(Item::Header(h)) => h.name.len(),
+                        None => 0,
+                    };
+                    bytes += size;
+                    self.0.limits.check_upload(bytes)?;
+                    let longest_text = match &message.item {
+                        Some(Item::Pair(p)) => {
+                            p.prompt.len().max(p.chosen.len()).max(p.rejected.len())
+                        }
+                        Some(Item::Text(t)) => t.text.len(),
+                        Some(Item::Prompt(p)) => p.prompt.len(),
+                        Some(Item::Header(_)) | None => 0,
+                    };
+                    self.0.limits.check_row(index, longest_text)?;
+                    let row = match message.item {
+                        Some(Item::Header(header)) if !seen_header => {
+                            check_dataset_name(&header.name)?;
+                            name = header.name;
+                            seen_header = true;
+                            continue;
+                        }
+                        Some(Item::Header(_)) => {
+                            return Err(ServiceError::invalid(
+                                "header",
+                                "only the first message may be a header",
+                            ));
+                        }
+                        Some(_) if !seen_header => {
+                            return Err(ServiceError::invalid(
+                                "header",
+                                "an upload starts with its header (the dataset's name)",
+                            ));
+                        }
+                        Some(Item::Pair(p)) => Row::Pair {
+                            prompt: p.prompt,
+                            chosen: p.chosen,
+                            rejected: p.rejected,
+                            label: p.label.unwrap_or(1.0),
+                            chosen_is_human_choice: p.chosen_is_human_choice.unwrap_or(true),
+                            conflict_prefers_chosen: p.conflict_prefers_chosen,
+                        },
+                        Some(Item::Text(t)) => Row::Text { text: t.text },
+                        Some(Item::Prompt(p)) => Row::Prompt { prompt: p.prompt },
+                        None => {
+                            return Err(ServiceError::invalid(
+                                format!("rows[{index}]"),
+                                "empty message",
+                            ));
+                        }
+                    };
+                    index += 1;
+                    batch.push(row);
+                    batch_bytes += size;
+                    if batch_bytes >= BATCH_BYTES {
+                        upload =
+                            Some(flush(upload, std::mem::take(&mut batch), name.clone()).await?);
+                        batch_bytes = 0;
                     }
-                    Some(Item::Header(_)) => {
-                        return Err(ServiceError::invalid(
-                            "header",
-                            "only the first message may be a header",
-                        ));
-                    }
-                    Some(_) if !seen_header => {
-                        return Err(ServiceError::invalid(
-                            "header",
-                            "an upload starts with its header (the dataset's name)",
-                        ));
-                    }
-                    Some(Item::Pair(p)) => Row::Pair {
-                        prompt: p.prompt,
-                        chosen: p.chosen,
-                        rejected: p.rejected,
-                        label: p.label.unwrap_or(1.0),
-                        chosen_is_human_choice: p.chosen_is_human_choice.unwrap_or(true),
-                        conflict_prefers_chosen: p.conflict_prefers_chosen,
-                    },
-                    Some(Item::Text(t)) => Row::Text { text: t.text },
-                    Some(Item::Prompt(p)) => Row::Prompt { prompt: p.prompt },
-                    None => {
-                        return Err(ServiceError::invalid(
-                            format!("rows[{index}]"),
-                            "empty message",
-                        ));
-                    }
-                };
-                index += 1;
-                batch.push(row);
-                batch_bytes += size;
-                if batch_bytes >= BATCH_BYTES {
-                    upload = Some(flush(upload, std::mem::take(&mut batch), name.clone()).await?);
-                    batch_bytes = 0;
                 }
-            }
-            if upload.is_none() && batch.is_empty() {
-                return Err(ServiceError::invalid(
-                    "rows",
-                    "a dataset needs at least one row",
-                ));
-            }
-            let upload = flush(upload, batch, name).await?;
-            // The client may go (cancel, deadline) while the rows are committed: tonic then
-            // drops this future, the guard raises the flag, and the store discards its work
-            // instead of committing a dataset nobody was told about.
-            let abandoned = AbandonOnDrop::default();
-            let flag = abandoned.0.clone();
-            let meta = tokio::task::spawn_blocking(move || upload.commit(&flag))
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))??;
-            abandoned.disarm();
-            Ok(dataset_info(meta))
-        }
-        .await;
-        self.0.finish("UploadDataset", started, result)
+                if upload.is_none() && batch.is_empty() {
+                    return Err(ServiceError::invalid(
+                        "rows",
+                        "a dataset needs at least one row",
+                    ));
+                }
+                let upload = flush(upload, batch, name).await?;
+                // The client may go (cancel, deadline) while the rows are committed: tonic then
+                // drops this future, the guard raises the flag, and the store discards its work
+                // instead of committing a dataset nobody was told about.
+                let abandoned = AbandonOnDrop::default();
+                let flag = abandoned.0.clone();
+                let meta = tokio::task::spawn_blocking(move || upload.commit(&flag))
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                abandoned.disarm();
+                Ok(dataset_info(meta))
+            })
+            .await
     }
 
     async fn list_datasets(
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
         let store = self.0.datasets.clone();
         let page_size = match request.page_size {
             0 => MAX_DATASETS_PER_PAGE,
             n => (n as usize).min(MAX_DATASETS_PER_PAGE),
         };
-        let result = tokio::task::spawn_blocking(move || store.list())
+        self.0
+            .unary("ListDatasets", |_| async move {
+                tokio::task::spawn_blocking(move || store.list())
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))
+                    .and_then(|r| r)
+                    .map(|list| {
+                        // Ids are sorted: a page starts after the token (the last id of the page
+                        // before), so pages stay stable while datasets are added.
+                        let mut rest = list
+                            .into_iter()
+                            .filter(|meta| meta.id.as_str() > request.page_token.as_str())
+                            .peekable();
+                        let datasets: Vec<pb::DatasetInfo> =
+                            rest.by_ref().take(page_size).map(dataset_info).collect();
+                        let next_page_token = match (rest.peek(), datasets.last()) {
+                            (Some(_), Some(last)) => last.id.clone(),
+                            _ => String::new(),
+                        };
+                        pb::ListDatasetsResponse {
+                            datasets,
+                            next_page_token,
+                        }
+                    })
+            })
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))
-            .and_then(|r| r)
-            .map(|list| {
-                // Ids are sorted: a page starts after the token (the last id of the page
-                // before), so pages stay stable while datasets are added.
-                let mut rest = list
-                    .into_iter()
-                    .filter(|meta| meta.id.as_str() > request.page_token.as_str())
-                    .peekable();
-                let datasets: Vec<pb::DatasetInfo> =
-                    rest.by_ref().take(page_size).map(dataset_info).collect();
-                let next_page_token = match (rest.peek(), datasets.last()) {
-                    (Some(_), Some(last)) => last.id.clone(),
-                    _ => String::new(),
-                };
-                pb::ListDatasetsResponse {
-                    datasets,
-                    next_page_token,
-                }
-            });
-        self.0.finish("ListDatasets", started, result)
     }
 }
 

@@ -19,29 +19,28 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::ScorePairsRequest>,
     ) -> Result<Response<pb::ScorePairsResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            let job = crate::requests::score_job(request, &self.0.limits)?;
-            let (scores, times) = self.0.worker.score(job).await?;
-            Ok(pb::ScorePairsResponse {
-                scores: scores
-                    .into_iter()
-                    .map(|s| {
-                        let margin = s.chosen - s.rejected;
-                        pb::PairScore {
-                            chosen: s.chosen,
-                            rejected: s.rejected,
-                            margin,
-                            p_chosen: sigmoid(margin),
-                        }
-                    })
-                    .collect(),
-                timing: Some(timing(times, started)),
+        self.0
+            .unary("ScorePairs", |started| async move {
+                let job = crate::requests::score_job(request, &self.0.limits)?;
+                let (scores, times) = self.0.worker.score(job).await?;
+                Ok(pb::ScorePairsResponse {
+                    scores: scores
+                        .into_iter()
+                        .map(|s| {
+                            let margin = s.chosen - s.rejected;
+                            pb::PairScore {
+                                chosen: s.chosen,
+                                rejected: s.rejected,
+                                margin,
+                                p_chosen: sigmoid(margin),
+                            }
+                        })
+                        .collect(),
+                    timing: Some(timing(times, started)),
+                })
             })
-        }
-        .await;
-        self.0.finish("ScorePairs", started, result)
+            .await
     }
 
     #[instrument(skip_all, fields(model = %request.get_ref().model))]
@@ -49,44 +48,42 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::TokenLogprobsRequest>,
     ) -> Result<Response<pb::TokenLogprobsResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            let job = crate::requests::logprobs_job(request, &self.0.limits)?;
-            let (sequences, times) = self.0.worker.logprobs(job).await?;
-            Ok(pb::TokenLogprobsResponse {
-                sequences: sequences
-                    .into_iter()
-                    .map(|s| pb::SequenceLogprobs {
-                        token_ids: s.token_ids,
-                        logprobs: s.logprobs,
-                        response_mask: s.response_mask,
-                        truncated: s.truncated,
-                    })
-                    .collect(),
-                timing: Some(timing(times, started)),
+        self.0
+            .unary("TokenLogprobs", |started| async move {
+                let job = crate::requests::logprobs_job(request, &self.0.limits)?;
+                let (sequences, times) = self.0.worker.logprobs(job).await?;
+                Ok(pb::TokenLogprobsResponse {
+                    sequences: sequences
+                        .into_iter()
+                        .map(|s| pb::SequenceLogprobs {
+                            token_ids: s.token_ids,
+                            logprobs: s.logprobs,
+                            response_mask: s.response_mask,
+                            truncated: s.truncated,
+                        })
+                        .collect(),
+                    timing: Some(timing(times, started)),
+                })
             })
-        }
-        .await;
-        self.0.finish("TokenLogprobs", started, result)
+            .await
     }
 
     async fn score_texts(
         &self,
         request: Request<pb::ScoreTextsRequest>,
     ) -> Result<Response<pb::ScoreTextsResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            let job = crate::requests::texts_job(request, &self.0.limits)?;
-            let (rewards, times) = self.0.worker.score_texts(job).await?;
-            Ok(pb::ScoreTextsResponse {
-                rewards,
-                timing: Some(timing(times, started)),
+        self.0
+            .unary("ScoreTexts", |started| async move {
+                let job = crate::requests::texts_job(request, &self.0.limits)?;
+                let (rewards, times) = self.0.worker.score_texts(job).await?;
+                Ok(pb::ScoreTextsResponse {
+                    rewards,
+                    timing: Some(timing(times, started)),
+                })
             })
-        }
-        .await;
-        self.0.finish("ScoreTexts", started, result)
+            .await
     }
 
     type GenerateStream = EventStream<pb::GenerateResponse>;
@@ -141,28 +138,27 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::GeneratePairsRequest>,
     ) -> Result<Response<pb::GeneratePairsResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            let job = crate::requests::pairs_job(request, &self.0.limits)?;
-            let (pairs, times) = self.0.worker.generate_pairs(job).await?;
-            Ok(pb::GeneratePairsResponse {
-                pairs: pairs
-                    .into_iter()
-                    .map(|p| pb::GeneratedPair {
-                        prompt_index: p.prompt_index as u32,
-                        prompt: p.prompt,
-                        chosen: p.chosen,
-                        rejected: p.rejected,
-                        chosen_score: p.chosen_score,
-                        rejected_score: p.rejected_score,
-                        soft_label: sigmoid(p.chosen_score - p.rejected_score),
-                    })
-                    .collect(),
-                timing: Some(timing(times, started)),
+        self.0
+            .unary("GeneratePairs", |started| async move {
+                let job = crate::requests::pairs_job(request, &self.0.limits)?;
+                let (pairs, times) = self.0.worker.generate_pairs(job).await?;
+                Ok(pb::GeneratePairsResponse {
+                    pairs: pairs
+                        .into_iter()
+                        .map(|p| pb::GeneratedPair {
+                            prompt_index: p.prompt_index as u32,
+                            prompt: p.prompt,
+                            chosen: p.chosen,
+                            rejected: p.rejected,
+                            chosen_score: p.chosen_score,
+                            rejected_score: p.rejected_score,
+                            soft_label: sigmoid(p.chosen_score - p.rejected_score),
+                        })
+                        .collect(),
+                    timing: Some(timing(times, started)),
+                })
             })
-        }
-        .await;
-        self.0.finish("GeneratePairs", started, result)
+            .await
     }
 }

@@ -76,6 +76,21 @@ impl ServiceState {
         result.map(Response::new).map_err(Status::from)
     }
 
+    /// Runs one unary RPC: `body` gets the RPC's start (for the Timing it reports); the
+    /// outcome and duration are recorded under `rpc`.
+    async fn unary<T, F>(
+        &self,
+        rpc: &str,
+        body: impl FnOnce(Instant) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = ServiceResult<T>>,
+    {
+        let started = Instant::now();
+        let result = body(started).await;
+        self.finish(rpc, started, result)
+    }
+
     /// Records a failed RPC and converts the error.
     fn fail(&self, rpc: &str, started: Instant, error: ServiceError) -> Status {
         self.metrics

@@ -50,25 +50,27 @@ impl pb::models_server::Models for ModelsService {
         &self,
         _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let started = Instant::now();
-        let result = self.0.worker.list().await.map(|models| {
-            let (memory_total_bytes, memory_available_bytes) = if self.0.device == "cpu" {
-                crate::resources::host_memory().unwrap_or((0, 0))
-            } else {
-                (0, 0)
-            };
-            pb::ListModelsResponse {
-                server: Some(pb::ServerInfo {
-                    device: self.0.device.clone(),
-                    memory_total_bytes,
-                    memory_available_bytes,
-                    resident_model_bytes: models.iter().map(|m| m.memory_bytes).sum(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                }),
-                models: models.into_iter().map(model_info).collect(),
-            }
-        });
-        self.0.finish("ListModels", started, result)
+        self.0
+            .unary("ListModels", |_| async move {
+                self.0.worker.list().await.map(|models| {
+                    let (memory_total_bytes, memory_available_bytes) = if self.0.device == "cpu" {
+                        crate::resources::host_memory().unwrap_or((0, 0))
+                    } else {
+                        (0, 0)
+                    };
+                    pb::ListModelsResponse {
+                        server: Some(pb::ServerInfo {
+                            device: self.0.device.clone(),
+                            memory_total_bytes,
+                            memory_available_bytes,
+                            resident_model_bytes: models.iter().map(|m| m.memory_bytes).sum(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                        }),
+                        models: models.into_iter().map(model_info).collect(),
+                    }
+                })
+            })
+            .await
     }
 
     #[instrument(skip_all, fields(name = %request.get_ref().name))]
@@ -76,63 +78,62 @@ impl pb::models_server::Models for ModelsService {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            check_name("name", &request.name)?;
-            let source = self.0.model_source(request.source)?;
-            let summary = self
-                .0
-                .worker
-                .load(LoadSpec {
-                    name: request.name,
-                    source,
-                    role: request.role,
-                    reward_head: request.reward_head,
-                    reward_readout: readout_from_proto(request.reward_readout)?,
-                    seed: request.seed,
-                })
-                .await?;
-            Ok(model_info(summary))
-        }
-        .await;
-        self.0.finish("LoadModel", started, result)
+        self.0
+            .unary("LoadModel", |_| async move {
+                check_name("name", &request.name)?;
+                let source = self.0.model_source(request.source)?;
+                let summary = self
+                    .0
+                    .worker
+                    .load(LoadSpec {
+                        name: request.name,
+                        source,
+                        role: request.role,
+                        reward_head: request.reward_head,
+                        reward_readout: readout_from_proto(request.reward_readout)?,
+                        seed: request.seed,
+                    })
+                    .await?;
+                Ok(model_info(summary))
+            })
+            .await
     }
 
     async fn unload_model(
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .0
-            .worker
-            .unload(request.into_inner().name)
+        self.0
+            .unary("UnloadModel", |_| async move {
+                self.0
+                    .worker
+                    .unload(request.into_inner().name)
+                    .await
+                    .map(|_| pb::UnloadModelResponse {})
+            })
             .await
-            .map(|_| pb::UnloadModelResponse {});
-        self.0.finish("UnloadModel", started, result)
     }
 
     async fn export_model(
         &self,
         request: Request<pb::ExportModelRequest>,
     ) -> Result<Response<pb::ExportModelResponse>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            require("name", &request.name)?;
-            require("path", &request.path)?;
-            let dir = confine_new_path(&self.0.model_root, &request.path)?;
-            refuse_server_data(&self.0.data_dir, &dir)?;
-            superficial_training::export::check_destination(&dir)
-                .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
-            self.0.worker.export(request.name, dir.clone()).await?;
-            Ok(pb::ExportModelResponse {
-                path: dir.display().to_string(),
+        self.0
+            .unary("ExportModel", |_| async move {
+                require("name", &request.name)?;
+                require("path", &request.path)?;
+                let dir = confine_new_path(&self.0.model_root, &request.path)?;
+                refuse_server_data(&self.0.data_dir, &dir)?;
+                superficial_training::export::check_destination(&dir)
+                    .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
+                self.0.worker.export(request.name, dir.clone()).await?;
+                Ok(pb::ExportModelResponse {
+                    path: dir.display().to_string(),
+                })
             })
-        }
-        .await;
-        self.0.finish("ExportModel", started, result)
+            .await
     }
 
     #[instrument(skip_all)]
@@ -141,82 +142,83 @@ impl pb::models_server::Models for ModelsService {
         request: Request<Streaming<pb::UploadModelRequest>>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         use pb::upload_model_request::Part;
-        let started = Instant::now();
         let mut stream = request.into_inner();
-        let result = async {
-            let header = match stream.next().await {
-                Some(Ok(pb::UploadModelRequest {
-                    part: Some(Part::Header(header)),
-                })) => header,
-                Some(Err(e)) => return Err(ServiceError::invalid("stream", e.message())),
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "header",
-                        "the first message must be the header",
-                    ));
-                }
-            };
-            let load = header.load.unwrap_or_default();
-            check_name("load.name", &load.name)?;
-            if load.source.is_some() {
-                return Err(ServiceError::invalid(
-                    "load.source",
-                    "must be unset (the upload is the source)",
-                ));
-            }
-            // Written as it arrives (bounded memory); dropped — and removed — on any error or
-            // when the client goes away, since tonic then drops this future.
-            let mut upload = self
-                .0
-                .models
-                .begin(header.files, self.0.limits.max_model_upload_bytes)?;
-            while let Some(message) = stream.next().await {
-                let message = message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
-                match message.part {
-                    Some(Part::Data(bytes)) => {
-                        upload = tokio::task::spawn_blocking(move || {
-                            upload.write(&bytes).map(|()| upload)
-                        })
-                        .await
-                        .map_err(|e| ServiceError::Internal(e.to_string()))??;
-                    }
+        self.0
+            .unary("UploadModel", |_| async move {
+                let header = match stream.next().await {
+                    Some(Ok(pb::UploadModelRequest {
+                        part: Some(Part::Header(header)),
+                    })) => header,
+                    Some(Err(e)) => return Err(ServiceError::invalid("stream", e.message())),
                     _ => {
                         return Err(ServiceError::invalid(
                             "header",
-                            "only the first message may be a header",
+                            "the first message must be the header",
                         ));
                     }
+                };
+                let load = header.load.unwrap_or_default();
+                check_name("load.name", &load.name)?;
+                if load.source.is_some() {
+                    return Err(ServiceError::invalid(
+                        "load.source",
+                        "must be unset (the upload is the source)",
+                    ));
                 }
-            }
-            let digest = upload.digest().to_string();
-            let reward_readout = readout_from_proto(load.reward_readout)?;
-            let committed = tokio::task::spawn_blocking(move || upload.commit_new())
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))??;
-            let loaded = self
-                .0
-                .worker
-                .load(LoadSpec {
-                    name: load.name,
-                    source: ModelSource::Uploaded {
-                        digest,
-                        folder: committed.folder.clone(),
-                    },
-                    role: load.role,
-                    reward_head: load.reward_head,
-                    reward_readout,
-                    seed: load.seed,
-                })
-                .await;
-            if loaded.is_err() && committed.created {
-                // A folder that cannot be loaded is of no use to a later LoadModel either.
-                let folder = committed.folder;
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(folder)).await;
-            }
-            Ok(model_info(loaded?))
-        }
-        .await;
-        self.0.finish("UploadModel", started, result)
+                // Written as it arrives (bounded memory); dropped — and removed — on any error or
+                // when the client goes away, since tonic then drops this future.
+                let mut upload = self
+                    .0
+                    .models
+                    .begin(header.files, self.0.limits.max_model_upload_bytes)?;
+                while let Some(message) = stream.next().await {
+                    let message =
+                        message.map_err(|e| ServiceError::invalid("stream", e.message()))?;
+                    match message.part {
+                        Some(Part::Data(bytes)) => {
+                            upload = tokio::task::spawn_blocking(move || {
+                                upload.write(&bytes).map(|()| upload)
+                            })
+                            .await
+                            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                        }
+                        _ => {
+                            return Err(ServiceError::invalid(
+                                "header",
+                                "only the first message may be a header",
+                            ));
+                        }
+                    }
+                }
+                let digest = upload.digest().to_string();
+                let reward_readout = readout_from_proto(load.reward_readout)?;
+                let committed = tokio::task::spawn_blocking(move || upload.commit_new())
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                let loaded = self
+                    .0
+                    .worker
+                    .load(LoadSpec {
+                        name: load.name,
+                        source: ModelSource::Uploaded {
+                            digest,
+                            folder: committed.folder.clone(),
+                        },
+                        role: load.role,
+                        reward_head: load.reward_head,
+                        reward_readout,
+                        seed: load.seed,
+                    })
+                    .await;
+                if loaded.is_err() && committed.created {
+                    // A folder that cannot be loaded is of no use to a later LoadModel either.
+                    let folder = committed.folder;
+                    let _ =
+                        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(folder)).await;
+                }
+                Ok(model_info(loaded?))
+            })
+            .await
     }
 
     type DownloadModelStream = EventStream<pb::DownloadModelResponse>;

@@ -93,124 +93,123 @@ impl pb::training_server::Training for TrainingService {
         &self,
         request: Request<pb::StartJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
-        let started = Instant::now();
         let request = request.into_inner();
-        let result = async {
-            let objective = objective_from_pb(request.objective)?;
-            require("base_model", &request.base_model)?;
-            check_name("output_model", &request.output_model)?;
-            let h = request
-                .hyperparameters
-                .ok_or_else(|| ServiceError::invalid("hyperparameters", "required"))?;
-            for (field, value) in [
-                ("hyperparameters.beta", h.beta),
-                ("hyperparameters.gamma", h.gamma),
-                ("hyperparameters.conflict_alpha", h.conflict_alpha),
-                ("hyperparameters.max_grad_norm", h.max_grad_norm),
-                ("hyperparameters.weight_decay", h.weight_decay),
-            ] {
-                if !(value.is_finite() && value >= 0.0) {
-                    return Err(ServiceError::invalid(
-                        field,
-                        "must be a finite number ≥ 0 (0 = default/off)",
-                    ));
+        self.0
+            .unary("StartJob", |_| async move {
+                let objective = objective_from_pb(request.objective)?;
+                require("base_model", &request.base_model)?;
+                check_name("output_model", &request.output_model)?;
+                let h = request
+                    .hyperparameters
+                    .ok_or_else(|| ServiceError::invalid("hyperparameters", "required"))?;
+                for (field, value) in [
+                    ("hyperparameters.beta", h.beta),
+                    ("hyperparameters.gamma", h.gamma),
+                    ("hyperparameters.conflict_alpha", h.conflict_alpha),
+                    ("hyperparameters.max_grad_norm", h.max_grad_norm),
+                    ("hyperparameters.weight_decay", h.weight_decay),
+                ] {
+                    if !(value.is_finite() && value >= 0.0) {
+                        return Err(ServiceError::invalid(
+                            field,
+                            "must be a finite number ≥ 0 (0 = default/off)",
+                        ));
+                    }
                 }
-            }
-            let busy = self.0.jobs.lock().ok().and_then(|jobs| {
-                jobs.values()
-                    .find(|j| {
-                        j.output_model == request.output_model
-                            && matches!(j.state, JobState::Queued | JobState::Running)
-                    })
-                    .map(|j| j.id.clone())
-            });
-            if let Some(id) = busy {
-                return Err(ServiceError::AlreadyLoaded(format!(
-                    "{} (the output of running job {id})",
-                    request.output_model
-                )));
-            }
-            let schedule = match pb::LrSchedule::try_from(h.schedule) {
-                Ok(pb::LrSchedule::Constant) => Schedule::Constant,
-                Ok(pb::LrSchedule::CosineToZero) => Schedule::CosineToZero,
-                Ok(pb::LrSchedule::WarmupConstant) => Schedule::LinearWarmupConstant {
-                    warmup_frac: h.warmup_frac.unwrap_or(0.1),
-                },
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "hyperparameters.schedule",
-                        "choose an LR_SCHEDULE",
-                    ));
+                let busy = self.0.jobs.lock().ok().and_then(|jobs| {
+                    jobs.values()
+                        .find(|j| {
+                            j.output_model == request.output_model
+                                && matches!(j.state, JobState::Queued | JobState::Running)
+                        })
+                        .map(|j| j.id.clone())
+                });
+                if let Some(id) = busy {
+                    return Err(ServiceError::AlreadyLoaded(format!(
+                        "{} (the output of running job {id})",
+                        request.output_model
+                    )));
                 }
-            };
-            let models = self.0.worker.list().await?;
-            let base = models
-                .iter()
-                .find(|m| m.name == request.base_model)
-                .ok_or_else(|| ServiceError::UnknownModel(request.base_model.clone()))?;
-            if models.iter().any(|m| m.name == request.output_model) {
-                return Err(ServiceError::AlreadyLoaded(request.output_model.clone()));
-            }
-            let positive = |x: f64| (x > 0.0).then_some(x);
-            let spec = JobSpec {
-                id: new_job_id(objective, &request.output_model),
-                objective,
-                base_model: base.name.clone(),
-                base_source: base.source.clone(),
-                base_reward_head: base.reward_head_requested || objective.needs_reward_head(),
-                base_reward_readout: base.reward_readout_requested,
-                base_seed: base.seed,
-                dataset_ids: request.dataset_ids.clone(),
-                hyper: Hyperparameters {
-                    lr: h.lr,
-                    batch_size: h.batch_size as usize,
-                    minibatch_size: if h.minibatch_size == 0 {
-                        h.batch_size as usize
-                    } else {
-                        h.minibatch_size as usize
+                let schedule = match pb::LrSchedule::try_from(h.schedule) {
+                    Ok(pb::LrSchedule::Constant) => Schedule::Constant,
+                    Ok(pb::LrSchedule::CosineToZero) => Schedule::CosineToZero,
+                    Ok(pb::LrSchedule::WarmupConstant) => Schedule::LinearWarmupConstant {
+                        warmup_frac: h.warmup_frac.unwrap_or(0.1),
                     },
-                    epochs: h.epochs.max(1) as usize,
-                    schedule,
-                    weight_decay: h.weight_decay,
-                    max_grad_norm: positive(h.max_grad_norm),
-                    max_ctx: if h.max_ctx == 0 {
-                        base.config.max_positions()
-                    } else {
-                        h.max_ctx as usize
-                    },
-                    seed: h.seed,
-                    shuffle: h.shuffle,
-                    beta: positive(h.beta),
-                    gamma: positive(h.gamma),
-                    conflict_alpha: positive(h.conflict_alpha),
-                    orient_slots: h.orient_slots,
-                    checkpoint_every: h.checkpoint_every as usize,
-                    shards: if h.shards == 0 {
-                        DEFAULT_SHARDS
-                    } else {
-                        h.shards as usize
-                    },
-                },
-                output_model: request.output_model,
-            };
-            spec.validate()?;
-            let store = self.0.datasets.clone();
-            let ids = spec.dataset_ids.clone();
-            let rows = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<Row>> {
-                let mut rows = Vec::new();
-                for id in &ids {
-                    rows.extend(store.rows(id)?.1);
+                    _ => {
+                        return Err(ServiceError::invalid(
+                            "hyperparameters.schedule",
+                            "choose an LR_SCHEDULE",
+                        ));
+                    }
+                };
+                let models = self.0.worker.list().await?;
+                let base = models
+                    .iter()
+                    .find(|m| m.name == request.base_model)
+                    .ok_or_else(|| ServiceError::UnknownModel(request.base_model.clone()))?;
+                if models.iter().any(|m| m.name == request.output_model) {
+                    return Err(ServiceError::AlreadyLoaded(request.output_model.clone()));
                 }
-                Ok(rows)
+                let positive = |x: f64| (x > 0.0).then_some(x);
+                let spec = JobSpec {
+                    id: new_job_id(objective, &request.output_model),
+                    objective,
+                    base_model: base.name.clone(),
+                    base_source: base.source.clone(),
+                    base_reward_head: base.reward_head_requested || objective.needs_reward_head(),
+                    base_reward_readout: base.reward_readout_requested,
+                    base_seed: base.seed,
+                    dataset_ids: request.dataset_ids.clone(),
+                    hyper: Hyperparameters {
+                        lr: h.lr,
+                        batch_size: h.batch_size as usize,
+                        minibatch_size: if h.minibatch_size == 0 {
+                            h.batch_size as usize
+                        } else {
+                            h.minibatch_size as usize
+                        },
+                        epochs: h.epochs.max(1) as usize,
+                        schedule,
+                        weight_decay: h.weight_decay,
+                        max_grad_norm: positive(h.max_grad_norm),
+                        max_ctx: if h.max_ctx == 0 {
+                            base.config.max_positions()
+                        } else {
+                            h.max_ctx as usize
+                        },
+                        seed: h.seed,
+                        shuffle: h.shuffle,
+                        beta: positive(h.beta),
+                        gamma: positive(h.gamma),
+                        conflict_alpha: positive(h.conflict_alpha),
+                        orient_slots: h.orient_slots,
+                        checkpoint_every: h.checkpoint_every as usize,
+                        shards: if h.shards == 0 {
+                            DEFAULT_SHARDS
+                        } else {
+                            h.shards as usize
+                        },
+                    },
+                    output_model: request.output_model,
+                };
+                spec.validate()?;
+                let store = self.0.datasets.clone();
+                let ids = spec.dataset_ids.clone();
+                let rows = tokio::task::spawn_blocking(move || -> ServiceResult<Vec<Row>> {
+                    let mut rows = Vec::new();
+                    for id in &ids {
+                        rows.extend(store.rows(id)?.1);
+                    }
+                    Ok(rows)
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+                spec.validate_rows(&rows)?;
+                let status = self.0.worker.start_job(spec, rows).await?;
+                Ok(job_info(&status))
             })
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
-            spec.validate_rows(&rows)?;
-            let status = self.0.worker.start_job(spec, rows).await?;
-            Ok(job_info(&status))
-        }
-        .await;
-        self.0.finish("StartJob", started, result)
     }
 
     type WatchJobStream = EventStream<pb::JobEvent>;
@@ -275,52 +274,51 @@ impl pb::training_server::Training for TrainingService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
-        let started = Instant::now();
         let id = request.into_inner().id;
-        let result = async {
-            self.0.job_status(&id)?;
-            Ok(job_info(&self.0.worker.cancel_job(id).await?))
-        }
-        .await;
-        self.0.finish("CancelJob", started, result)
+        self.0
+            .unary("CancelJob", |_| async move {
+                self.0.job_status(&id)?;
+                Ok(job_info(&self.0.worker.cancel_job(id).await?))
+            })
+            .await
     }
 
     async fn delete_job(
         &self,
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
-        let started = Instant::now();
         let id = request.into_inner().id;
-        let result = async {
-            require("id", &id)?;
-            {
-                let mut table = self
-                    .0
-                    .jobs
-                    .lock()
-                    .map_err(|_| ServiceError::Internal("job table poisoned".into()))?;
-                let state = table
-                    .get(&id)
-                    .map(|status| status.state)
-                    .ok_or_else(|| ServiceError::UnknownJob(id.clone()))?;
-                if !state.is_terminal() {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "job {id} is {state:?}; cancel it before deleting it"
-                    )));
+        self.0
+            .unary("DeleteJob", |_| async move {
+                require("id", &id)?;
+                {
+                    let mut table = self
+                        .0
+                        .jobs
+                        .lock()
+                        .map_err(|_| ServiceError::Internal("job table poisoned".into()))?;
+                    let state = table
+                        .get(&id)
+                        .map(|status| status.state)
+                        .ok_or_else(|| ServiceError::UnknownJob(id.clone()))?;
+                    if !state.is_terminal() {
+                        return Err(ServiceError::FailedPrecondition(format!(
+                            "job {id} is {state:?}; cancel it before deleting it"
+                        )));
+                    }
+                    // Out of the table before the folder goes: a LoadModel of it now answers
+                    // NOT_FOUND instead of meeting a half-removed folder.
+                    table.remove(&id);
                 }
-                // Out of the table before the folder goes: a LoadModel of it now answers
-                // NOT_FOUND instead of meeting a half-removed folder.
-                table.remove(&id);
-            }
-            let dir = JobPaths::new(&self.0.data_dir, &id).dir;
-            let freed = tokio::task::spawn_blocking(move || crate::jobs::remove_job_folder(&dir))
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))?
-                .map_err(|e| ServiceError::Internal(format!("removing job {id}: {e}")))?;
-            Ok(pb::DeleteJobResponse { freed_bytes: freed })
-        }
-        .await;
-        self.0.finish("DeleteJob", started, result)
+                let dir = JobPaths::new(&self.0.data_dir, &id).dir;
+                let freed =
+                    tokio::task::spawn_blocking(move || crate::jobs::remove_job_folder(&dir))
+                        .await
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?
+                        .map_err(|e| ServiceError::Internal(format!("removing job {id}: {e}")))?;
+                Ok(pb::DeleteJobResponse { freed_bytes: freed })
+            })
+            .await
     }
 
     async fn list_jobs(
