@@ -786,9 +786,9 @@ pub(super) fn batch_end_within(sequences: &[Vec<u32>], start: usize, budget: usi
 }
 
 /// Padded tokens one pass may take: `max_batch_tokens`, lowered to what the model's measured
-/// rate gets through in `max_pass`. With a target but no rate yet, one sequence: the model's
-/// first pass is a short probe that measures it, not a maximal pass of unknown length. No
-/// target: `max_batch_tokens`.
+/// rate gets through in `max_pass`. With a target but no rate yet, one sequence (of a long one,
+/// one `MIN_CHUNK_TOKENS` chunk): the model's first pass is a short probe that measures it, not
+/// a maximal pass of unknown length. No target: `max_batch_tokens`.
 pub(super) fn token_budget(
     max_batch_tokens: usize,
     rate: Option<PassRate>,
