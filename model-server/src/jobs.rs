@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use superficial_models::{RewardReadout, TextTokenizer};
 pub use superficial_training::ObjectiveKind;
 use superficial_training::checkpoint::write_file_atomic;
-use superficial_training::objectives::Example;
+use superficial_training::objectives::{Example, ExampleShape};
 use superficial_training::orientation::PythonRandom;
 use superficial_training::{
     AdamConfig, DEFAULT_SHARDS, Objective, Schedule, StepMetrics, TrainConfig,
@@ -334,18 +334,18 @@ pub fn build_examples(
     let mut examples = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let bad = |e: superficial_models::ModelError| ServiceError::invalid(field(i), e);
-        let example = match (spec.objective, row) {
-            (ObjectiveKind::CausalLm, Row::Text { text }) => {
+        let example = match (spec.objective.example_shape(), row) {
+            (ExampleShape::Tokens, Row::Text { text }) => {
                 Example::Tokens(tokenizer.encode_truncated(text, max_ctx).map_err(bad)?.0)
             }
-            (ObjectiveKind::CausalLm, Row::Pair { prompt, chosen, .. }) => Example::Tokens(
+            (ExampleShape::Tokens, Row::Pair { prompt, chosen, .. }) => Example::Tokens(
                 tokenizer
                     .encode_truncated(&format!("{prompt}{chosen}"), max_ctx)
                     .map_err(bad)?
                     .0,
             ),
             (
-                ObjectiveKind::Reward,
+                ExampleShape::RewardPair,
                 Row::Pair {
                     prompt,
                     chosen,
@@ -382,14 +382,14 @@ pub fn build_examples(
                     }
                 }
             }
-            (ObjectiveKind::Sft, Row::Pair { prompt, chosen, .. }) => {
+            (ExampleShape::Sft, Row::Pair { prompt, chosen, .. }) => {
                 Example::Sft(encode(tokenizer, prompt, chosen, max_ctx).map_err(bad)?)
             }
-            (ObjectiveKind::Sft, Row::Text { text }) => {
+            (ExampleShape::Sft, Row::Text { text }) => {
                 Example::Sft(tokenizer.encode_dialogue(text, max_ctx).map_err(bad)?)
             }
             (
-                ObjectiveKind::Simpo | ObjectiveKind::Dpo,
+                ExampleShape::Preference,
                 Row::Pair {
                     prompt,
                     chosen,
@@ -420,12 +420,13 @@ pub fn build_examples(
                     }
                 }
             }
-            (objective, row) => {
+            (_, row) => {
                 return Err(ServiceError::invalid(
                     field(i),
                     format!(
-                        "{:?} rows cannot train the {objective:?} objective",
-                        row.kind()
+                        "{:?} rows cannot train the {:?} objective",
+                        row.kind(),
+                        spec.objective
                     ),
                 ));
             }

@@ -1622,3 +1622,36 @@ async fn following_a_job_survives_a_server_restart() {
     assert_eq!(ended.step, ended.total_steps);
     server.shutdown().await.unwrap();
 }
+
+/// IPO, added as a variant and its loss in `objectives.rs` plus its proto value: it trains over
+/// gRPC like any preference objective, with its frozen reference, and refuses a conflict dose
+/// (it has no conflict term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipo_job_trains_end_to_end_and_refuses_a_conflict_dose() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path())).await.unwrap();
+    let client = W2sClient::connect(&server.url()).await.unwrap();
+    let job = start_pairs_job(&client, pb::ObjectiveKind::Ipo, hyper(4, 2)).await;
+    assert_eq!(job.objective, pb::ObjectiveKind::Ipo as i32);
+    let ended = client.follow_job(&job.id, &mut |_| {}).await.unwrap();
+    assert_eq!(ended.state, pb::JobState::Succeeded as i32, "{ended:?}");
+    let dataset = client.upload_dataset("more", pair_rows(8)).await.unwrap();
+    let refused = client
+        .training
+        .clone()
+        .start_job(pb::StartJobRequest {
+            objective: pb::ObjectiveKind::Ipo as i32,
+            base_model: "base".into(),
+            dataset_ids: vec![dataset.id],
+            hyperparameters: Some(pb::TrainingHyperparameters {
+                conflict_alpha: 0.5,
+                ..hyper(4, 1)
+            }),
+            output_model: "other".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("conflict_alpha"), "{refused:?}");
+    server.shutdown().await.unwrap();
+}

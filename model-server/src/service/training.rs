@@ -43,16 +43,12 @@ fn job_event(event: &JobEvent) -> pb::JobEvent {
     }
 }
 
-/// The protobuf name of an objective (the one mapping between the two enums, with
-/// [`objective_from_pb`]).
+/// The protobuf value of an objective: `OBJECTIVE_KIND_` + its name upper-cased (the one
+/// mapping between the two enums, with [`objective_from_pb`]; by name, so a new objective needs
+/// no line here). UNSPECIFIED for a kind the proto lacks, which a unit test rules out.
 fn objective_to_pb(kind: ObjectiveKind) -> pb::ObjectiveKind {
-    match kind {
-        ObjectiveKind::CausalLm => pb::ObjectiveKind::CausalLm,
-        ObjectiveKind::Reward => pb::ObjectiveKind::Reward,
-        ObjectiveKind::Sft => pb::ObjectiveKind::Sft,
-        ObjectiveKind::Simpo => pb::ObjectiveKind::Simpo,
-        ObjectiveKind::Dpo => pb::ObjectiveKind::Dpo,
-    }
+    let name = format!("OBJECTIVE_KIND_{}", kind.name().to_ascii_uppercase());
+    pb::ObjectiveKind::from_str_name(&name).unwrap_or(pb::ObjectiveKind::Unspecified)
 }
 
 /// The objective a StartJob request names; UNSPECIFIED or an unknown value is the client's error.
@@ -115,6 +111,15 @@ impl pb::training_server::Training for TrainingService {
                             "must be a finite number ≥ 0 (0 = default/off)",
                         ));
                     }
+                }
+                if h.conflict_alpha > 0.0 && !objective.has_conflict_term() {
+                    return Err(ServiceError::invalid(
+                        "hyperparameters.conflict_alpha",
+                        format!(
+                            "the {} objective has no explicit-conflict term",
+                            objective.name()
+                        ),
+                    ));
                 }
                 let busy = self.0.jobs.lock().ok().and_then(|jobs| {
                     jobs.values()
@@ -335,5 +340,21 @@ impl pb::training_server::Training for TrainingService {
                 jobs: table.values().map(job_info).collect(),
             });
         self.0.finish("ListJobs", started, result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_objective_has_its_protobuf_value_and_back() {
+        for kind in ObjectiveKind::ALL {
+            let value = objective_to_pb(kind);
+            assert_ne!(value, pb::ObjectiveKind::Unspecified, "{kind:?}");
+            assert_eq!(objective_from_pb(value as i32).unwrap(), kind);
+        }
+        assert!(objective_from_pb(pb::ObjectiveKind::Unspecified as i32).is_err());
+        assert!(objective_from_pb(999).is_err());
     }
 }

@@ -75,13 +75,18 @@ pub enum Objective {
         beta: f64,
         reverse_alpha: Option<f64>,
     },
+    /// IPO (Azar et al. 2023) against a frozen reference: the squared distance of the
+    /// reference-relative log-ratio margin from 1 / (2τ), so preferences stop being pushed once
+    /// the margin is reached. No conflict term (the paper defines none for it).
+    Ipo { tau: f64 },
 }
 
 /// Which objective, without its parameters: what a job asks for, what persists in its record
 /// and what a client names over gRPC. Everything that depends only on the kind lives here —
 /// the rows it trains on, its defaults, whether it reads a reward head or a frozen reference,
 /// and how its parameters make an [`Objective`] — so a new objective is a new variant here, its
-/// loss below, its protobuf name and its row conversion (model-server's `jobs.rs`).
+/// loss below, and its protobuf value (`OBJECTIVE_KIND_` + [`ObjectiveKind::name`] upper-cased,
+/// which the server maps by name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectiveKind {
@@ -90,22 +95,69 @@ pub enum ObjectiveKind {
     Sft,
     Simpo,
     Dpo,
+    Ipo,
+}
+
+/// Which [`Example`] an objective trains on: the server builds it from a job's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExampleShape {
+    /// [`Example::Tokens`]: a text row, or a pair's prompt and chosen response.
+    Tokens,
+    /// [`Example::RewardPair`] from a pair row.
+    RewardPair,
+    /// [`Example::Sft`]: a text row, or a pair's chosen response after its prompt.
+    Sft,
+    /// [`Example::Preference`] from a pair row, the preferred response first.
+    Preference,
 }
 
 impl ObjectiveKind {
-    pub const ALL: [ObjectiveKind; 5] = [
+    pub const ALL: [ObjectiveKind; 6] = [
         ObjectiveKind::CausalLm,
         ObjectiveKind::Reward,
         ObjectiveKind::Sft,
         ObjectiveKind::Simpo,
         ObjectiveKind::Dpo,
+        ObjectiveKind::Ipo,
     ];
+
+    /// The name job records use; the protobuf value is `OBJECTIVE_KIND_` + it upper-cased.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectiveKind::CausalLm => "causal_lm",
+            ObjectiveKind::Reward => "reward",
+            ObjectiveKind::Sft => "sft",
+            ObjectiveKind::Simpo => "simpo",
+            ObjectiveKind::Dpo => "dpo",
+            ObjectiveKind::Ipo => "ipo",
+        }
+    }
+
+    /// The examples it trains on.
+    pub fn example_shape(self) -> ExampleShape {
+        match self {
+            ObjectiveKind::CausalLm => ExampleShape::Tokens,
+            ObjectiveKind::Reward => ExampleShape::RewardPair,
+            ObjectiveKind::Sft => ExampleShape::Sft,
+            ObjectiveKind::Simpo | ObjectiveKind::Dpo | ObjectiveKind::Ipo => {
+                ExampleShape::Preference
+            }
+        }
+    }
+
+    /// Whether it has an explicit-conflict term (`conflict_alpha`).
+    pub fn has_conflict_term(self) -> bool {
+        matches!(
+            self,
+            ObjectiveKind::Reward | ObjectiveKind::Simpo | ObjectiveKind::Dpo
+        )
+    }
 
     /// Whether it trains on pairs only (texts: only the language-model objectives).
     pub fn needs_pairs(self) -> bool {
         matches!(
-            self,
-            ObjectiveKind::Reward | ObjectiveKind::Simpo | ObjectiveKind::Dpo
+            self.example_shape(),
+            ExampleShape::RewardPair | ExampleShape::Preference
         )
     }
 
@@ -116,14 +168,15 @@ impl ObjectiveKind {
 
     /// Whether its examples carry log-probs of a frozen reference (a copy of the base model).
     pub fn needs_reference(self) -> bool {
-        self == ObjectiveKind::Dpo
+        matches!(self, ObjectiveKind::Dpo | ObjectiveKind::Ipo)
     }
 
-    /// β when the job leaves it unset: the paper's SimPO 2, DPO 0.1.
+    /// β when the job leaves it unset: the paper's SimPO 2, DPO 0.1; IPO's τ (which the job's
+    /// β sets) 0.1.
     pub fn default_beta(self) -> Option<f64> {
         match self {
             ObjectiveKind::Simpo => Some(2.0),
-            ObjectiveKind::Dpo => Some(0.1),
+            ObjectiveKind::Dpo | ObjectiveKind::Ipo => Some(0.1),
             _ => None,
         }
     }
@@ -156,6 +209,7 @@ impl ObjectiveKind {
                 beta,
                 reverse_alpha: conflict_alpha,
             },
+            ObjectiveKind::Ipo => Objective::Ipo { tau: beta },
         }
     }
 }
@@ -188,6 +242,7 @@ impl Objective {
             Objective::Sft => ObjectiveKind::Sft,
             Objective::Simpo { .. } => ObjectiveKind::Simpo,
             Objective::Dpo { .. } => ObjectiveKind::Dpo,
+            Objective::Ipo { .. } => ObjectiveKind::Ipo,
         }
     }
 
@@ -218,7 +273,7 @@ impl Objective {
                     },
                 ) => has_response(chosen) && has_response(rejected),
                 (
-                    Objective::Dpo { .. },
+                    Objective::Dpo { .. } | Objective::Ipo { .. },
                     Example::Preference {
                         chosen,
                         rejected,
@@ -268,11 +323,32 @@ impl Objective {
                 beta,
                 gamma,
                 reverse_alpha,
-            } => preference_loss(model, batch, beta, gamma, reverse_alpha, Pooling::Mean),
+            } => preference_loss(
+                model,
+                batch,
+                PairLoss::Sigmoid {
+                    beta,
+                    gamma,
+                    reverse_alpha,
+                },
+                Pooling::Mean,
+            ),
             Objective::Dpo {
                 beta,
                 reverse_alpha,
-            } => preference_loss(model, batch, beta, 0.0, reverse_alpha, Pooling::Sum),
+            } => preference_loss(
+                model,
+                batch,
+                PairLoss::Sigmoid {
+                    beta,
+                    gamma: 0.0,
+                    reverse_alpha,
+                },
+                Pooling::Sum,
+            ),
+            Objective::Ipo { tau } => {
+                preference_loss(model, batch, PairLoss::Squared { tau }, Pooling::Sum)
+            }
         }
     }
 }
@@ -404,12 +480,23 @@ fn sft_loss(model: &CausalLm, batch: &[Example]) -> Result<LossOutput> {
     })
 }
 
+/// The loss of a preference pair's (reference-relative, for summed pooling) margin.
+#[derive(Debug, Clone, Copy)]
+enum PairLoss {
+    /// SimPO / DPO: `−log σ(β·margin − γ)`, plus the explicit conflict's reverse term.
+    Sigmoid {
+        beta: f64,
+        gamma: f64,
+        reverse_alpha: Option<f64>,
+    },
+    /// IPO: `(margin − 1/(2τ))²`.
+    Squared { tau: f64 },
+}
+
 fn preference_loss(
     model: &CausalLm,
     batch: &[Example],
-    beta: f64,
-    gamma: f64,
-    reverse_alpha: Option<f64>,
+    pair_loss: PairLoss,
     pooling: Pooling,
 ) -> Result<LossOutput> {
     let n = batch.len();
@@ -452,17 +539,30 @@ fn preference_loss(
     } else {
         None
     };
-    let loss = preference_pair_loss_sum(
-        &PreferenceBatch {
-            chosen: &chosen,
-            rejected: &rejected,
-            reference: reference.as_ref().map(|(c, r)| (c, r)),
-            conflict_prefers_rejected: &conflict,
-        },
-        beta,
-        gamma,
-        reverse_alpha,
-    )?;
+    let loss = match pair_loss {
+        PairLoss::Sigmoid {
+            beta,
+            gamma,
+            reverse_alpha,
+        } => preference_pair_loss_sum(
+            &PreferenceBatch {
+                chosen: &chosen,
+                rejected: &rejected,
+                reference: reference.as_ref().map(|(c, r)| (c, r)),
+                conflict_prefers_rejected: &conflict,
+            },
+            beta,
+            gamma,
+            reverse_alpha,
+        )?,
+        PairLoss::Squared { tau } => {
+            let (ref_c, ref_r) = reference.as_ref().ok_or_else(|| {
+                TrainError::InvalidData("IPO needs the reference's log-probs".into())
+            })?;
+            let margin = ((&chosen - ref_c)? - (&rejected - ref_r)?)?;
+            margin.affine(1.0, -1.0 / (2.0 * tau))?.sqr()?.sum_all()?
+        }
+    };
     let deltas: Vec<f32> = (&chosen - &rejected)?
         .detach()
         .to_dtype(DType::F32)?
@@ -538,7 +638,12 @@ mod tests {
             }
         );
         assert!(ObjectiveKind::Reward.needs_reward_head() && ObjectiveKind::Reward.needs_pairs());
-        assert!(ObjectiveKind::Dpo.needs_reference());
+        assert!(ObjectiveKind::Dpo.needs_reference() && ObjectiveKind::Ipo.needs_reference());
+        assert_eq!(
+            ObjectiveKind::Ipo.with(None, None, None),
+            Objective::Ipo { tau: 0.1 }
+        );
+        assert!(!ObjectiveKind::Ipo.has_conflict_term());
         assert!(!ObjectiveKind::Sft.needs_pairs() && !ObjectiveKind::CausalLm.needs_pairs());
     }
 
@@ -555,8 +660,15 @@ mod tests {
                 r#""reward""#,
                 r#""sft""#,
                 r#""simpo""#,
-                r#""dpo""#
+                r#""dpo""#,
+                r#""ipo""#
             ]
         );
+        for kind in ObjectiveKind::ALL {
+            assert_eq!(
+                serde_json::to_string(&kind).unwrap(),
+                format!("\"{}\"", kind.name())
+            );
+        }
     }
 }

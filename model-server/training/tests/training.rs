@@ -8,9 +8,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use superficial_models::{
-    CausalLm, EncodedDialogue, LoadOptions, ModelConfig, RewardReadout, Weights,
+    CausalLm, EncodedDialogue, LoadOptions, ModelConfig, PrefixSharing, RewardReadout, Weights,
 };
-use superficial_training::objectives::attach_reference_logprobs;
+use superficial_training::objectives::{
+    Pooling, attach_reference_logprobs, pooled_response_logprobs,
+};
 use superficial_training::{
     AdamConfig, DEFAULT_SHARDS, Example, Objective, Schedule, TrainConfig, TrainError, TrainingRun,
     frozen_copy,
@@ -53,12 +55,14 @@ fn examples(objective: &Objective, n: usize, seed: u64) -> Vec<Example> {
                 conflict_prefers_slot_r: i % 3 != 0,
             },
             Objective::Sft => Example::Sft(dialogue(&mut rng, 4, 3 + i % 3)),
-            Objective::Simpo { .. } | Objective::Dpo { .. } => Example::Preference {
-                chosen: dialogue(&mut rng, 4, 3 + i % 2),
-                rejected: dialogue(&mut rng, 4, 2 + i % 3),
-                conflict_prefers_rejected: i % 2 == 0,
-                reference: None,
-            },
+            Objective::Simpo { .. } | Objective::Dpo { .. } | Objective::Ipo { .. } => {
+                Example::Preference {
+                    chosen: dialogue(&mut rng, 4, 3 + i % 2),
+                    rejected: dialogue(&mut rng, 4, 2 + i % 3),
+                    conflict_prefers_rejected: i % 2 == 0,
+                    reference: None,
+                }
+            }
         })
         .collect()
 }
@@ -77,12 +81,13 @@ fn all_objectives() -> Vec<Objective> {
         Objective::simpo(Some(0.5)),
         Objective::dpo(None),
         Objective::dpo(Some(0.5)),
+        Objective::Ipo { tau: 0.1 },
     ]
 }
 
 fn prepared(objective: &Objective, model: &CausalLm, n: usize, seed: u64) -> Vec<Example> {
     let mut data = examples(objective, n, seed);
-    if matches!(objective, Objective::Dpo { .. }) {
+    if matches!(objective, Objective::Dpo { .. } | Objective::Ipo { .. }) {
         // A reference that differs from the policy, so the reference term matters.
         let options = LoadOptions {
             device: Device::Cpu,
@@ -510,4 +515,50 @@ fn trained_model_exports_and_reloads_with_its_reward_head() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(a, b);
+}
+
+#[test]
+fn ipo_loss_is_the_squared_distance_of_the_reference_margin_from_its_target() {
+    let model = tiny("tiny-gpt2", DType::F64, false);
+    let tau = 0.25;
+    let objective = Objective::Ipo { tau };
+    let data = prepared(&objective, &model, 3, 7);
+    let dialogues: Vec<&EncodedDialogue> = data
+        .iter()
+        .flat_map(|e| match e {
+            Example::Preference {
+                chosen, rejected, ..
+            } => vec![chosen, rejected],
+            _ => Vec::new(),
+        })
+        .collect();
+    let sums: Vec<f64> =
+        pooled_response_logprobs(&model, &dialogues, Pooling::Sum, PrefixSharing::Pairs)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    let mut expected = 0.0;
+    for (k, example) in data.iter().enumerate() {
+        let Example::Preference {
+            reference: Some([ref_c, ref_r]),
+            ..
+        } = example
+        else {
+            panic!("example {k} has no reference");
+        };
+        let margin = (sums[2 * k] - ref_c) - (sums[2 * k + 1] - ref_r);
+        expected += (margin - 1.0 / (2.0 * tau)).powi(2);
+    }
+    let got = objective
+        .loss_sum(&model, &data)
+        .unwrap()
+        .loss
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        (got - expected).abs() < 1e-9 * expected.max(1.0),
+        "{got} vs {expected}"
+    );
+    // Without the reference's log-probs there is nothing to be relative to.
+    assert!(objective.validate(&examples(&objective, 2, 7)).is_err());
 }

@@ -48,6 +48,7 @@ class ObjectiveKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OBJECTIVE_KIND_SFT: _ClassVar[ObjectiveKind]
     OBJECTIVE_KIND_SIMPO: _ClassVar[ObjectiveKind]
     OBJECTIVE_KIND_DPO: _ClassVar[ObjectiveKind]
+    OBJECTIVE_KIND_IPO: _ClassVar[ObjectiveKind]
 
 class LrSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -88,6 +89,7 @@ OBJECTIVE_KIND_REWARD: ObjectiveKind
 OBJECTIVE_KIND_SFT: ObjectiveKind
 OBJECTIVE_KIND_SIMPO: ObjectiveKind
 OBJECTIVE_KIND_DPO: ObjectiveKind
+OBJECTIVE_KIND_IPO: ObjectiveKind
 LR_SCHEDULE_UNSPECIFIED: LrSchedule
 LR_SCHEDULE_CONSTANT: LrSchedule
 LR_SCHEDULE_COSINE_TO_ZERO: LrSchedule
