@@ -52,6 +52,8 @@ pub enum Scenario {
     Reward,
     Simpo,
     Dpo,
+    /// SFT then IPO against the post-SFT reference (no explicit-conflict term).
+    Ipo,
 }
 
 /// Which conflicting goal, if any, a student trains under.

@@ -265,12 +265,12 @@ impl StudySpec {
                 }],
                 preference_variants: false,
             },
-            Scenario::Simpo | Scenario::Dpo => {
+            Scenario::Simpo | Scenario::Dpo | Scenario::Ipo => {
                 let h = &self.preference;
-                let (objective, scoring, epochs) = if scenario == Scenario::Simpo {
-                    (ObjectiveKind::Simpo, PairScoring::MeanLogprob, h.epochs)
-                } else {
-                    (ObjectiveKind::Dpo, PairScoring::SumLogprob, h.dpo_epochs)
+                let (objective, scoring, epochs) = match scenario {
+                    Scenario::Simpo => (ObjectiveKind::Simpo, PairScoring::MeanLogprob, h.epochs),
+                    Scenario::Ipo => (ObjectiveKind::Ipo, PairScoring::SumLogprob, h.dpo_epochs),
+                    _ => (ObjectiveKind::Dpo, PairScoring::SumLogprob, h.dpo_epochs),
                 };
                 ScenarioPlan {
                     hyper: h,
@@ -378,6 +378,13 @@ impl StudySpec {
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("model names must be unique".into());
+        }
+        if self.settings.contains(&Setting::Explicit) && self.scenarios.contains(&Scenario::Ipo) {
+            return Err(
+                "the ipo scenario has no explicit-conflict term: leave `explicit` out of `settings` \
+                 (or run ipo in a spec of its own)"
+                    .into(),
+            );
         }
         if self.settings.contains(&Setting::Implicit) && self.data.helpful.is_none() {
             return Err(
@@ -500,5 +507,28 @@ mod tests {
             err.0.contains("n_docs") || err.0.contains("invalid type"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_ipo_scenario_trains_sft_then_ipo_and_refuses_the_explicit_conflict() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-cpu.toml");
+        let spec = StudySpec::from_file_with_overrides(
+            &path,
+            &["scenarios=[\"ipo\"]".into(), "settings=[\"none\"]".into()],
+        )
+        .unwrap();
+        let plan = spec.plan(Scenario::Ipo);
+        let objectives: Vec<_> = plan.stages.iter().map(|s| s.objective).collect();
+        assert_eq!(
+            objectives,
+            [
+                w2s_proto::v1::ObjectiveKind::Sft,
+                w2s_proto::v1::ObjectiveKind::Ipo
+            ]
+        );
+        assert_eq!(plan.scoring, w2s_proto::v1::PairScoring::SumLogprob);
+        let err = StudySpec::from_file_with_overrides(&path, &["scenarios=[\"ipo\"]".into()])
+            .unwrap_err();
+        assert!(err.0.contains("explicit"), "{err}");
     }
 }

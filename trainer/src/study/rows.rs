@@ -96,9 +96,10 @@ pub(super) fn student_rows(
 }
 
 /// The weak model's confidence in the human-chosen response as the official high-confidence
-/// filter computes it: σ(margin), with DPO's summed log-prob margin scaled by 1/50.
+/// filter computes it: σ(margin), with DPO's summed log-prob margin scaled by 1/50 (IPO scores
+/// pairs the same way).
 pub(super) fn confidence(scenario: Scenario, margin: f64) -> f64 {
-    if scenario == Scenario::Dpo {
+    if matches!(scenario, Scenario::Dpo | Scenario::Ipo) {
         sigmoid(margin / 50.0)
     } else {
         sigmoid(margin)
