@@ -500,29 +500,35 @@ mod tests {
         );
     }
 
+    /// The ceilings of `seed` on 20 pairs: the weak one knows pairs 0..10, the strong one all.
+    fn ceilings(seed: u64) -> [crate::report::Run; 2] {
+        [
+            run(
+                &format!("w{seed}"),
+                "w",
+                None,
+                Setting::None,
+                seed,
+                predictions(20, |i| i >= 10),
+            ),
+            run(
+                &format!("s{seed}"),
+                "s",
+                None,
+                Setting::None,
+                seed,
+                predictions(20, |_| false),
+            ),
+        ]
+    }
+
     #[test]
     fn comparisons_with_a_collapsed_student_are_left_out_of_the_findings() {
         let n = 20;
         let right = |wrong: &dyn Fn(usize) -> bool| predictions(n, wrong);
         let mut runs = Vec::new();
         for seed in [0, 1] {
-            // The weak ceiling knows pairs 0..10, the strong one all of them.
-            runs.push(run(
-                &format!("w{seed}"),
-                "w",
-                None,
-                Setting::None,
-                seed,
-                right(&|i| i >= 10),
-            ));
-            runs.push(run(
-                &format!("s{seed}"),
-                "s",
-                None,
-                Setting::None,
-                seed,
-                right(&|_| false),
-            ));
+            runs.extend(ceilings(seed));
             runs.push(run(
                 &format!("n{seed}"),
                 "s",
@@ -609,23 +615,7 @@ mod tests {
         };
         let mut runs = Vec::new();
         for seed in [0, 1] {
-            // The weak ceiling knows pairs 0..10, the strong one all of them.
-            runs.push(run(
-                &format!("w{seed}"),
-                "w",
-                None,
-                Setting::None,
-                seed,
-                right(&|i| i >= 10),
-            ));
-            runs.push(run(
-                &format!("s{seed}"),
-                "s",
-                None,
-                Setting::None,
-                seed,
-                right(&|_| false),
-            ));
+            runs.extend(ceilings(seed));
             for (id, student) in [("n", false), ("bn", true)] {
                 let r = run(
                     &format!("{id}{seed}"),

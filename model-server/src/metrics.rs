@@ -139,16 +139,6 @@ impl Metrics {
         self.batch_sequences.observe(sequences as f64);
     }
 
-    /// Requests counted for `rpc` with `code`.
-    pub fn request_count(&self, rpc: &str, code: tonic::Code) -> u64 {
-        self.requests
-            .get_or_create(&RequestLabels {
-                rpc: rpc.to_string(),
-                code: format!("{code:?}"),
-            })
-            .get()
-    }
-
     /// The exposition of every metric ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
