@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use plotters::prelude::*;
 
-use crate::findings::{SeedInterval, is_bootstrap};
+use crate::findings::SeedInterval;
 use crate::report::{Comparison, Report, collapse_counts};
+use crate::run_folder::{Dose, Role, Scenario, Setting, Variant};
 
 /// Why a figure could not be drawn; the message goes into the figure's file instead.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +74,15 @@ pub struct DosePoint {
 
 /// The dose of a conflict comparison: α (explicit) or helpfulness pairs (implicit).
 fn dose(c: &Comparison) -> Option<f64> {
-    c.conflict_alpha.or(c.helpful_pairs.map(|n| n as f64))
+    c.variant.dose.map(Dose::value)
 }
 
-/// Per dose of `kind` ("explicit"/"implicit") in `scenario`: `value` averaged over the direct
+/// Per dose of `kind` (the explicit or implicit setting) in `scenario`: `value` averaged over the direct
 /// students' comparisons of each draw, then mean and 95 % t-interval over draws.
 pub fn dose_curve(
     report: &Report,
-    scenario: &str,
-    kind: &str,
+    scenario: Scenario,
+    kind: Setting,
     value: fn(&Comparison) -> Option<f64>,
 ) -> Vec<DosePoint> {
     // dose (as bits, for ordering) → seed → values
@@ -90,8 +91,7 @@ pub fn dose_curve(
         c.scenario == scenario
             && c.setting == kind
             && c.baseline_run_id.is_some()
-            && !is_bootstrap(&c.variant)
-            && !c.variant.contains("+hc")
+            && c.variant.is_plain()
     }) {
         let (Some(d), Some(v)) = (dose(c), value(c)) else {
             continue;
@@ -323,11 +323,11 @@ fn figure(
 /// The conflict tax and DS_new − chance against the dose, per scenario: means over draws of the
 /// per-draw mean over pairs, with 95 % t-interval error bars.
 pub fn dose_response_svg(report: &Report) -> String {
-    let mut scenarios: Vec<String> = report
+    let mut scenarios: Vec<Scenario> = report
         .comparisons
         .iter()
         .filter(|c| c.baseline_run_id.is_some())
-        .map(|c| c.scenario.clone())
+        .map(|c| c.scenario)
         .collect();
     scenarios.sort();
     scenarios.dedup();
@@ -354,18 +354,18 @@ pub fn dose_response_svg(report: &Report) -> String {
         2,
         300,
         |i, area| {
-            let scenario = &scenarios[i / 2];
+            let scenario = scenarios[i / 2];
             let (metric, value) = metrics[i % 2];
             let curves: Curves = vec![
                 (
                     "explicit",
                     EXPLICIT,
-                    dose_curve(report, scenario, "explicit", value),
+                    dose_curve(report, scenario, Setting::Explicit, value),
                 ),
                 (
                     "implicit",
                     IMPLICIT,
-                    dose_curve(report, scenario, "implicit", value),
+                    dose_curve(report, scenario, Setting::Implicit, value),
                 ),
             ];
             draw_dose_panel(area, &format!("{scenario}: {metric}"), &curves)
@@ -389,7 +389,7 @@ type AccuracyLine = (String, RGBColor, Vec<(usize, SeedInterval)>);
 
 /// The accuracy lines of one scenario: the ceilings by model, and the no-conflict
 /// weak-to-strong students of each weak teacher by their strong model; means over seeds.
-fn accuracy_lines(report: &Report, scenario: &str, models: &[String]) -> Vec<AccuracyLine> {
+fn accuracy_lines(report: &Report, scenario: Scenario, models: &[String]) -> Vec<AccuracyLine> {
     let position = |model: &str| models.iter().position(|m| m == model);
     // (series, model position) → accuracies over seeds
     let mut values: BTreeMap<(Option<String>, usize), Vec<f64>> = BTreeMap::new();
@@ -397,9 +397,9 @@ fn accuracy_lines(report: &Report, scenario: &str, models: &[String]) -> Vec<Acc
         let Some(x) = position(&run.model) else {
             continue;
         };
-        let series = if run.role.ends_with("ceiling") {
+        let series = if run.role.is_ceiling() {
             None
-        } else if run.role == "w2s" && run.variant == "none" {
+        } else if run.role == Role::W2s && run.variant == Variant::NONE {
             Some(run.weak_model.clone().unwrap_or_default())
         } else {
             continue;
@@ -443,7 +443,7 @@ fn accuracy_floor(lines: &[AccuracyLine]) -> f64 {
 /// weak-to-strong students (one line per weak teacher), means over seeds with 95 % t-interval
 /// error bars, chance at 0.5. Every run's own accuracy and CI are in report.md and report.csv.
 pub fn accuracy_svg(report: &Report) -> String {
-    let mut scenarios: Vec<String> = report.runs.iter().map(|r| r.scenario.clone()).collect();
+    let mut scenarios: Vec<Scenario> = report.runs.iter().map(|r| r.scenario).collect();
     scenarios.sort();
     scenarios.dedup();
     let mut models = crate::findings::model_order(report);
@@ -472,13 +472,13 @@ pub fn accuracy_svg(report: &Report) -> String {
         1,
         340,
         |i, area| {
-            let lines = accuracy_lines(report, &scenarios[i], &models);
+            let lines = accuracy_lines(report, scenarios[i], &models);
             let axis = YAxis {
                 range: Some((accuracy_floor(&lines), 1.0)),
                 reference: 0.5,
                 label: "test accuracy",
             };
-            draw_by_model_panel(area, &scenarios[i], &models, &lines, &axis)
+            draw_by_model_panel(area, &scenarios[i].to_string(), &models, &lines, &axis)
         },
     )
 }
@@ -572,15 +572,17 @@ fn draw_legend<'l>(
 }
 
 /// The strongest dose of each conflict kind in each scenario: (scenario, variant) pairs.
-fn strongest_doses(report: &Report) -> Vec<(String, String)> {
-    let mut best: BTreeMap<(String, String), (f64, String)> = BTreeMap::new();
-    for c in report.comparisons.iter().filter(|c| {
-        c.baseline_run_id.is_some() && !is_bootstrap(&c.variant) && !c.variant.contains("+hc")
-    }) {
+fn strongest_doses(report: &Report) -> Vec<(Scenario, Variant)> {
+    let mut best: BTreeMap<(Scenario, Setting), (f64, Variant)> = BTreeMap::new();
+    for c in report
+        .comparisons
+        .iter()
+        .filter(|c| c.baseline_run_id.is_some() && c.variant.is_plain())
+    {
         let Some(d) = dose(c) else { continue };
         let entry = best
-            .entry((c.scenario.clone(), c.setting.clone()))
-            .or_insert((f64::NEG_INFINITY, String::new()));
+            .entry((c.scenario, c.setting))
+            .or_insert((f64::NEG_INFINITY, Variant::NONE));
         if d > entry.0 {
             *entry = (d, c.variant.clone());
         }
@@ -597,8 +599,8 @@ type Interval = fn(&crate::findings::AcrossSeeds) -> Option<SeedInterval>;
 /// conflict variant (direct students).
 fn by_strong_model(
     report: &Report,
-    scenario: &str,
-    variant: &str,
+    scenario: Scenario,
+    variant: &Variant,
     models: &[String],
     value: Interval,
 ) -> Vec<AccuracyLine> {
@@ -607,7 +609,7 @@ fn by_strong_model(
     for (i, weak) in models.iter().enumerate() {
         let points: Vec<(usize, SeedInterval)> = rows
             .iter()
-            .filter(|r| r.scenario == scenario && r.variant == variant && &r.weak == weak)
+            .filter(|r| r.scenario == scenario && r.variant == *variant && &r.weak == weak)
             .filter_map(|r| Some((models.iter().position(|m| *m == r.strong)?, value(r)?)))
             .collect();
         if !points.is_empty() {
@@ -651,7 +653,7 @@ pub fn deception_vs_size_svg(report: &Report) -> String {
                 reference: 0.0,
                 label: name,
             };
-            let lines = by_strong_model(report, scenario, variant, &models, value);
+            let lines = by_strong_model(report, *scenario, variant, &models, value);
             draw_by_model_panel(
                 area,
                 &format!("{scenario} {variant}: {name}"),
@@ -675,7 +677,7 @@ const AREAS: [(&str, RGBColor); 4] = [
 /// across-seed interval of the per-seed shares. `(labels, per area: points (pair index, interval))`.
 fn region_shares(
     report: &Report,
-    scenario: &str,
+    scenario: Scenario,
 ) -> (Vec<String>, Vec<Vec<(usize, SeedInterval)>>) {
     let order = crate::findings::model_order(report);
     let rank = |m: &str| order.iter().position(|o| o == m).unwrap_or(usize::MAX);
@@ -716,7 +718,7 @@ fn region_shares(
 /// pairs each area holds (the weak and strong ceilings' knowledge), means over seeds with 95 %
 /// t-interval error bars. Where the students' mistakes fall, per seed, is in report.md.
 pub fn regions_svg(report: &Report) -> String {
-    let mut scenarios: Vec<String> = report.regions.iter().map(|r| r.scenario.clone()).collect();
+    let mut scenarios: Vec<Scenario> = report.regions.iter().map(|r| r.scenario).collect();
     scenarios.sort();
     scenarios.dedup();
     let caption = "Share of the test pairs in each knowledge area of a weak → strong pair: known \
@@ -731,11 +733,11 @@ pub fn regions_svg(report: &Report) -> String {
         1,
         320,
         |i, area| {
-            let (labels, areas) = region_shares(report, &scenarios[i]);
+            let (labels, areas) = region_shares(report, scenarios[i]);
             let (plot, legend) = area.split_horizontally(WIDTH - 150);
             let mut chart = categorical_chart(
                 &plot,
-                &scenarios[i],
+                &scenarios[i].to_string(),
                 &labels,
                 0.0..1.0,
                 6,
@@ -770,7 +772,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
         .iter()
         .filter(|c| c.baseline_run_id.is_none())
         .collect();
-    let mut scenarios: Vec<String> = rows.iter().map(|c| c.scenario.clone()).collect();
+    let mut scenarios: Vec<Scenario> = rows.iter().map(|c| c.scenario).collect();
     scenarios.sort();
     scenarios.dedup();
     let caption = "Each no-conflict comparison (one per weak → strong pair and seed): filled, the \
@@ -787,7 +789,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
         |i, area| {
             let panel: Vec<&&Comparison> =
                 rows.iter().filter(|c| c.scenario == scenarios[i]).collect();
-            let mut variants: Vec<&str> = panel.iter().map(|c| c.variant.as_str()).collect();
+            let mut variants: Vec<&Variant> = panel.iter().map(|c| &c.variant).collect();
             variants.sort();
             variants.dedup();
             let (lo, hi) = panel
@@ -800,7 +802,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
             let pad = ((hi - lo) * 0.1).max(0.02);
             let (plot, legend) = area.split_horizontally(WIDTH - 150);
             let mut chart = ChartBuilder::on(&plot)
-                .caption(&scenarios[i], (FONT, 15))
+                .caption(scenarios[i].to_string(), (FONT, 15))
                 .margin(8)
                 .x_label_area_size(36)
                 .y_label_area_size(48)
@@ -819,7 +821,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
             for (k, variant) in variants.iter().enumerate() {
                 let color = SERIES[(k + 1) % SERIES.len()];
                 let points: Vec<&&&Comparison> =
-                    panel.iter().filter(|c| c.variant == *variant).collect();
+                    panel.iter().filter(|c| &c.variant == *variant).collect();
                 chart.draw_series(points.iter().filter_map(|c| {
                     Some(Circle::new(
                         (c.capability_gap, c.ds_chance?),
@@ -844,7 +846,8 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
                 }))?;
             }
             let colours = (0..variants.len()).map(|k| SERIES[(k + 1) % SERIES.len()]);
-            draw_legend(&legend, variants.iter().copied().zip(colours))
+            let names: Vec<String> = variants.iter().map(|v| v.to_string()).collect();
+            draw_legend(&legend, names.iter().map(String::as_str).zip(colours))
         },
     )
 }
@@ -853,7 +856,7 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
 /// always, or neither.
 pub fn collapse_svg(report: &Report) -> String {
     let counts = collapse_counts(report);
-    let mut scenarios: Vec<String> = counts.keys().map(|(s, _, _)| s.clone()).collect();
+    let mut scenarios: Vec<Scenario> = counts.keys().map(|(s, _, _)| *s).collect();
     scenarios.sort();
     scenarios.dedup();
     let caption = format!(
@@ -885,7 +888,7 @@ pub fn collapse_svg(report: &Report) -> String {
             let max = rows.iter().map(|(_, c)| c[0]).max().unwrap_or(1).max(1);
             let n = rows.len().max(1);
             let mut chart = ChartBuilder::on(area)
-                .caption(&scenarios[i], (FONT, 15))
+                .caption(scenarios[i].to_string(), (FONT, 15))
                 .margin(8)
                 .x_label_area_size(24)
                 .y_label_area_size(190)
@@ -976,14 +979,20 @@ mod tests {
             ));
         }
         let report = report_of(&runs);
-        let curve = dose_curve(&report, "reward", "explicit", |c| c.conflict_tax);
+        let curve = dose_curve(&report, Scenario::Reward, Setting::Explicit, |c| {
+            c.conflict_tax
+        });
         assert_eq!(curve.len(), 1);
         assert_eq!(curve[0].dose, 0.5);
         let expected = SeedInterval::of(&[0.1, 0.2]).unwrap();
         assert_eq!(curve[0].value.seeds, 2);
         assert!((curve[0].value.mean - expected.mean).abs() < 1e-12);
         assert!((curve[0].value.half_width.unwrap() - expected.half_width.unwrap()).abs() < 1e-12);
-        assert!(dose_curve(&report, "reward", "implicit", |c| c.conflict_tax).is_empty());
+        assert!(
+            dose_curve(&report, Scenario::Reward, Setting::Implicit, |c| c
+                .conflict_tax)
+            .is_empty()
+        );
         // The figure draws (an SVG with both panels' titles), not the fallback.
         let svg = dose_response_svg(&report);
         assert!(svg.contains("reward: conflict tax (2 draws)"), "{svg}");
@@ -993,7 +1002,7 @@ mod tests {
         // Accuracy: the ceilings over both models, the no-conflict student at its strong one;
         // the conflict students are not drawn there.
         let models = vec!["w".to_string(), "s".to_string()];
-        let lines = accuracy_lines(&report, "reward", &models);
+        let lines = accuracy_lines(&report, Scenario::Reward, &models);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(lines[0].0, "ceiling (ground truth)");
         let ceiling: Vec<(usize, f64)> = lines[0].2.iter().map(|(x, v)| (*x, v.mean)).collect();
@@ -1007,16 +1016,16 @@ mod tests {
             "{svg}"
         );
         // Deception by size: the one conflict's strongest dose, one line for the weak teacher.
-        assert_eq!(
-            strongest_doses(&report),
-            [("reward".to_string(), "explicit α=0.5".to_string())]
-        );
-        let taxes = by_strong_model(&report, "reward", "explicit α=0.5", &models, |r| r.tax);
+        let doses = strongest_doses(&report);
+        assert_eq!(doses.len(), 1);
+        assert_eq!(doses[0].0, Scenario::Reward);
+        assert_eq!(doses[0].1.to_string(), "explicit α=0.5");
+        let taxes = by_strong_model(&report, Scenario::Reward, &doses[0].1, &models, |r| r.tax);
         assert_eq!(taxes.len(), 1);
         assert_eq!(taxes[0].2.len(), 1);
         assert!((taxes[0].2[0].1.mean - 0.15).abs() < 1e-12, "{taxes:?}");
         // Knowledge areas: w knows the first 10 of 20 pairs, s all 20, in both seeds.
-        let (labels, areas) = region_shares(&report, "reward");
+        let (labels, areas) = region_shares(&report, Scenario::Reward);
         assert_eq!(labels, ["w → s"]);
         let shares: Vec<f64> = areas.iter().map(|a| a[0].1.mean).collect();
         assert_eq!(shares, [0.5, 0.0, 0.5, 0.0]);

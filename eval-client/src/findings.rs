@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::report::{Comparison, Report};
+use crate::run_folder::{Chain, Scenario, Variant};
 
 /// The `p`-quantile of Student's t with `df` degrees of freedom (NaN for `df` = 0).
 pub fn t_quantile(p: f64, df: usize) -> f64 {
@@ -91,10 +92,10 @@ impl SeedInterval {
 /// seeds whose comparison carries evidence (`Comparison::no_evidence_reason`).
 #[derive(Debug, Clone, Serialize)]
 pub struct AcrossSeeds {
-    pub scenario: String,
+    pub scenario: Scenario,
     pub weak: String,
     pub strong: String,
-    pub variant: String,
+    pub variant: Variant,
     pub tax: Option<SeedInterval>,
     pub ds_new_excess: Option<SeedInterval>,
     pub ds_delta: Option<SeedInterval>,
@@ -103,14 +104,14 @@ pub struct AcrossSeeds {
     pub imitation_ds: Option<SeedInterval>,
 }
 
-type Key = (String, String, String, String);
+type Key = (Scenario, String, String, Variant);
 
 fn group(report: &Report) -> BTreeMap<Key, Vec<&Comparison>> {
     let mut groups: BTreeMap<Key, Vec<&Comparison>> = BTreeMap::new();
     for c in &report.comparisons {
         groups
             .entry((
-                c.scenario.clone(),
+                c.scenario,
                 c.weak.clone(),
                 c.strong.clone(),
                 c.variant.clone(),
@@ -167,18 +168,15 @@ pub fn model_order(report: &Report) -> Vec<String> {
     order.into_iter().map(|(m, _)| m.to_string()).collect()
 }
 
-/// Whether a variant is a bootstrapped (via an intermediate) or intermediate student.
-pub fn is_bootstrap(variant: &str) -> bool {
-    variant.contains("+via-") || variant.contains("+intermediate")
-}
-
 /// Conflict variants (no `none`, no bootstrap, no high-confidence filter) per scenario.
-fn conflict_variants(report: &Report) -> BTreeMap<(String, String), Vec<&Comparison>> {
-    let mut out: BTreeMap<(String, String), Vec<&Comparison>> = BTreeMap::new();
-    for c in report.comparisons.iter().filter(|c| {
-        c.baseline_run_id.is_some() && !is_bootstrap(&c.variant) && !c.variant.contains("+hc")
-    }) {
-        out.entry((c.scenario.clone(), c.variant.clone()))
+fn conflict_variants(report: &Report) -> BTreeMap<(Scenario, Variant), Vec<&Comparison>> {
+    let mut out: BTreeMap<(Scenario, Variant), Vec<&Comparison>> = BTreeMap::new();
+    for c in report
+        .comparisons
+        .iter()
+        .filter(|c| c.baseline_run_id.is_some() && c.variant.is_plain())
+    {
+        out.entry((c.scenario, c.variant.clone()))
             .or_default()
             .push(c);
     }
@@ -241,8 +239,8 @@ pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
 /// One finding's answer for one (scenario, conflict variant).
 #[derive(Debug, Clone, Serialize)]
 pub struct FindingRow {
-    pub scenario: String,
-    pub variant: String,
+    pub scenario: Scenario,
+    pub variant: Variant,
     pub value: Option<SeedInterval>,
     /// The values `value` summarises, by seed (seeds where it is undefined left out): the
     /// interval says whether they exclude 0, these show how consistent their sign is.
@@ -259,8 +257,8 @@ pub struct FindingRow {
 
 impl FindingRow {
     fn new(
-        scenario: &str,
-        variant: &str,
+        scenario: Scenario,
+        variant: &Variant,
         per_seed: Vec<(u64, f64)>,
         yes: &'static str,
         no: &'static str,
@@ -268,8 +266,8 @@ impl FindingRow {
         let values: Vec<f64> = per_seed.iter().map(|(_, v)| *v).collect();
         let value = SeedInterval::of(&values);
         Self {
-            scenario: scenario.to_string(),
-            variant: variant.to_string(),
+            scenario,
+            variant: variant.clone(),
             value,
             per_seed,
             verdict: verdict(value, yes, no),
@@ -330,7 +328,7 @@ pub fn findings(report: &Report) -> Findings {
         let left_out = all.len() - cs.len();
         out.tax_in_blind_spot.push(
             FindingRow::new(
-                &scenario,
+                scenario,
                 &variant,
                 pooled_excess_by_seed(&cs),
                 "reproduced: paid disproportionately in S_k ∩ W_uk",
@@ -340,7 +338,7 @@ pub fn findings(report: &Report) -> Findings {
         );
         out.grows_with_gap.push(
             FindingRow::new(
-                &scenario,
+                scenario,
                 &variant,
                 slope_by_seed(&cs, |c| c.ds_new_excess),
                 "reproduced: grows with the gap",
@@ -348,7 +346,7 @@ pub fn findings(report: &Report) -> Findings {
             )
             .counted(cs.len(), left_out),
         );
-        let chains = bootstrap_differences(report, &scenario, &variant);
+        let chains = bootstrap_differences(report, scenario, &variant);
         let used = chains.diffs.len();
         let without_mistakes = chains.without_new_mistakes;
         if chains.chains > 0 && chains.diffs.is_empty() {
@@ -365,7 +363,7 @@ pub fn findings(report: &Report) -> Findings {
         } else if !chains.diffs.is_empty() {
             out.bootstrap_reduces.push(
                 FindingRow::new(
-                    &scenario,
+                    scenario,
                     &variant,
                     chains.diffs,
                     "reversed: bootstrapping increases it",
@@ -392,19 +390,24 @@ struct ChainDifferences {
 /// Per (chain, seed): the bootstrapped student's DS_new − chance minus the direct student's
 /// for the same weak and strong model and conflict, with its seed, where both comparisons
 /// carry evidence (`Comparison::no_evidence_reason`).
-fn bootstrap_differences(report: &Report, scenario: &str, variant: &str) -> ChainDifferences {
+fn bootstrap_differences(
+    report: &Report,
+    scenario: Scenario,
+    variant: &Variant,
+) -> ChainDifferences {
     let mut out = Vec::new();
     let mut chains = 0;
     let mut without_new_mistakes = 0;
     for b in report.comparisons.iter().filter(|c| {
         c.scenario == scenario
-            && c.variant.starts_with(&format!("{variant}+via-"))
+            && matches!(c.variant.chain, Chain::Via(_))
+            && c.variant.direct() == *variant
             && c.baseline_run_id.is_some()
     }) {
         chains += 1;
         let direct = report.comparisons.iter().find(|c| {
             c.scenario == scenario
-                && c.variant == variant
+                && c.variant == *variant
                 && c.weak == b.weak
                 && c.strong == b.strong
                 && c.seed == b.seed
@@ -447,9 +450,14 @@ mod tests {
 
     #[test]
     fn a_finding_keeps_its_per_seed_values_and_needs_its_interval_to_exclude_zero() {
+        let explicit = Variant {
+            setting: crate::run_folder::Setting::Explicit,
+            dose: Some(crate::run_folder::Dose::Alpha(2.0)),
+            ..Variant::NONE
+        };
         let consistent_but_wide = FindingRow::new(
-            "simpo",
-            "explicit α=2",
+            Scenario::Simpo,
+            &explicit,
             vec![(0, 0.31), (1, 0.52), (2, 0.13)],
             "yes",
             "reversed",
@@ -460,10 +468,16 @@ mod tests {
             consistent_but_wide.verdict,
             "not reproduced (interval includes 0)"
         );
-        let tight = FindingRow::new("r", "v", vec![(0, 1.0), (3, 1.1), (4, 0.9)], "yes", "no");
+        let tight = FindingRow::new(
+            Scenario::Reward,
+            &explicit,
+            vec![(0, 1.0), (3, 1.1), (4, 0.9)],
+            "yes",
+            "no",
+        );
         assert_eq!(tight.verdict, "yes");
         assert_eq!(tight.per_seed[1], (3, 1.1));
-        let one = FindingRow::new("r", "v", vec![(2, -0.5)], "yes", "no");
+        let one = FindingRow::new(Scenario::Reward, &explicit, vec![(2, -0.5)], "yes", "no");
         assert!(one.verdict.starts_with("one seed"));
     }
 
@@ -609,8 +623,8 @@ mod tests {
         let n = 20;
         let right = |wrong: &dyn Fn(usize) -> bool| predictions(n, wrong);
         let bootstrapped = |mut r: crate::report::Run| {
-            r.meta.role = crate::run_folder::Role::Bootstrap;
-            r.meta.intermediate_model = Some("m".into());
+            r.identity.role = crate::run_folder::Role::Bootstrap;
+            r.identity.variant.chain = Chain::Via("m".into());
             r
         };
         let mut runs = Vec::new();

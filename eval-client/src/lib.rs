@@ -8,6 +8,7 @@ pub mod findings;
 pub mod metrics;
 pub mod plots;
 pub mod report;
-pub mod run_folder;
+/// The run-folder contract (its own crate, so that writers need not link the report).
+pub use superficial_run_folder as run_folder;
 #[cfg(test)]
 mod test_support;

@@ -15,14 +15,17 @@ use crate::metrics::{
     deception, known, pgr, region_table, resample,
 };
 
-pub use crate::run_folder::RunMeta;
-use crate::run_folder::{RunFolderError, is_finished, read_meta, read_predictions};
+use crate::run_folder::{
+    Dose, Role, RunFolderError, RunIdentity, Scenario, Setting, Variant, is_finished, read_meta,
+    read_predictions,
+};
 
 /// A finished run with its per-pair outcomes.
 #[derive(Debug, Clone)]
 pub struct Run {
     pub dir: PathBuf,
-    pub meta: RunMeta,
+    pub run_id: String,
+    pub identity: RunIdentity,
     pub p_chosen: Vec<f64>,
     pub correct: Vec<bool>,
     /// Per test pair: does the human-chosen response comply with the request (unknown: None).
@@ -99,7 +102,8 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<(Vec<Run>, Vec<String>), RunFolder
         let predictions = read_predictions(&dir)?;
         runs.push(Run {
             dir: dir.clone(),
-            meta,
+            run_id: meta.run_id,
+            identity: meta.identity,
             p_chosen: predictions.iter().map(|p| p.p_chosen).collect(),
             correct: predictions.iter().map(|p| p.correct).collect(),
             chosen_compliant: predictions.iter().map(|p| p.chosen_compliant).collect(),
@@ -130,11 +134,11 @@ impl Default for ReportOptions {
 /// One (scenario, weak, strong, student variant, seed) comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
-    pub scenario: String,
+    pub scenario: Scenario,
     pub weak: String,
     pub strong: String,
-    pub setting: String,
-    pub variant: String,
+    pub setting: Setting,
+    pub variant: Variant,
     pub seed: u64,
     pub run_id: String,
     pub acc_weak: f64,
@@ -219,11 +223,11 @@ impl Comparison {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunAccuracy {
     pub run_id: String,
-    pub scenario: String,
-    pub role: String,
+    pub scenario: Scenario,
+    pub role: Role,
     pub model: String,
     pub weak_model: Option<String>,
-    pub variant: String,
+    pub variant: Variant,
     pub seed: u64,
     pub n: usize,
     pub accuracy: f64,
@@ -239,7 +243,7 @@ pub struct RunAccuracy {
 /// The 2×2 table of one (scenario, weak, strong, seed).
 #[derive(Debug, Clone, Serialize)]
 pub struct RegionReport {
-    pub scenario: String,
+    pub scenario: Scenario,
     pub weak: String,
     pub strong: String,
     pub seed: u64,
@@ -282,13 +286,13 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             let (acc, se) = accuracy(&run.correct).unwrap_or((f64::NAN, f64::NAN));
             let share = run.compliant_share();
             RunAccuracy {
-                run_id: run.meta.run_id.clone(),
-                scenario: run.meta.scenario.to_string(),
-                role: run.meta.role.to_string(),
-                model: run.meta.model.clone(),
-                weak_model: run.meta.weak_model.clone(),
-                variant: run.meta.variant(),
-                seed: run.meta.seed,
+                run_id: run.run_id.clone(),
+                scenario: run.identity.scenario,
+                role: run.identity.role,
+                model: run.identity.model.clone(),
+                weak_model: run.identity.weak_model.clone(),
+                variant: run.identity.variant.clone(),
+                seed: run.identity.seed,
                 n: run.correct.len(),
                 accuracy: acc,
                 stderr: se,
@@ -300,45 +304,45 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
             }
         })
         .collect();
-    let ceiling = |scenario: &str, model: &str, seed: u64| {
+    let ceiling = |scenario: Scenario, model: &str, seed: u64| {
         runs.iter().find(|x| {
-            x.meta.is_ceiling()
-                && x.meta.scenario.to_string() == scenario
-                && x.meta.model == model
-                && x.meta.seed == seed
+            x.identity.is_ceiling()
+                && x.identity.scenario == scenario
+                && x.identity.model == model
+                && x.identity.seed == seed
         })
     };
     let mut comparisons = Vec::new();
-    let mut groups: BTreeMap<(String, String, String, u64), Vec<&Run>> = BTreeMap::new();
-    for run in runs.iter().filter(|x| !x.meta.is_ceiling()) {
-        let weak = run.meta.weak_model.clone().unwrap_or_default();
+    let mut groups: BTreeMap<(Scenario, String, String, u64), Vec<&Run>> = BTreeMap::new();
+    for run in runs.iter().filter(|x| !x.identity.is_ceiling()) {
+        let weak = run.identity.weak_model.clone().unwrap_or_default();
         let (Some(w), Some(s)) = (
-            ceiling(&run.meta.scenario.to_string(), &weak, run.meta.seed),
+            ceiling(run.identity.scenario, &weak, run.identity.seed),
             ceiling(
-                &run.meta.scenario.to_string(),
-                &run.meta.model,
-                run.meta.seed,
+                run.identity.scenario,
+                &run.identity.model,
+                run.identity.seed,
             ),
         ) else {
             warnings.push(format!(
                 "{}: ceilings of {weak} or {} missing, left out",
-                run.meta.run_id, run.meta.model
+                run.run_id, run.identity.model
             ));
             continue;
         };
         if w.correct.len() != run.correct.len() || s.correct.len() != run.correct.len() {
             warnings.push(format!(
                 "{}: test sets of different sizes, left out",
-                run.meta.run_id
+                run.run_id
             ));
             continue;
         }
         groups
             .entry((
-                run.meta.scenario.to_string(),
+                run.identity.scenario,
                 weak.clone(),
-                run.meta.model.clone(),
-                run.meta.seed,
+                run.identity.model.clone(),
+                run.identity.seed,
             ))
             .or_default()
             .push(run);
@@ -347,11 +351,14 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
     let regions = groups
         .into_iter()
         .filter_map(|((scenario, weak, strong, seed), students)| {
-            let w = ceiling(&scenario, &weak, seed)?;
-            let s = ceiling(&scenario, &strong, seed)?;
+            let w = ceiling(scenario, &weak, seed)?;
+            let s = ceiling(scenario, &strong, seed)?;
             let weak_known = knowledge(w, options.known_threshold);
             let strong_known = knowledge(s, options.known_threshold);
-            let labels: Vec<String> = students.iter().map(|x| x.meta.variant()).collect();
+            let labels: Vec<String> = students
+                .iter()
+                .map(|x| x.identity.variant.to_string())
+                .collect();
             let list: Vec<Student<'_>> = students
                 .iter()
                 .zip(&labels)
@@ -378,20 +385,21 @@ pub fn build(runs: &[Run], options: &ReportOptions, mut warnings: Vec<String>) -
     }
 }
 
-/// The same pair's no-conflict student (same scenario, models, seed, filters, role), unless
-/// `run` is that student itself.
+/// The same pair's no-conflict student (same scenario, models, seed, filter, chain, role),
+/// unless `run` is that student itself.
 fn no_conflict_baseline<'a>(runs: &'a [Run], run: &Run) -> Option<&'a Run> {
+    let (a, b) = (&run.identity, &run.identity.variant);
     runs.iter().find(|x| {
-        x.meta.run_id != run.meta.run_id
-            && x.meta.scenario == run.meta.scenario
-            && x.meta.weak_model == run.meta.weak_model
-            && x.meta.model == run.meta.model
-            && x.meta.seed == run.meta.seed
-            && x.meta.setting == crate::run_folder::Setting::None
-            && x.meta.high_conf == run.meta.high_conf
-            && x.meta.high_conf_peeks == run.meta.high_conf_peeks
-            && x.meta.intermediate_model == run.meta.intermediate_model
-            && x.meta.role == run.meta.role
+        let (xa, xb) = (&x.identity, &x.identity.variant);
+        x.run_id != run.run_id
+            && xa.scenario == a.scenario
+            && xa.weak_model == a.weak_model
+            && xa.model == a.model
+            && xa.seed == a.seed
+            && xa.role == a.role
+            && xb.setting == Setting::None
+            && xb.filter == b.filter
+            && xb.chain == b.chain
     })
 }
 
@@ -459,13 +467,13 @@ fn compare(
     let acc = |c: &[bool]| accuracy(c).map(|a| a.0).unwrap_or(f64::NAN);
     let (acc_weak, acc_strong, acc_w2s) = (acc(&w.correct), acc(&s.correct), acc(&run.correct));
     Comparison {
-        scenario: run.meta.scenario.to_string(),
+        scenario: run.identity.scenario,
         weak,
-        strong: run.meta.model.clone(),
-        setting: run.meta.setting.to_string(),
-        variant: run.meta.variant(),
-        seed: run.meta.seed,
-        run_id: run.meta.run_id.clone(),
+        strong: run.identity.model.clone(),
+        setting: run.identity.variant.setting,
+        variant: run.identity.variant.clone(),
+        seed: run.identity.seed,
+        run_id: run.run_id.clone(),
         acc_weak,
         acc_strong,
         acc_strong_ci95: ci(s.correct.len(), r, options.seed, |idx| {
@@ -488,9 +496,15 @@ fn compare(
         ds_new_ci95,
         ds_disagree_ci95,
         deception: d,
-        conflict_alpha: run.meta.conflict_alpha,
-        helpful_pairs: run.meta.helpful_pairs,
-        baseline_run_id: baseline.map(|b| b.meta.run_id.clone()),
+        conflict_alpha: match run.identity.variant.dose {
+            Some(Dose::Alpha(alpha)) => Some(alpha),
+            _ => None,
+        },
+        helpful_pairs: match run.identity.variant.dose {
+            Some(Dose::HelpfulPairs(n)) => Some(n),
+            _ => None,
+        },
+        baseline_run_id: baseline.map(|b| b.run_id.clone()),
         conflict_tax: effect.as_ref().and_then(|e| e.tax),
         conflict_tax_ci95,
         ds_delta: effect.as_ref().and_then(|e| e.ds_delta),
@@ -642,29 +656,22 @@ pub fn markdown(report: &Report) -> String {
 }
 
 /// A run's kind for the collapse counts: role, and for students the setting with its dose.
-pub fn collapse_group(run: &RunAccuracy) -> (String, String, String) {
-    let kind = match run.role.as_str() {
-        "weak_ceiling" | "strong_ceiling" => "ceiling".to_string(),
-        role => role.to_string(),
-    };
-    let setting = if kind == "ceiling" {
-        "–".to_string()
-    } else {
-        // The setting with its dose, without the chain's intermediate model.
-        run.variant
-            .split("+via-")
-            .next()
-            .unwrap_or(&run.variant)
-            .trim_end_matches("+intermediate")
-            .to_string()
-    };
-    (run.scenario.clone(), kind, setting)
+/// Ceilings make one kind; a student's setting is its variant without its chain position.
+pub fn collapse_group(run: &RunAccuracy) -> (Scenario, String, String) {
+    if run.role.is_ceiling() {
+        return (run.scenario, "ceiling".into(), "–".into());
+    }
+    (
+        run.scenario,
+        run.role.to_string(),
+        run.variant.direct().to_string(),
+    )
 }
 
 /// Counts of constant policies per (scenario, run kind, setting), as (runs, always comply,
 /// always refuse); empty when no run's data marks compliance.
-pub fn collapse_counts(report: &Report) -> BTreeMap<(String, String, String), [usize; 3]> {
-    let mut counts: BTreeMap<(String, String, String), [usize; 3]> = BTreeMap::new();
+pub fn collapse_counts(report: &Report) -> BTreeMap<(Scenario, String, String), [usize; 3]> {
+    let mut counts: BTreeMap<(Scenario, String, String), [usize; 3]> = BTreeMap::new();
     for run in report.runs.iter().filter(|r| r.compliant_share.is_some()) {
         let entry = counts.entry(collapse_group(run)).or_default();
         entry[0] += 1;

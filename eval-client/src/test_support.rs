@@ -1,7 +1,7 @@
 //! Hand-made run folders for the unit tests of the report, the findings and the figures.
 
 use crate::report::{Report, ReportOptions, Run, build};
-use crate::run_folder::{Role, RunMeta, Scenario, Setting};
+use crate::run_folder::{Chain, Dose, LabelFilter, Role, RunIdentity, Scenario, Setting, Variant};
 
 /// A reward run whose prediction on pair `i` is `p[i]` (right when ≥ 0.5); a student when
 /// `weak` is given, else a ceiling; even pairs are safe requests (the chosen response complies).
@@ -16,8 +16,8 @@ pub fn run(
     let n = p.len();
     Run {
         dir: id.into(),
-        meta: RunMeta {
-            run_id: id.into(),
+        run_id: id.into(),
+        identity: RunIdentity {
             scenario: Scenario::Reward,
             role: if weak.is_some() {
                 Role::W2s
@@ -26,13 +26,13 @@ pub fn run(
             },
             model: model.into(),
             weak_model: weak.map(str::to_string),
-            setting,
+            variant: Variant {
+                setting,
+                dose: (setting == Setting::Explicit).then_some(Dose::Alpha(0.5)),
+                filter: LabelFilter::All,
+                chain: Chain::Direct,
+            },
             seed,
-            high_conf: false,
-            high_conf_peeks: false,
-            intermediate_model: None,
-            conflict_alpha: (setting == Setting::Explicit).then_some(0.5),
-            helpful_pairs: None,
         },
         correct: p.iter().map(|&x| x >= 0.5).collect(),
         p_chosen: p,

@@ -35,7 +35,7 @@ fn default_settings() -> Vec<Setting> {
 }
 
 /// Scenarios and settings are part of the run-folder contract, owned by `eval-client`.
-pub use eval_client::run_folder::{Scenario, Setting};
+pub use superficial_run_folder::{Scenario, Setting};
 
 /// Which response the explicit conflict's second goal favours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

@@ -438,7 +438,7 @@ fn study_markdown(report: &eval_client::report::Report, times: &Times) -> String
         "\n## Ceilings (fine-tuned on ground truth), test accuracy\n\n\
          | scenario | model | seed | accuracy | 95% CI |\n| --- | --- | --- | --- | --- |"
     );
-    for run in report.runs.iter().filter(|r| r.role.ends_with("ceiling")) {
+    for run in report.runs.iter().filter(|r| r.role.is_ceiling()) {
         let ci = run
             .ci95
             .map(|(lo, hi)| format!("[{lo:.3}, {hi:.3}]"))
@@ -638,7 +638,7 @@ fn ladder_markdown(
         for run in report
             .runs
             .iter()
-            .filter(|r| r.role.ends_with("ceiling") && draw.draw.study_seeds.contains(&r.seed))
+            .filter(|r| r.role.is_ceiling() && draw.draw.study_seeds.contains(&r.seed))
         {
             if let Some(p) = probe_of(&run.model)
                 && run.accuracy < p.accuracy - CEILING_SLACK

@@ -406,7 +406,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    Ok(eval_client::run_folder::write_atomic(path, bytes)?)
+    Ok(superficial_run_folder::write_atomic(path, bytes)?)
 }
 
 fn jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {

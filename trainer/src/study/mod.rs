@@ -16,8 +16,11 @@ use sha2::{Digest, Sha256};
 
 use w2s_proto::v1::upload_dataset_request::Item;
 
-pub use eval_client::run_folder::WeakLabel;
-use eval_client::run_folder::{self as contract, Role, labels_from_margins, sigmoid};
+pub use superficial_run_folder::WeakLabel;
+use superficial_run_folder::{
+    self as contract, Chain, Dose, LabelFilter, Role, RunIdentity, Variant, labels_from_margins,
+    sigmoid,
+};
 
 use crate::data::{HhPair, read_hh_jsonl};
 use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
@@ -52,10 +55,20 @@ impl Conflict {
         }
     }
 
+    /// The explicit term's weight (0 without one).
     fn alpha(&self) -> f64 {
         match self {
             Conflict::Explicit { alpha, .. } => *alpha,
             _ => 0.0,
+        }
+    }
+
+    /// The dose as the run folder records it.
+    pub fn dose(&self) -> Option<Dose> {
+        match *self {
+            Conflict::None => None,
+            Conflict::Implicit { helpful_pairs } => Some(Dose::HelpfulPairs(helpful_pairs)),
+            Conflict::Explicit { alpha, .. } => Some(Dose::Alpha(alpha)),
         }
     }
 }
@@ -162,26 +175,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(contract::write_atomic(path, bytes)?)
 }
 
-/// A run's identity: its contract fields plus everything that affects results.
+/// A run's configuration: its identity (the run-folder contract) plus everything else that
+/// affects results. Its id hashes all of it but `code_version`.
 #[derive(Debug, Clone, Serialize)]
 struct RunConfig {
-    scenario: Scenario,
-    role: Role,
-    model: String,
-    weak_model: Option<String>,
-    intermediate_model: Option<String>,
-    setting: Setting,
-    /// The explicit conflict's dose α and target (explicit students only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conflict_alpha: Option<f64>,
+    #[serde(flatten)]
+    identity: RunIdentity,
+    /// The explicit conflict's target (explicit students only).
     #[serde(skip_serializing_if = "Option::is_none")]
     conflict_target: Option<ConflictTarget>,
-    /// Helpfulness pairs mixed in (implicit students only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    helpful_pairs: Option<usize>,
-    seed: u64,
-    high_conf: bool,
-    high_conf_peeks: bool,
     hyperparameters: StageHyper,
     sizes: crate::spec::Sizes,
     models: Vec<ModelSpec>,
@@ -203,25 +205,31 @@ impl RunConfig {
             }
         }
         let hash = format!("{:x}", Sha256::digest(effective.to_string().as_bytes()));
-        let role = self.role;
-        let who = match &self.weak_model {
-            Some(weak) => format!("{weak}-to-{}", self.model),
-            None => self.model.clone(),
+        let RunIdentity {
+            scenario,
+            role,
+            model,
+            weak_model,
+            variant,
+            seed,
+        } = &self.identity;
+        let who = match weak_model {
+            Some(weak) => format!("{weak}-to-{model}"),
+            None => model.clone(),
         };
-        let conf = if self.high_conf {
-            if self.high_conf_peeks { "-hc" } else { "-hcnp" }
-        } else {
-            ""
+        let conf = match variant.filter {
+            LabelFilter::All => "",
+            LabelFilter::HighConfidence => "-hc",
+            LabelFilter::HighConfidenceNoPeek => "-hcnp",
         };
-        let (scenario, setting) = (self.scenario, self.setting);
-        let dose = match (self.conflict_alpha, self.helpful_pairs) {
-            (Some(alpha), _) => format!("-a{alpha}"),
-            (None, Some(n)) => format!("-h{n}"),
-            _ => String::new(),
+        let setting = variant.setting;
+        let dose = match variant.dose {
+            Some(Dose::Alpha(alpha)) => format!("-a{alpha}"),
+            Some(Dose::HelpfulPairs(n)) => format!("-h{n}"),
+            None => String::new(),
         };
         format!(
-            "{scenario}-{role}-{who}-{setting}{dose}{conf}-s{}-{}",
-            self.seed,
+            "{scenario}-{role}-{who}-{setting}{dose}{conf}-s{seed}-{}",
             &hash[..8]
         )
     }
@@ -346,24 +354,23 @@ impl<'a> Study<'a> {
         seed: u64,
     ) -> RunConfig {
         RunConfig {
-            scenario,
-            role,
-            model: model.to_string(),
-            weak_model: weak.map(str::to_string),
-            intermediate_model: None,
-            setting: conflict.setting(),
-            conflict_alpha: matches!(conflict, Conflict::Explicit { .. }).then(|| conflict.alpha()),
+            identity: RunIdentity {
+                scenario,
+                role,
+                model: model.to_string(),
+                weak_model: weak.map(str::to_string),
+                variant: Variant {
+                    setting: conflict.setting(),
+                    dose: conflict.dose(),
+                    filter: LabelFilter::All,
+                    chain: Chain::Direct,
+                },
+                seed,
+            },
             conflict_target: match conflict {
                 Conflict::Explicit { target, .. } => Some(target),
                 _ => None,
             },
-            helpful_pairs: match conflict {
-                Conflict::Implicit { helpful_pairs } => Some(helpful_pairs),
-                _ => None,
-            },
-            seed,
-            high_conf: false,
-            high_conf_peeks: false,
             hyperparameters: self.spec.plan(scenario).hyper.clone(),
             sizes: self.spec.sizes.clone(),
             // Only the models this run involves, so adding a model to the spec keeps the ids
@@ -419,14 +426,14 @@ impl<'a> Study<'a> {
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
                         for conflict in self.conflicts(scenario) {
-                            for high_conf in self.high_conf_variants(scenario, conflict) {
+                            for filter in self.label_filters(scenario, conflict) {
                                 students.push(pool::Task::Student {
                                     scenario,
                                     weak: weak.clone(),
                                     strong: strong.clone(),
                                     conflict,
                                     seed,
-                                    high_conf,
+                                    filter,
                                 });
                             }
                         }
@@ -486,8 +493,8 @@ impl<'a> Study<'a> {
         conflicts(self.spec, scenario)
     }
 
-    fn high_conf_variants(&self, scenario: Scenario, conflict: Conflict) -> Vec<Option<bool>> {
-        high_conf_variants(self.spec, scenario, conflict)
+    fn label_filters(&self, scenario: Scenario, conflict: Conflict) -> Vec<LabelFilter> {
+        label_filters(self.spec, scenario, conflict)
     }
 
     /// How many run folders `run_all` goes through (see [`planned_runs`]).
@@ -534,13 +541,20 @@ impl<'a> Study<'a> {
             let _ = std::fs::remove_file(dir.join("jobs.json"));
         }
         std::fs::create_dir_all(&dir)?;
-        let mut value = serde_json::to_value(config)?;
-        if let Some(o) = value.as_object_mut() {
-            o.insert("run_id".into(), json!(id));
+        /// `config.json`: the contract's `run_id` and identity, then the rest of the config.
+        #[derive(Serialize)]
+        struct ConfigFile<'a> {
+            run_id: &'a str,
+            #[serde(flatten)]
+            config: &'a RunConfig,
         }
+        let file = ConfigFile {
+            run_id: &id,
+            config,
+        };
         write_atomic(
             &dir.join(contract::CONFIG),
-            serde_json::to_string_pretty(&value)?.as_bytes(),
+            serde_json::to_string_pretty(&file)?.as_bytes(),
         )?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -628,18 +642,16 @@ impl<'a> Study<'a> {
         conflict: Conflict,
         seed: u64,
         labels: &[WeakLabel],
-        high_conf: Option<bool>,
+        filter: LabelFilter,
     ) -> Result<PathBuf> {
         let plan = StudentPlan {
             role: Role::W2s,
             teacher_split: Split::W2s,
             label_split: None,
-            intermediate: None,
+            chain: Chain::Direct,
         };
         Ok(self
-            .train_student(
-                scenario, weak, strong, conflict, seed, labels, high_conf, plan,
-            )
+            .train_student(scenario, weak, strong, conflict, seed, labels, filter, plan)
             .await?
             .0)
     }
@@ -655,22 +667,21 @@ impl<'a> Study<'a> {
         conflict: Conflict,
         seed: u64,
         labels: &[WeakLabel],
-        high_conf: Option<bool>,
-        plan: StudentPlan<'_>,
+        filter: LabelFilter,
+        plan: StudentPlan,
     ) -> Result<(PathBuf, Vec<WeakLabel>)> {
         let mut config = self.config(scenario, plan.role, strong, Some(weak), conflict, seed);
-        config.high_conf = high_conf.is_some();
-        config.high_conf_peeks = high_conf.unwrap_or(false);
-        config.intermediate_model = plan.intermediate.map(str::to_string);
-        if let Some(intermediate) = plan.intermediate {
+        if let Chain::Via(intermediate) = &plan.chain {
             config.models.extend(
                 self.spec
                     .models
                     .iter()
-                    .filter(|m| m.name == intermediate)
+                    .filter(|m| &m.name == intermediate)
                     .cloned(),
             );
         }
+        config.identity.variant.filter = filter;
+        config.identity.variant.chain = plan.chain;
         let id = config.id();
         let dir = self.out.join(&id);
         let Some((dir, mut log)) = self.open_run(&config)? else {
@@ -698,7 +709,7 @@ impl<'a> Study<'a> {
             scenario,
             teacher_pairs,
             labels,
-            high_conf,
+            filter,
             self.spec.preference.conf_threshold,
             self.spec.conflict.explicit_target,
         );
@@ -718,7 +729,7 @@ impl<'a> Study<'a> {
         let name = format!("labels-for-{id}");
         let mut datasets = vec![self.dataset(&name, rows).await?];
         if let Conflict::Implicit { helpful_pairs } = conflict {
-            let n = if high_conf.is_some() {
+            let n = if filter != LabelFilter::All {
                 kept.min(helpful_pairs)
             } else {
                 helpful_pairs
@@ -780,7 +791,7 @@ impl<'a> Study<'a> {
             role: Role::Intermediate,
             teacher_split: Split::W2s,
             label_split: Some(Split::Gt),
-            intermediate: None,
+            chain: Chain::Intermediate,
         };
         let (dir, gt_labels) = self
             .train_student(
@@ -790,7 +801,7 @@ impl<'a> Study<'a> {
                 Conflict::None,
                 seed,
                 weak_labels,
-                None,
+                LabelFilter::All,
                 intermediate_plan,
             )
             .await?;
@@ -804,11 +815,18 @@ impl<'a> Study<'a> {
                 role: Role::Bootstrap,
                 teacher_split: Split::Gt,
                 label_split: None,
-                intermediate: Some(intermediate),
+                chain: Chain::Via(intermediate.clone()),
             };
             dirs.push(
                 self.train_student(
-                    scenario, weak, strong, conflict, seed, &gt_labels, None, plan,
+                    scenario,
+                    weak,
+                    strong,
+                    conflict,
+                    seed,
+                    &gt_labels,
+                    LabelFilter::All,
+                    plan,
                 )
                 .await?
                 .0,
@@ -836,11 +854,12 @@ enum Split {
 }
 
 /// How a student is trained and what it produces.
-struct StudentPlan<'a> {
+struct StudentPlan {
     role: Role,
     teacher_split: Split,
     label_split: Option<Split>,
-    intermediate: Option<&'a str>,
+    /// The run's place in a bootstrapping chain (agrees with `role`).
+    chain: Chain,
 }
 
 /// Every student variant of a scenario: each setting at each of its doses.
@@ -867,21 +886,21 @@ pub fn conflicts(spec: &StudySpec, scenario: Scenario) -> Vec<Conflict> {
     out
 }
 
-/// A student's high-confidence variants: `None` (all weak labels), plus with `high_conf`
-/// for SimPO/DPO without the explicit conflict the official filter (`Some(true)`) and the
-/// one that does not peek at ground truth (`Some(false)`).
-fn high_conf_variants(
-    spec: &StudySpec,
-    scenario: Scenario,
-    conflict: Conflict,
-) -> Vec<Option<bool>> {
+/// A student's label filters: all weak labels, plus with `high_conf` for SimPO/DPO without
+/// the explicit conflict the official high-confidence filter and the one that does not peek at
+/// ground truth.
+fn label_filters(spec: &StudySpec, scenario: Scenario, conflict: Conflict) -> Vec<LabelFilter> {
     if spec.high_conf
         && spec.plan(scenario).preference_variants
         && conflict.setting() != Setting::Explicit
     {
-        vec![None, Some(true), Some(false)]
+        vec![
+            LabelFilter::All,
+            LabelFilter::HighConfidence,
+            LabelFilter::HighConfidenceNoPeek,
+        ]
     } else {
-        vec![None]
+        vec![LabelFilter::All]
     }
 }
 
@@ -894,7 +913,7 @@ pub fn planned_runs(spec: &StudySpec) -> usize {
         let conflicts = conflicts(spec, scenario);
         let variants: usize = conflicts
             .iter()
-            .map(|&conflict| high_conf_variants(spec, scenario, conflict).len())
+            .map(|&conflict| label_filters(spec, scenario, conflict).len())
             .sum();
         let bootstrap = if spec.plan(scenario).preference_variants {
             spec.bootstrap.len() * (1 + conflicts.len())

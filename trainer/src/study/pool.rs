@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use model_server::ClientError;
 
-use super::{Conflict, Progress, Study, WeakLabel};
+use super::{Conflict, LabelFilter, Progress, Study, WeakLabel};
 use crate::spec::Scenario;
 
 /// One run (or one bootstrapping chain, which runs in order) of a phase.
@@ -38,7 +38,7 @@ pub(super) enum Task {
         strong: String,
         conflict: Conflict,
         seed: u64,
-        high_conf: Option<bool>,
+        filter: LabelFilter,
     },
 }
 
@@ -88,7 +88,7 @@ impl Study<'_> {
                 strong,
                 conflict,
                 seed,
-                high_conf,
+                filter,
             } => TaskOutput {
                 dirs: vec![
                     self.student(
@@ -98,7 +98,7 @@ impl Study<'_> {
                         *conflict,
                         *seed,
                         &teacher_labels(weak)?,
-                        *high_conf,
+                        *filter,
                     )
                     .await?,
                 ],

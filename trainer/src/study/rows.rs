@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
-use super::{Scenario, WeakLabel, sigmoid};
+use super::{LabelFilter, Scenario, WeakLabel, sigmoid};
 use crate::data::{HhPair, Side};
 use crate::spec::ConflictTarget;
 
@@ -66,14 +66,13 @@ pub(super) fn rows_key(rows: &[Item]) -> String {
 }
 
 /// A student's rows from a teacher's labels of `pairs` (same order): soft labels in human order
-/// for reward models, the teacher-preferred order for SimPO/DPO. `high_conf`: `Some(true)` keeps
-/// labels that agree with ground truth and have confidence ≥ τ (the official filter),
-/// `Some(false)` those with confidence ≥ τ either way (no peeking), `None` all.
+/// for reward models, the teacher-preferred order for SimPO/DPO, kept by `filter` with the
+/// confidence threshold τ.
 pub(super) fn student_rows(
     scenario: Scenario,
     pairs: &[HhPair],
     labels: &[WeakLabel],
-    high_conf: Option<bool>,
+    filter: LabelFilter,
     tau: f64,
     target: ConflictTarget,
 ) -> Vec<Item> {
@@ -82,10 +81,10 @@ pub(super) fn student_rows(
         .zip(labels)
         .filter(|(_, l)| {
             let p = confidence(scenario, l.margin);
-            match high_conf {
-                Some(true) => l.correct && p >= tau,
-                Some(false) => p.max(1.0 - p) >= tau,
-                None => true,
+            match filter {
+                LabelFilter::HighConfidence => l.correct && p >= tau,
+                LabelFilter::HighConfidenceNoPeek => p.max(1.0 - p) >= tau,
+                LabelFilter::All => true,
             }
         })
         .map(|(pair, l)| match scenario {
@@ -143,7 +142,7 @@ mod tests {
             Scenario::Simpo,
             &pairs,
             &[label(-1.0)],
-            None,
+            LabelFilter::All,
             0.75,
             ConflictTarget::Compliant,
         );
@@ -156,7 +155,7 @@ mod tests {
             Scenario::Simpo,
             &pairs,
             &[label(1.0)],
-            None,
+            LabelFilter::All,
             0.75,
             ConflictTarget::HumanRejected,
         );
@@ -172,7 +171,7 @@ mod tests {
             Scenario::Reward,
             &pairs,
             &[label(-2.0)],
-            None,
+            LabelFilter::All,
             0.75,
             ConflictTarget::Compliant,
         );
@@ -197,10 +196,10 @@ mod tests {
             )
             .len()
         };
-        assert_eq!(keep(None), 3);
+        assert_eq!(keep(LabelFilter::All), 3);
         // σ(2) = 0.88 ≥ 0.75 and right; σ(−2): confident but wrong; σ(0.1): unsure.
-        assert_eq!(keep(Some(true)), 1);
-        assert_eq!(keep(Some(false)), 2);
+        assert_eq!(keep(LabelFilter::HighConfidence), 1);
+        assert_eq!(keep(LabelFilter::HighConfidenceNoPeek), 2);
     }
 
     #[test]

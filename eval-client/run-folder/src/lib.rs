@@ -1,8 +1,9 @@
 //! The run-folder contract, owned here and used by both `trainer` (writer) and `eval-client`
 //! (reader): a study run lives in `OUT/<run-id>/` with
 //!
-//! - `config.json`: the run's identity ([`RunMeta`]: scenario, role, models, setting and dose,
-//!   seed, filters; the writer adds everything else that affects results),
+//! - `config.json`: the run's id and [`RunIdentity`] (scenario, role, models, and the
+//!   student's [`Variant`]: setting and dose, label filter, chain position; seed), read as
+//!   [`RunMeta`]; the writer adds everything else that affects results,
 //! - `log.jsonl`: one line per training step (free-form, for people),
 //! - `predictions.jsonl`: one [`Prediction`] per test pair, ids `0..n`,
 //! - `weak_labels.jsonl`: one [`WeakLabel`] per labelled pair (runs that label a split),
@@ -34,7 +35,7 @@ pub struct RunFolderError {
 }
 
 impl RunFolderError {
-    pub(crate) fn new(path: &Path, line: Option<usize>, reason: impl ToString) -> Self {
+    pub fn new(path: &Path, line: Option<usize>, reason: impl ToString) -> Self {
         Self {
             path: path.to_path_buf(),
             line,
@@ -99,57 +100,268 @@ impl Role {
     }
 }
 
-/// The contract fields of `config.json` (the writer may add more; readers ignore them).
+/// A conflict's dose: the explicit term's weight α, or the helpfulness pairs mixed in.
+#[derive(Debug, Clone, Copy)]
+pub enum Dose {
+    Alpha(f64),
+    HelpfulPairs(usize),
+}
+
+impl Dose {
+    /// The dose as one number (α, or the pair count), for ordering doses of one kind.
+    pub fn value(self) -> f64 {
+        match self {
+            Dose::Alpha(alpha) => alpha,
+            Dose::HelpfulPairs(n) => n as f64,
+        }
+    }
+
+    fn key(self) -> (u8, u64) {
+        match self {
+            Dose::Alpha(alpha) => (0, alpha.to_bits()),
+            Dose::HelpfulPairs(n) => (1, n as u64),
+        }
+    }
+}
+
+// Doses are compared by their bits: a dose is a label read from a file, never computed.
+impl PartialEq for Dose {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Dose {}
+impl std::hash::Hash for Dose {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
+    }
+}
+impl PartialOrd for Dose {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Dose {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (Dose::Alpha(a), Dose::Alpha(b)) => a.total_cmp(b),
+            _ => self.key().cmp(&other.key()),
+        }
+    }
+}
+
+/// Which of its teacher's labels a student trains on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LabelFilter {
+    /// Every label.
+    #[default]
+    All,
+    /// Labels that agree with ground truth and whose confidence reaches the threshold (the
+    /// official high-confidence filter, which peeks at ground truth).
+    HighConfidence,
+    /// Labels whose confidence reaches the threshold either way (no peeking).
+    HighConfidenceNoPeek,
+}
+
+/// Where a student sits in a bootstrapping chain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Chain {
+    /// Taught by its weak model directly.
+    #[default]
+    Direct,
+    /// The middle model of a chain (role [`Role::Intermediate`]).
+    Intermediate,
+    /// The last model of a chain, taught by the named intermediate model.
+    Via(String),
+}
+
+/// A student's variant: conflict setting with its dose, label filter, and chain position. Its
+/// label (`Display`, and its JSON form) is what reports print, e.g. `explicit α=2+via-m`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub setting: Setting,
+    pub dose: Option<Dose>,
+    pub filter: LabelFilter,
+    pub chain: Chain,
+}
+
+impl Variant {
+    /// No conflict, every label, taught directly.
+    pub const NONE: Variant = Variant {
+        setting: Setting::None,
+        dose: None,
+        filter: LabelFilter::All,
+        chain: Chain::Direct,
+    };
+
+    /// A student taught by its weak model directly on every label: the variants whose
+    /// conflict findings are read.
+    pub fn is_plain(&self) -> bool {
+        self.filter == LabelFilter::All && self.chain == Chain::Direct
+    }
+
+    /// Part of a bootstrapping chain (its intermediate or its last model).
+    pub fn is_chain(&self) -> bool {
+        self.chain != Chain::Direct
+    }
+
+    /// The same variant taught directly (the counterpart of a chain's last model).
+    pub fn direct(&self) -> Variant {
+        Variant {
+            chain: Chain::Direct,
+            ..self.clone()
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.dose {
+            Some(Dose::Alpha(alpha)) => write!(f, "{} α={alpha}", self.setting)?,
+            Some(Dose::HelpfulPairs(n)) => write!(f, "{} h={n}", self.setting)?,
+            None => write!(f, "{}", self.setting)?,
+        }
+        match self.filter {
+            LabelFilter::All => {}
+            LabelFilter::HighConfidence => f.write_str("+hc")?,
+            LabelFilter::HighConfidenceNoPeek => f.write_str("+hc-nopeek")?,
+        }
+        match &self.chain {
+            Chain::Direct => Ok(()),
+            Chain::Intermediate => f.write_str("+intermediate"),
+            Chain::Via(intermediate) => write!(f, "+via-{intermediate}"),
+        }
+    }
+}
+
+impl Serialize for Variant {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// What a run is: the contract fields of `config.json`. The trainer writes it (with
+/// everything else that affects results beside it), the report reads it; in the file it is
+/// flat, as [`IdentityFields`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunMeta {
-    pub run_id: String,
+#[serde(from = "IdentityFields", into = "IdentityFields")]
+pub struct RunIdentity {
     pub scenario: Scenario,
     pub role: Role,
     pub model: String,
     /// The teacher of a student; `None` for ceilings.
     pub weak_model: Option<String>,
-    pub setting: Setting,
+    /// A student's variant ([`Variant::NONE`] for ceilings).
+    pub variant: Variant,
     pub seed: u64,
-    #[serde(default)]
-    pub high_conf: bool,
-    #[serde(default)]
-    pub high_conf_peeks: bool,
-    #[serde(default)]
-    pub intermediate_model: Option<String>,
-    /// The explicit conflict's dose α (explicit students).
-    #[serde(default)]
-    pub conflict_alpha: Option<f64>,
-    /// Helpfulness pairs mixed in (implicit students).
-    #[serde(default)]
-    pub helpful_pairs: Option<usize>,
 }
 
-impl RunMeta {
-    /// The student variant as a short label: setting with its dose, high-confidence filter,
-    /// bootstrapping.
-    pub fn variant(&self) -> String {
-        let setting = match (self.conflict_alpha, self.helpful_pairs) {
-            (Some(alpha), _) => format!("{} α={alpha}", self.setting),
-            (None, Some(n)) => format!("{} h={n}", self.setting),
-            _ => self.setting.to_string(),
-        };
-        let mut variant = match (self.high_conf, self.high_conf_peeks) {
-            (false, _) => setting,
-            (true, true) => format!("{setting}+hc"),
-            (true, false) => format!("{setting}+hc-nopeek"),
-        };
-        if let Some(intermediate) = &self.intermediate_model {
-            variant.push_str(&format!("+via-{intermediate}"));
-        }
-        if self.role == Role::Intermediate {
-            variant.push_str("+intermediate");
-        }
-        variant
-    }
-
+impl RunIdentity {
     pub fn is_ceiling(&self) -> bool {
         self.weak_model.is_none()
     }
+}
+
+/// The file form of [`RunIdentity`], field for field as `config.json` has always held it (the
+/// trainer's run ids hash these fields, so their names and presence are part of the contract).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdentityFields {
+    scenario: Scenario,
+    role: Role,
+    model: String,
+    weak_model: Option<String>,
+    #[serde(default)]
+    intermediate_model: Option<String>,
+    setting: Setting,
+    /// The explicit conflict's dose α (explicit students).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conflict_alpha: Option<f64>,
+    /// Helpfulness pairs mixed in (implicit students).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    helpful_pairs: Option<usize>,
+    seed: u64,
+    #[serde(default)]
+    high_conf: bool,
+    #[serde(default)]
+    high_conf_peeks: bool,
+}
+
+impl From<IdentityFields> for RunIdentity {
+    fn from(f: IdentityFields) -> Self {
+        let dose = match (f.conflict_alpha, f.helpful_pairs) {
+            (Some(alpha), _) => Some(Dose::Alpha(alpha)),
+            (None, Some(n)) => Some(Dose::HelpfulPairs(n)),
+            (None, None) => None,
+        };
+        let filter = match (f.high_conf, f.high_conf_peeks) {
+            (false, _) => LabelFilter::All,
+            (true, true) => LabelFilter::HighConfidence,
+            (true, false) => LabelFilter::HighConfidenceNoPeek,
+        };
+        let chain = match (f.role, f.intermediate_model) {
+            (Role::Intermediate, _) => Chain::Intermediate,
+            (_, Some(intermediate)) => Chain::Via(intermediate),
+            (_, None) => Chain::Direct,
+        };
+        RunIdentity {
+            scenario: f.scenario,
+            role: f.role,
+            model: f.model,
+            weak_model: f.weak_model,
+            variant: Variant {
+                setting: f.setting,
+                dose,
+                filter,
+                chain,
+            },
+            seed: f.seed,
+        }
+    }
+}
+
+impl From<RunIdentity> for IdentityFields {
+    fn from(id: RunIdentity) -> Self {
+        let Variant {
+            setting,
+            dose,
+            filter,
+            chain,
+        } = id.variant;
+        IdentityFields {
+            scenario: id.scenario,
+            role: id.role,
+            model: id.model,
+            weak_model: id.weak_model,
+            intermediate_model: match chain {
+                Chain::Via(intermediate) => Some(intermediate),
+                Chain::Direct | Chain::Intermediate => None,
+            },
+            setting,
+            conflict_alpha: match dose {
+                Some(Dose::Alpha(alpha)) => Some(alpha),
+                _ => None,
+            },
+            helpful_pairs: match dose {
+                Some(Dose::HelpfulPairs(n)) => Some(n),
+                _ => None,
+            },
+            seed: id.seed,
+            high_conf: filter != LabelFilter::All,
+            high_conf_peeks: filter == LabelFilter::HighConfidence,
+        }
+    }
+}
+
+/// `config.json` as the report reads it: the run's id and identity (the writer's other fields
+/// are ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    pub run_id: String,
+    #[serde(flatten)]
+    pub identity: RunIdentity,
 }
 
 /// One test pair's outcome.
@@ -381,10 +593,110 @@ mod tests {
                 "hyperparameters":{"lr":1}}"#,
         )
         .unwrap();
-        assert_eq!(meta.scenario, Scenario::Simpo);
-        assert_eq!(meta.role, Role::Bootstrap);
-        assert_eq!(meta.variant(), "explicit α=2+via-m");
+        assert_eq!(meta.identity.scenario, Scenario::Simpo);
+        assert_eq!(meta.identity.role, Role::Bootstrap);
+        assert_eq!(meta.identity.variant.to_string(), "explicit α=2+via-m");
         assert_eq!(Role::StrongCeiling.to_string(), "strong_ceiling");
         assert!(serde_json::from_str::<RunMeta>(r#"{"run_id":"x","scenario":"ppo"}"#).is_err());
+    }
+
+    /// The typed identity writes exactly the flat fields it reads (the trainer hashes them into
+    /// run ids), and its variant renders every label the reports print.
+    #[test]
+    fn identities_round_trip_through_the_flat_fields() {
+        let base = RunIdentity {
+            scenario: Scenario::Dpo,
+            role: Role::W2s,
+            model: "l".into(),
+            weak_model: Some("s".into()),
+            variant: Variant::NONE,
+            seed: 3,
+        };
+        let with = |role: Role, variant: Variant| RunIdentity {
+            role,
+            variant,
+            ..base.clone()
+        };
+        let cases = [
+            (base.clone(), "none"),
+            (
+                with(
+                    Role::W2s,
+                    Variant {
+                        setting: Setting::Implicit,
+                        dose: Some(Dose::HelpfulPairs(600)),
+                        filter: LabelFilter::HighConfidenceNoPeek,
+                        ..Variant::NONE
+                    },
+                ),
+                "implicit h=600+hc-nopeek",
+            ),
+            (
+                with(
+                    Role::W2s,
+                    Variant {
+                        filter: LabelFilter::HighConfidence,
+                        ..Variant::NONE
+                    },
+                ),
+                "none+hc",
+            ),
+            (
+                with(
+                    Role::Intermediate,
+                    Variant {
+                        chain: Chain::Intermediate,
+                        ..Variant::NONE
+                    },
+                ),
+                "none+intermediate",
+            ),
+            (
+                with(
+                    Role::Bootstrap,
+                    Variant {
+                        setting: Setting::Explicit,
+                        dose: Some(Dose::Alpha(0.25)),
+                        chain: Chain::Via("m".into()),
+                        ..Variant::NONE
+                    },
+                ),
+                "explicit α=0.25+via-m",
+            ),
+        ];
+        for (identity, label) in cases {
+            assert_eq!(identity.variant.to_string(), label);
+            let value = serde_json::to_value(&identity).unwrap();
+            let back: RunIdentity = serde_json::from_value(value.clone()).unwrap();
+            assert_eq!(back, identity, "{value}");
+            // The variant serializes as its label (report.json's form).
+            assert_eq!(serde_json::to_value(&identity.variant).unwrap(), label);
+        }
+        // The flat form: doses absent when unset, flags and the chain's model always present.
+        let value = serde_json::to_value(&base).unwrap();
+        let keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "high_conf",
+                "high_conf_peeks",
+                "intermediate_model",
+                "model",
+                "role",
+                "scenario",
+                "seed",
+                "setting",
+                "weak_model"
+            ]
+        );
+        // Doses order by kind, then by value (α numerically, not as text).
+        assert!(Dose::Alpha(4.0) < Dose::Alpha(16.0));
+        assert!(Dose::Alpha(16.0) < Dose::HelpfulPairs(200));
+        assert!(Dose::HelpfulPairs(200) < Dose::HelpfulPairs(1000));
     }
 }
