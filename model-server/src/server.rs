@@ -81,47 +81,27 @@ impl RunningServer {
         config.validate().map_err(StartError::Config)?;
         let device = parse_device(&config.device).map_err(StartError::Config)?;
         let device_label = crate::worker::device_name(&device);
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        let data_dir_error = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| StartError::DataDir { path, source }
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(data_dir_error(&config.data_dir))?;
         crate::error::keep_private(&config.model_root, "");
         crate::error::keep_private(&config.data_dir, "<data-dir>");
         let datasets =
-            DatasetStore::new(&config.data_dir).map_err(|source| StartError::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            })?;
+            DatasetStore::new(&config.data_dir).map_err(data_dir_error(&config.data_dir))?;
         let metrics = Arc::new(Metrics::default());
         let jobs: JobTable = Arc::new(Mutex::new(Default::default()));
         let (events, _) = broadcast::channel(1024);
         let worker = WorkerHandle::spawn(
-            WorkerConfig {
-                device,
-                dtype: superficial_models::DType::F32,
-                queue_capacity: config.queue_capacity,
-                max_batch_tokens: config.max_batch_tokens,
-                max_batch_requests: config.max_batch_requests,
-                data_dir: config.data_dir.clone(),
-                checkpoint_every: config.checkpoint_every,
-                slice: Duration::from_secs_f64(config.slice_ms / 1000.0),
-                max_pass: (config.max_pass_ms > 0.0)
-                    .then(|| Duration::from_secs_f64(config.max_pass_ms / 1000.0)),
-                threads: config.threads,
-            },
+            worker_config(&config, device),
             jobs.clone(),
             events.clone(),
             metrics.clone(),
         )
         .map_err(StartError::Worker)?;
 
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind(config.listen).await?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -130,28 +110,8 @@ impl RunningServer {
             max_connections: config.max_connections,
             first_bytes_within: Duration::from_secs_f64(config.first_bytes_seconds),
         };
-        let (metrics_addr, metrics_task) = match config.metrics_listen {
-            Some(metrics_listen) => {
-                let listener =
-                    metrics::bind(metrics_listen)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            addr: metrics_listen,
-                            source,
-                        })?;
-                let bound = listener.local_addr().ok();
-                (
-                    bound,
-                    Some(tokio::spawn(metrics::serve(
-                        listener,
-                        metrics.clone(),
-                        connection_limits,
-                        config.metrics_token.then(|| config.token.clone()).flatten(),
-                    ))),
-                )
-            }
-            None => (None, None),
-        };
+        let (metrics_addr, metrics_task) =
+            serve_metrics(&config, &metrics, connection_limits).await?;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -163,10 +123,8 @@ impl RunningServer {
             model_root: config.model_root.clone(),
             data_dir: config.data_dir.clone(),
             datasets,
-            models: ModelStore::open(&config.data_dir).map_err(|source| StartError::DataDir {
-                path: config.data_dir.join("models"),
-                source,
-            })?,
+            models: ModelStore::open(&config.data_dir)
+                .map_err(data_dir_error(&config.data_dir.join("models")))?,
             jobs: jobs.clone(),
             events,
             metrics: metrics.clone(),
@@ -175,107 +133,22 @@ impl RunningServer {
             device: device_label,
             closing: closing_rx,
         };
-        let reflection_builder = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection = reflection_builder()
-            .build_v1()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
-        // grpcurl, Postman and grpcui still ask v1alpha first.
-        let reflection_v1alpha = reflection_builder()
-            .build_v1alpha()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
-        let limit = config.max_message_bytes;
-        let auth = RequireBearer::new(config.token.as_deref());
-        let models = ModelsServer::new(ModelsService(state.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        let inference = InferenceServer::new(InferenceService(state.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        let datasets = DatasetsServer::new(DatasetsService(state.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        let training = TrainingServer::new(TrainingService(state.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-
-        // Dead peers (half-open TCP, a client that vanished mid-stream) are found by HTTP/2
-        // pings and TCP keepalive instead of holding a descriptor forever.
-        let mut builder = Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
-        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
-            };
-            let identity = Identity::from_pem(read(cert)?, read(key)?);
-            builder = builder
-                .tls_config(ServerTlsConfig::new().identity(identity))
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-        }
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            builder
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(reflection_v1alpha)
-                .add_service(InterceptedService::new(models, auth.clone()))
-                .add_service(InterceptedService::new(inference, auth.clone()))
-                .add_service(InterceptedService::new(datasets, auth.clone()))
-                .add_service(InterceptedService::new(training, auth))
-                .serve_with_incoming_shutdown(
-                    guarded_incoming(listener, connection_limits),
-                    async {
-                        let _ = shutdown_rx.await;
-                    },
-                ),
-        );
+        let task = serve_grpc(
+            &config,
+            &state,
+            health_service,
+            (listener, connection_limits),
+            async {
+                let _ = shutdown_rx.await;
+            },
+        )?;
 
         // Start-up models load after the port is bound, so health checks see NOT_SERVING
         // until they are resident.
-        let startup = config
-            .models
-            .iter()
-            .map(|m| (m, ModelSource::Folder(m.value.clone().into())))
-            .chain(
-                config
-                    .presets
-                    .iter()
-                    .map(|p| (p, ModelSource::Preset(p.value.clone()))),
-            );
-        for (named, source) in startup {
-            worker
-                .load(LoadSpec {
-                    name: named.name.clone(),
-                    source,
-                    role: String::new(),
-                    reward_head: false,
-                    reward_readout: superficial_models::RewardReadout::LastToken,
-                    seed: config.seed,
-                })
-                .await
-                .map_err(|source| StartError::Load {
-                    name: named.name.clone(),
-                    source,
-                })?;
-        }
+        load_startup_models(&config, &worker).await?;
         recover_jobs(&config, &state).await;
-        health_reporter
-            .set_serving::<InferenceServer<InferenceService>>()
-            .await;
-        health_reporter
-            .set_serving::<ModelsServer<ModelsService>>()
-            .await;
-        health_reporter
-            .set_serving::<DatasetsServer<DatasetsService>>()
-            .await;
-        health_reporter
-            .set_serving::<TrainingServer<TrainingService>>()
-            .await;
+        set_serving(&health_reporter).await;
         let watchdog = (config.stall_seconds > 0.0).then(|| {
             tokio::spawn(health_watchdog(
                 health_reporter.clone(),
@@ -362,6 +235,161 @@ impl RunningServer {
         info!("shutting down");
         self.shutdown().await
     }
+}
+
+/// The device worker's settings from the server's.
+fn worker_config(config: &ServerConfig, device: superficial_models::Device) -> WorkerConfig {
+    WorkerConfig {
+        device,
+        dtype: superficial_models::DType::F32,
+        queue_capacity: config.queue_capacity,
+        max_batch_tokens: config.max_batch_tokens,
+        max_batch_requests: config.max_batch_requests,
+        data_dir: config.data_dir.clone(),
+        checkpoint_every: config.checkpoint_every,
+        slice: Duration::from_secs_f64(config.slice_ms / 1000.0),
+        max_pass: (config.max_pass_ms > 0.0)
+            .then(|| Duration::from_secs_f64(config.max_pass_ms / 1000.0)),
+        threads: config.threads,
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// The metrics endpoint, when `--metrics-listen` asks for one: its bound address and task.
+async fn serve_metrics(
+    config: &ServerConfig,
+    metrics: &Arc<Metrics>,
+    limits: ConnectionLimits,
+) -> Result<(Option<SocketAddr>, Option<JoinHandle<()>>), StartError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok((None, None));
+    };
+    let listener = metrics::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener.local_addr().ok();
+    let token = config.metrics_token.then(|| config.token.clone()).flatten();
+    let task = tokio::spawn(metrics::serve(listener, metrics.clone(), limits, token));
+    Ok((bound, Some(task)))
+}
+
+/// The gRPC server task: the four services behind the bearer check, health, reflection, message
+/// limits, keepalives and TLS, accepting on the listener under its connection limits until
+/// `shutdown` resolves.
+fn serve_grpc(
+    config: &ServerConfig,
+    state: &ServiceState,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    (listener, limits): (TcpListener, ConnectionLimits),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, StartError> {
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(w2s_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    // grpcurl, Postman and grpcui still ask v1alpha first.
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let limit = config.max_message_bytes;
+    let auth = RequireBearer::new(config.token.as_deref());
+    let models = ModelsServer::new(ModelsService(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let inference = InferenceServer::new(InferenceService(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let datasets = DatasetsServer::new(DatasetsService(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let training = TrainingServer::new(TrainingService(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    // Dead peers (half-open TCP, a client that vanished mid-stream) are found by HTTP/2
+    // pings and TCP keepalive instead of holding a descriptor forever.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+    }
+    Ok(tokio::spawn(
+        builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha)
+            .add_service(InterceptedService::new(models, auth.clone()))
+            .add_service(InterceptedService::new(inference, auth.clone()))
+            .add_service(InterceptedService::new(datasets, auth.clone()))
+            .add_service(InterceptedService::new(training, auth))
+            .serve_with_incoming_shutdown(guarded_incoming(listener, limits), shutdown),
+    ))
+}
+
+/// Loads `--model` folders and `--preset`s onto the worker, in that order.
+async fn load_startup_models(
+    config: &ServerConfig,
+    worker: &WorkerHandle,
+) -> Result<(), StartError> {
+    let startup = config
+        .models
+        .iter()
+        .map(|m| (m, ModelSource::Folder(m.value.clone().into())))
+        .chain(
+            config
+                .presets
+                .iter()
+                .map(|p| (p, ModelSource::Preset(p.value.clone()))),
+        );
+    for (named, source) in startup {
+        worker
+            .load(LoadSpec {
+                name: named.name.clone(),
+                source,
+                role: String::new(),
+                reward_head: false,
+                reward_readout: superficial_models::RewardReadout::LastToken,
+                seed: config.seed,
+            })
+            .await
+            .map_err(|source| StartError::Load {
+                name: named.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+async fn set_serving(reporter: &tonic_health::server::HealthReporter) {
+    reporter
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    reporter.set_serving::<ModelsServer<ModelsService>>().await;
+    reporter
+        .set_serving::<DatasetsServer<DatasetsService>>()
+        .await;
+    reporter
+        .set_serving::<TrainingServer<TrainingService>>()
+        .await;
 }
 
 /// Reports NOT_SERVING (every service and the server as a whole) while the device loop has

@@ -83,6 +83,77 @@ fn new_job_id(objective: ObjectiveKind, output: &str) -> String {
     )
 }
 
+/// The numeric checks of a StartJob's hyperparameters (every weight finite and ≥ 0, a conflict
+/// dose only for an objective with a conflict term) and its LR schedule.
+fn checked_hyperparameters(
+    h: &pb::TrainingHyperparameters,
+    objective: ObjectiveKind,
+) -> ServiceResult<Schedule> {
+    for (field, value) in [
+        ("hyperparameters.beta", h.beta),
+        ("hyperparameters.gamma", h.gamma),
+        ("hyperparameters.conflict_alpha", h.conflict_alpha),
+        ("hyperparameters.max_grad_norm", h.max_grad_norm),
+        ("hyperparameters.weight_decay", h.weight_decay),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(ServiceError::invalid(
+                field,
+                "must be a finite number ≥ 0 (0 = default/off)",
+            ));
+        }
+    }
+    if h.conflict_alpha > 0.0 && !objective.has_conflict_term() {
+        return Err(ServiceError::invalid(
+            "hyperparameters.conflict_alpha",
+            format!(
+                "the {} objective has no explicit-conflict term",
+                objective.name()
+            ),
+        ));
+    }
+    match pb::LrSchedule::try_from(h.schedule) {
+        Ok(pb::LrSchedule::Constant) => Ok(Schedule::Constant),
+        Ok(pb::LrSchedule::CosineToZero) => Ok(Schedule::CosineToZero),
+        Ok(pb::LrSchedule::WarmupConstant) => Ok(Schedule::LinearWarmupConstant {
+            warmup_frac: h.warmup_frac.unwrap_or(0.1),
+        }),
+        _ => Err(ServiceError::invalid(
+            "hyperparameters.schedule",
+            "choose an LR_SCHEDULE",
+        )),
+    }
+}
+
+/// The job's hyperparameters from the request's, zeros read as "default" (the whole batch as
+/// one minibatch, the base model's context, the default shard count) or "off".
+fn hyperparameters(
+    h: &pb::TrainingHyperparameters,
+    schedule: Schedule,
+    max_positions: usize,
+) -> Hyperparameters {
+    let positive = |x: f64| (x > 0.0).then_some(x);
+    let or_default = |x: u32, default: usize| if x == 0 { default } else { x as usize };
+    Hyperparameters {
+        lr: h.lr,
+        batch_size: h.batch_size as usize,
+        minibatch_size: or_default(h.minibatch_size, h.batch_size as usize),
+        epochs: h.epochs.max(1) as usize,
+        schedule,
+        weight_decay: h.weight_decay,
+        max_grad_norm: positive(h.max_grad_norm),
+        max_ctx: or_default(h.max_ctx, max_positions),
+        seed: h.seed,
+        shuffle: h.shuffle,
+        beta: positive(h.beta),
+        gamma: positive(h.gamma),
+        conflict_alpha: positive(h.conflict_alpha),
+        orient_slots: h.orient_slots,
+        checkpoint_every: h.checkpoint_every as usize,
+        shards: or_default(h.shards, DEFAULT_SHARDS),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::training_server::Training for TrainingService {
     async fn start_job(
@@ -98,29 +169,7 @@ impl pb::training_server::Training for TrainingService {
                 let h = request
                     .hyperparameters
                     .ok_or_else(|| ServiceError::invalid("hyperparameters", "required"))?;
-                for (field, value) in [
-                    ("hyperparameters.beta", h.beta),
-                    ("hyperparameters.gamma", h.gamma),
-                    ("hyperparameters.conflict_alpha", h.conflict_alpha),
-                    ("hyperparameters.max_grad_norm", h.max_grad_norm),
-                    ("hyperparameters.weight_decay", h.weight_decay),
-                ] {
-                    if !(value.is_finite() && value >= 0.0) {
-                        return Err(ServiceError::invalid(
-                            field,
-                            "must be a finite number ≥ 0 (0 = default/off)",
-                        ));
-                    }
-                }
-                if h.conflict_alpha > 0.0 && !objective.has_conflict_term() {
-                    return Err(ServiceError::invalid(
-                        "hyperparameters.conflict_alpha",
-                        format!(
-                            "the {} objective has no explicit-conflict term",
-                            objective.name()
-                        ),
-                    ));
-                }
+                let schedule = checked_hyperparameters(&h, objective)?;
                 let busy = self.0.jobs.lock().ok().and_then(|jobs| {
                     jobs.values()
                         .find(|j| {
@@ -135,19 +184,6 @@ impl pb::training_server::Training for TrainingService {
                         request.output_model
                     )));
                 }
-                let schedule = match pb::LrSchedule::try_from(h.schedule) {
-                    Ok(pb::LrSchedule::Constant) => Schedule::Constant,
-                    Ok(pb::LrSchedule::CosineToZero) => Schedule::CosineToZero,
-                    Ok(pb::LrSchedule::WarmupConstant) => Schedule::LinearWarmupConstant {
-                        warmup_frac: h.warmup_frac.unwrap_or(0.1),
-                    },
-                    _ => {
-                        return Err(ServiceError::invalid(
-                            "hyperparameters.schedule",
-                            "choose an LR_SCHEDULE",
-                        ));
-                    }
-                };
                 let models = self.0.worker.list().await?;
                 let base = models
                     .iter()
@@ -156,7 +192,6 @@ impl pb::training_server::Training for TrainingService {
                 if models.iter().any(|m| m.name == request.output_model) {
                     return Err(ServiceError::AlreadyLoaded(request.output_model.clone()));
                 }
-                let positive = |x: f64| (x > 0.0).then_some(x);
                 let spec = JobSpec {
                     id: new_job_id(objective, &request.output_model),
                     objective,
@@ -166,36 +201,7 @@ impl pb::training_server::Training for TrainingService {
                     base_reward_readout: base.reward_readout_requested,
                     base_seed: base.seed,
                     dataset_ids: request.dataset_ids.clone(),
-                    hyper: Hyperparameters {
-                        lr: h.lr,
-                        batch_size: h.batch_size as usize,
-                        minibatch_size: if h.minibatch_size == 0 {
-                            h.batch_size as usize
-                        } else {
-                            h.minibatch_size as usize
-                        },
-                        epochs: h.epochs.max(1) as usize,
-                        schedule,
-                        weight_decay: h.weight_decay,
-                        max_grad_norm: positive(h.max_grad_norm),
-                        max_ctx: if h.max_ctx == 0 {
-                            base.config.max_positions()
-                        } else {
-                            h.max_ctx as usize
-                        },
-                        seed: h.seed,
-                        shuffle: h.shuffle,
-                        beta: positive(h.beta),
-                        gamma: positive(h.gamma),
-                        conflict_alpha: positive(h.conflict_alpha),
-                        orient_slots: h.orient_slots,
-                        checkpoint_every: h.checkpoint_every as usize,
-                        shards: if h.shards == 0 {
-                            DEFAULT_SHARDS
-                        } else {
-                            h.shards as usize
-                        },
-                    },
+                    hyper: hyperparameters(&h, schedule, base.config.max_positions()),
                     output_model: request.output_model,
                 };
                 spec.validate()?;
@@ -356,5 +362,89 @@ mod tests {
         }
         assert!(objective_from_pb(pb::ObjectiveKind::Unspecified as i32).is_err());
         assert!(objective_from_pb(999).is_err());
+    }
+
+    #[test]
+    fn hyperparameter_checks_name_the_field_and_zeros_mean_defaults() {
+        let ok = pb::TrainingHyperparameters {
+            lr: 1e-4,
+            batch_size: 8,
+            schedule: pb::LrSchedule::Constant as i32,
+            ..Default::default()
+        };
+        let simpo = ObjectiveKind::ALL
+            .into_iter()
+            .find(|k| k.has_conflict_term())
+            .unwrap();
+        let without_term = ObjectiveKind::ALL
+            .into_iter()
+            .find(|k| !k.has_conflict_term())
+            .unwrap();
+        assert_eq!(
+            checked_hyperparameters(&ok, simpo).unwrap(),
+            Schedule::Constant
+        );
+        let field_of =
+            |h: pb::TrainingHyperparameters, kind| match checked_hyperparameters(&h, kind)
+                .unwrap_err()
+            {
+                ServiceError::InvalidArgument { field, .. } => field,
+                other => panic!("{other:?}"),
+            };
+        for (h, field) in [
+            (
+                pb::TrainingHyperparameters {
+                    beta: f64::NAN,
+                    ..ok
+                },
+                "hyperparameters.beta",
+            ),
+            (
+                pb::TrainingHyperparameters {
+                    weight_decay: -1.0,
+                    ..ok
+                },
+                "hyperparameters.weight_decay",
+            ),
+            (
+                pb::TrainingHyperparameters { schedule: 99, ..ok },
+                "hyperparameters.schedule",
+            ),
+        ] {
+            assert_eq!(field_of(h, simpo), field);
+        }
+        let dosed = pb::TrainingHyperparameters {
+            conflict_alpha: 1.0,
+            ..ok
+        };
+        assert!(checked_hyperparameters(&dosed, simpo).is_ok());
+        assert_eq!(
+            field_of(dosed, without_term),
+            "hyperparameters.conflict_alpha"
+        );
+        let hyper = hyperparameters(&ok, Schedule::Constant, 1024);
+        assert_eq!(
+            (
+                hyper.minibatch_size,
+                hyper.max_ctx,
+                hyper.shards,
+                hyper.epochs
+            ),
+            (8, 1024, DEFAULT_SHARDS, 1)
+        );
+        assert_eq!((hyper.beta, hyper.max_grad_norm), (None, None));
+        let set = pb::TrainingHyperparameters {
+            minibatch_size: 2,
+            max_ctx: 64,
+            shards: 3,
+            beta: 2.0,
+            ..ok
+        };
+        let hyper = hyperparameters(&set, Schedule::Constant, 1024);
+        assert_eq!(
+            (hyper.minibatch_size, hyper.max_ctx, hyper.shards),
+            (2, 64, 3)
+        );
+        assert_eq!(hyper.beta, Some(2.0));
     }
 }

@@ -303,7 +303,7 @@ pub(super) enum Tokenized {
 fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
     let started = Instant::now();
     // The queue's share is added when the device thread picks the work up.
-    let times = |started: Instant| StageTimes {
+    let times = move || StageTimes {
         queue: Duration::ZERO,
         tokenize: started.elapsed(),
         compute: Duration::ZERO,
@@ -315,8 +315,8 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
             }
             let encoded = TokenizeContext::of(contexts, &request.model)
                 .and_then(|c| c.encode_logprobs(&request));
-            match encoded {
-                Ok(encoded) => Some(Tokenized::Batch(Prepared {
+            answer_errors(reply, encoded, |encoded, reply| {
+                Tokenized::Batch(Prepared {
                     sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
                     response_starts: encoded
                         .iter()
@@ -324,14 +324,10 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
                         .collect(),
                     model: request.model,
                     primitive: Primitive::Logprobs,
-                    times: times(started),
+                    times: times(),
                     reply: ReplyTo::Logprobs { encoded, reply },
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            }
+                })
+            })
         }
         TextRequest::ScoreTexts(request, reply) => {
             if reply.is_closed() {
@@ -339,87 +335,61 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
             }
             let encoded = TokenizeContext::of(contexts, &request.model)
                 .and_then(|c| c.encode_texts(&request));
-            match encoded {
-                Ok(encoded) => Some(Tokenized::Batch(Prepared {
+            answer_errors(reply, encoded, |encoded, reply| {
+                Tokenized::Batch(Prepared {
                     model: request.model,
                     primitive: Primitive::Rewards,
                     sequences: encoded.iter().map(|(ids, _)| ids.clone()).collect(),
                     response_starts: encoded.iter().map(|(_, start)| *start).collect(),
-                    times: times(started),
+                    times: times(),
                     reply: ReplyTo::Texts { reply },
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            }
+                })
+            })
         }
         TextRequest::Score(request, reply) => {
             if reply.is_closed() {
                 return None;
             }
             if let PairScoring::Dpo { reference } = &request.scoring {
-                let encoded = (|| {
-                    let policy = TokenizeContext::of(contexts, &request.model)?;
-                    let reference_context = TokenizeContext::of(contexts, reference)?;
-                    // DPO's implicit reward compares the two models' log-probs of the same
-                    // tokens; with different tokenizers the sums cover different units.
-                    if policy.stamp.tokenizer_digest != reference_context.stamp.tokenizer_digest {
-                        return Err(ServiceError::invalid(
-                            "reference_model",
-                            format!(
-                                "`{reference}` has a different tokenizer than `{}`: DPO scoring needs both to read the same tokens",
-                                request.model
-                            ),
-                        ));
-                    }
-                    Ok::<_, ServiceError>((
-                        policy.encode_pairs(&request.pairs, request.max_ctx, false)?,
-                        reference_context.encode_pairs(&request.pairs, request.max_ctx, false)?,
-                    ))
-                })();
-                return match encoded {
-                    Ok((policy_encoded, reference_encoded)) => Some(Tokenized::Dpo(DpoWork {
-                        job: request,
-                        policy_encoded,
-                        reference_encoded,
-                        times: times(started),
-                        reply,
-                    })),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        None
-                    }
-                };
+                let encoded = encode_dpo_pairs(contexts, &request, reference);
+                return answer_errors(
+                    reply,
+                    encoded,
+                    |(policy_encoded, reference_encoded), reply| {
+                        Tokenized::Dpo(DpoWork {
+                            job: request,
+                            policy_encoded,
+                            reference_encoded,
+                            times: times(),
+                            reply,
+                        })
+                    },
+                );
             }
             let whole_text = request.scoring == PairScoring::Reward;
             let encoded = TokenizeContext::of(contexts, &request.model)
                 .and_then(|c| c.encode_pairs(&request.pairs, request.max_ctx, whole_text));
-            match encoded {
-                Ok(encoded) => Some(Tokenized::Batch(Prepared {
+            answer_errors(reply, encoded, |encoded, reply| {
+                Tokenized::Batch(Prepared {
                     sequences: encoded.iter().map(|d| d.ids.clone()).collect(),
                     response_starts: encoded
                         .iter()
                         .map(EncodedDialogue::response_start)
                         .collect(),
-                    model: request.model,
                     primitive: if whole_text {
                         Primitive::Rewards
                     } else {
                         Primitive::Logprobs
                     },
-                    times: times(started),
+                    times: times(),
                     reply: ReplyTo::Score {
                         mean: request.scoring == PairScoring::MeanLogprob,
                         encoded,
                         reply,
                     },
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            }
+                    model: request.model,
+                })
+            })
         }
         TextRequest::Generate(request, events) => {
             if events.is_closed() {
@@ -431,7 +401,7 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
                 Ok(prompt) => Some(Tokenized::Generate(GenerateWork {
                     job: request,
                     prompt,
-                    times: times(started),
+                    times: times(),
                     events,
                 })),
                 Err(e) => {
@@ -445,39 +415,78 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
             if reply.is_closed() {
                 return None;
             }
-            let prompts = (|| {
-                if request.samples_per_prompt < 2 {
-                    return Err(ServiceError::invalid(
-                        "samples_per_prompt",
-                        "must be at least 2",
-                    ));
-                }
-                let policy = TokenizeContext::of(contexts, &request.policy)?;
-                let judge = TokenizeContext::of(contexts, &request.judge)?;
-                if request.judge_kind == JudgeKind::Reward {
-                    judge.require_head()?;
-                }
-                request
-                    .prompts
-                    .iter()
-                    .enumerate()
-                    .map(|(p, prompt)| policy.encode_prompt(prompt, format!("prompts[{p}]")))
-                    .collect::<ServiceResult<Vec<_>>>()
-            })();
-            match prompts {
-                Ok(prompts) => Some(Tokenized::Pairs(PairsWork {
+            let prompts = encode_pair_prompts(contexts, &request);
+            answer_errors(reply, prompts, |prompts, reply| {
+                Tokenized::Pairs(PairsWork {
                     job: request,
                     prompts,
-                    times: times(started),
+                    times: times(),
                     reply,
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            }
+                })
+            })
         }
     }
+}
+
+/// The work built from an encoding, or its error sent to the client (`None`).
+fn answer_errors<T, R>(
+    reply: Reply<R>,
+    encoded: ServiceResult<T>,
+    work: impl FnOnce(T, Reply<R>) -> Tokenized,
+) -> Option<Tokenized> {
+    match encoded {
+        Ok(encoded) => Some(work(encoded, reply)),
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            None
+        }
+    }
+}
+
+/// A DPO-scored request's pairs, encoded for the policy and for the reference model.
+fn encode_dpo_pairs(
+    contexts: &Contexts,
+    request: &ScoreJob,
+    reference: &str,
+) -> ServiceResult<(Vec<EncodedDialogue>, Vec<EncodedDialogue>)> {
+    let policy = TokenizeContext::of(contexts, &request.model)?;
+    let reference_context = TokenizeContext::of(contexts, reference)?;
+    // DPO's implicit reward compares the two models' log-probs of the same tokens; with
+    // different tokenizers the sums cover different units.
+    if policy.stamp.tokenizer_digest != reference_context.stamp.tokenizer_digest {
+        return Err(ServiceError::invalid(
+            "reference_model",
+            format!(
+                "`{reference}` has a different tokenizer than `{}`: DPO scoring needs both to read the same tokens",
+                request.model
+            ),
+        ));
+    }
+    Ok((
+        policy.encode_pairs(&request.pairs, request.max_ctx, false)?,
+        reference_context.encode_pairs(&request.pairs, request.max_ctx, false)?,
+    ))
+}
+
+/// A preference-pair request's prompts, encoded for its policy (its judge checked too).
+fn encode_pair_prompts(contexts: &Contexts, request: &PairsJob) -> ServiceResult<Vec<Vec<u32>>> {
+    if request.samples_per_prompt < 2 {
+        return Err(ServiceError::invalid(
+            "samples_per_prompt",
+            "must be at least 2",
+        ));
+    }
+    let policy = TokenizeContext::of(contexts, &request.policy)?;
+    let judge = TokenizeContext::of(contexts, &request.judge)?;
+    if request.judge_kind == JudgeKind::Reward {
+        judge.require_head()?;
+    }
+    request
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(p, prompt)| policy.encode_prompt(prompt, format!("prompts[{p}]")))
+        .collect()
 }
 
 /// Requests with at most this much text are encoded on the calling thread (microseconds);

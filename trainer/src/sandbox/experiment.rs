@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use model_server::W2sClient;
 
 use super::{
-    BUCKETS, ExperimentConfig, PretrainedModel, PretrainingDraw, Probe, pretrain_models, probe,
-    study_spec, write_world,
+    BUCKETS, ExperimentConfig, PretrainedModel, PretrainingDraw, Probe, World, WorldFiles,
+    pretrain_models, probe, study_spec, write_world,
 };
+use crate::spec::StudySpec;
 use crate::study::{Progress, Study, StudyData, planned_runs};
 
 /// One pretraining draw's models and what each knows zero-shot.
@@ -82,11 +83,6 @@ pub async fn run(
     options: ExperimentOptions,
     progress: &mut dyn Progress,
 ) -> Result<ExperimentOutcome> {
-    let ExperimentOptions {
-        force,
-        pretrain_only,
-        keep_models,
-    } = options;
     config.validate().map_err(anyhow::Error::msg)?;
     let Some(client) = servers.first() else {
         anyhow::bail!("an experiment needs at least one model server");
@@ -106,48 +102,10 @@ pub async fn run(
         files.dir.display()
     ));
 
-    // Every draw's models in one pretraining pool over the servers, then every draw's study.
-    let draws = config.pretraining_draws();
-    if draws.len() > 1 {
-        progress.line(&format!(
-            "pretraining draws: pretrain.seed {} (one per study seed)",
-            seed_list(&draws.iter().map(|d| d.pretrain_seed).collect::<Vec<_>>())
-        ));
-    }
-    let draw_configs: Vec<ExperimentConfig> = draws.iter().map(|d| config.for_draw(d)).collect();
-    let models = pretrain_models(
-        &draw_configs,
-        &files,
-        &world,
-        servers,
-        &out.join("models"),
-        progress,
-    )
-    .await?;
-    let mut pretrained: Vec<DrawModels> = draws
-        .into_iter()
-        .zip(models)
-        .map(|(draw, models)| DrawModels {
-            draw,
-            models,
-            probes: Vec::new(),
-        })
-        .collect();
+    let (pretrained, draw_configs) =
+        pretrain_and_probe(config, out, &world, &files, servers, progress).await?;
     let pretrain_seconds = started.elapsed().as_secs_f64();
-
-    progress.line("probing what each pretrained model knows (zero-shot, test split)");
-    for draw in &mut pretrained {
-        for model in &draw.models {
-            draw.probes
-                .push(probe(model, &world, client, config.pretrain.max_ctx).await?);
-        }
-    }
-    super::write_file(
-        &out.join("pretrained.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "draws": pretrained }))?.as_bytes(),
-    )?;
-
-    if pretrain_only {
+    if options.pretrain_only {
         let summary = out.join("pretrained.md");
         super::write_file(
             &summary,
@@ -159,41 +117,21 @@ pub async fn run(
             runs: 0,
         });
     }
-    let runs_dir = out.join("runs");
-    let mut finished = Vec::new();
-    let mut data = None;
     let specs = pretrained
         .iter()
         .zip(&draw_configs)
         .map(|(draw, draw_config)| study_spec(draw_config, &files, &draw.models))
         .collect::<Result<Vec<_>>>()?;
-    progress.set_total(specs.iter().map(planned_runs).sum());
-    let mut progress = SuccessiveStudies { inner: progress };
-    for (spec, draw) in specs.iter().zip(&pretrained) {
-        progress.line(&format!(
-            "study of draw pretrain.seed={} (study seeds {})",
-            draw.draw.pretrain_seed,
-            seed_list(&draw.draw.study_seeds)
-        ));
-        // Every draw's study reads the same world files.
-        let data = match &data {
-            Some(data) => data,
-            None => data.insert(StudyData::load(spec)?),
-        };
-        let runs = Study::new(
-            spec,
-            data,
-            client.clone(),
-            runs_dir.clone(),
-            force,
-            &mut progress,
-        )
-        .keeping_models(keep_models)
-        .with_more_servers(servers[1..].iter().cloned())
-        .run_all()
-        .await?;
-        finished.extend(runs);
-    }
+    let finished = run_studies(
+        &specs,
+        &pretrained,
+        client,
+        servers,
+        &out.join("runs"),
+        &options,
+        progress,
+    )
+    .await?;
     let study_seconds = started.elapsed().as_secs_f64() - pretrain_seconds;
 
     let report_dir = out.join("report");
@@ -220,6 +158,99 @@ pub async fn run(
         summary,
         runs: finished.len(),
     })
+}
+
+/// Every draw's models in one pretraining pool over the servers, then each model's zero-shot
+/// probe on the first server (written to `pretrained.json`); with each draw's configuration.
+async fn pretrain_and_probe(
+    config: &ExperimentConfig,
+    out: &Path,
+    world: &World,
+    files: &WorldFiles,
+    servers: &[W2sClient],
+    progress: &mut dyn Progress,
+) -> Result<(Vec<DrawModels>, Vec<ExperimentConfig>)> {
+    let draws = config.pretraining_draws();
+    if draws.len() > 1 {
+        progress.line(&format!(
+            "pretraining draws: pretrain.seed {} (one per study seed)",
+            seed_list(&draws.iter().map(|d| d.pretrain_seed).collect::<Vec<_>>())
+        ));
+    }
+    let draw_configs: Vec<ExperimentConfig> = draws.iter().map(|d| config.for_draw(d)).collect();
+    let models = pretrain_models(
+        &draw_configs,
+        files,
+        world,
+        servers,
+        &out.join("models"),
+        progress,
+    )
+    .await?;
+    let mut pretrained: Vec<DrawModels> = draws
+        .into_iter()
+        .zip(models)
+        .map(|(draw, models)| DrawModels {
+            draw,
+            models,
+            probes: Vec::new(),
+        })
+        .collect();
+    progress.line("probing what each pretrained model knows (zero-shot, test split)");
+    let client = &servers[0];
+    for draw in &mut pretrained {
+        for model in &draw.models {
+            draw.probes
+                .push(probe(model, world, client, config.pretrain.max_ctx).await?);
+        }
+    }
+    super::write_file(
+        &out.join("pretrained.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "draws": pretrained }))?.as_bytes(),
+    )?;
+    Ok((pretrained, draw_configs))
+}
+
+/// One study per pretraining draw (its seeds only), all reading the same world files; returns
+/// every run folder.
+async fn run_studies(
+    specs: &[StudySpec],
+    pretrained: &[DrawModels],
+    client: &W2sClient,
+    servers: &[W2sClient],
+    runs_dir: &Path,
+    options: &ExperimentOptions,
+    progress: &mut dyn Progress,
+) -> Result<Vec<PathBuf>> {
+    let mut finished = Vec::new();
+    let mut data = None;
+    progress.set_total(specs.iter().map(planned_runs).sum());
+    let mut progress = SuccessiveStudies { inner: progress };
+    for (spec, draw) in specs.iter().zip(pretrained) {
+        progress.line(&format!(
+            "study of draw pretrain.seed={} (study seeds {})",
+            draw.draw.pretrain_seed,
+            seed_list(&draw.draw.study_seeds)
+        ));
+        let data = match &data {
+            Some(data) => data,
+            None => data.insert(StudyData::load(spec)?),
+        };
+        let runs = Study::new(
+            spec,
+            data,
+            client.clone(),
+            runs_dir.to_path_buf(),
+            options.force,
+            &mut progress,
+        )
+        .keeping_models(options.keep_models)
+        .with_more_servers(servers[1..].iter().cloned())
+        .run_all()
+        .await?;
+        finished.extend(runs);
+    }
+    Ok(finished)
 }
 
 fn summary_markdown(

@@ -501,25 +501,31 @@ pub struct PretrainedModel {
 
 const PRETRAINED_MARKER: &str = "pretraining.json";
 
-/// Pretrains (or finds in the cache) every model of the configured families, for each
-/// pretraining draw in `draws` (one configuration per draw, as `ExperimentConfig::for_draw`
-/// makes them). The sizes left to pretrain, of all draws, are spread over the servers in one
-/// pool (one at a time per server, the corpus uploaded once per server); a server that fails
-/// leaves the pool and its size goes to another. Returns the models per draw, in `draws` order.
-pub async fn pretrain_models(
-    draws: &[ExperimentConfig],
+/// A model of one pretraining draw that is not in the cache yet.
+struct PretrainTask<'a> {
+    /// (draw, position among the draw's models).
+    index: (usize, usize),
+    config: &'a ExperimentConfig,
+    family: Family,
+    size: &'a SizeSpec,
+    model_config: ModelConfig,
+    dir: PathBuf,
+}
+
+/// Per draw, per size: the cached model, or `None` with a task to pretrain it.
+type CacheLookup<'a> = (Vec<Vec<Option<PretrainedModel>>>, Vec<PretrainTask<'a>>);
+
+/// Looks every model of every draw up in the cache (keyed by the world, the model's
+/// configuration, the pretraining settings and what the size reads).
+fn look_up_cached<'a>(
+    draws: &'a [ExperimentConfig],
     files: &WorldFiles,
     world: &World,
-    servers: &[W2sClient],
     cache: &Path,
     progress: &mut dyn Progress,
-) -> Result<Vec<Vec<PretrainedModel>>> {
-    use crate::study::pool::{ServerProgress, spread};
-    use std::cell::RefCell;
-    let tokenizer = &files.tokenizer;
-    let vocab = tokenizer.vocab_size();
-    // Per draw, per size: the model, once found or trained.
-    let mut out: Vec<Vec<Option<PretrainedModel>>> = Vec::new();
+) -> Result<CacheLookup<'a>> {
+    let vocab = files.tokenizer.vocab_size();
+    let mut out = Vec::new();
     let mut todo = Vec::new();
     for (draw, config) in draws.iter().enumerate() {
         let mut families = vec![config.family];
@@ -554,12 +560,70 @@ pub async fn pretrain_models(
                     found.push(Some(model));
                     continue;
                 }
-                todo.push(((draw, found.len()), config, family, size, model_config, dir));
+                todo.push(PretrainTask {
+                    index: (draw, found.len()),
+                    config,
+                    family,
+                    size,
+                    model_config,
+                    dir,
+                });
                 found.push(None);
             }
         }
         out.push(found);
     }
+    Ok((out, todo))
+}
+
+/// One server's share of pretraining: its client, its progress lines, each corpus cut (by the
+/// number of entities read) once uploaded there.
+struct Pretrainer<'p, 'q> {
+    client: W2sClient,
+    progress: crate::study::pool::ServerProgress<'p, 'q>,
+    corpus_datasets: BTreeMap<usize, String>,
+}
+
+impl Pretrainer<'_, '_> {
+    /// The dataset id of the corpus that reads the `read` most frequent entities, uploaded to
+    /// this server on first use.
+    async fn corpus_dataset(&mut self, world: &World, read: usize) -> Result<String> {
+        if let Some(id) = self.corpus_datasets.get(&read) {
+            return Ok(id.clone());
+        }
+        let corpus: Vec<Item> = world
+            .corpus_reading(read)
+            .into_iter()
+            .map(|text| Item::Text(pb::TextRow { text }))
+            .collect();
+        let info = self
+            .client
+            .upload_dataset(&format!("sandbox-corpus-reads-{read}"), corpus)
+            .await
+            .with_context(|| {
+                format!("uploading the pretraining corpus of the {read} most frequent entities")
+            })?;
+        self.corpus_datasets.insert(read, info.id.clone());
+        Ok(info.id)
+    }
+}
+
+/// Pretrains (or finds in the cache) every model of the configured families, for each
+/// pretraining draw in `draws` (one configuration per draw, as `ExperimentConfig::for_draw`
+/// makes them). The sizes left to pretrain, of all draws, are spread over the servers in one
+/// pool (one at a time per server, the corpus uploaded once per server); a server that fails
+/// leaves the pool and its size goes to another. Returns the models per draw, in `draws` order.
+pub async fn pretrain_models(
+    draws: &[ExperimentConfig],
+    files: &WorldFiles,
+    world: &World,
+    servers: &[W2sClient],
+    cache: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Vec<PretrainedModel>>> {
+    use crate::study::pool::{ServerProgress, spread};
+    use std::cell::RefCell;
+    let (mut out, todo) = look_up_cached(draws, files, world, cache, progress)?;
     let collect = |out: Vec<Vec<Option<PretrainedModel>>>| -> Vec<Vec<PretrainedModel>> {
         out.into_iter()
             .map(|draw| draw.into_iter().flatten().collect())
@@ -571,13 +635,6 @@ pub async fn pretrain_models(
     let several = servers.len() > 1;
     let shared: RefCell<&mut dyn Progress> = RefCell::new(progress);
     let mentioned = world.mentioned_entities();
-    /// One server's share: its client, its progress lines, each corpus cut (by the number of
-    /// entities read) once uploaded there.
-    struct Pretrainer<'p, 'q> {
-        client: W2sClient,
-        progress: ServerProgress<'p, 'q>,
-        corpus_datasets: BTreeMap<usize, String>,
-    }
     let mut workers: Vec<Pretrainer> = servers
         .iter()
         .enumerate()
@@ -596,53 +653,25 @@ pub async fn pretrain_models(
         .collect();
     let alive: Vec<std::cell::Cell<bool>> =
         servers.iter().map(|_| std::cell::Cell::new(true)).collect();
-    let indices: Vec<(usize, usize)> = todo.iter().map(|(index, ..)| *index).collect();
+    let indices: Vec<(usize, usize)> = todo.iter().map(|task| task.index).collect();
     let models = spread(
         &mut workers,
         &alive,
         todo,
-        async |worker: &mut Pretrainer, (_, config, family, size, model_config, dir): &(
-            (usize, usize),
-            &ExperimentConfig,
-            Family,
-            &SizeSpec,
-            ModelConfig,
-            PathBuf,
-        )| {
-            let read = size.entities_read(mentioned);
-            let dataset = match worker.corpus_datasets.get(&read) {
-                Some(id) => id.clone(),
-                None => {
-                    let corpus: Vec<Item> = world
-                        .corpus_reading(read)
-                        .into_iter()
-                        .map(|text| Item::Text(pb::TextRow { text }))
-                        .collect();
-                    let info = worker
-                        .client
-                        .upload_dataset(&format!("sandbox-corpus-reads-{read}"), corpus)
-                        .await
-                        .with_context(|| {
-                            format!("uploading the pretraining corpus of the {read} most frequent entities")
-                        })?;
-                    worker.corpus_datasets.insert(read, info.id.clone());
-                    info.id
-                }
-            };
+        async |worker: &mut Pretrainer, task: &PretrainTask| {
+            let dataset = worker
+                .corpus_dataset(world, task.size.entities_read(mentioned))
+                .await?;
             let model = pretrain_one(
-                config,
-                *family,
-                size,
-                model_config.clone(),
-                tokenizer,
+                task,
+                &files.tokenizer,
                 &dataset,
                 &worker.client,
-                dir,
                 &mut worker.progress,
             )
             .await?;
             write_file(
-                &dir.join(PRETRAINED_MARKER),
+                &task.dir.join(PRETRAINED_MARKER),
                 serde_json::to_string_pretty(&model)?.as_bytes(),
             )?;
             Ok(model)
@@ -660,20 +689,25 @@ pub async fn pretrain_models(
     Ok(collect(out))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Initialises one model on the server, pretrains it on `dataset` and downloads it into its
+/// cache folder.
 async fn pretrain_one(
-    config: &ExperimentConfig,
-    family: Family,
-    size: &SizeSpec,
-    model_config: ModelConfig,
+    task: &PretrainTask<'_>,
     tokenizer: &TextTokenizer,
     dataset: &str,
     client: &W2sClient,
-    dir: &Path,
     progress: &mut dyn Progress,
 ) -> Result<PretrainedModel> {
+    let PretrainTask {
+        config,
+        family,
+        size,
+        model_config,
+        dir,
+        ..
+    } = task;
     let started = Instant::now();
-    let parameters = parameter_count(&model_config);
+    let parameters = parameter_count(model_config);
     progress.line(&format!(
         "pretraining {} of draw pretrain.seed={} ({} parameters, {} layers x {} wide)",
         size.name, config.pretrain.seed, parameters, size.layers, size.width
@@ -699,25 +733,7 @@ async fn pretrain_one(
         })
         .await
         .with_context(|| format!("initialising {} on the server", size.name))?;
-    let request = pb::StartJobRequest {
-        objective: pb::ObjectiveKind::CausalLm as i32,
-        base_model: base.clone(),
-        dataset_ids: vec![dataset.to_string()],
-        hyperparameters: Some(pb::TrainingHyperparameters {
-            lr: config.pretrain.lr,
-            batch_size: config.pretrain.batch_size,
-            minibatch_size: config.pretrain.batch_size,
-            shards: config.pretrain.shards,
-            epochs: config.pretrain.epochs,
-            schedule: pb::LrSchedule::CosineToZero as i32,
-            warmup_frac: Some(0.05),
-            max_ctx: config.pretrain.max_ctx,
-            seed: config.pretrain.seed,
-            shuffle: true,
-            ..Default::default()
-        }),
-        output_model: output.clone(),
-    };
+    let request = pretraining_request(config, &base, dataset, &output);
     let stage = format!("pretrain {}", size.name);
     let mut last_loss = f64::NAN;
     let mut last_print = Instant::now();
@@ -743,15 +759,7 @@ async fn pretrain_one(
     if let Some(metrics) = &ended.final_metrics {
         last_loss = metrics.loss;
     }
-    // Downloads go into a new folder; a leftover from an interrupted run of this cache entry
-    // (no marker yet) is ours to clear.
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    if dir.is_dir() && !dir.join(PRETRAINED_MARKER).is_file() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    client
-        .download_model(&output, dir)
+    download_to_cache(client, &output, dir)
         .await
         .with_context(|| format!("downloading the pretrained {}", size.name))?;
     for name in [base, output] {
@@ -771,13 +779,54 @@ async fn pretrain_one(
     ));
     Ok(PretrainedModel {
         name: size.name.clone(),
-        family,
+        family: *family,
         dir: dir.to_path_buf(),
         parameters,
         final_loss: last_loss,
         seconds,
         cached: false,
     })
+}
+
+/// The CAUSAL_LM job that pretrains `base` into `output` on the corpus `dataset`.
+fn pretraining_request(
+    config: &ExperimentConfig,
+    base: &str,
+    dataset: &str,
+    output: &str,
+) -> pb::StartJobRequest {
+    pb::StartJobRequest {
+        objective: pb::ObjectiveKind::CausalLm as i32,
+        base_model: base.to_string(),
+        dataset_ids: vec![dataset.to_string()],
+        hyperparameters: Some(pb::TrainingHyperparameters {
+            lr: config.pretrain.lr,
+            batch_size: config.pretrain.batch_size,
+            minibatch_size: config.pretrain.batch_size,
+            shards: config.pretrain.shards,
+            epochs: config.pretrain.epochs,
+            schedule: pb::LrSchedule::CosineToZero as i32,
+            warmup_frac: Some(0.05),
+            max_ctx: config.pretrain.max_ctx,
+            seed: config.pretrain.seed,
+            shuffle: true,
+            ..Default::default()
+        }),
+        output_model: output.to_string(),
+    }
+}
+
+/// Downloads the server's model `name` into the cache folder `dir`. Downloads go into a new
+/// folder; a leftover from an interrupted run of this cache entry (no marker yet) is ours to
+/// clear.
+async fn download_to_cache(client: &W2sClient, name: &str, dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    if dir.is_dir() && !dir.join(PRETRAINED_MARKER).is_file() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    client.download_model(name, dir).await?;
+    Ok(())
 }
 
 /// Loads the HF folder `dir` (on this machine) on the server under `name`: uploaded, or by its

@@ -692,58 +692,12 @@ impl<'a> Study<'a> {
             };
             return Ok((dir, labels));
         };
-        let teacher_pairs: &[HhPair] = match plan.teacher_split {
-            Split::W2s => &self.data.w2s,
-            Split::Gt => &self.data.gt,
-        };
-        if labels.len() > teacher_pairs.len() {
-            bail!(
-                "{}: {} labels for {} pairs",
-                id,
-                labels.len(),
-                teacher_pairs.len()
-            );
-        }
-        let teacher_pairs = &teacher_pairs[..labels.len()];
-        let rows = student_rows(
-            scenario,
-            teacher_pairs,
-            labels,
-            filter,
-            self.spec.preference.conf_threshold,
-            self.spec.conflict.explicit_target,
-        );
-        let batch = self.spec.plan(scenario).hyper.batch_size;
-        if rows.len() < batch as usize {
-            // Not an error of the study: the filter left too little to train on. The run stays
-            // unfinished and the report lists it as such.
-            self.progress.line(&format!(
-                "skip {}: only {} weak labels pass the high-confidence filter, fewer than one batch of {batch}",
-                id,
-                rows.len()
-            ));
-            self.progress.run_done();
+        let Some(datasets) = self
+            .student_datasets(&id, scenario, plan.teacher_split, labels, filter, conflict)
+            .await?
+        else {
             return Ok((dir, Vec::new()));
-        }
-        let kept = rows.len();
-        let name = format!("labels-for-{id}");
-        let mut datasets = vec![self.dataset(&name, rows).await?];
-        if let Conflict::Implicit { helpful_pairs } = conflict {
-            let n = if filter != LabelFilter::All {
-                kept.min(helpful_pairs)
-            } else {
-                helpful_pairs
-            };
-            if n > self.data.helpful.len() {
-                bail!(
-                    "{}: {n} helpfulness pairs asked for, the helpful split has {}",
-                    id,
-                    self.data.helpful.len()
-                );
-            }
-            let helpful = Self::human_rows(&self.data.helpful[..n]);
-            datasets.push(self.dataset(&format!("helpful-{n}"), helpful).await?);
-        }
+        };
         let model = self.model(strong)?.clone();
         let trained = self
             .train_scenario(
@@ -772,6 +726,67 @@ impl<'a> Study<'a> {
         self.unload(trained).await;
         self.release_jobs(&dir).await;
         Ok((dir, new_labels))
+    }
+
+    /// The datasets a student trains on: its teacher's labels of `split` as rows (kept by
+    /// `filter`), plus the implicit conflict's helpfulness pairs. `None` when the filter leaves
+    /// less than one batch: not an error of the study, the run stays unfinished and the report
+    /// lists it as such.
+    async fn student_datasets(
+        &mut self,
+        id: &str,
+        scenario: Scenario,
+        split: Split,
+        labels: &[WeakLabel],
+        filter: LabelFilter,
+        conflict: Conflict,
+    ) -> Result<Option<Vec<String>>> {
+        let teacher_pairs: &[HhPair] = match split {
+            Split::W2s => &self.data.w2s,
+            Split::Gt => &self.data.gt,
+        };
+        if labels.len() > teacher_pairs.len() {
+            bail!(
+                "{id}: {} labels for {} pairs",
+                labels.len(),
+                teacher_pairs.len()
+            );
+        }
+        let rows = student_rows(
+            scenario,
+            &teacher_pairs[..labels.len()],
+            labels,
+            filter,
+            self.spec.preference.conf_threshold,
+            self.spec.conflict.explicit_target,
+        );
+        let batch = self.spec.plan(scenario).hyper.batch_size;
+        if rows.len() < batch as usize {
+            self.progress.line(&format!(
+                "skip {id}: only {} weak labels pass the high-confidence filter, fewer than one batch of {batch}",
+                rows.len()
+            ));
+            self.progress.run_done();
+            return Ok(None);
+        }
+        let kept = rows.len();
+        let mut datasets = vec![self.dataset(&format!("labels-for-{id}"), rows).await?];
+        if let Conflict::Implicit { helpful_pairs } = conflict {
+            let n = if filter != LabelFilter::All {
+                kept.min(helpful_pairs)
+            } else {
+                helpful_pairs
+            };
+            if n > self.data.helpful.len() {
+                bail!(
+                    "{id}: {n} helpfulness pairs asked for, the helpful split has {}",
+                    self.data.helpful.len()
+                );
+            }
+            let helpful = Self::human_rows(&self.data.helpful[..n]);
+            datasets.push(self.dataset(&format!("helpful-{n}"), helpful).await?);
+        }
+        Ok(Some(datasets))
     }
 
     /// Bootstrapping weak → intermediate → strong (paper spec §2.4): the intermediate learns
