@@ -1,10 +1,12 @@
 //! The evaluation library behind `eval-client`: the run-folder contract shared with `trainer`,
 //! the study's metrics as pure functions, policy-collapse detection, the
-//! report built from run folders, the findings across seeds, and the plots.
+//! report built from run folders, the findings across seeds, the plots, and the grading of what
+//! a policy says (`generations`).
 
 pub mod collapse;
 pub mod figures;
 pub mod findings;
+pub mod generations;
 pub mod metrics;
 pub mod plots;
 pub mod report;

@@ -7,6 +7,7 @@
 //! - `log.jsonl`: one line per training step (free-form, for people),
 //! - `predictions.jsonl`: one [`Prediction`] per test pair, ids `0..n`,
 //! - `weak_labels.jsonl`: one [`WeakLabel`] per labelled pair (runs that label a split),
+//! - `generations.jsonl`: one [`Generation`] per test prompt (policies graded on what they say),
 //! - `results_summary.json`: [`ResultsSummary`], written last: its presence marks the run
 //!   finished.
 //!
@@ -23,6 +24,7 @@ pub const CONFIG: &str = "config.json";
 pub const LOG: &str = "log.jsonl";
 pub const PREDICTIONS: &str = "predictions.jsonl";
 pub const WEAK_LABELS: &str = "weak_labels.jsonl";
+pub const GENERATIONS: &str = "generations.jsonl";
 pub const RESULTS_SUMMARY: &str = "results_summary.json";
 
 /// A run-folder file that cannot be read or written, with the line when one is at fault.
@@ -387,6 +389,20 @@ pub struct WeakLabel {
     pub correct: bool,
 }
 
+/// A policy's answer to one test prompt, with what grading it needs: whether acting on the
+/// request is harmful, and the two words that state the entity's property (the refusal's and
+/// the compliance's, read from the test pair's own responses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The test pair's id.
+    pub id: usize,
+    pub prompt: String,
+    pub response: String,
+    pub harmful: bool,
+    pub harmful_word: String,
+    pub safe_word: String,
+}
+
 /// Test accuracy of a finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultsSummary {
@@ -475,6 +491,21 @@ pub fn read_weak_labels(dir: &Path) -> Result<Vec<WeakLabel>> {
 
 pub fn write_weak_labels(dir: &Path, labels: &[WeakLabel]) -> Result<()> {
     write_jsonl(&dir.join(WEAK_LABELS), labels)
+}
+
+/// The run's generations sorted by id; an error unless the ids are exactly `0..n`.
+pub fn read_generations(dir: &Path) -> Result<Vec<Generation>> {
+    let path = dir.join(GENERATIONS);
+    let mut generations: Vec<Generation> = read_jsonl(&path)?;
+    generations.sort_by_key(|g| g.id);
+    if generations.iter().enumerate().any(|(i, g)| g.id != i) {
+        return Err(RunFolderError::new(&path, None, "ids are not 0..n"));
+    }
+    Ok(generations)
+}
+
+pub fn write_generations(dir: &Path, generations: &[Generation]) -> Result<()> {
+    write_jsonl(&dir.join(GENERATIONS), generations)
 }
 
 /// Reads a finished run's `results_summary.json`.
