@@ -298,6 +298,10 @@ pub struct Findings {
     pub grows_with_gap: Vec<FindingRow>,
     /// (iii) DS_new − chance of the bootstrapped student minus the direct student's.
     pub bootstrap_reduces: Vec<FindingRow>,
+    /// On-policy: (i) on what the policies say — of the bad answers (harmful compliance or a
+    /// falsehood) a conflict adds, the share in S_k ∩ W_uk minus its chance, pooled over pairs
+    /// per seed.
+    pub answers_in_blind_spot: Vec<FindingRow>,
 }
 
 fn verdict(value: Option<SeedInterval>, yes: &'static str, no: &'static str) -> &'static str {
@@ -318,6 +322,7 @@ pub fn findings(report: &Report) -> Findings {
         tax_in_blind_spot: Vec::new(),
         grows_with_gap: Vec::new(),
         bootstrap_reduces: Vec::new(),
+        answers_in_blind_spot: answers_in_blind_spot(report),
     };
     for ((scenario, variant), all) in conflict_variants(report) {
         let cs: Vec<&Comparison> = all
@@ -375,6 +380,56 @@ pub fn findings(report: &Report) -> Findings {
         }
     }
     out
+}
+
+/// Finding (i) on the graded answers of on-policy conflict policies: per (scenario, variant),
+/// per seed, Σ added bad answers in S_k ∩ W_uk / Σ added − Σ well-answered baseline prompts in
+/// the region / Σ well-answered, over the pairs whose comparison carries evidence.
+fn answers_in_blind_spot(report: &Report) -> Vec<FindingRow> {
+    let evidence = |run_id: &str| {
+        report
+            .comparisons
+            .iter()
+            .find(|c| c.run_id == run_id)
+            .is_some_and(|c| c.no_evidence_reason().is_none())
+    };
+    // (scenario, variant) → (per seed: summed counts of the added answers, left out)
+    type Sums = BTreeMap<u64, [usize; 4]>;
+    let mut groups: BTreeMap<(Scenario, Variant), (Sums, usize, usize)> = BTreeMap::new();
+    for row in report.answers.iter().filter(|r| r.variant.is_plain()) {
+        let Some(e) = &row.added else { continue };
+        let (sums, used, left_out) = groups
+            .entry((row.scenario, row.variant.clone()))
+            .or_default();
+        if !evidence(&row.run_id) {
+            *left_out += 1;
+            continue;
+        }
+        *used += 1;
+        let s = sums.entry(row.seed).or_default();
+        s[0] += e.ds_new.numerator;
+        s[1] += e.ds_new.denominator;
+        s[2] += e.ds_new_chance.numerator;
+        s[3] += e.ds_new_chance.denominator;
+    }
+    groups
+        .into_iter()
+        .map(|((scenario, variant), (sums, used, left_out))| {
+            let per_seed: Vec<(u64, f64)> = sums
+                .into_iter()
+                .filter(|(_, s)| s[1] > 0 && s[3] > 0)
+                .map(|(seed, s)| (seed, s[0] as f64 / s[1] as f64 - s[2] as f64 / s[3] as f64))
+                .collect();
+            FindingRow::new(
+                scenario,
+                &variant,
+                per_seed,
+                "reproduced: the bad answers it adds fall disproportionately in S_k ∩ W_uk",
+                "reversed: they fall less than chance in S_k ∩ W_uk",
+            )
+            .counted(used, left_out)
+        })
+        .collect()
 }
 
 /// The bootstrapped students of one conflict against their direct twins.

@@ -38,6 +38,7 @@ pub fn run(
         p_chosen: p,
         // Even pairs: the human-chosen response complies (a safe request).
         chosen_compliant: (0..n).map(|i| Some(i % 2 == 0)).collect(),
+        generations: None,
     }
 }
 

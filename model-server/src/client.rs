@@ -204,6 +204,46 @@ impl W2sClient {
         .await
     }
 
+    /// Preference pairs from a policy's samples ranked by a judge; retried on a broken
+    /// connection (sampling is seeded, so a repeat gives the same pairs).
+    pub async fn generate_pairs(
+        &self,
+        request: pb::GeneratePairsRequest,
+    ) -> Result<Vec<pb::GeneratedPair>, ClientError> {
+        retry_transient("GeneratePairs", || async {
+            Ok(self
+                .inference
+                .clone()
+                .generate_pairs(request.clone())
+                .await?
+                .into_inner()
+                .pairs)
+        })
+        .await
+    }
+
+    /// A whole continuation of `request.prompt` (the stream's last message); retried on a
+    /// broken connection.
+    pub async fn generate_text(&self, request: pb::GenerateRequest) -> Result<String, ClientError> {
+        retry_transient("Generate", || async {
+            let mut stream = self
+                .inference
+                .clone()
+                .generate(request.clone())
+                .await?
+                .into_inner();
+            while let Some(message) = stream.message().await? {
+                if let Some(pb::generate_response::Event::Done(done)) = message.event {
+                    return Ok(done.text);
+                }
+            }
+            Err(ClientError::Rpc(tonic::Status::unavailable(
+                "the generation stream ended before its last message",
+            )))
+        })
+        .await
+    }
+
     /// Uploads rows as one dataset (streamed in order after a header); retried on a broken
     /// connection (datasets are stored by content, so a repeat is harmless).
     pub async fn upload_dataset(

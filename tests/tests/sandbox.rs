@@ -66,11 +66,19 @@ fn tiny() -> ExperimentConfig {
             epochs: 1,
             ..base.pretrain.clone()
         },
-        scenarios: vec![Scenario::Reward, Scenario::Simpo],
+        scenarios: vec![Scenario::Reward, Scenario::Simpo, Scenario::OnPolicy],
         settings: vec![Setting::None, Setting::Explicit],
         conflict: trainer::spec::ConflictSpec {
             explicit_alphas: vec![2.0],
             ..base.conflict.clone()
+        },
+        on_policy: trainer::spec::OnPolicySpec {
+            rounds: 1,
+            // 16 × (3 − 1) pairs: one DPO batch of the quick configuration's 32.
+            prompts: 16,
+            samples_per_prompt: 3,
+            max_new_tokens: 8,
+            ..Default::default()
         },
         ..base
     }
@@ -105,15 +113,17 @@ async fn run_on(
     (outcome, progress.lines)
 }
 
-/// Every `predictions.jsonl` under `runs/`, by run folder name.
+/// Every `predictions.jsonl` and `generations.jsonl` under `runs/`, by run folder and file.
 fn predictions(out: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("runs")).unwrap() {
         let dir = entry.unwrap().path();
-        let file = dir.join("predictions.jsonl");
-        if file.is_file() {
-            let name = dir.file_name().unwrap().to_string_lossy().to_string();
-            files.insert(name, std::fs::read(file).unwrap());
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        for kind in ["predictions.jsonl", "generations.jsonl"] {
+            let file = dir.join(kind);
+            if file.is_file() {
+                files.insert(format!("{name}/{kind}"), std::fs::read(file).unwrap());
+            }
         }
     }
     files
@@ -125,7 +135,7 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (outcome, log) = run(&config, a.path()).await;
     // Per scenario: 2 ceilings + 1 pair x 2 settings.
-    assert_eq!(outcome.runs, 8);
+    assert_eq!(outcome.runs, 12);
     assert!(outcome.summary.is_file());
     assert!(outcome.report_dir.join("report.md").is_file());
     assert!(outcome.report_dir.join("ds_vs_gap.svg").is_file());
@@ -152,11 +162,13 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     let test_rows =
         trainer::data::read_hh_jsonl(&a.path().join("world/harmless_test.jsonl"), None).unwrap();
     let runs = report["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 8);
+    assert_eq!(runs.len(), 12);
     // `eval-client report OUT` finds the runs below the experiment's folder (in runs/), and
     // takes the model folders beside them (which have a config.json too) for no runs.
     let (found, warnings) = eval_client::report::load_runs(&[a.path().to_path_buf()]).unwrap();
-    assert_eq!((found.len(), warnings.len()), (8, 0), "{warnings:?}");
+    assert_eq!((found.len(), warnings.len()), (12, 0), "{warnings:?}");
+    // The on-policy students' answers, one per test prompt, graded in the report.
+    assert_eq!(report["answers"].as_array().unwrap().len(), 2);
     for run in runs {
         let id = run["run_id"].as_str().unwrap();
         let predictions =
@@ -238,7 +250,8 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     assert!(log_b.iter().any(|l| l.starts_with("[server 1] run ")));
     assert!(!b.path().join(".server").exists());
     let (first, second) = (predictions(a.path()), predictions(b.path()));
-    assert_eq!(first.len(), 8);
+    // 12 runs' predictions and the 2 on-policy students' answers.
+    assert_eq!(first.len(), 14);
     assert_eq!(
         first.keys().collect::<Vec<_>>(),
         second.keys().collect::<Vec<_>>()
@@ -265,7 +278,7 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         ..config.clone()
     };
     let (outcome, log_two) = run(&two, a.path()).await;
-    assert_eq!(outcome.runs, 16);
+    assert_eq!(outcome.runs, 24);
     assert!(
         log_two
             .iter()

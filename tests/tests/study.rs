@@ -62,6 +62,7 @@ fn spec() -> StudySpec {
         reward: hyper(1e-3),
         preference: hyper(1e-4),
         conflict: Default::default(),
+        on_policy: Default::default(),
     }
 }
 

@@ -35,7 +35,7 @@ fn default_settings() -> Vec<Setting> {
 }
 
 /// Scenarios and settings are part of the run-folder contract, owned by `eval-client`.
-pub use superficial_run_folder::{Scenario, Setting};
+pub use superficial_run_folder::{Role, Scenario, Setting};
 
 /// Which response the explicit conflict's second goal favours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -74,6 +74,35 @@ impl Default for ConflictSpec {
     }
 }
 
+/// The on-policy scenario's loop: each round the policy samples `samples_per_prompt` answers
+/// to each of the first `prompts` W2S prompts, the judge ranks them (best against each
+/// other), and one DPO job on those pairs makes the next policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnPolicySpec {
+    pub rounds: u32,
+    pub prompts: usize,
+    pub samples_per_prompt: u32,
+    pub max_new_tokens: u32,
+    /// Sampling temperature of the rounds (the test answers are greedy).
+    pub temperature: f64,
+    /// DPO epochs over each round's pairs.
+    pub epochs: u32,
+}
+
+impl Default for OnPolicySpec {
+    fn default() -> Self {
+        Self {
+            rounds: 2,
+            prompts: 64,
+            samples_per_prompt: 4,
+            max_new_tokens: 24,
+            temperature: 1.0,
+            epochs: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudySpec {
@@ -101,6 +130,8 @@ pub struct StudySpec {
     pub preference: StageHyper,
     #[serde(default)]
     pub conflict: ConflictSpec,
+    #[serde(default)]
+    pub on_policy: OnPolicySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +269,11 @@ pub struct TrainingStage {
 /// apply. A new scenario is a new arm here.
 #[derive(Debug, Clone)]
 pub struct ScenarioPlan<'a> {
+    /// Whose plan trains and scores the scenario's ceilings: its own, or (on-policy, whose
+    /// ceilings are the judges) the reward scenario's.
+    pub ceilings: Scenario,
+    /// After its stages a student runs the on-policy loop (`study/on_policy.rs`).
+    pub on_policy: bool,
     pub hyper: &'a StageHyper,
     pub reward_head: bool,
     pub scoring: w2s_proto::v1::PairScoring,
@@ -251,6 +287,8 @@ impl StudySpec {
         use w2s_proto::v1::{LrSchedule, ObjectiveKind, PairScoring};
         match scenario {
             Scenario::Reward => ScenarioPlan {
+                ceilings: Scenario::Reward,
+                on_policy: false,
                 hyper: &self.reward,
                 reward_head: true,
                 scoring: PairScoring::Reward,
@@ -273,6 +311,8 @@ impl StudySpec {
                     _ => (ObjectiveKind::Dpo, PairScoring::SumLogprob, h.dpo_epochs),
                 };
                 ScenarioPlan {
+                    ceilings: scenario,
+                    on_policy: false,
                     hyper: h,
                     reward_head: false,
                     scoring,
@@ -299,6 +339,35 @@ impl StudySpec {
                     preference_variants: true,
                 }
             }
+            // Students: SFT on the weak teacher's preferred responses, then the loop; scored
+            // like SimPO policies (mean response log-prob).
+            Scenario::OnPolicy => ScenarioPlan {
+                ceilings: Scenario::Reward,
+                on_policy: true,
+                hyper: &self.preference,
+                reward_head: false,
+                scoring: PairScoring::MeanLogprob,
+                stages: vec![TrainingStage {
+                    key: "sft",
+                    objective: ObjectiveKind::Sft,
+                    epochs: self.preference.sft_epochs,
+                    schedule: LrSchedule::WarmupConstant,
+                    takes_conflict: false,
+                    orient_slots: false,
+                    output_suffix: "sft",
+                }],
+                preference_variants: false,
+            },
+        }
+    }
+
+    /// The plan that trains `role`'s model in `scenario` (a ceiling: the scenario's ceiling
+    /// plan).
+    pub fn plan_for(&self, scenario: Scenario, role: Role) -> ScenarioPlan<'_> {
+        if role.is_ceiling() {
+            self.plan(self.plan(scenario).ceilings)
+        } else {
+            self.plan(scenario)
         }
     }
 
@@ -385,6 +454,32 @@ impl StudySpec {
                  (or run ipo in a spec of its own)"
                     .into(),
             );
+        }
+        let o = &self.on_policy;
+        if self.scenarios.contains(&Scenario::OnPolicy)
+            && (o.rounds == 0
+                || o.prompts == 0
+                || o.samples_per_prompt < 2
+                || o.max_new_tokens == 0
+                || o.epochs == 0
+                || !(o.temperature.is_finite() && o.temperature > 0.0))
+        {
+            return Err(
+                "on_policy: rounds, prompts, max_new_tokens and epochs must be ≥ 1, \
+                 samples_per_prompt ≥ 2 and temperature a positive number"
+                    .into(),
+            );
+        }
+        let pairs_per_round = o.prompts * o.samples_per_prompt.saturating_sub(1) as usize;
+        if self.scenarios.contains(&Scenario::OnPolicy)
+            && pairs_per_round < self.preference.batch_size as usize
+        {
+            return Err(format!(
+                "on_policy: {} prompts × ({} samples − 1) make {pairs_per_round} pairs a round, \
+                 fewer than one preference batch of {}",
+                o.prompts, o.samples_per_prompt, self.preference.batch_size
+            )
+            .into());
         }
         if self.settings.contains(&Setting::Implicit) && self.data.helpful.is_none() {
             return Err(
@@ -507,6 +602,50 @@ mod tests {
             err.0.contains("n_docs") || err.0.contains("invalid type"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_on_policy_scenario_judges_with_reward_ceilings_and_checks_its_loop() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-cpu.toml");
+        let with = |extra: &[&str]| {
+            let mut overrides = vec!["scenarios=[\"on_policy\"]".to_string()];
+            overrides.extend(extra.iter().map(|s| s.to_string()));
+            StudySpec::from_file_with_overrides(&path, &overrides)
+        };
+        let spec = with(&["preference.batch_size=4", "preference.minibatch_size=4"]).unwrap();
+        let plan = spec.plan(Scenario::OnPolicy);
+        assert!(plan.on_policy);
+        assert_eq!(plan.ceilings, Scenario::Reward);
+        let stages: Vec<_> = plan.stages.iter().map(|s| s.objective).collect();
+        assert_eq!(stages, [w2s_proto::v1::ObjectiveKind::Sft]);
+        // Its ceilings train as reward models; its students as policies.
+        assert!(
+            spec.plan_for(Scenario::OnPolicy, Role::WeakCeiling)
+                .reward_head
+        );
+        assert!(!spec.plan_for(Scenario::OnPolicy, Role::W2s).reward_head);
+        for bad in [
+            "on_policy.samples_per_prompt=1",
+            "on_policy.rounds=0",
+            "on_policy.temperature=0.0",
+        ] {
+            let err = with(&[
+                "preference.batch_size=4",
+                "preference.minibatch_size=4",
+                bad,
+            ])
+            .unwrap_err();
+            assert!(err.0.contains("on_policy"), "{bad}: {err}");
+        }
+        // 2 prompts × (2 − 1) pairs cannot fill a batch of 4.
+        let err = with(&[
+            "preference.batch_size=4",
+            "preference.minibatch_size=4",
+            "on_policy.prompts=2",
+            "on_policy.samples_per_prompt=2",
+        ])
+        .unwrap_err();
+        assert!(err.0.contains("fewer than one preference batch"), "{err}");
     }
 
     #[test]

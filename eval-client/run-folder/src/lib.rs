@@ -16,6 +16,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod grading;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use superficial_training::checkpoint::write_file_atomic;
@@ -57,6 +59,9 @@ pub enum Scenario {
     Dpo,
     /// SFT then IPO against the post-SFT reference (no explicit-conflict term).
     Ipo,
+    /// SFT, then rounds of DPO on the policy's own samples ranked by a judge (the weak
+    /// model's reward model, trained on ground truth): the policy is graded on what it says.
+    OnPolicy,
 }
 
 /// Which conflicting goal, if any, a student trains under.
@@ -389,18 +394,32 @@ pub struct WeakLabel {
     pub correct: bool,
 }
 
-/// A policy's answer to one test prompt, with what grading it needs: whether acting on the
-/// request is harmful, and the two words that state the entity's property (the refusal's and
-/// the compliance's, read from the test pair's own responses).
+/// A policy's answer to one test prompt, with what grading it needs: the entity asked about,
+/// whether acting on the request is harmful, and the two words that state the entity's
+/// property (the refusal's and the compliance's, read from the test pair's own responses).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
     /// The test pair's id.
     pub id: usize,
     pub prompt: String,
     pub response: String,
+    /// The words that name the entity asked about (e.g. "zorvak berry").
+    pub subject: String,
     pub harmful: bool,
     pub harmful_word: String,
     pub safe_word: String,
+}
+
+impl Generation {
+    /// The request as the grader reads it.
+    pub fn request(&self) -> grading::Request<'_> {
+        grading::Request {
+            subject: &self.subject,
+            harmful_word: &self.harmful_word,
+            safe_word: &self.safe_word,
+            harmful: self.harmful,
+        }
+    }
 }
 
 /// Test accuracy of a finished run.

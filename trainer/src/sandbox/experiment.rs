@@ -573,6 +573,64 @@ fn findings_markdown(report: &eval_client::report::Report) -> String {
         "bootstrapped − direct",
         &f.bootstrap_reduces,
     );
+    if !report.answers.is_empty() {
+        rows(
+            &mut s,
+            "**On-policy, (i) on what the policies say: are the bad answers a conflict adds (harmful compliance or a falsehood, against the same pair's no-conflict policy) in S_k ∩ W_uk more often than chance?**",
+            "added-in-region − chance",
+            &f.answers_in_blind_spot,
+        );
+        s.push_str(&on_policy_markdown(report));
+    }
+    s
+}
+
+/// The on-policy policies' answers per variant: each rate pooled over pairs per seed, then
+/// mean and 95 % t-interval over seeds.
+fn on_policy_markdown(report: &eval_client::report::Report) -> String {
+    use eval_client::findings::SeedInterval;
+    use eval_client::generations::AnswerRates;
+    use std::collections::BTreeMap;
+    type Pick = fn(&AnswerRates) -> &eval_client::metrics::Ratio;
+    let picks: [(&str, Pick); 4] = [
+        ("harmful compliance", |r| &r.harmful_compliance),
+        ("false statements", |r| &r.false_statement),
+        ("safe refusals", |r| &r.safe_refusal),
+        ("no decision", |r| &r.no_decision),
+    ];
+    let mut s = String::from(
+        "| on-policy variant | harmful compliance | false statements | safe refusals | no decision |\n| --- | --- | --- | --- | --- |\n",
+    );
+    let mut variants: BTreeMap<String, Vec<&eval_client::generations::AnswerRow>> = BTreeMap::new();
+    for row in &report.answers {
+        variants
+            .entry(format!("{} {}", row.scenario, row.variant))
+            .or_default()
+            .push(row);
+    }
+    for (variant, rows) in variants {
+        let _ = write!(s, "| {variant} |");
+        for (_, pick) in picks {
+            let mut by_seed: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+            for row in &rows {
+                let r = pick(&row.all);
+                let e = by_seed.entry(row.seed).or_default();
+                e.0 += r.numerator;
+                e.1 += r.denominator;
+            }
+            let values: Vec<f64> = by_seed
+                .values()
+                .filter(|(_, d)| *d > 0)
+                .map(|(n, d)| *n as f64 / *d as f64)
+                .collect();
+            let cell = SeedInterval::of(&values)
+                .map(|v| v.show(1.0))
+                .unwrap_or_else(|| "–".into());
+            let _ = write!(s, " {cell} |");
+        }
+        s.push('\n');
+    }
+    s.push('\n');
     s
 }
 

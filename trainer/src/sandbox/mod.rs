@@ -29,8 +29,8 @@ use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
 use crate::spec::{
-    ConflictSpec, ConflictTarget, DataFiles, ModelSpec, Scenario, Setting, Sizes, StageHyper,
-    StudySpec,
+    ConflictSpec, ConflictTarget, DataFiles, ModelSpec, OnPolicySpec, Scenario, Setting, Sizes,
+    StageHyper, StudySpec,
 };
 use crate::study::Progress;
 use world::{World, WorldConfig};
@@ -153,6 +153,8 @@ pub struct ExperimentConfig {
     /// The conflicting goals and their doses (the sandbox's explicit conflict pulls towards
     /// the compliant response: helpfulness against harmlessness, as in the paper).
     pub conflict: ConflictSpec,
+    /// The on-policy scenario's loop (when `scenarios` has `on_policy`).
+    pub on_policy: OnPolicySpec,
 }
 
 impl Default for ExperimentConfig {
@@ -240,6 +242,7 @@ impl Default for ExperimentConfig {
                 explicit_alphas: vec![0.25, 1.0, 4.0],
                 implicit_helpful_pairs: vec![200, 400, 600],
             },
+            on_policy: OnPolicySpec::default(),
         }
     }
 }
@@ -262,6 +265,7 @@ impl ExperimentConfig {
 
             seeds: vec![0],
             bootstrap: false,
+            scenarios: vec![Scenario::Reward, Scenario::Simpo, Scenario::OnPolicy],
             ..base
         }
     }
@@ -1046,6 +1050,7 @@ pub fn study_spec(
         reward: config.reward.clone(),
         preference: config.preference.clone(),
         conflict: config.conflict.clone(),
+        on_policy: config.on_policy.clone(),
     };
     spec.validate().map_err(anyhow::Error::msg)?;
     Ok(spec)

@@ -23,9 +23,12 @@ use superficial_run_folder::{
 };
 
 use crate::data::{HhPair, read_hh_jsonl};
-use crate::spec::{ConflictTarget, ModelSpec, Scenario, Setting, StageHyper, StudySpec};
+use crate::spec::{
+    ConflictTarget, ModelSpec, OnPolicySpec, Scenario, Setting, StageHyper, StudySpec,
+};
 
 mod jobs;
+mod on_policy;
 pub(crate) mod pool;
 mod rows;
 
@@ -184,6 +187,9 @@ struct RunConfig {
     /// The explicit conflict's target (explicit students only).
     #[serde(skip_serializing_if = "Option::is_none")]
     conflict_target: Option<ConflictTarget>,
+    /// The on-policy loop (on-policy students only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_policy: Option<OnPolicySpec>,
     hyperparameters: StageHyper,
     sizes: crate::spec::Sizes,
     models: Vec<ModelSpec>,
@@ -371,7 +377,9 @@ impl<'a> Study<'a> {
                 Conflict::Explicit { target, .. } => Some(target),
                 _ => None,
             },
-            hyperparameters: self.spec.plan(scenario).hyper.clone(),
+            on_policy: (self.spec.plan(scenario).on_policy && !role.is_ceiling())
+                .then(|| self.spec.on_policy.clone()),
+            hyperparameters: self.spec.plan_for(scenario, role).hyper.clone(),
             sizes: self.spec.sizes.clone(),
             // Only the models this run involves, so adding a model to the spec keeps the ids
             // (and finished results) of existing runs.
@@ -618,10 +626,12 @@ impl<'a> Study<'a> {
         let model = self.model(name)?.clone();
         let gt_rows = Self::human_rows(&self.data.gt);
         let gt = self.dataset("gt", gt_rows).await?;
+        // On-policy ceilings are the judges: reward models, trained and scored as such.
+        let training = self.spec.plan(scenario).ceilings;
         let trained = self
-            .train_scenario(scenario, &dir, &model, &id, vec![gt], 0.0, seed, &mut log)
+            .train_scenario(training, &dir, &model, &id, vec![gt], 0.0, seed, &mut log)
             .await?;
-        let (scoring, h) = self.scoring(scenario);
+        let (scoring, h) = self.scoring(training);
         let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
         let w2s = self.margins(&trained, &self.data.w2s, scoring, &h).await?;
         let labels = labels_from_margins(&w2s);
@@ -699,8 +709,24 @@ impl<'a> Study<'a> {
             return Ok((dir, Vec::new()));
         };
         let model = self.model(strong)?.clone();
-        let trained = self
-            .train_scenario(
+        let trained = if self.spec.plan(scenario).on_policy {
+            let mut datasets = datasets.into_iter();
+            let labels = datasets.next().context("no weak-label dataset")?;
+            let weak_model = self.model(weak)?.clone();
+            self.on_policy_student(
+                &dir,
+                &id,
+                &weak_model,
+                &model,
+                labels,
+                datasets.collect(),
+                conflict,
+                seed,
+                &mut log,
+            )
+            .await?
+        } else {
+            self.train_scenario(
                 scenario,
                 &dir,
                 &model,
@@ -710,7 +736,8 @@ impl<'a> Study<'a> {
                 seed,
                 &mut log,
             )
-            .await?;
+            .await?
+        };
         let (scoring, h) = self.scoring(scenario);
         let test = self.margins(&trained, &self.data.test, scoring, &h).await?;
         let mut new_labels = Vec::new();

@@ -1,0 +1,321 @@
+//! The on-policy scenario's student: the strong model after SFT on its weak teacher's preferred
+//! responses writes its own answers, a judge ranks them, and DPO on those pairs makes the next
+//! policy, for `on_policy.rounds` rounds; then its greedy answers to the test prompts are saved
+//! (`generations.jsonl`) to be graded on what it says.
+//!
+//! The judge is the weak model's reward model trained on ground truth — the weak ceiling, trained
+//! again inside the run so that it is resident on the run's server (training is deterministic:
+//! the same weights). Under the implicit conflict the judge also learns the helpfulness pairs;
+//! under the explicit one it scores `judge + α · complies(answer)`, the same second goal as the
+//! explicit conflict of the other scenarios.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use superficial_run_folder::grading::{Decision, Request, grade, subject_and_property};
+use superficial_run_folder::{Generation, write_generations};
+use w2s_proto::v1 as pb;
+use w2s_proto::v1::upload_dataset_request::Item;
+
+use super::{Conflict, Scenario, Study};
+use crate::data::{HhPair, Side};
+use crate::spec::ModelSpec;
+
+/// Where an HH dialogue's prompt ends: after its last "\n\nAssistant:".
+fn prompt_of(dialogue: &str) -> &str {
+    const ASSISTANT: &str = "\n\nAssistant:";
+    match dialogue.rfind(ASSISTANT) {
+        Some(at) => &dialogue[..at + ASSISTANT.len()],
+        None => dialogue,
+    }
+}
+
+/// Whether an answer complies with its request (the explicit conflict's helpfulness; what it
+/// says about the entity does not matter here).
+fn complies(answer: &str) -> bool {
+    let any = Request {
+        subject: "",
+        harmful_word: "",
+        safe_word: "",
+        harmful: false,
+    };
+    grade(answer, &any).decision == Decision::Comply
+}
+
+/// A round's pairs ordered by the conflict judge: `score + α · complies` for each side; a pair
+/// whose rejected answer scores higher that way is turned around. Returns how many were.
+fn rank_with_conflict(pairs: &mut [pb::GeneratedPair], alpha: f64) -> usize {
+    let mut turned = 0;
+    for pair in pairs.iter_mut() {
+        let chosen = pair.chosen_score + alpha * f64::from(u8::from(complies(&pair.chosen)));
+        let rejected = pair.rejected_score + alpha * f64::from(u8::from(complies(&pair.rejected)));
+        if rejected > chosen {
+            std::mem::swap(&mut pair.chosen, &mut pair.rejected);
+            std::mem::swap(&mut pair.chosen_score, &mut pair.rejected_score);
+            turned += 1;
+        }
+    }
+    turned
+}
+
+/// What a test pair says about its request, read from its own two responses: the subject,
+/// whether acting on it is harmful, and the words that state the property — (subject, harmful,
+/// harmful word, safe word); `None` without a compliance mark or a stated property in both.
+fn property_of(pair: &HhPair) -> Option<(String, bool, String, String)> {
+    let (complying, refusing) = match pair.compliant? {
+        Side::Chosen => (&pair.chosen, &pair.rejected),
+        Side::Rejected => (&pair.rejected, &pair.chosen),
+    };
+    let answer = |dialogue: &str| dialogue[prompt_of(dialogue).len()..].to_string();
+    let (subject, harmful_word) = subject_and_property(&answer(refusing))?;
+    let (_, safe_word) = subject_and_property(&answer(complying))?;
+    Some((
+        subject,
+        pair.compliant == Some(Side::Rejected),
+        harmful_word,
+        safe_word,
+    ))
+}
+
+impl Study<'_> {
+    /// An on-policy student in its opened run folder: judge, SFT on `labels` (the weak
+    /// teacher's preferred responses), the rounds, and the greedy test answers written to the
+    /// folder. `judge_extra`: datasets the judge learns besides ground truth (the implicit
+    /// conflict's helpfulness pairs). Returns the final policy's name on the server.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_policy_student(
+        &mut self,
+        dir: &Path,
+        id: &str,
+        weak: &ModelSpec,
+        strong: &ModelSpec,
+        labels: String,
+        judge_extra: Vec<String>,
+        conflict: Conflict,
+        seed: u64,
+        log: &mut std::fs::File,
+    ) -> Result<String> {
+        let gt = self.dataset("gt", Self::human_rows(&self.data.gt)).await?;
+        let judge_datasets: Vec<String> = std::iter::once(gt).chain(judge_extra).collect();
+        let judge = self
+            .train_scenario(
+                Scenario::Reward,
+                dir,
+                weak,
+                &format!("{id}:judge"),
+                judge_datasets,
+                0.0,
+                seed,
+                log,
+            )
+            .await?;
+        let mut policy = self
+            .train_scenario(
+                Scenario::OnPolicy,
+                dir,
+                strong,
+                id,
+                vec![labels],
+                0.0,
+                seed,
+                log,
+            )
+            .await?;
+        let o = self.spec.on_policy.clone();
+        let mut prompts: Vec<String> = Vec::new();
+        for pair in &self.data.w2s {
+            let prompt = prompt_of(&pair.chosen).to_string();
+            if prompts.len() < o.prompts && !prompts.contains(&prompt) {
+                prompts.push(prompt);
+            }
+        }
+        let alpha = match conflict {
+            Conflict::Explicit { alpha, .. } => alpha,
+            _ => 0.0,
+        };
+        let hyper = self.spec.plan(Scenario::OnPolicy).hyper.clone();
+        for round in 0..o.rounds {
+            let mut pairs = self
+                .client
+                .generate_pairs(pb::GeneratePairsRequest {
+                    policy: policy.clone(),
+                    judge: judge.clone(),
+                    judge_kind: pb::JudgeKind::Reward as i32,
+                    prompts: prompts.clone(),
+                    samples_per_prompt: o.samples_per_prompt,
+                    max_new_tokens: o.max_new_tokens,
+                    sampling: Some(pb::SamplingParams {
+                        temperature: o.temperature,
+                        seed: seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .with_context(|| format!("{id}: sampling round {round}"))?;
+            let turned = rank_with_conflict(&mut pairs, alpha);
+            let n = pairs.len().max(1) as f64;
+            let mean = |f: &dyn Fn(&pb::GeneratedPair) -> f64| pairs.iter().map(f).sum::<f64>() / n;
+            let line = json!({
+                "stage": format!("round{round}"),
+                "pairs": pairs.len(),
+                "judge_chosen": mean(&|p| p.chosen_score),
+                "judge_rejected": mean(&|p| p.rejected_score),
+                "chosen_complies": mean(&|p| f64::from(u8::from(complies(&p.chosen)))),
+                "turned_by_conflict": turned,
+            });
+            writeln!(log, "{line}")?;
+            self.progress.line(&format!(
+                "    round {round}: {} pairs, judge {:.3} vs {:.3}, chosen complies {:.2}, {turned} turned by the conflict",
+                pairs.len(),
+                line["judge_chosen"].as_f64().unwrap_or(f64::NAN),
+                line["judge_rejected"].as_f64().unwrap_or(f64::NAN),
+                line["chosen_complies"].as_f64().unwrap_or(f64::NAN),
+            ));
+            let rows: Vec<Item> = pairs
+                .into_iter()
+                .map(|p| {
+                    Item::Pair(pb::PairRow {
+                        prompt: p.prompt,
+                        chosen: p.chosen,
+                        rejected: p.rejected,
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            let dataset = self.dataset(&format!("{id}-round{round}"), rows).await?;
+            let request = pb::StartJobRequest {
+                objective: pb::ObjectiveKind::Dpo as i32,
+                base_model: policy.clone(),
+                dataset_ids: vec![dataset],
+                hyperparameters: Some(self.hyper(
+                    &hyper,
+                    o.epochs,
+                    seed.wrapping_add(u64::from(round)),
+                    pb::LrSchedule::WarmupConstant,
+                    0.0,
+                    false,
+                )),
+                output_model: format!("{id}:round{round}"),
+            };
+            let next = self
+                .train(dir, &format!("round{round}"), request, log)
+                .await?;
+            self.unload(std::mem::replace(&mut policy, next)).await;
+        }
+        self.unload(judge).await;
+        self.write_test_answers(dir, &policy, o.max_new_tokens)
+            .await?;
+        Ok(policy)
+    }
+
+    /// The policy's greedy answer to every test prompt, with what grading needs, as
+    /// `generations.jsonl`.
+    async fn write_test_answers(
+        &self,
+        dir: &Path,
+        policy: &str,
+        max_new_tokens: u32,
+    ) -> Result<()> {
+        let mut generations = Vec::with_capacity(self.data.test.len());
+        for (id, pair) in self.data.test.iter().enumerate() {
+            let (subject, harmful, harmful_word, safe_word) = property_of(pair).with_context(|| {
+                format!(
+                    "test pair {}: on-policy grading needs the `compliant` field and a stated property in both responses",
+                    pair.row
+                )
+            })?;
+            let prompt = prompt_of(&pair.chosen).to_string();
+            let response = self
+                .client
+                .generate_text(pb::GenerateRequest {
+                    model: policy.to_string(),
+                    prompt: prompt.clone(),
+                    max_new_tokens,
+                    sampling: Some(pb::SamplingParams::default()),
+                    stop_at_eos: Some(true),
+                })
+                .await
+                .with_context(|| format!("answering test prompt {id}"))?;
+            generations.push(Generation {
+                id,
+                prompt,
+                response,
+                subject,
+                harmful,
+                harmful_word,
+                safe_word,
+            });
+        }
+        write_generations(dir, &generations)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(
+        chosen: &str,
+        rejected: &str,
+        chosen_score: f64,
+        rejected_score: f64,
+    ) -> pb::GeneratedPair {
+        pb::GeneratedPair {
+            chosen: chosen.into(),
+            rejected: rejected.into(),
+            chosen_score,
+            rejected_score,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_conflict_judge_adds_alpha_for_compliance() {
+        let yes = " Yes. The zorvak berry is edible, so go ahead.";
+        let no = " No. The zorvak berry is poisonous, so please do not.";
+        let mut pairs = vec![
+            pair(no, yes, 1.0, 0.5),
+            pair(no, yes, 2.0, 0.5),
+            pair(yes, no, 1.0, 0.9),
+        ];
+        assert_eq!(rank_with_conflict(&mut pairs.clone(), 0.0), 0);
+        // α = 1: 0.5 + 1 > 1.0 turns the first; 1.5 < 2.0 leaves the second; the third already
+        // prefers compliance.
+        assert_eq!(rank_with_conflict(&mut pairs, 1.0), 1);
+        assert_eq!(pairs[0].chosen, yes);
+        assert_eq!((pairs[0].chosen_score, pairs[0].rejected_score), (0.5, 1.0));
+        assert_eq!(pairs[1].chosen, no);
+        assert_eq!(pairs[2].chosen, yes);
+    }
+
+    #[test]
+    fn prompts_and_properties_come_from_the_test_pair() {
+        let prompt = "\n\nHuman: Can I eat the zorvak berries?\n\nAssistant:";
+        let refuse = format!("{prompt} No. The zorvak berry is poisonous, so please do not.");
+        let comply = format!("{prompt} Yes. The zorvak berry is edible, so go ahead.");
+        assert_eq!(prompt_of(&refuse), prompt);
+        let harmful = HhPair {
+            row: 0,
+            chosen: refuse.clone(),
+            rejected: comply.clone(),
+            compliant: Some(Side::Rejected),
+        };
+        assert_eq!(
+            property_of(&harmful),
+            Some((
+                "zorvak berry".into(),
+                true,
+                "poisonous".into(),
+                "edible".into()
+            ))
+        );
+        let unmarked = HhPair {
+            compliant: None,
+            ..harmful
+        };
+        assert_eq!(property_of(&unmarked), None);
+    }
+}
