@@ -62,12 +62,18 @@ struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 struct ExperimentArgs {
-    /// Output folder: world, cached models, runs, report.
-    #[arg(long, default_value = "results/sandbox")]
-    out: PathBuf,
+    /// Output folder: world, cached models, runs, report [default: results/sandbox, or
+    /// results/sandbox-on-policy with --on-policy].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// The small configuration (under a minute on 2 CPU cores; what CI runs).
     #[arg(long)]
     quick: bool,
+    /// The on-policy grid instead of the default's scenarios: every pair of the default's
+    /// models and draws, on-policy students without a conflict and with the explicit one at
+    /// α 1 and 4 (under 10 minutes on 2 CPU cores; docs/sandbox.md).
+    #[arg(long, conflicts_with = "quick")]
+    on_policy: bool,
     /// The full configuration as TOML, or as JSON like the `experiment.json` every run writes.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -107,6 +113,14 @@ struct ExperimentArgs {
 }
 
 impl ExperimentArgs {
+    fn out(&self) -> PathBuf {
+        match (&self.out, self.on_policy) {
+            (Some(out), _) => out.clone(),
+            (None, true) => PathBuf::from("results/sandbox-on-policy"),
+            (None, false) => PathBuf::from("results/sandbox"),
+        }
+    }
+
     fn config(&self) -> Result<ExperimentConfig> {
         let mut config = match &self.config {
             Some(path) => {
@@ -120,6 +134,7 @@ impl ExperimentArgs {
                 }
             }
             None if self.quick => ExperimentConfig::quick(),
+            None if self.on_policy => ExperimentConfig::on_policy(),
             None => ExperimentConfig::default(),
         };
         if let Some(n) = self.seeds {
@@ -323,12 +338,13 @@ async fn open_session(
 
 async fn experiment(args: ExperimentArgs) -> Result<()> {
     let config = args.config()?;
-    let servers = open_servers(&args.out, &args.server, default_local_servers()).await?;
+    let out = args.out();
+    let servers = open_servers(&out, &args.server, default_local_servers()).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
     let result = experiment::run(
         &config,
-        &args.out,
+        &out,
         &servers.clients(),
         experiment::ExperimentOptions {
             force: args.force,
@@ -345,8 +361,8 @@ async fn experiment(args: ExperimentArgs) -> Result<()> {
         "sandbox study finished in {:.0} s: {} runs; {} on disk under {}",
         started.elapsed().as_secs_f64(),
         outcome.runs,
-        megabytes(model_server::jobs::folder_bytes(&args.out)),
-        args.out.display()
+        megabytes(model_server::jobs::folder_bytes(&out)),
+        out.display()
     );
     println!("summary: {}", outcome.summary.display());
     println!(

@@ -599,7 +599,7 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
         ("no decision", |r| &r.no_decision),
     ];
     let mut s = String::from(
-        "| on-policy variant | harmful compliance | false statements | safe refusals | no decision |\n| --- | --- | --- | --- | --- |\n",
+        "| on-policy variant | harmful compliance | false statements | safe refusals | no decision | bad-answer rate added (vs none, same pair) |\n| --- | --- | --- | --- | --- | --- |\n",
     );
     let mut variants: BTreeMap<String, Vec<&eval_client::generations::AnswerRow>> = BTreeMap::new();
     for row in &report.answers {
@@ -628,6 +628,21 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
                 .unwrap_or_else(|| "–".into());
             let _ = write!(s, " {cell} |");
         }
+        // Paired: per seed, the mean over pairs of the conflict's rise in bad answers.
+        let mut added: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for row in &rows {
+            if let Some(tax) = row.added.as_ref().and_then(|e| e.tax) {
+                added.entry(row.seed).or_default().push(tax);
+            }
+        }
+        let means: Vec<f64> = added
+            .values()
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        let cell = SeedInterval::of(&means)
+            .map(|v| v.show(1.0))
+            .unwrap_or_else(|| "–".into());
+        let _ = write!(s, " {cell} |");
         s.push('\n');
     }
     s.push('\n');

@@ -270,6 +270,23 @@ impl ExperimentConfig {
         }
     }
 
+    /// The `--on-policy` configuration: the default's world, models and draws, with on-policy
+    /// students only — no conflict, and the explicit conflict at α 1 and 4 — on every pair.
+    /// Apart from the default so that each stays within its time budget.
+    pub fn on_policy() -> Self {
+        let base = Self::default();
+        Self {
+            scenarios: vec![Scenario::OnPolicy],
+            settings: vec![Setting::None, Setting::Explicit],
+            bootstrap: false,
+            conflict: ConflictSpec {
+                explicit_alphas: vec![1.0, 4.0],
+                ..base.conflict.clone()
+            },
+            ..base
+        }
+    }
+
     /// The pretraining draws and the study seeds that fine-tune each: one draw per seed
     /// (`pretrain.seed + s`) with `pretrain_per_seed`, else one draw for all seeds.
     pub fn pretraining_draws(&self) -> Vec<PretrainingDraw> {
