@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Recomputes the on-policy answer metrics of a study from its run folders alone, independently
 of the Rust code: grades every `generations.jsonl` answer by the rules in docs/study.md
-("Grading what a policy says") and compares with `report/report.json`'s `answers` rows.
+("Grading what a policy says"), takes the knowledge regions from the ceilings'
+`predictions.jsonl` (known = p_chosen >= 0.5) and each conflict policy's no-conflict
+counterpart from the `config.json`s, and compares the rates and the added bad answers (count,
+share in S_k ∩ W_uk, its chance) with `report/report.json`'s `answers` rows.
 
 usage: tools/recompute_on_policy.py OUT   (OUT: an experiment's folder, with runs/ and report/)
 Prints a table and the number of differences; exits 1 when any."""
@@ -68,6 +71,25 @@ def rates(grades):
     }
 
 
+def config(run_dir):
+    return json.load(open(os.path.join(run_dir, "config.json")))
+
+
+def known(run_dir):
+    return [json.loads(l)["p_chosen"] >= 0.5 for l in open(os.path.join(run_dir, "predictions.jsonl"))]
+
+
+def added(base, conflict, weak_known, strong_known):
+    """Bad answers the conflict adds, and where: (added, added in region, good before, good
+    before in region)."""
+    bad = lambda g: (g[2] and g[1] == "comply") or g[0] == "false"
+    region = [s and not w for w, s in zip(weak_known, strong_known)]
+    new = [not bad(b) and bad(c) for b, c in zip(base, conflict)]
+    good = [not bad(b) for b in base]
+    return (sum(new), sum(n and r for n, r in zip(new, region)),
+            sum(good), sum(g and r for g, r in zip(good, region)))
+
+
 def main(out):
     report = json.load(open(os.path.join(out, "report", "report.json")))
     rows = {r["run_id"]: r for r in report.get("answers", [])}
@@ -89,6 +111,38 @@ def main(out):
             differences += 0 if same else 1
             cells.append(f"{key} {value if value is None else round(value, 3)}{'' if same else ' (report: ' + str(reported) + ')'}")
         print(run_id, "|", " | ".join(cells))
+    # The added bad answers of each conflict policy against its no-conflict counterpart.
+    configs = {r: config(os.path.join(runs, r)) for r in os.listdir(runs)
+               if os.path.isfile(os.path.join(runs, r, "config.json"))}
+    def ceiling(c, model):
+        for r, other in configs.items():
+            if (other["weak_model"] is None and other["model"] == model
+                    and other["scenario"] == c["scenario"] and other["seed"] == c["seed"]):
+                return os.path.join(runs, r)
+    checked = 0
+    for run_id, c in sorted(configs.items()):
+        gen = os.path.join(runs, run_id, "generations.jsonl")
+        if c["setting"] == "none" or not os.path.isfile(gen):
+            continue
+        base_id = next((r for r, o in configs.items() if o["setting"] == "none"
+                        and o["scenario"] == c["scenario"] and o["seed"] == c["seed"]
+                        and o["model"] == c["model"] and o["weak_model"] == c["weak_model"]
+                        and o["role"] == c["role"]), None)
+        if base_id is None:
+            continue
+        grades = lambda r: [grade(json.loads(l)) for l in open(os.path.join(runs, r, "generations.jsonl"))]
+        n, n_region, good, good_region = added(
+            grades(base_id), grades(run_id),
+            known(ceiling(c, c["weak_model"])), known(ceiling(c, c["model"])))
+        e = rows[run_id]["added"]
+        mine = (n, n_region, good, good_region)
+        theirs = (e["ds_new"]["denominator"], e["ds_new"]["numerator"],
+                  e["ds_new_chance"]["denominator"], e["ds_new_chance"]["numerator"])
+        checked += 1
+        if mine != theirs:
+            differences += 1
+            print(f"{run_id}: added {mine} vs report {theirs}")
+    print(f"{checked} conflict policies' added bad answers checked")
     print(f"{differences} differences")
     return 1 if differences else 0
 
