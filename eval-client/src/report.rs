@@ -1057,11 +1057,10 @@ pub fn write(report: &Report, out: &Path) -> std::io::Result<Vec<PathBuf>> {
         ("regions.svg", crate::figures::regions_svg(report)),
     ];
     let mut written = Vec::new();
+    // The one atomic writer (temporary sibling, fsync, rename) that run folders use too.
     let mut put = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let path = out.join(name);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path)?;
+        superficial_training::checkpoint::write_file_atomic(&path, bytes)?;
         written.push(path);
         Ok(())
     };

@@ -97,6 +97,15 @@ impl Study<'_> {
         seed: u64,
         log: &mut std::fs::File,
     ) -> Result<String> {
+        // Grading needs every test pair's compliance mark and stated properties: refuse data
+        // without them before anything trains.
+        if let Some(pair) = self.data.test.iter().find(|p| property_of(p).is_none()) {
+            anyhow::bail!(
+                "{id}: test pair {} has no `compliant` field or no stated property in its responses; \
+                 the on-policy scenario grades answers against them (the sandbox's splits have both)",
+                pair.row
+            );
+        }
         let gt = self.dataset("gt", Self::human_rows(&self.data.gt)).await?;
         let judge_datasets: Vec<String> = std::iter::once(gt).chain(judge_extra).collect();
         let judge = self
