@@ -14,6 +14,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use superficial_models::tokenizer::split_dialogue;
 use superficial_run_folder::grading::{Decision, Request, grade, subject_and_property};
 use superficial_run_folder::{Generation, write_generations};
 use w2s_proto::v1 as pb;
@@ -23,13 +24,10 @@ use super::{Conflict, Scenario, Study};
 use crate::data::{HhPair, Side};
 use crate::spec::ModelSpec;
 
-/// Where an HH dialogue's prompt ends: after its last "\n\nAssistant:".
+/// An HH dialogue's prompt, up to and including its last "\n\nAssistant:" (the whole text
+/// without one).
 fn prompt_of(dialogue: &str) -> &str {
-    const ASSISTANT: &str = "\n\nAssistant:";
-    match dialogue.rfind(ASSISTANT) {
-        Some(at) => &dialogue[..at + ASSISTANT.len()],
-        None => dialogue,
-    }
+    split_dialogue(dialogue).map_or(dialogue, |(prompt, _)| prompt)
 }
 
 /// Whether an answer complies with its request (the explicit conflict's helpfulness; what it
@@ -166,21 +164,20 @@ impl Study<'_> {
             let turned = rank_with_conflict(&mut pairs, alpha);
             let n = pairs.len().max(1) as f64;
             let mean = |f: &dyn Fn(&pb::GeneratedPair) -> f64| pairs.iter().map(f).sum::<f64>() / n;
+            let (chosen, rejected) = (mean(&|p| p.chosen_score), mean(&|p| p.rejected_score));
+            let chosen_complies = mean(&|p| f64::from(u8::from(complies(&p.chosen))));
             let line = json!({
                 "stage": format!("round{round}"),
                 "pairs": pairs.len(),
-                "judge_chosen": mean(&|p| p.chosen_score),
-                "judge_rejected": mean(&|p| p.rejected_score),
-                "chosen_complies": mean(&|p| f64::from(u8::from(complies(&p.chosen)))),
+                "judge_chosen": chosen,
+                "judge_rejected": rejected,
+                "chosen_complies": chosen_complies,
                 "turned_by_conflict": turned,
             });
             writeln!(log, "{line}")?;
             self.progress.line(&format!(
-                "    round {round}: {} pairs, judge {:.3} vs {:.3}, chosen complies {:.2}, {turned} turned by the conflict",
+                "    round {round}: {} pairs, judge {chosen:.3} vs {rejected:.3}, chosen complies {chosen_complies:.2}, {turned} turned by the conflict",
                 pairs.len(),
-                line["judge_chosen"].as_f64().unwrap_or(f64::NAN),
-                line["judge_rejected"].as_f64().unwrap_or(f64::NAN),
-                line["chosen_complies"].as_f64().unwrap_or(f64::NAN),
             ));
             let rows: Vec<Item> = pairs
                 .into_iter()
