@@ -4,6 +4,7 @@
 use candle_core::{D, DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache};
@@ -211,6 +212,146 @@ impl Generation {
     }
 }
 
+/// Several generations advanced together, one forward pass per token for all rows still
+/// going: prompts of one length (so no padding is needed), each row with its own sampler seed.
+/// A finished row leaves the batch (and the KV cache), so short answers stop costing compute.
+/// Row `i` follows exactly the recipe of a [`Generation`] of `prompts[i]` with seed `seeds[i]`.
+pub struct BatchGeneration {
+    rows: Vec<BatchRow>,
+    /// Rows still generating, in the order of the cache's batch dimension.
+    active: Vec<usize>,
+    cache: KvCache,
+    max_new_tokens: usize,
+    stop_tokens: Vec<u32>,
+}
+
+struct BatchRow {
+    sampler: Sampler,
+    /// Ids the row's next pass consumes: its prompt first, then its last sampled token.
+    input: Vec<u32>,
+    out: Vec<u32>,
+}
+
+impl BatchGeneration {
+    /// Checks that the prompts are non-empty, of one length and within the context with the
+    /// token budget; computes nothing yet. `config.sampling.seed` is replaced by `seeds[i]`.
+    pub fn new(
+        model: &CausalLm,
+        prompts: &[&[u32]],
+        seeds: &[u64],
+        config: &GenerationConfig,
+    ) -> Result<Self> {
+        if prompts.len() != seeds.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} prompts but {} seeds",
+                prompts.len(),
+                seeds.len()
+            )));
+        }
+        let len = prompts.first().map_or(0, |p| p.len());
+        if len == 0 || prompts.iter().any(|p| p.len() != len) {
+            return Err(ModelError::InvalidInput(
+                "a batched generation needs non-empty prompts of one length".into(),
+            ));
+        }
+        let max = model.config().max_positions();
+        if len + config.max_new_tokens > max {
+            return Err(ModelError::SequenceTooLong {
+                len: len + config.max_new_tokens,
+                max,
+            });
+        }
+        let rows = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(prompt, &seed)| {
+                Ok(BatchRow {
+                    sampler: Sampler::new(SamplingConfig {
+                        seed,
+                        ..config.sampling.clone()
+                    })?,
+                    input: prompt.to_vec(),
+                    out: Vec::with_capacity(config.max_new_tokens),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let active = if config.max_new_tokens == 0 {
+            Vec::new()
+        } else {
+            (0..rows.len()).collect()
+        };
+        Ok(Self {
+            rows,
+            active,
+            cache: model.new_cache(),
+            max_new_tokens: config.max_new_tokens,
+            stop_tokens: config.stop_tokens.clone(),
+        })
+    }
+
+    /// One forward pass over the rows still going and one sampled token for each; returns how
+    /// many rows it advanced (0 once every row has finished).
+    pub fn step(&mut self, model: &CausalLm) -> Result<usize> {
+        let advanced = self.active.len();
+        if advanced == 0 {
+            return Ok(0);
+        }
+        let width = self.rows[self.active[0]].input.len();
+        let ids: Vec<u32> = self
+            .active
+            .iter()
+            .flat_map(|&r| self.rows[r].input.iter().copied())
+            .collect();
+        let input = Tensor::from_vec(ids, (advanced, width), model.device())?;
+        let logits = model.forward_cached(&input, &mut self.cache)?;
+        let last = logits
+            .narrow(1, width - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        // Rows draw in parallel (each draw sorts the vocabulary); each row has its own
+        // generator, so the tokens do not depend on the threads. `active` is ascending.
+        let mut going: Vec<&mut BatchRow> = Vec::with_capacity(advanced);
+        let mut next_active = self.active.iter().peekable();
+        for (r, row) in self.rows.iter_mut().enumerate() {
+            if next_active.peek() == Some(&&r) {
+                next_active.next();
+                going.push(row);
+            }
+        }
+        let tokens: Vec<u32> = going
+            .par_iter_mut()
+            .zip(last.par_iter())
+            .map(|(row, logits)| row.sampler.sample(logits))
+            .collect::<Result<_>>()?;
+        let mut kept = Vec::with_capacity(advanced);
+        for (position, (row, token)) in going.into_iter().zip(tokens).enumerate() {
+            row.out.push(token);
+            row.input = vec![token];
+            if row.out.len() < self.max_new_tokens && !self.stop_tokens.contains(&token) {
+                kept.push(position);
+            }
+        }
+        if kept.len() < advanced {
+            self.active = kept.iter().map(|&p| self.active[p]).collect();
+            if !kept.is_empty() {
+                let positions: Vec<u32> = kept.iter().map(|&p| p as u32).collect();
+                self.cache.keep_rows(&positions, model.device())?;
+            }
+        }
+        Ok(advanced)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    /// Each row's generated tokens, in the order of the prompts.
+    pub fn into_tokens(self) -> Vec<Vec<u32>> {
+        self.rows.into_iter().map(|row| row.out).collect()
+    }
+}
+
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new token as
 /// soon as it is chosen (return `false` from it to stop early). Returns the new tokens.
 pub fn generate(
@@ -332,5 +473,92 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_batched_generation_samples_what_single_generations_sample() {
+        use crate::{CausalLm, LoadOptions, ModelConfig};
+        let model = CausalLm::random_init(
+            ModelConfig::preset("tiny-gpt2").unwrap(),
+            7,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let prompts: [&[u32]; 4] = [
+            &[5, 9, 14, 3],
+            &[7, 7, 7, 7],
+            &[100, 2, 30, 4],
+            &[5, 9, 14, 3],
+        ];
+        let seeds = [1u64, 2, 3, 4];
+        // A stop token that ends the second row's greedy answer early, so rows leave the batch.
+        let greedy = GenerationConfig {
+            max_new_tokens: 12,
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop_tokens: vec![],
+        };
+        let stop = generate(&model, prompts[1], &greedy, |_| true).unwrap()[2];
+        for (temperature, stop) in [
+            (0.0, vec![]),
+            (1.0, vec![]),
+            (0.0, vec![stop]),
+            (1.5, vec![stop]),
+        ] {
+            let config = GenerationConfig {
+                max_new_tokens: 12,
+                sampling: SamplingConfig {
+                    temperature,
+                    ..Default::default()
+                },
+                stop_tokens: stop,
+            };
+            let mut batch = BatchGeneration::new(&model, &prompts, &seeds, &config).unwrap();
+            let mut passes = 0;
+            while batch.step(&model).unwrap() > 0 {
+                passes += 1;
+            }
+            assert!(batch.is_finished() && passes <= 12);
+            let batched = batch.into_tokens();
+            if !config.stop_tokens.is_empty() && temperature == 0.0 {
+                assert!(batched[1].len() <= 3 && batched.iter().any(|t| t.len() == 12));
+            }
+            for ((prompt, seed), tokens) in prompts.iter().zip(seeds).zip(&batched) {
+                let single = GenerationConfig {
+                    sampling: SamplingConfig {
+                        seed,
+                        ..config.sampling.clone()
+                    },
+                    ..config.clone()
+                };
+                assert_eq!(
+                    &generate(&model, prompt, &single, |_| true).unwrap(),
+                    tokens
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_batched_generation_refuses_prompts_of_different_lengths() {
+        use crate::{CausalLm, LoadOptions, ModelConfig};
+        let model = CausalLm::random_init(
+            ModelConfig::preset("tiny-gpt2").unwrap(),
+            7,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let config = GenerationConfig {
+            max_new_tokens: 4,
+            sampling: SamplingConfig::default(),
+            stop_tokens: vec![],
+        };
+        let prompts: [&[u32]; 2] = [&[1, 2], &[1, 2, 3]];
+        assert!(BatchGeneration::new(&model, &prompts, &[0, 1], &config).is_err());
+        assert!(BatchGeneration::new(&model, &prompts[..1], &[0, 1], &config).is_err());
+        let long = vec![1u32; 126];
+        assert!(BatchGeneration::new(&model, &[long.as_slice()], &[0], &config).is_err());
     }
 }

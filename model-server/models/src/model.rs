@@ -700,4 +700,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keeps only the given rows (positions along the batch dimension), in that order.
+    pub fn keep_rows(&mut self, rows: &[u32], device: &Device) -> Result<()> {
+        let index = Tensor::new(rows, device)?;
+        for layer in &mut self.layers {
+            for tensor in [&mut layer.keys, &mut layer.values] {
+                if let Some(t) = tensor.as_mut() {
+                    *t = t.index_select(&index, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }

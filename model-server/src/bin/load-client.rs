@@ -6,8 +6,10 @@
 //!    tokenization + forward called in-process.
 //! 2. Pair scoring throughput: single-pair ScorePairs requests from C concurrent clients
 //!    (default 1, 8, 32), with dynamic batching on and off: sequences/s, p50 and p99 latency.
+//! 3. Preference-pair generation: GeneratePairs over P prompts with k samples each (the policy
+//!    judged by itself, mean log-prob): pairs/s and sampled tokens/s.
 //!
-//!     cargo run --release -p model-server --bin load-client -- [--preset gpt2] [--quick]
+//!     cargo run --release -p model-server --bin load-client -- [--preset gpt2] [--quick] [--only-pairs]
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,18 @@ struct Args {
     /// Bytes (= tokens) per response in the throughput sweep.
     #[arg(long, default_value_t = 48)]
     pair_tokens: usize,
+    /// Prompts per GeneratePairs request.
+    #[arg(long, default_value_t = 16)]
+    pair_prompts: usize,
+    /// Samples per prompt in GeneratePairs.
+    #[arg(long, default_value_t = 4)]
+    samples: u32,
+    /// New tokens per GeneratePairs sample.
+    #[arg(long, default_value_t = 24)]
+    new_tokens: u32,
+    /// Run only the GeneratePairs measurement.
+    #[arg(long)]
+    only_pairs: bool,
     /// Small settings for a smoke run.
     #[arg(long)]
     quick: bool,
@@ -116,7 +130,57 @@ async fn run() -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    if !args.only_pairs {
+        overhead_and_scoring(&args).await?;
+    }
+    pair_generation(&args).await
+}
 
+/// 3. GeneratePairs throughput: the median over `reps` requests of `pair_prompts` prompts.
+async fn pair_generation(args: &Args) -> Result<()> {
+    let (srv, client) = server(&args.preset, &args.device, 64).await?;
+    let prompts: Vec<String> = (0..args.pair_prompts)
+        .map(|i| format!("\n\nHuman: {}?\n\nAssistant:", text_of(24 + i % 3, i)))
+        .collect();
+    let request = |seed: u64| pb::GeneratePairsRequest {
+        policy: "m".into(),
+        judge: "m".into(),
+        judge_kind: pb::JudgeKind::MeanLogprob as i32,
+        prompts: prompts.clone(),
+        samples_per_prompt: args.samples,
+        max_new_tokens: args.new_tokens,
+        sampling: Some(pb::SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        }),
+    };
+    client.generate_pairs(request(0)).await?; // warm-up
+    let mut seconds = Vec::new();
+    let mut pairs = 0;
+    for rep in 0..args.reps {
+        let started = Instant::now();
+        pairs = client.generate_pairs(request(rep as u64 + 1)).await?.len();
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    srv.shutdown().await?;
+    let s = median(seconds);
+    let samples = args.pair_prompts * args.samples as usize;
+    println!(
+        "GeneratePairs: {} prompts x {} samples x {} new tokens: median {s:.3} s per request, \
+         {:.1} pairs/s, {:.0} sampled tokens/s at most (medians of {})",
+        args.pair_prompts,
+        args.samples,
+        args.new_tokens,
+        pairs as f64 / s,
+        (samples * args.new_tokens as usize) as f64 / s,
+        args.reps
+    );
+    Ok(())
+}
+
+/// 1 and 2: gRPC overhead and single-pair scoring throughput.
+async fn overhead_and_scoring(args: &Args) -> Result<()> {
     // 1. Overhead of gRPC against in-process calls.
     let texts: Vec<String> = (0..args.batch).map(|i| text_of(args.tokens, i)).collect();
     let (grpc_server, client) = server(&args.preset, &args.device, 64).await?;

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use superficial_models::generation::{Generation, GenerationConfig, SamplingConfig};
+use superficial_models::generation::{BatchGeneration, Generation, GenerationConfig};
 use superficial_models::{CausalLm, ChunkedOutput, ChunkedScoring, EncodedDialogue};
 use tokio::sync::mpsc;
 
@@ -463,27 +463,59 @@ fn generation_error(e: superficial_models::ModelError) -> ServiceError {
     }
 }
 
-/// Preference-pair generation: samples per prompt one token per call, then the judge's
-/// scoring of that prompt's responses as one step.
+/// Preference-pair generation. Prompts of one token length are sampled together, all their
+/// samples in one batch (up to `max_batch_tokens`), one token per call; when a chunk has
+/// finished, the judge scores its responses as one step. Chunks depend only on the request and
+/// the server's `max_batch_tokens`, never on timing, so a seed reproduces its pairs.
 pub(super) struct PairsTask {
     work: PairsWork,
-    prompt: usize,
-    sample: usize,
-    generation: Option<Generation>,
-    responses: Vec<String>,
-    out: Vec<GeneratedPair>,
+    /// Prompt indices still to sample, one chunk per entry.
+    chunks: VecDeque<Vec<usize>>,
+    generation: Option<(Vec<usize>, BatchGeneration)>,
+    /// Pairs per prompt, in prompt order once every chunk is done.
+    out: Vec<Vec<GeneratedPair>>,
     compute: Duration,
 }
 
+/// Groups prompt indices into chunks of one token length, at most `rows_budget` rows (prompt ×
+/// samples) each but always one prompt; lengths ascending, indices ascending within a length.
+fn pair_chunks(
+    prompts: &[Vec<u32>],
+    samples_per_prompt: usize,
+    new_tokens: usize,
+    max_batch_tokens: usize,
+) -> VecDeque<Vec<usize>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| (prompts[i].len(), i));
+    let mut chunks: VecDeque<Vec<usize>> = VecDeque::new();
+    let mut last_len = None;
+    for i in order {
+        let len = prompts[i].len();
+        let per_prompt = samples_per_prompt.max(1) * (len + new_tokens);
+        let fits = (max_batch_tokens / per_prompt.max(1)).max(1);
+        match chunks.back_mut() {
+            Some(chunk) if last_len == Some(len) && chunk.len() < fits => chunk.push(i),
+            _ => chunks.push_back(vec![i]),
+        }
+        last_len = Some(len);
+    }
+    chunks
+}
+
 impl PairsTask {
-    pub(super) fn new(work: PairsWork) -> Self {
+    pub(super) fn new(work: PairsWork, max_batch_tokens: usize) -> Self {
+        let chunks = pair_chunks(
+            &work.prompts,
+            work.job.samples_per_prompt,
+            work.job.max_new_tokens,
+            max_batch_tokens,
+        );
+        let out = vec![Vec::new(); work.prompts.len()];
         Self {
             work,
-            prompt: 0,
-            sample: 0,
+            chunks,
             generation: None,
-            responses: Vec::new(),
-            out: Vec::new(),
+            out,
             compute: Duration::ZERO,
         }
     }
@@ -496,9 +528,14 @@ impl PairsTask {
         let result = self.step(worker);
         self.compute += started.elapsed();
         let finished = match result {
-            Ok(()) if self.prompt < self.work.prompts.len() => return Progress::Working,
+            Ok(()) if self.generation.is_some() || !self.chunks.is_empty() => {
+                return Progress::Working;
+            }
             Ok(()) => Ok((
-                std::mem::take(&mut self.out),
+                std::mem::take(&mut self.out)
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 StageTimes {
                     compute: self.compute,
                     ..self.work.times
@@ -510,76 +547,79 @@ impl PairsTask {
         Progress::Done
     }
 
+    /// One forward pass of the current chunk (started from the next one if none), or its
+    /// judging once it has finished.
     fn step(&mut self, worker: &Worker) -> ServiceResult<()> {
-        if self.prompt >= self.work.prompts.len() {
-            return Ok(());
-        }
         let job = &self.work.job;
         let policy = worker.resident(&job.policy)?;
-        let field = || format!("prompts[{}]", self.prompt);
-        let eos = policy.model.config().eos_token_id();
-        let generation = match &mut self.generation {
-            Some(generation) => generation,
+        let field = |chunk: &[usize]| format!("prompts[{}]", chunk.first().copied().unwrap_or(0));
+        let (chunk, generation) = match &mut self.generation {
+            Some(current) => current,
             None => {
-                let seed = job
-                    .sampling
-                    .seed
-                    .wrapping_add((self.prompt * job.samples_per_prompt + self.sample) as u64);
+                let Some(chunk) = self.chunks.pop_front() else {
+                    return Ok(());
+                };
+                let k = job.samples_per_prompt;
+                let mut prompts: Vec<&[u32]> = Vec::with_capacity(chunk.len() * k);
+                let mut seeds = Vec::with_capacity(chunk.len() * k);
+                for &p in &chunk {
+                    for sample in 0..k {
+                        prompts.push(&self.work.prompts[p]);
+                        // The seed of a sample is its place in the request, whatever its chunk.
+                        seeds.push(job.sampling.seed.wrapping_add((p * k + sample) as u64));
+                    }
+                }
                 let config = GenerationConfig {
                     max_new_tokens: job.max_new_tokens,
-                    sampling: SamplingConfig {
-                        seed,
-                        ..job.sampling.clone()
-                    },
-                    stop_tokens: vec![eos],
+                    sampling: job.sampling.clone(),
+                    stop_tokens: vec![policy.model.config().eos_token_id()],
                 };
-                self.generation.insert(
-                    Generation::new(&policy.model, &self.work.prompts[self.prompt], &config)
-                        .map_err(|e| ServiceError::invalid(field(), e))?,
-                )
+                let generation = BatchGeneration::new(&policy.model, &prompts, &seeds, &config)
+                    .map_err(|e| ServiceError::invalid(field(&chunk), e))?;
+                self.generation.insert((chunk, generation))
             }
         };
         generation
             .step(&policy.model)
-            .map_err(|e| ServiceError::invalid(field(), e))?;
+            .map_err(|e| ServiceError::invalid(field(chunk), e))?;
         if !generation.is_finished() {
             return Ok(());
         }
-        let kept: Vec<u32> = generation
-            .tokens()
-            .iter()
-            .copied()
-            .filter(|t| *t != eos)
-            .collect();
-        self.generation = None;
-        let mut text = policy.tokenizer.decode(&kept).unwrap_or_default();
-        if text.is_empty() {
-            // An immediately-ended sample still needs one response token to be judged.
-            text = " ".into();
-        }
-        self.responses.push(text);
-        self.sample += 1;
-        if self.sample < job.samples_per_prompt {
+        let Some((chunk, generation)) = self.generation.take() else {
             return Ok(());
-        }
-        self.judge(worker)?;
-        self.prompt += 1;
-        self.sample = 0;
-        Ok(())
+        };
+        let eos = policy.model.config().eos_token_id();
+        let responses: Vec<String> = generation
+            .into_tokens()
+            .into_iter()
+            .map(|tokens| {
+                let kept: Vec<u32> = tokens.into_iter().filter(|t| *t != eos).collect();
+                let text = policy.tokenizer.decode(&kept).unwrap_or_default();
+                // An immediately-ended sample still needs one response token to be judged.
+                if text.is_empty() { " ".into() } else { text }
+            })
+            .collect();
+        self.judge(worker, &chunk, responses)
     }
 
-    /// Scores this prompt's responses with the judge; the best is `chosen` against each other.
-    fn judge(&mut self, worker: &Worker) -> ServiceResult<()> {
+    /// Scores a chunk's responses with the judge; per prompt, the best is `chosen` against
+    /// each other sample.
+    fn judge(
+        &mut self,
+        worker: &Worker,
+        chunk: &[usize],
+        responses: Vec<String>,
+    ) -> ServiceResult<()> {
         let job = &self.work.job;
         let judge = worker.resident(&job.judge)?;
-        let prompt = &job.prompts[self.prompt];
         let whole_text = job.judge_kind == JudgeKind::Reward;
         let context = worker.context_of(judge);
-        let as_pairs: Vec<Pair> = self
-            .responses
+        let k = job.samples_per_prompt;
+        let as_pairs: Vec<Pair> = responses
             .iter()
-            .map(|r| Pair {
-                prompt: prompt.clone(),
+            .enumerate()
+            .map(|(row, r)| Pair {
+                prompt: job.prompts[chunk[row / k]].clone(),
                 chosen: r.clone(),
                 rejected: r.clone(),
             })
@@ -608,22 +648,26 @@ impl PairsTask {
                 job.judge_kind == JudgeKind::MeanLogprob,
             )?
         };
-        let responses = std::mem::take(&mut self.responses);
-        let best = (0..scores.len())
-            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
-        for (k, response) in responses.iter().enumerate() {
-            if k == best {
-                continue;
+        for (place, &prompt_index) in chunk.iter().enumerate() {
+            let rows = place * k..(place + 1) * k;
+            let (scores, responses) = (&scores[rows.clone()], &responses[rows]);
+            let best = (0..scores.len())
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))
+                .unwrap_or(0);
+            let prompt = &job.prompts[prompt_index];
+            for (sample, response) in responses.iter().enumerate() {
+                if sample == best {
+                    continue;
+                }
+                self.out[prompt_index].push(GeneratedPair {
+                    prompt_index,
+                    prompt: prompt.clone(),
+                    chosen: responses[best].clone(),
+                    rejected: response.clone(),
+                    chosen_score: scores[best],
+                    rejected_score: scores[sample],
+                });
             }
-            self.out.push(GeneratedPair {
-                prompt_index: self.prompt,
-                prompt: prompt.clone(),
-                chosen: responses[best].clone(),
-                rejected: response.clone(),
-                chosen_score: scores[best],
-                rejected_score: scores[k],
-            });
         }
         Ok(())
     }
@@ -638,7 +682,7 @@ pub(super) enum Task {
 }
 
 impl Task {
-    /// One slice: at most one forward pass (or one judge scoring of a prompt's samples).
+    /// One slice: at most one forward pass (or the judge's scoring of a chunk's samples).
     pub(super) fn advance(&mut self, worker: &Worker) -> Progress {
         match self {
             Task::Batch(task) => task.advance(worker),
@@ -831,6 +875,26 @@ impl PassRate {
 #[cfg(test)]
 mod pass_sizing_tests {
     use super::*;
+
+    #[test]
+    fn pair_chunks_group_prompts_of_one_length_within_the_budget() {
+        let prompts = vec![
+            vec![1; 3],
+            vec![1; 5],
+            vec![1; 3],
+            vec![1; 3],
+            vec![1; 5],
+            vec![1; 2],
+        ];
+        // 2 samples of (3 + 2) tokens = 10 per prompt of length 3: two fit 25 tokens; one
+        // prompt of length 5 (14 tokens) does.
+        let chunks: Vec<Vec<usize>> = pair_chunks(&prompts, 2, 2, 25).into();
+        assert_eq!(chunks, vec![vec![5], vec![0, 2], vec![3], vec![1], vec![4]]);
+        // A budget below one prompt still takes one prompt at a time.
+        let chunks: Vec<Vec<usize>> = pair_chunks(&prompts, 2, 2, 1).into();
+        assert_eq!(chunks.len(), 6);
+        assert!(chunks.iter().all(|c| c.len() == 1));
+    }
 
     #[test]
     fn batches_fit_the_budget_but_always_hold_one_sequence() {

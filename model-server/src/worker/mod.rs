@@ -703,9 +703,10 @@ impl Worker {
                 Tokenized::Generate(work) => self
                     .tasks
                     .push_back(Task::Generate(Box::new(GenerateTask::new(work)))),
-                Tokenized::Pairs(work) => self
-                    .tasks
-                    .push_back(Task::Pairs(Box::new(PairsTask::new(work)))),
+                Tokenized::Pairs(work) => {
+                    let task = PairsTask::new(work, self.config.max_batch_tokens);
+                    self.tasks.push_back(Task::Pairs(Box::new(task)));
+                }
             }
         }
         for group in groups {
