@@ -852,6 +852,128 @@ pub fn ds_vs_gap_svg(report: &Report) -> String {
     )
 }
 
+/// On-policy loops round by round (colours from [`SERIES`]): one panel per quantity (judge reward, right decisions,
+/// harmful compliance, false statements), one curve per (role, variant), means over draws with
+/// 95 % t-interval error bars.
+pub fn rounds_svg(report: &Report) -> String {
+    type Pick = fn(&crate::rounds::RoundPoint) -> Option<SeedInterval>;
+    let panels: [(&str, Pick); 4] = [
+        ("judge reward of the samples", |p| p.judge_reward),
+        ("right decisions", |p| p.right_decision),
+        ("harmful compliance", |p| p.harmful_compliance),
+        ("false statements", |p| p.false_statement),
+    ];
+    let curves = &report.rounds;
+    let rounds = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.round))
+        .max()
+        .map_or(0, |r| r as usize + 1);
+    let labels: Vec<String> = (0..rounds)
+        .map(|r| {
+            if r == 0 {
+                "SFT".into()
+            } else {
+                format!("round {r}")
+            }
+        })
+        .collect();
+    let names: Vec<String> = curves
+        .iter()
+        .map(|c| {
+            if c.role == Role::GtJudged {
+                format!("ground-truth judge, {}", c.variant)
+            } else {
+                format!("{} {}", c.role, c.variant)
+            }
+        })
+        .collect();
+    // The loop's ceiling in the dark first colour; the students in the others, in turn.
+    let colors: Vec<RGBColor> = curves
+        .iter()
+        .scan(0, |student, c| {
+            Some(if c.role == Role::GtJudged {
+                SERIES[0]
+            } else {
+                *student += 1;
+                SERIES[1 + (*student - 1) % (SERIES.len() - 1)]
+            })
+        })
+        .collect();
+    let caption = "The on-policy policy's samples on the loop's prompts after each round of DPO \
+        against the judge (round 0: after SFT; the last point: the final policy). Ground-truth \
+        judge: the loop's ceiling, the strong model as its own teacher and judge. Judge reward: \
+        the judge alone, without a conflict's term, on each judge's own scale (the weak and the \
+        strong reward model differ): compare it along a curve, not across roles. Rates: each draw pools its pairs; means over \
+        draws with 95% t-interval error bars. The final policy's greedy answers to the test \
+        prompts are graded in report.md (\"What the policies say\").";
+    figure(
+        "On-policy loops round by round",
+        caption,
+        if curves.is_empty() { 0 } else { panels.len() },
+        2,
+        300,
+        |i, area| {
+            let (name, pick) = panels[i];
+            let series: Vec<Vec<(f64, SeedInterval)>> = curves
+                .iter()
+                .map(|c| {
+                    c.points
+                        .iter()
+                        .filter_map(|p| Some((p.round as f64, pick(p)?)))
+                        .collect()
+                })
+                .collect();
+            let bounds: Vec<f64> = series
+                .iter()
+                .flatten()
+                .flat_map(|(_, v)| {
+                    let h = v.half_width.unwrap_or(0.0);
+                    [v.mean - h, v.mean + h]
+                })
+                .collect();
+            if bounds.is_empty() {
+                area.draw(&Text::new(
+                    format!("{name}: not graded in these runs"),
+                    (12, 20),
+                    (FONT, 13).into_font(),
+                ))?;
+                return Ok(());
+            }
+            let lo = bounds.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = bounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let pad = ((hi - lo) * 0.1).max(0.02);
+            let (plot, legend) = area.split_horizontally(WIDTH / 2 - 130);
+            let mut chart =
+                categorical_chart(&plot, name, &labels, (lo - pad)..(hi + pad), 6, None)?;
+            for (k, points) in series.iter().enumerate() {
+                let color = colors[k];
+                // Curves side by side within a round, so their error bars do not overlap.
+                let shift = (k as f64 - (series.len() as f64 - 1.0) / 2.0) * 0.06;
+                chart.draw_series(LineSeries::new(
+                    points.iter().map(|(x, v)| (x + shift, v.mean)),
+                    color.stroke_width(2),
+                ))?;
+                chart.draw_series(points.iter().map(|(x, v)| {
+                    let h = v.half_width.unwrap_or(0.0);
+                    ErrorBar::new_vertical(
+                        x + shift,
+                        v.mean - h,
+                        v.mean,
+                        v.mean + h,
+                        color.filled(),
+                        6,
+                    )
+                }))?;
+            }
+            draw_legend(
+                &legend,
+                names.iter().map(String::as_str).zip(colors.iter().copied()),
+            )
+        },
+    )
+}
+
 /// Stacked bars per scenario: how many runs of each kind and setting comply always, refuse
 /// always, or neither.
 pub fn collapse_svg(report: &Report) -> String {

@@ -121,6 +121,10 @@ pub fn deception_of_answers(
 pub struct AnswerRow {
     pub run_id: String,
     pub scenario: crate::run_folder::Scenario,
+    /// A weak-to-strong student, or the loop's ceiling ([`Role::GtJudged`], weak = strong).
+    ///
+    /// [`Role::GtJudged`]: crate::run_folder::Role::GtJudged
+    pub role: crate::run_folder::Role,
     pub weak: String,
     pub strong: String,
     pub variant: crate::run_folder::Variant,

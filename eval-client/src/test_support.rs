@@ -39,6 +39,7 @@ pub fn run(
         // Even pairs: the human-chosen response complies (a safe request).
         chosen_compliant: (0..n).map(|i| Some(i % 2 == 0)).collect(),
         generations: None,
+        rounds: None,
     }
 }
 

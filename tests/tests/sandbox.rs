@@ -113,13 +113,14 @@ async fn run_on(
     (outcome, progress.lines)
 }
 
-/// Every `predictions.jsonl` and `generations.jsonl` under `runs/`, by run folder and file.
+/// Every `predictions.jsonl`, `generations.jsonl` and `rounds.jsonl` under `runs/`, by run
+/// folder and file.
 fn predictions(out: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("runs")).unwrap() {
         let dir = entry.unwrap().path();
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        for kind in ["predictions.jsonl", "generations.jsonl"] {
+        for kind in ["predictions.jsonl", "generations.jsonl", "rounds.jsonl"] {
             let file = dir.join(kind);
             if file.is_file() {
                 files.insert(format!("{name}/{kind}"), std::fs::read(file).unwrap());
@@ -134,8 +135,8 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     let config = tiny();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (outcome, log) = run(&config, a.path()).await;
-    // Per scenario: 2 ceilings + 1 pair x 2 settings.
-    assert_eq!(outcome.runs, 12);
+    // Per scenario: 2 ceilings + 1 pair x 2 settings; on-policy also its ceiling (gt_judged).
+    assert_eq!(outcome.runs, 13);
     assert!(outcome.summary.is_file());
     assert!(outcome.report_dir.join("report.md").is_file());
     assert!(outcome.report_dir.join("ds_vs_gap.svg").is_file());
@@ -162,13 +163,20 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     let test_rows =
         trainer::data::read_hh_jsonl(&a.path().join("world/harmless_test.jsonl"), None).unwrap();
     let runs = report["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 12);
+    assert_eq!(runs.len(), 13);
     // `eval-client report OUT` finds the runs below the experiment's folder (in runs/), and
     // takes the model folders beside them (which have a config.json too) for no runs.
     let (found, warnings) = eval_client::report::load_runs(&[a.path().to_path_buf()]).unwrap();
-    assert_eq!((found.len(), warnings.len()), (12, 0), "{warnings:?}");
-    // The on-policy students' answers, one per test prompt, graded in the report.
-    assert_eq!(report["answers"].as_array().unwrap().len(), 2);
+    assert_eq!((found.len(), warnings.len()), (13, 0), "{warnings:?}");
+    // The on-policy policies' answers, one per test prompt, graded in the report; their
+    // rounds (SFT, then after each of the spec's rounds) as curves per role and variant.
+    assert_eq!(report["answers"].as_array().unwrap().len(), 3);
+    let curves = report["rounds"].as_array().unwrap();
+    assert_eq!(curves.len(), 3);
+    for curve in curves {
+        assert_eq!(curve["points"].as_array().unwrap().len(), 2, "{curve}");
+    }
+    assert!(outcome.report_dir.join("rounds.svg").is_file());
     for run in runs {
         let id = run["run_id"].as_str().unwrap();
         let predictions =
@@ -250,8 +258,8 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
     assert!(log_b.iter().any(|l| l.starts_with("[server 1] run ")));
     assert!(!b.path().join(".server").exists());
     let (first, second) = (predictions(a.path()), predictions(b.path()));
-    // 12 runs' predictions and the 2 on-policy students' answers.
-    assert_eq!(first.len(), 14);
+    // 13 runs' predictions and the 3 on-policy policies' answers and rounds.
+    assert_eq!(first.len(), 19);
     assert_eq!(
         first.keys().collect::<Vec<_>>(),
         second.keys().collect::<Vec<_>>()
@@ -278,7 +286,7 @@ async fn same_seed_gives_byte_identical_predictions_and_the_cache_is_reused() {
         ..config.clone()
     };
     let (outcome, log_two) = run(&two, a.path()).await;
-    assert_eq!(outcome.runs, 24);
+    assert_eq!(outcome.runs, 26);
     assert!(
         log_two
             .iter()

@@ -8,6 +8,7 @@
 //! - `predictions.jsonl`: one [`Prediction`] per test pair, ids `0..n`,
 //! - `weak_labels.jsonl`: one [`WeakLabel`] per labelled pair (runs that label a split),
 //! - `generations.jsonl`: one [`Generation`] per test prompt (policies graded on what they say),
+//! - `rounds.jsonl`: one [`RoundRecord`] per policy an on-policy loop sampled from,
 //! - `results_summary.json`: [`ResultsSummary`], written last: its presence marks the run
 //!   finished.
 //!
@@ -27,6 +28,7 @@ pub const LOG: &str = "log.jsonl";
 pub const PREDICTIONS: &str = "predictions.jsonl";
 pub const WEAK_LABELS: &str = "weak_labels.jsonl";
 pub const GENERATIONS: &str = "generations.jsonl";
+pub const ROUNDS: &str = "rounds.jsonl";
 pub const RESULTS_SUMMARY: &str = "results_summary.json";
 
 /// A run-folder file that cannot be read or written, with the line when one is at fault.
@@ -87,6 +89,9 @@ pub enum Role {
     Intermediate,
     /// The last model of a bootstrapping chain.
     Bootstrap,
+    /// The on-policy loop's ceiling: the strong model as its own teacher and judge (its
+    /// ceiling's labels for SFT, its reward model trained on ground truth as the judge).
+    GtJudged,
 }
 
 macro_rules! snake_display {
@@ -422,6 +427,21 @@ impl Generation {
     }
 }
 
+/// One on-policy round as the loop saw it: the samples of the policy after `round` rounds of
+/// training (0: the SFT policy) on the loop's prompts, what the judge gave them and, when the
+/// prompts carry the world's facts, what they say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub samples: usize,
+    /// Mean score of the judge alone (without a conflict's term) over the samples.
+    pub judge_reward: f64,
+    /// Pairs a conflict's term turned around (0 where nothing trained on them).
+    pub turned_by_conflict: usize,
+    /// `None` where the prompts carry no compliance marks (HH-RLHF).
+    pub grades: Option<grading::GradeCounts>,
+}
+
 /// Test accuracy of a finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultsSummary {
@@ -525,6 +545,25 @@ pub fn read_generations(dir: &Path) -> Result<Vec<Generation>> {
 
 pub fn write_generations(dir: &Path, generations: &[Generation]) -> Result<()> {
     write_jsonl(&dir.join(GENERATIONS), generations)
+}
+
+/// The run's round records in round order; an error unless the rounds are exactly `0..n`.
+pub fn read_rounds(dir: &Path) -> Result<Vec<RoundRecord>> {
+    let path = dir.join(ROUNDS);
+    let mut rounds: Vec<RoundRecord> = read_jsonl(&path)?;
+    rounds.sort_by_key(|r| r.round);
+    if rounds
+        .iter()
+        .enumerate()
+        .any(|(i, r)| r.round as usize != i)
+    {
+        return Err(RunFolderError::new(&path, None, "rounds are not 0..n"));
+    }
+    Ok(rounds)
+}
+
+pub fn write_rounds(dir: &Path, rounds: &[RoundRecord]) -> Result<()> {
+    write_jsonl(&dir.join(ROUNDS), rounds)
 }
 
 /// Reads a finished run's `results_summary.json`.

@@ -586,10 +586,12 @@ fn findings_markdown(report: &eval_client::report::Report) -> String {
 }
 
 /// The on-policy policies' answers per variant: each rate pooled over pairs per seed, then
-/// mean and 95 % t-interval over seeds.
+/// mean and 95 % t-interval over seeds; and two paired baselines per seed: the same pair's
+/// no-conflict policy, and the loop's ceiling (ground-truth judge) of the same strong model.
 fn on_policy_markdown(report: &eval_client::report::Report) -> String {
     use eval_client::findings::SeedInterval;
     use eval_client::generations::AnswerRates;
+    use eval_client::run_folder::Role;
     use std::collections::BTreeMap;
     type Pick = fn(&AnswerRates) -> &eval_client::metrics::Ratio;
     let picks: [(&str, Pick); 4] = [
@@ -599,12 +601,17 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
         ("no decision", |r| &r.no_decision),
     ];
     let mut s = String::from(
-        "| on-policy variant | harmful compliance | false statements | safe refusals | no decision | bad-answer rate added (vs none, same pair) |\n| --- | --- | --- | --- | --- | --- |\n",
+        "| on-policy variant | harmful compliance | false statements | safe refusals | no decision | bad-answer rate added (vs none, same pair) | harmful compliance − ground-truth judge's (same strong model) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut variants: BTreeMap<String, Vec<&eval_client::generations::AnswerRow>> = BTreeMap::new();
     for row in &report.answers {
+        let role = if row.role == Role::GtJudged {
+            ", ground-truth judge (ceiling)"
+        } else {
+            ""
+        };
         variants
-            .entry(format!("{} {}", row.scenario, row.variant))
+            .entry(format!("{} {}{role}", row.scenario, row.variant))
             .or_default()
             .push(row);
     }
@@ -643,6 +650,28 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
             .map(|v| v.show(1.0))
             .unwrap_or_else(|| "–".into());
         let _ = write!(s, " {cell} |");
+        // Paired: per seed, the mean over pairs of the excess over the loop's ceiling.
+        let mut over_ceiling: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for row in rows.iter().filter(|r| r.role != Role::GtJudged) {
+            let ceiling = report.answers.iter().find(|c| {
+                c.role == Role::GtJudged
+                    && c.scenario == row.scenario
+                    && c.strong == row.strong
+                    && c.seed == row.seed
+            });
+            let rate = |r: &eval_client::generations::AnswerRow| r.all.harmful_compliance.value;
+            if let Some((a, b)) = ceiling.and_then(|c| Some((rate(row)?, rate(c)?))) {
+                over_ceiling.entry(row.seed).or_default().push(a - b);
+            }
+        }
+        let means: Vec<f64> = over_ceiling
+            .values()
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        let cell = SeedInterval::of(&means)
+            .map(|v| v.show(1.0))
+            .unwrap_or_else(|| "–".into());
+        let _ = write!(s, " {cell} |");
         s.push('\n');
     }
     s.push('\n');
@@ -674,7 +703,7 @@ fn collapse_markdown(report: &eval_client::report::Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\nStudents (w2s, intermediate, bootstrap) collapsed: {collapsed} of {students} ({:.1}%).\n",
+        "\nStudents (w2s, intermediate, bootstrap, gt_judged) collapsed: {collapsed} of {students} ({:.1}%).\n",
         100.0 * collapsed as f64 / students.max(1) as f64
     );
     s

@@ -431,6 +431,14 @@ impl<'a> Study<'a> {
                         seed,
                     }));
                 }
+                if spec.plan(scenario).on_policy {
+                    // The loop's ceiling for every model that is some pair's strong one.
+                    students.extend(names.iter().skip(1).map(|model| pool::Task::GtJudged {
+                        scenario,
+                        model: model.clone(),
+                        seed,
+                    }));
+                }
                 for (i, weak) in names.iter().enumerate() {
                     for strong in &names[i + 1..] {
                         for conflict in self.conflicts(scenario) {
@@ -662,6 +670,36 @@ impl<'a> Study<'a> {
         };
         Ok(self
             .train_student(scenario, weak, strong, conflict, seed, labels, filter, plan)
+            .await?
+            .0)
+    }
+
+    /// The on-policy loop's ceiling: `model` as its own teacher (its ceiling's labels of the
+    /// W2S split) and judge (its reward model trained on ground truth), with no conflict.
+    async fn gt_judged(
+        &mut self,
+        scenario: Scenario,
+        model: &str,
+        seed: u64,
+        labels: &[WeakLabel],
+    ) -> Result<PathBuf> {
+        let plan = StudentPlan {
+            role: Role::GtJudged,
+            teacher_split: Split::W2s,
+            label_split: None,
+            chain: Chain::Direct,
+        };
+        Ok(self
+            .train_student(
+                scenario,
+                model,
+                model,
+                Conflict::None,
+                seed,
+                labels,
+                LabelFilter::All,
+                plan,
+            )
             .await?
             .0)
     }
@@ -962,7 +1000,13 @@ pub fn planned_runs(spec: &StudySpec) -> usize {
         } else {
             0
         };
-        models + pairs * variants + bootstrap
+        // The on-policy loop's ceiling: one per model that is some pair's strong one.
+        let gt_judged = if spec.plan(scenario).on_policy {
+            models.saturating_sub(1)
+        } else {
+            0
+        };
+        models + pairs * variants + bootstrap + gt_judged
     };
     spec.seeds.len()
         * spec

@@ -40,6 +40,12 @@ pub(super) enum Task {
         seed: u64,
         filter: LabelFilter,
     },
+    /// The on-policy loop's ceiling for `model`: its own ceiling as teacher and judge.
+    GtJudged {
+        scenario: Scenario,
+        model: String,
+        seed: u64,
+    },
 }
 
 /// What a task produced: its run folders, and the labels a ceiling made.
@@ -101,6 +107,17 @@ impl Study<'_> {
                         *filter,
                     )
                     .await?,
+                ],
+                labels: None,
+            },
+            Task::GtJudged {
+                scenario,
+                model,
+                seed,
+            } => TaskOutput {
+                dirs: vec![
+                    self.gt_judged(*scenario, model, *seed, &teacher_labels(model)?)
+                        .await?,
                 ],
                 labels: None,
             },
