@@ -4,7 +4,10 @@ of the Rust code: grades every `generations.jsonl` answer by the rules in docs/s
 ("Grading what a policy says"), takes the knowledge regions from the ceilings'
 `predictions.jsonl` (known = p_chosen >= 0.5) and each conflict policy's no-conflict
 counterpart from the `config.json`s, and compares the rates and the added bad answers (count,
-share in S_k ∩ W_uk, its chance) with `report/report.json`'s `answers` rows.
+share in S_k ∩ W_uk, its chance) with `report/report.json`'s `answers` rows. Then grades every
+sampled answer of the loops (`samples.jsonl`) against the facts its prompt's pair states in the
+world's W2S split, recounts each round (`rounds.jsonl`) and recomputes the report's round curves
+(each draw pooled over its pairs, mean over draws).
 
 usage: tools/recompute_on_policy.py OUT   (OUT: an experiment's folder, with runs/ and report/)
 Prints a table and the number of differences; exits 1 when any."""
@@ -90,6 +93,99 @@ def added(base, conflict, weak_known, strong_known):
             sum(good), sum(g and r for g, r in zip(good, region)))
 
 
+def prompt_of(dialogue):
+    at = dialogue.rfind("\n\nAssistant:")
+    return dialogue if at < 0 else dialogue[:at + len("\n\nAssistant:")]
+
+
+def subject_and_property(response):
+    ws = words(response)
+    if "is" not in ws:
+        return None
+    at = ws.index("is")
+    if at < 2 or at + 1 >= len(ws):
+        return None
+    return " ".join(ws[at - 2:at]), ws[at + 1]
+
+
+def facts_by_prompt(out):
+    """The facts each W2S prompt's (first) pair states: subject, harmful, the two words."""
+    facts = {}
+    for line in open(os.path.join(out, "world", "harmless_train_w2s.jsonl")):
+        pair = json.loads(line)
+        prompt = prompt_of(pair["chosen"])
+        if prompt in facts or pair.get("compliant") not in ("chosen", "rejected"):
+            continue
+        harmful = pair["compliant"] == "rejected"
+        refusing, complying = ((pair["chosen"], pair["rejected"]) if harmful
+                               else (pair["rejected"], pair["chosen"]))
+        refusal = subject_and_property(refusing[len(prompt_of(refusing)):])
+        compliance = subject_and_property(complying[len(prompt_of(complying)):])
+        if refusal and compliance:
+            facts[prompt] = {"subject": refusal[0], "harmful": harmful,
+                             "harmful_word": refusal[1], "safe_word": compliance[1]}
+    return facts
+
+
+def variant_label(c):
+    """The report's label of an on-policy variant (setting and dose; no filter or chain)."""
+    number = lambda x: str(int(x)) if float(x).is_integer() else repr(x)
+    if c.get("conflict_alpha") is not None:
+        return f"{c['setting']} α={number(c['conflict_alpha'])}"
+    if c.get("helpful_pairs") is not None:
+        return f"{c['setting']} h={c['helpful_pairs']}"
+    return c["setting"]
+
+
+def check_rounds(out, runs, configs, report):
+    """Each loop's rounds recounted from its samples, and the report's curves from those."""
+    facts = facts_by_prompt(out)
+    differences = checked = 0
+    curves = {}  # (role, variant label) -> round -> seed -> sums
+    for run_id, c in sorted(configs.items()):
+        sample_path = os.path.join(runs, run_id, "samples.jsonl")
+        if not os.path.isfile(sample_path):
+            continue
+        samples = [json.loads(l) for l in open(sample_path)]
+        records = {r["round"]: r for r in map(json.loads, open(os.path.join(runs, run_id, "rounds.jsonl")))}
+        for rnd in sorted({s["round"] for s in samples}):
+            these = [s for s in samples if s["round"] == rnd]
+            grades = [grade(dict(facts[s["prompt"]], response=s["response"])) for s in these]
+            counts = {
+                "answers": len(grades),
+                "harmful": sum(g[2] for g in grades),
+                "harmful_compliance": sum(g[2] and g[1] == "comply" for g in grades),
+                "safe_refusal": sum(not g[2] and g[1] == "refuse" for g in grades),
+                "false_statement": sum(g[0] == "false" for g in grades),
+                "right_decision": sum(g[1] == ("refuse" if g[2] else "comply") for g in grades),
+            }
+            judge = sum(s["judge_score"] for s in these) / len(these)
+            record = records.get(rnd, {})
+            checked += 1
+            if record.get("grades") != counts or abs(record.get("judge_reward", 1e9) - judge) > 1e-9:
+                differences += 1
+                print(f"{run_id} round {rnd}: {counts} judge {judge} vs rounds.jsonl {record}")
+            label = (c["role"], variant_label(c))
+            sums = curves.setdefault(label, {}).setdefault(rnd, {}).setdefault(c["seed"], [0, 0])
+            sums[0] += counts["harmful_compliance"]
+            sums[1] += counts["harmful"]
+    print(f"{checked} rounds recounted from samples.jsonl")
+    reported = {(r["role"], r["variant"]): r for r in report.get("rounds", [])}
+    for label, rounds in sorted(curves.items()):
+        for rnd, seeds in sorted(rounds.items()):
+            values = [a / b for a, b in seeds.values() if b]
+            mine = sum(values) / len(values) if values else None
+            point = next((p for p in reported.get(label, {}).get("points", []) if p["round"] == rnd), None)
+            theirs = point and point["harmful_compliance"] and point["harmful_compliance"]["mean"]
+            same = (mine is None and theirs is None) or (
+                mine is not None and theirs is not None and abs(mine - theirs) < 1e-12)
+            if not same:
+                differences += 1
+                print(f"curve {label} round {rnd}: harmful compliance {mine} vs report {theirs}")
+    print(f"{sum(len(r) for r in curves.values())} curve points' harmful compliance recomputed")
+    return differences
+
+
 def main(out):
     report = json.load(open(os.path.join(out, "report", "report.json")))
     rows = {r["run_id"]: r for r in report.get("answers", [])}
@@ -143,6 +239,7 @@ def main(out):
             differences += 1
             print(f"{run_id}: added {mine} vs report {theirs}")
     print(f"{checked} conflict policies' added bad answers checked")
+    differences += check_rounds(out, runs, configs, report)
     print(f"{differences} differences")
     return 1 if differences else 0
 

@@ -180,6 +180,7 @@ pub fn pairs_job(request: pb::GeneratePairsRequest, limits: &Limits) -> ServiceR
         prompts: request.prompts,
         samples_per_prompt: request.samples_per_prompt as usize,
         max_new_tokens: request.max_new_tokens as usize,
+        keep_prompt_end: request.keep_prompt_end,
     })
 }
 

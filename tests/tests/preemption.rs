@@ -216,6 +216,7 @@ async fn maximal_requests_leave_room_for_short_ones() {
                     samples_per_prompt: 16,
                     max_new_tokens: 1000,
                     sampling: None,
+                    keep_prompt_end: false,
                 })
                 .await
         })

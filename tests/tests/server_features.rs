@@ -247,6 +247,7 @@ async fn every_rpc_works_end_to_end() {
                 top_p: 1.0,
                 seed: 1,
             }),
+            keep_prompt_end: false,
         })
         .await
         .unwrap()
@@ -256,6 +257,33 @@ async fn every_rpc_works_end_to_end() {
         assert!(p.chosen_score >= p.rejected_score);
         assert!(p.soft_label >= 0.5 && p.soft_label < 1.0);
     }
+    // A prompt longer than the policy's 128 positions less the new tokens: refused, unless it
+    // may keep its end; the pairs carry the whole prompt.
+    let long_prompt = format!("\n\nHuman: {}?\n\nAssistant:", "x".repeat(150));
+    let long_pairs = |keep_prompt_end: bool| {
+        let mut inference = client.inference.clone();
+        let prompt = long_prompt.clone();
+        async move {
+            inference
+                .generate_pairs(pb::GeneratePairsRequest {
+                    policy: "policy".into(),
+                    judge: "judge".into(),
+                    judge_kind: pb::JudgeKind::Reward as i32,
+                    prompts: vec![prompt],
+                    samples_per_prompt: 2,
+                    max_new_tokens: 8,
+                    sampling: None,
+                    keep_prompt_end,
+                })
+                .await
+        }
+    };
+    let status = long_pairs(false).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("prompts[0]"), "{status:?}");
+    let kept = long_pairs(true).await.unwrap().into_inner().pairs;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].prompt, long_prompt);
 
     // Datasets: upload, list; the same rows give the same id.
     let info = client.upload_dataset("pairs", pair_rows(16)).await.unwrap();
@@ -1405,6 +1433,7 @@ async fn oversized_work_is_refused_before_it_reaches_the_device() {
                     samples_per_prompt,
                     max_new_tokens: 1,
                     sampling,
+                    keep_prompt_end: false,
                 })
                 .await
                 .unwrap_err()

@@ -9,6 +9,7 @@
 //! - `weak_labels.jsonl`: one [`WeakLabel`] per labelled pair (runs that label a split),
 //! - `generations.jsonl`: one [`Generation`] per test prompt (policies graded on what they say),
 //! - `rounds.jsonl`: one [`RoundRecord`] per policy an on-policy loop sampled from,
+//! - `samples.jsonl`: one [`Sample`] per answer an on-policy loop sampled, with its judge score,
 //! - `results_summary.json`: [`ResultsSummary`], written last: its presence marks the run
 //!   finished.
 //!
@@ -29,6 +30,7 @@ pub const PREDICTIONS: &str = "predictions.jsonl";
 pub const WEAK_LABELS: &str = "weak_labels.jsonl";
 pub const GENERATIONS: &str = "generations.jsonl";
 pub const ROUNDS: &str = "rounds.jsonl";
+pub const SAMPLES: &str = "samples.jsonl";
 pub const RESULTS_SUMMARY: &str = "results_summary.json";
 
 /// A run-folder file that cannot be read or written, with the line when one is at fault.
@@ -442,6 +444,18 @@ pub struct RoundRecord {
     pub grades: Option<grading::GradeCounts>,
 }
 
+/// One answer an on-policy loop sampled: the policy after `round` rounds, the prompt (its
+/// index among the loop's prompts), the answer and the judge's score of it (without a
+/// conflict's term).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: u32,
+    pub prompt_index: usize,
+    pub prompt: String,
+    pub response: String,
+    pub judge_score: f64,
+}
+
 /// Test accuracy of a finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultsSummary {
@@ -564,6 +578,14 @@ pub fn read_rounds(dir: &Path) -> Result<Vec<RoundRecord>> {
 
 pub fn write_rounds(dir: &Path, rounds: &[RoundRecord]) -> Result<()> {
     write_jsonl(&dir.join(ROUNDS), rounds)
+}
+
+pub fn read_samples(dir: &Path) -> Result<Vec<Sample>> {
+    read_jsonl(&dir.join(SAMPLES))
+}
+
+pub fn write_samples(dir: &Path, samples: &[Sample]) -> Result<()> {
+    write_jsonl(&dir.join(SAMPLES), samples)
 }
 
 /// Reads a finished run's `results_summary.json`.

@@ -154,6 +154,7 @@ async fn pair_generation(args: &Args) -> Result<()> {
             seed,
             ..Default::default()
         }),
+        keep_prompt_end: false,
     };
     client.generate_pairs(request(0)).await?; // warm-up
     let mut seconds = Vec::new();

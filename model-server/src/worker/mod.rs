@@ -236,6 +236,8 @@ pub struct PairsJob {
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
     pub sampling: SamplingConfig,
+    /// Prompts too long for the context with the new tokens keep their last tokens.
+    pub keep_prompt_end: bool,
 }
 
 #[derive(Debug, Clone)]

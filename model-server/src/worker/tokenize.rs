@@ -247,11 +247,20 @@ impl TokenizeContext {
         Ok(encoded)
     }
 
-    fn encode_prompt(&self, prompt: &str, field: String) -> ServiceResult<Vec<u32>> {
-        let ids = self
+    /// A generation prompt's ids; with `keep_last`, only that many of its last tokens.
+    fn encode_prompt(
+        &self,
+        prompt: &str,
+        keep_last: Option<usize>,
+        field: String,
+    ) -> ServiceResult<Vec<u32>> {
+        let mut ids = self
             .tokenizer
             .encode(prompt)
             .map_err(|e| ServiceError::invalid(field.clone(), e))?;
+        if let Some(keep) = keep_last {
+            ids.drain(..ids.len().saturating_sub(keep));
+        }
         self.check_ids(&ids, field)?;
         Ok(ids)
     }
@@ -396,7 +405,7 @@ fn tokenize(request: TextRequest, contexts: &Contexts) -> Option<Tokenized> {
                 return None;
             }
             let prompt = TokenizeContext::of(contexts, &request.model)
-                .and_then(|c| c.encode_prompt(&request.prompt, "prompt".into()));
+                .and_then(|c| c.encode_prompt(&request.prompt, None, "prompt".into()));
             match prompt {
                 Ok(prompt) => Some(Tokenized::Generate(GenerateWork {
                     job: request,
@@ -481,11 +490,23 @@ fn encode_pair_prompts(contexts: &Contexts, request: &PairsJob) -> ServiceResult
     if request.judge_kind == JudgeKind::Reward {
         judge.require_head()?;
     }
+    // Room for the prompt: the context less the new tokens.
+    let room = policy.max_positions.saturating_sub(request.max_new_tokens);
+    if request.keep_prompt_end && room == 0 {
+        return Err(ServiceError::invalid(
+            "max_new_tokens",
+            format!(
+                "{} new tokens leave no room for a prompt in the policy's {} positions",
+                request.max_new_tokens, policy.max_positions
+            ),
+        ));
+    }
+    let keep_last = request.keep_prompt_end.then_some(room);
     request
         .prompts
         .iter()
         .enumerate()
-        .map(|(p, prompt)| policy.encode_prompt(prompt, format!("prompts[{p}]")))
+        .map(|(p, prompt)| policy.encode_prompt(prompt, keep_last, format!("prompts[{p}]")))
         .collect()
 }
 

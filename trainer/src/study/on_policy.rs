@@ -1,9 +1,9 @@
 //! The on-policy scenario's student: the strong model after SFT on its weak teacher's preferred
 //! responses writes its own answers, a judge ranks them, and DPO on those pairs makes the next
 //! policy, for `on_policy.rounds` rounds. Each round's samples, and those of the final policy,
-//! are recorded with the judge's reward and their grades (`rounds.jsonl`); the final policy's
-//! greedy answers to the test prompts are saved (`generations.jsonl`) to be graded on what it
-//! says.
+//! are saved with the judge's scores (`samples.jsonl`) and summed up with their grades
+//! (`rounds.jsonl`); the final policy's greedy answers to the test prompts are saved
+//! (`generations.jsonl`) to be graded on what it says.
 //!
 //! The judge is the weak model's reward model trained on ground truth — the weak ceiling, trained
 //! again inside the run so that it is resident on the run's server (training is deterministic:
@@ -20,7 +20,9 @@ use superficial_models::tokenizer::split_dialogue;
 use superficial_run_folder::grading::{
     Decision, GradeCounts, Request, grade, subject_and_property,
 };
-use superficial_run_folder::{Generation, RoundRecord, write_generations, write_rounds};
+use superficial_run_folder::{
+    Generation, RoundRecord, Sample, write_generations, write_rounds, write_samples,
+};
 use w2s_proto::v1 as pb;
 use w2s_proto::v1::upload_dataset_request::Item;
 
@@ -100,46 +102,44 @@ fn facts_of(pair: &HhPair) -> Option<Facts> {
     })
 }
 
-/// Every sample of a round once, with its prompt's index and the judge's score: per prompt the
-/// judge's best (each pair's `chosen`) and each other sample (the pairs' `rejected`), in the
-/// server's order — before any conflict term reorders the pairs.
-fn samples_of(pairs: &[pb::GeneratedPair]) -> Vec<(usize, &str, f64)> {
+/// Every sample of a round once, with the judge's score: per prompt the judge's best (each
+/// pair's `chosen`) and each other sample (the pairs' `rejected`), in the server's order —
+/// before any conflict term reorders the pairs.
+fn samples_of(round: u32, pairs: &[pb::GeneratedPair]) -> Vec<Sample> {
+    let sample = |pair: &pb::GeneratedPair, response: &str, judge_score: f64| Sample {
+        round,
+        prompt_index: pair.prompt_index as usize,
+        prompt: pair.prompt.clone(),
+        response: response.to_string(),
+        judge_score,
+    };
     let mut samples = Vec::with_capacity(pairs.len() * 2);
     let mut last_prompt = None;
     for pair in pairs {
         if last_prompt != Some(pair.prompt_index) {
-            samples.push((
-                pair.prompt_index as usize,
-                pair.chosen.as_str(),
-                pair.chosen_score,
-            ));
+            samples.push(sample(pair, &pair.chosen, pair.chosen_score));
             last_prompt = Some(pair.prompt_index);
         }
-        samples.push((
-            pair.prompt_index as usize,
-            pair.rejected.as_str(),
-            pair.rejected_score,
-        ));
+        samples.push(sample(pair, &pair.rejected, pair.rejected_score));
     }
     samples
 }
 
-/// A round's record from its pairs as the server sent them: the judge's mean reward and, when
-/// every prompt has its facts, the samples' grades.
+/// A round's record from its samples: the judge's mean score and, when every prompt has its
+/// facts, the samples' grades.
 fn round_record(
     round: u32,
-    pairs: &[pb::GeneratedPair],
+    samples: &[Sample],
     facts: &[Option<Facts>],
     turned_by_conflict: usize,
 ) -> RoundRecord {
-    let samples = samples_of(pairs);
     let judge_reward =
-        samples.iter().map(|(_, _, score)| score).sum::<f64>() / samples.len().max(1) as f64;
+        samples.iter().map(|s| s.judge_score).sum::<f64>() / samples.len().max(1) as f64;
     let grades = samples
         .iter()
-        .map(|&(prompt, answer, _)| {
-            let facts = facts.get(prompt)?.as_ref()?;
-            Some(grade(answer, &facts.request()))
+        .map(|s| {
+            let facts = facts.get(s.prompt_index)?.as_ref()?;
+            Some(grade(&s.response, &facts.request()))
         })
         .collect::<Option<Vec<_>>>()
         .map(|grades| GradeCounts::of(&grades));
@@ -184,15 +184,15 @@ impl Study<'_> {
         seed: u64,
         log: &mut std::fs::File,
     ) -> Result<String> {
-        // Grading needs every test pair's compliance mark and stated properties: refuse data
-        // without them before anything trains.
-        if let Some(pair) = self.data.test.iter().find(|p| facts_of(p).is_none()) {
-            anyhow::bail!(
-                "{id}: test pair {} has no `compliant` field or no stated property in its responses; \
-                 the on-policy scenario grades answers against them (the sandbox's splits have both)",
-                pair.row
-            );
-        }
+        // Grading needs every test pair's compliance mark and stated properties (the sandbox's
+        // splits have them); on data without them (HH-RLHF) the loop runs the same, and its
+        // samples keep their judge scores, ungraded.
+        let ungradable = self
+            .data
+            .test
+            .iter()
+            .find(|p| facts_of(p).is_none())
+            .map(|p| p.row);
         let gt = self.dataset("gt", Self::human_rows(&self.data.gt)).await?;
         let judge_datasets: Vec<String> = std::iter::once(gt).chain(judge_extra).collect();
         let judge = self
@@ -235,6 +235,7 @@ impl Study<'_> {
         };
         let hyper = self.spec.plan(Scenario::OnPolicy).hyper.clone();
         let mut records = Vec::new();
+        let mut samples = Vec::new();
         // Rounds 0..R train on the policy's samples; round R samples the final policy only, so
         // that the record ends with what training made.
         for round in 0..=o.rounds {
@@ -252,10 +253,14 @@ impl Study<'_> {
                         seed: seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round)),
                         ..Default::default()
                     }),
+                    // Long HH prompts keep their end, as training and scoring truncate them.
+                    keep_prompt_end: true,
                 })
                 .await
                 .with_context(|| format!("{id}: sampling round {round}"))?;
-            let mut record = round_record(round, &pairs, &facts, 0);
+            let sampled = samples_of(round, &pairs);
+            let mut record = round_record(round, &sampled, &facts, 0);
+            samples.extend(sampled);
             if round == o.rounds {
                 self.progress.line(&format!(
                     "    after {round} rounds: judge {:.3}{}",
@@ -318,9 +323,19 @@ impl Study<'_> {
             self.unload(std::mem::replace(&mut policy, next)).await;
         }
         write_rounds(dir, &records)?;
+        write_samples(dir, &samples)?;
         self.unload(judge).await;
-        self.write_test_answers(dir, &policy, o.max_new_tokens)
-            .await?;
+        match ungradable {
+            None => {
+                self.write_test_answers(dir, &policy, o.max_new_tokens)
+                    .await?
+            }
+            Some(row) => self.progress.line(&format!(
+                "    {id}: no graded test answers: test pair {row} has no `compliant` field or no \
+                 stated property in its responses; samples.jsonl has the loop's answers with their \
+                 judge scores"
+            )),
+        }
         Ok(policy)
     }
 
@@ -451,7 +466,13 @@ mod tests {
             harmful_word: "poisonous".into(),
             safe_word: "edible".into(),
         };
-        let record = round_record(2, &pairs, &[Some(berry(true)), Some(berry(false))], 0);
+        let samples = samples_of(2, &pairs);
+        let answers: Vec<(usize, &str)> = samples
+            .iter()
+            .map(|s| (s.prompt_index, s.response.as_str()))
+            .collect();
+        assert_eq!(answers, [(0, no), (0, yes), (0, other), (1, yes), (1, no)]);
+        let record = round_record(2, &samples, &[Some(berry(true)), Some(berry(false))], 0);
         assert_eq!(record.samples, 5);
         assert!((record.judge_reward - (1.0 + 0.0 - 1.0 + 0.5 + 0.5) / 5.0).abs() < 1e-12);
         let g = record.grades.unwrap();
@@ -462,7 +483,7 @@ mod tests {
             (5, 3, 1, 1)
         );
         assert_eq!((g.false_statement, g.right_decision), (2, 2));
-        let ungraded = round_record(2, &pairs, &[Some(berry(true)), None], 0);
+        let ungraded = round_record(2, &samples, &[Some(berry(true)), None], 0);
         assert_eq!(ungraded.grades, None);
     }
 }

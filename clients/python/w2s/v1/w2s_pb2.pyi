@@ -414,7 +414,7 @@ class GenerationDone(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class GeneratePairsRequest(_message.Message):
-    __slots__ = ("policy", "judge", "judge_kind", "prompts", "samples_per_prompt", "max_new_tokens", "sampling")
+    __slots__ = ("policy", "judge", "judge_kind", "prompts", "samples_per_prompt", "max_new_tokens", "sampling", "keep_prompt_end")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     JUDGE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +422,7 @@ class GeneratePairsRequest(_message.Message):
     SAMPLES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PROMPT_END_FIELD_NUMBER: _ClassVar[int]
     policy: str
     judge: str
     judge_kind: JudgeKind
@@ -429,7 +430,8 @@ class GeneratePairsRequest(_message.Message):
     samples_per_prompt: int
     max_new_tokens: int
     sampling: SamplingParams
-    def __init__(self, policy: _Optional[str] = ..., judge: _Optional[str] = ..., judge_kind: _Optional[_Union[JudgeKind, str]] = ..., prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    keep_prompt_end: bool
+    def __init__(self, policy: _Optional[str] = ..., judge: _Optional[str] = ..., judge_kind: _Optional[_Union[JudgeKind, str]] = ..., prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., keep_prompt_end: bool = ...) -> None: ...
 
 class GeneratedPair(_message.Message):
     __slots__ = ("prompt_index", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "soft_label")
