@@ -44,6 +44,11 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the data folder {path} is in use by another server (it holds {path}/.lock); give each \
+         server its own data folder"
+    )]
+    DataDirInUse { path: std::path::PathBuf },
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
     #[error("cannot load start-up model `{name}`: {source}")]
@@ -72,6 +77,9 @@ pub struct RunningServer {
     metrics_task: Option<JoinHandle<()>>,
     watchdog: Option<JoinHandle<()>>,
     state: ServiceState,
+    /// Held while the server runs: a second server on the same data folder would share its
+    /// jobs, models and datasets and overwrite their files.
+    _data_dir_lock: std::fs::File,
 }
 
 impl RunningServer {
@@ -86,6 +94,7 @@ impl RunningServer {
             move |source| StartError::DataDir { path, source }
         };
         std::fs::create_dir_all(&config.data_dir).map_err(data_dir_error(&config.data_dir))?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         crate::error::keep_private(&config.model_root, "");
         crate::error::keep_private(&config.data_dir, "<data-dir>");
         let datasets =
@@ -167,6 +176,7 @@ impl RunningServer {
             task,
             metrics_task,
             state,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -234,6 +244,27 @@ impl RunningServer {
         signal.await;
         info!("shutting down");
         self.shutdown().await
+    }
+}
+
+/// Takes the data folder's lock file (`.lock`), or says that another server holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirInUse {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::DataDir { path, source }),
     }
 }
 

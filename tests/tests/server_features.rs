@@ -1106,6 +1106,23 @@ async fn dynamic_batching_gives_unbatched_results_and_serves_many_clients() {
     single.shutdown().await.unwrap();
 }
 
+/// A second server on a data folder in use is refused with a clear error (they would share and
+/// overwrite each other's jobs, models and datasets); the folder serves again once freed.
+#[tokio::test]
+async fn a_data_folder_serves_one_server_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = RunningServer::start(config(dir.path())).await.unwrap();
+    let err = match RunningServer::start(config(dir.path())).await {
+        Ok(_) => panic!("a second server started on the same data folder"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("in use by another server"), "{err}");
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    first.shutdown().await.unwrap();
+    let again = RunningServer::start(config(dir.path())).await.unwrap();
+    again.shutdown().await.unwrap();
+}
+
 /// At start-up, job folders are swept of what killed or disk-full writers leave (temporary
 /// checkpoints, half-written JSON, export temporaries) and folders without a readable spec and
 /// state are set aside, so they are neither listed nor resumed.

@@ -226,6 +226,31 @@ impl Servers {
     }
 }
 
+/// Creates `out` and takes its lock file (`.trainer.lock`, held until the returned file is
+/// dropped): two trainers writing the same run folders would overwrite each other's work.
+fn lock_out(out: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join(".trainer.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another trainer (it holds {}): give this one another --out, or wait \
+             for that one to finish",
+            out.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Creates `out` and connects to the given servers, or starts an in-process server that keeps
 /// its state in `out/.server`.
 async fn open_servers(out: &Path, server: &ServerArgs, default_local: usize) -> Result<Servers> {
@@ -339,6 +364,7 @@ async fn open_session(
 async fn experiment(args: ExperimentArgs) -> Result<()> {
     let config = args.config()?;
     let out = args.out();
+    let _lock = lock_out(&out)?;
     let servers = open_servers(&out, &args.server, default_local_servers()).await?;
     let started = std::time::Instant::now();
     let mut progress = trainer::progress::for_stderr();
@@ -393,6 +419,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     // All data is read and validated before any training starts.
     let data = StudyData::load(&spec)?;
+    let _lock = lock_out(&args.out)?;
     let servers = open_servers(&args.out, &args.server, 1).await?;
     let mut progress = trainer::progress::for_stderr();
     let mut study = Study::new(

@@ -642,14 +642,7 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
                 added.entry(row.seed).or_default().push(tax);
             }
         }
-        let means: Vec<f64> = added
-            .values()
-            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
-            .collect();
-        let cell = SeedInterval::of(&means)
-            .map(|v| v.show(1.0))
-            .unwrap_or_else(|| "–".into());
-        let _ = write!(s, " {cell} |");
+        let _ = write!(s, " {} |", across_seeds_of_means(&added));
         // Paired: per seed, the mean over pairs of the excess over the loop's ceiling.
         let mut over_ceiling: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
         for row in rows.iter().filter(|r| r.role != Role::GtJudged) {
@@ -664,18 +657,22 @@ fn on_policy_markdown(report: &eval_client::report::Report) -> String {
                 over_ceiling.entry(row.seed).or_default().push(a - b);
             }
         }
-        let means: Vec<f64> = over_ceiling
-            .values()
-            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
-            .collect();
-        let cell = SeedInterval::of(&means)
-            .map(|v| v.show(1.0))
-            .unwrap_or_else(|| "–".into());
-        let _ = write!(s, " {cell} |");
+        let _ = write!(s, " {} |", across_seeds_of_means(&over_ceiling));
         s.push('\n');
     }
     s.push('\n');
     s
+}
+
+/// A table cell: per seed the mean of its values, then mean ± 95 % t over the seeds.
+fn across_seeds_of_means(by_seed: &std::collections::BTreeMap<u64, Vec<f64>>) -> String {
+    let means: Vec<f64> = by_seed
+        .values()
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        .collect();
+    eval_client::findings::SeedInterval::of(&means)
+        .map(|v| v.show(1.0))
+        .unwrap_or_else(|| "–".into())
 }
 
 /// How many runs collapsed to a constant policy, per scenario, run kind and setting.
