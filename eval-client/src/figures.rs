@@ -881,8 +881,9 @@ pub fn rounds_svg(report: &Report) -> String {
     let names: Vec<String> = curves
         .iter()
         .map(|c| {
-            if c.role == Role::GtJudged {
-                format!("ground-truth judge, {}", c.variant)
+            if c.role == Role::GtJudged && c.variant == Variant::NONE {
+                // Short enough for the legend column.
+                "gt-judged ceiling".to_string()
             } else {
                 format!("{} {}", c.role, c.variant)
             }
@@ -901,8 +902,8 @@ pub fn rounds_svg(report: &Report) -> String {
         })
         .collect();
     let caption = "The on-policy policy's samples on the loop's prompts after each round of DPO \
-        against the judge (round 0: after SFT; the last point: the final policy). Ground-truth \
-        judge: the loop's ceiling, the strong model as its own teacher and judge. Judge reward: \
+        against the judge (round 0: after SFT; the last point: the final policy). gt-judged \
+        ceiling: the loop's ceiling, the strong model as its own teacher and ground-truth judge. Judge reward: \
         the judge alone, without a conflict's term, on each judge's own scale (the weak and the \
         strong reward model differ): compare it along a curve, not across roles. Rates: each draw pools its pairs; means over \
         draws with 95% t-interval error bars. The final policy's greedy answers to the test \
