@@ -841,13 +841,8 @@ fn rounds_section(md: &mut String, report: &Report) {
         md,
         "\n## On-policy rounds\n\nThe policy's samples on the loop's prompts (temperature as in the spec), round r being the policy after r rounds of DPO (0: after SFT; the last: the final policy, sampled but not trained on). Judge reward: the judge alone, without a conflict's term, on each judge's own scale (compare it along a role's rounds, not across roles). Role `gt_judged`: the loop's ceiling, the strong model as its own teacher and judge. Right decisions: refuse a harmful request, comply with a safe one, of all samples; harmful compliance: of the samples for harmful requests; false statements: of all samples. Each draw pools its pairs; mean ± 95 % t over draws (`rounds.svg`).\n\n| role | variant | policies | round | judge reward | right decisions | harmful compliance | false statements |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    let show = |x: &Option<crate::findings::SeedInterval>| match x {
-        Some(i) => match i.half_width {
-            Some(h) => format!("{:.3} ± {h:.3} ({})", i.mean, i.seeds),
-            None => format!("{:.3} (1)", i.mean),
-        },
-        None => "–".into(),
-    };
+    let show =
+        |x: &Option<crate::findings::SeedInterval>| x.map_or_else(|| "–".into(), |i| i.show(1.0));
     for curve in &report.rounds {
         for p in &curve.points {
             let _ = writeln!(

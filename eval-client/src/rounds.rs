@@ -66,15 +66,9 @@ pub fn round_curves(runs: &[Run]) -> Vec<RoundCurve> {
                 .or_default();
             draw.judge += record.judge_reward;
             draw.policies += 1;
-            if let Some(g) = &record.grades {
+            if let Some(g) = record.grades {
                 draw.graded = true;
-                let total = &mut draw.grades;
-                total.answers += g.answers;
-                total.harmful += g.harmful;
-                total.harmful_compliance += g.harmful_compliance;
-                total.safe_refusal += g.safe_refusal;
-                total.false_statement += g.false_statement;
-                total.right_decision += g.right_decision;
+                draw.grades += g;
             }
         }
     }

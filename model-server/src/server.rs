@@ -247,24 +247,30 @@ impl RunningServer {
     }
 }
 
-/// Takes the data folder's lock file (`.lock`), or says that another server holds it.
-fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
-    let path = dir.join(".lock");
+/// Opens (creating) `path` and takes its exclusive lock, held until the file is dropped;
+/// `None` while another holder (a process, or another server in this one) has it.
+pub fn hold_lock_file(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .map_err(|source| StartError::DataDir {
-            path: path.clone(),
-            source,
-        })?;
+        .open(path)?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirInUse {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Takes the data folder's lock file (`.lock`), or says that another server holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = dir.join(".lock");
+    match hold_lock_file(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(StartError::DataDirInUse {
             path: dir.to_path_buf(),
         }),
-        Err(std::fs::TryLockError::Error(source)) => Err(StartError::DataDir { path, source }),
+        Err(source) => Err(StartError::DataDir { path, source }),
     }
 }
 

@@ -231,24 +231,16 @@ impl Servers {
 fn lock_out(out: &Path) -> Result<std::fs::File> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = out.join(".trainer.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "{} is in use by another trainer (it holds {}): give this one another --out, or wait \
-             for that one to finish",
-            out.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
+    model_server::server::hold_lock_file(&path)
+        .with_context(|| format!("locking {}", path.display()))?
+        .with_context(|| {
+            format!(
+                "{} is in use by another trainer (it holds {}): give this one another --out, or \
+                 wait for that one to finish",
+                out.display(),
+                path.display()
+            )
+        })
 }
 
 /// Creates `out` and connects to the given servers, or starts an in-process server that keeps

@@ -155,6 +155,17 @@ pub struct GradeCounts {
     pub right_decision: usize,
 }
 
+impl std::ops::AddAssign for GradeCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.answers += other.answers;
+        self.harmful += other.harmful;
+        self.harmful_compliance += other.harmful_compliance;
+        self.safe_refusal += other.safe_refusal;
+        self.false_statement += other.false_statement;
+        self.right_decision += other.right_decision;
+    }
+}
+
 impl GradeCounts {
     pub fn of(grades: &[Grade]) -> Self {
         let count = |f: &dyn Fn(&Grade) -> bool| grades.iter().filter(|g| f(g)).count();
